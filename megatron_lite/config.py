@@ -1,0 +1,311 @@
+"""One typed configuration tree, loaded from YAML with dotted command-line overrides.
+
+    cfg = Config.from_yaml("configs/tiny.yaml", overrides=["train.steps=20", "model.dropout=0.1"])
+
+Every error a user can make here (unknown key, wrong type, impossible value) raises ConfigError
+with one sentence that names the key and the fix. validate() runs before anything expensive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration error; its message is one sentence naming the key and fix."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50257
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_attention_heads: int = 12
+    num_kv_heads: Optional[int] = None  # None -> num_attention_heads (plain multi-head attention)
+    intermediate_size: Optional[int] = None  # None -> 4 * hidden_size
+    dropout: float = 0.0
+    max_sequence_length: int = 1024
+    position_embedding: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    tie_embeddings: bool = True
+    bias: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_attention_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
+                    "num_kv_heads", "intermediate_size", "max_sequence_length"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be a positive integer.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}; pick a head count that "
+                f"divides the hidden size.")
+        if self.num_attention_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.num_kv_heads={self.num_kv_heads} must divide "
+                f"model.num_attention_heads={self.num_attention_heads} (each kv head serves a "
+                f"whole group of query heads).")
+        if self.position_embedding == "rope" and self.head_dim % 2:
+            raise ConfigError(
+                f"model.position_embedding=rope needs an even head dim, but hidden_size/heads = "
+                f"{self.head_dim}; change model.hidden_size or model.num_attention_heads.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1).")
+        if self.init_std <= 0:
+            raise ConfigError(f"model.init_std={self.init_std} must be positive.")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    decay_steps: Optional[int] = None  # None -> train.steps (cosine reaches min_lr at the end)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables clipping
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be positive.")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} must be between 0 and optim.lr={self.lr}.")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0.")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ConfigError(f"optim.decay_steps={self.decay_steps} must be >= 1 (or null for train.steps).")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"optim.{key}={getattr(self, key)} must be in [0, 1).")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0 and optim.eps > 0.")
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/stdlib"  # a directory written by `megatron-lite prepare-data`
+    seq_length: Optional[int] = None  # None -> model.max_sequence_length
+    micro_batch_size: int = 8
+    seed: int = 1234  # shuffling seed of the sampler (independent of the init seed)
+
+    def validate(self) -> None:
+        if self.micro_batch_size < 1:
+            raise ConfigError(f"data.micro_batch_size={self.micro_batch_size} must be >= 1.")
+        if self.seq_length is not None and self.seq_length < 1:
+            raise ConfigError(f"data.seq_length={self.seq_length} must be >= 1.")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"  # logs and checkpoints go here; a run found here is resumed
+    steps: int = 1000
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 1234  # init seed and dropout RNG seed
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; weights and grads stay fp32
+    eval_interval: int = 100
+    eval_iters: int = 10
+    max_skipped_steps: int = 5  # consecutive non-finite steps tolerated before the run stops
+    peak_tflops: Optional[float] = None  # for MFU; None -> a per-device estimate
+    sample_tokens: int = 120  # tokens generated from the final model (0 disables)
+    progress: bool = True  # tqdm progress bar
+
+    def validate(self) -> None:
+        for key in ("steps", "grad_accum", "eval_interval", "eval_iters"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1.")
+        if self.max_skipped_steps < 0:
+            raise ConfigError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 0.")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"train.peak_tflops={self.peak_tflops} must be positive or null.")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 500  # steps between checkpoints (a final one is always written)
+    keep: int = 2  # newest checkpoints kept on disk
+
+    def validate(self) -> None:
+        if self.interval < 1:
+            raise ConfigError(f"checkpoint.interval={self.interval} must be >= 1.")
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep={self.keep} must be >= 1 (the latest is never deleted).")
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10  # steps between log lines and TensorBoard scalars
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        if self.interval < 1:
+            raise ConfigError(f"log.interval={self.interval} must be >= 1.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def seq_length(self) -> int:
+        return self.data.seq_length or self.model.max_sequence_length
+
+    def validate(self) -> "Config":
+        for f in fields(self):
+            getattr(self, f.name).validate()
+        if self.seq_length > self.model.max_sequence_length:
+            raise ConfigError(
+                f"data.seq_length={self.seq_length} exceeds model.max_sequence_length="
+                f"{self.model.max_sequence_length}; lower the first or raise the second.")
+        return self
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Config":
+        return _build(cls, raw or {}, prefix="")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> "Config":
+        raw: dict = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML "
+                                  f"file such as configs/tiny.yaml.")
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {str(path)!r} is not valid YAML ({_one_line(e)}); "
+                                  f"fix the syntax at that position.") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections "
+                                  f"(model:, train:, ...), not a {type(raw).__name__}.")
+        for item in overrides or []:
+            apply_override(raw, item)
+        return cls.from_dict(raw).validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `section.key=value` override (value parsed as YAML) to a raw config dict."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.steps=20.")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be dotted like section.key, e.g. train.steps.")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r} descends into {p!r}, which is not a section.")
+    node[parts[-1]] = parsed
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _build(cls: type, raw: Any, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys, "
+                          f"got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            import difflib
+            guess = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"did you mean {prefix}{guess[0]}?" if guess else \
+                f"valid keys are: {', '.join(sorted(known))}."
+            raise ConfigError(f"unknown config key {prefix}{key}; {hint}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[f.name] = _build(typ, raw[f.name], prefix=f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(raw[f.name], typ, f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of "
+                              f"{', '.join(map(str, args))}.")
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:  # pragma: no cover - a field type this loader does not know is a programming error
+        raise TypeError(f"config field {key} has unsupported type {typ}")
+    raise ConfigError(f"{key}={value!r} has the wrong type; it must be {_type_name(typ)}.")
+
+
+def _type_name(typ: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}.get(typ, str(typ))

@@ -1,0 +1,5 @@
+from .dataset import Sampler, TokenStore
+from .prepare import prepare
+from .tokenizer import BPETokenizer, ByteTokenizer, DataError, load_tokenizer
+
+__all__ = ["Sampler", "TokenStore", "prepare", "BPETokenizer", "ByteTokenizer", "DataError", "load_tokenizer"]

@@ -1,0 +1,86 @@
+"""Memory-mapped token store and the deterministic, resumable sampler.
+
+The sampler's state is a single integer: the cursor, counted in *global* samples consumed. Sample
+i of the run is window perm_e[i mod n] of epoch e = i // n, where perm_e is a permutation seeded
+by (seed, e). So the same seed and cursor always give the same sequences, a checkpoint only saves
+the cursor, and data-parallel ranks can later each take their slice of samples [c, c + batch).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .tokenizer import DataError
+
+
+class TokenStore:
+    """A prepared data directory: meta.json plus one memory-mapped token array per split."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        meta_path = self.dir / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"data.dir {str(self.dir)!r} holds no prepared data (no meta.json); run "
+                            f"`megatron-lite prepare-data --out {self.dir}` first or fix data.dir.")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            self.vocab_size = int(self.meta["vocab_size"])
+            self.eot_id = int(self.meta["eot_id"])
+            dtype = np.dtype(self.meta["dtype"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{str(meta_path)!r} is corrupt ({e!r}); prepare the data again with "
+                            f"`megatron-lite prepare-data --force`.") from None
+        self.splits: dict[str, np.ndarray] = {}
+        for split, info in self.meta.get("splits", {}).items():
+            path = self.dir / f"{split}.bin"
+            expected = int(info["tokens"]) * dtype.itemsize
+            if not path.is_file() or path.stat().st_size != expected:
+                raise DataError(f"{str(path)!r} is missing or truncated (expected {expected} bytes); "
+                                f"prepare the data again with `megatron-lite prepare-data --force`.")
+            self.splits[split] = np.memmap(path, dtype=dtype, mode="r")
+
+    def split(self, name: str) -> np.ndarray:
+        if name not in self.splits:
+            raise DataError(f"data.dir {str(self.dir)!r} has no {name!r} split; prepare it again.")
+        return self.splits[name]
+
+    def documents(self, name: str) -> np.ndarray:
+        return np.load(self.dir / f"{name}.idx.npy")
+
+
+class Sampler:
+    """Fixed-length (seq_len + 1)-token windows from a token array, shuffled per epoch."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True):
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_windows = (len(tokens) - 1) // seq_len
+        if self.num_windows < 1:
+            raise DataError(f"a split of {len(tokens)} tokens is too short for one sequence of "
+                            f"{seq_len + 1} tokens; lower data.seq_length or prepare more data.")
+        self._perm_epoch = -1
+        self._perm: torch.Tensor | None = None
+
+    def window(self, sample: int) -> int:
+        """Window index of global sample number `sample`."""
+        epoch, j = divmod(sample, self.num_windows)
+        if not self.shuffle:
+            return j
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.num_windows, generator=g), epoch
+        return int(self._perm[j])
+
+    def batch(self, cursor: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples [cursor, cursor + size) as (inputs, labels), each (size, seq_len) int64."""
+        L = self.seq_len
+        rows = [np.asarray(self.tokens[w * L: w * L + L + 1], dtype=np.int64)
+                for w in (self.window(cursor + i) for i in range(size))]
+        xy = torch.from_numpy(np.stack(rows))  # (size, L + 1)
+        return xy[:, :-1], xy[:, 1:]

@@ -1,0 +1,233 @@
+"""A GPT you can read in one sitting. It knows nothing of distribution (never imports
+torch.distributed); megatron_lite.parallel turns it into its tensor/pipeline-parallel form.
+
+Shapes: B batch, T sequence, C hidden, H query heads, K kv heads, D head dim, V vocab.
+Parameter names (blocks.{i}.attn.qkv.weight, ...) are the global, layout-independent keys used by
+init and checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .init import init_weights
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (rotate-half convention) with precomputed cos/sin tables."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, D/2)
+        # Not persistent: derived from the config, so never part of a checkpoint.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        T = x.shape[-2]
+        cos = self.cos[start:start + T].to(x.dtype)  # (T, D/2)
+        sin = self.sin[start:start + T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys/values of every layer for incremental decoding."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype=torch.float32):
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # tokens already cached (same for every layer between forwards)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; cannot append up to {end}.")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, K, S, D)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = cfg.head_dim
+        self.n_head = cfg.num_attention_heads  # heads held by this module (fewer under TP)
+        self.n_kv = cfg.num_kv_heads
+        self.dropout = cfg.dropout
+        # Fused [q | k | v] projection: one GEMM; TP slices each of the three blocks by heads.
+        self.qkv = nn.Linear(cfg.hidden_size, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        H, K, D = self.n_head, self.n_kv, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        start = cache.length if cache is not None else 0
+        if rope is not None:
+            q, k = rope(q, start), rope(k, start)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D), S = start + T
+        if K != H:  # grouped-query attention: each kv head serves H/K consecutive query heads
+            k = k.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(H // K, dim=1)
+        S = k.shape[2]
+        mask, causal = None, False
+        if S == T:
+            causal = True
+        elif T > 1:  # chunked prefill after a cached prefix: query i sees keys <= start + i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.resid_drop(self.proj(y))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.activation == "swiglu"
+        inter = cfg.intermediate_size
+        # SwiGLU fuses [gate | up] into one GEMM; TP slices both halves the same way.
+        self.fc1 = nn.Linear(cfg.hidden_size, inter * (2 if self.swiglu else 1), bias=cfg.bias)
+        self.fc2 = nn.Linear(inter, cfg.hidden_size, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)  # (B, T, I) or (B, T, 2I)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+        return self.drop(self.fc2(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.ln1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer_idx)
+        self.ln2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln1(x), rope, cache)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, seed: int | None = 0):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos_emb = nn.Embedding(cfg.max_sequence_length, cfg.hidden_size) \
+            if cfg.position_embedding == "learned" else None
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_sequence_length, cfg.rope_theta) \
+            if cfg.position_embedding == "rope" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.ln_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if seed is not None:
+            init_weights(self, cfg, seed)
+
+    # The three pieces a pipeline stage composes: embed (first stage), blocks, head (last stage).
+    def embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        x = self.tok_emb(ids)  # (B, T, C)
+        if self.pos_emb is not None:
+            pos = torch.arange(start, start + ids.shape[1], device=ids.device)
+            x = x + self.pos_emb(pos)  # (T, C) broadcast over B
+        return self.drop(x)
+
+    def head(self, x: torch.Tensor, labels: torch.Tensor | None = None):
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        loss = None
+        if labels is not None:
+            # Loss in fp32 even under bf16 autocast; -100 marks positions to ignore.
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None):
+        """ids (B, T) -> (logits (B, T, V), mean cross-entropy over labels or None)."""
+        T = ids.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.max_sequence_length:
+            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_sequence_length="
+                             f"{self.config.max_sequence_length}")
+        x = self.embed(ids, start)
+        for block in self.blocks:
+            x = block(x, self.rope, cache)
+        if cache is not None:
+            cache.length += T
+        return self.head(x, labels)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per weight (fwd+bwd) plus attention scores (PaLM appendix B)."""
+        cfg = self.config
+        n = self.num_params(exclude_embeddings=True) + cfg.vocab_size * cfg.hidden_size * cfg.tie_embeddings
+        return 6.0 * n + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
+
+
+@torch.no_grad()
+def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, generator: torch.Generator | None = None,
+             use_cache: bool = True) -> torch.Tensor:
+    """Sample max_new_tokens after ids (B, T0); temperature 0 is greedy. Returns (B, T0 + new)."""
+    model.eval()
+    cfg = model.config
+    max_len = cfg.max_sequence_length
+    cache = None
+    for _ in range(max_new_tokens):
+        if use_cache and (cache is None or cache.length + 1 > max_len):
+            # (Re)fill the cache from the last max_len/2 tokens: learned positions cannot extend.
+            window = ids[:, -max(1, max_len // 2):] if ids.shape[1] >= max_len else ids
+            dtype = next(model.parameters()).dtype
+            cache = KVCache(cfg, ids.shape[0], max_len, ids.device, dtype)
+            logits, _ = model(window, cache=cache)
+        elif use_cache:
+            logits, _ = model(ids[:, -1:], cache=cache)
+        else:
+            logits, _ = model(ids[:, -max_len:])
+        logits = logits[:, -1, :].float()  # (B, V)
+        if temperature <= 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None and top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            probs = F.softmax(logits, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids
