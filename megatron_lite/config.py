@@ -130,6 +130,7 @@ class TrainConfig:
     eval_interval: int = 100
     eval_iters: int = 10
     max_skipped_steps: int = 5  # consecutive non-finite steps tolerated before the run stops
+    exit_interval: Optional[int] = None  # stop (with a checkpoint) after this many steps; rerun resumes
     peak_tflops: Optional[float] = None  # for MFU; None -> a per-device estimate
     sample_tokens: int = 120  # tokens generated from the final model (0 disables)
     progress: bool = True  # tqdm progress bar
@@ -138,6 +139,8 @@ class TrainConfig:
         for key in ("steps", "grad_accum", "eval_interval", "eval_iters"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1.")
+        if self.exit_interval is not None and self.exit_interval < 1:
+            raise ConfigError(f"train.exit_interval={self.exit_interval} must be >= 1 or null.")
         if self.max_skipped_steps < 0:
             raise ConfigError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 0.")
         if self.peak_tflops is not None and self.peak_tflops <= 0:

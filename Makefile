@@ -1,0 +1,44 @@
+# Two commands do all set-up on a fresh machine:
+#   make train   - venv + deps, prepare the embedded corpus, train configs/tiny.yaml on CPU
+#   make test    - venv + deps, the whole pytest suite
+# torch is installed FIRST and pinned (TORCH_SPEC), so pip never resolves a CUDA build by itself
+# on a CPU machine. On a GPU cluster: make train TORCH_SPEC=torch==2.11.0
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= configs/tiny.yaml
+DATA ?= data/stdlib
+ARGS ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(subst =,_,$(subst >,_,$(subst <,_,$(TORCH_SPEC))))
+
+.PHONY: install train data test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+data: $(STAMP)
+	$(VENV)/bin/megatron-lite prepare-data --source stdlib --out $(DATA)
+
+train: data
+	$(VENV)/bin/megatron-lite train --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) benchmarks/bench_throughput.py
+
+clean:
+	rm -rf runs data

@@ -1,0 +1,124 @@
+"""`megatron-lite` command line: train, prepare-data, generate.
+
+User-caused errors (config, data, checkpoint paths) print one sentence and exit with status 2;
+no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+
+def _user_errors():
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .train import TrainingError
+    return (ConfigError, DataError, CheckpointError, TrainingError)
+
+
+def cmd_train(args) -> None:
+    from .config import Config
+    from .train import Trainer
+    cfg = Config.from_yaml(args.config, args.overrides)
+    os.makedirs(cfg.train.out_dir, exist_ok=True)
+    trainer = Trainer(cfg)
+    p = trainer.model.num_params()
+    print(f"model: {p / 1e6:.2f}M parameters | device {trainer.device} | {cfg.train.precision} | "
+          f"batch {cfg.data.micro_batch_size}x{cfg.train.grad_accum}x{trainer.seq_len} tokens")
+    history = trainer.fit()
+    vals = history["val_loss"]
+    if vals:
+        print(f"validation loss: first {vals[0][1]:.4f} (step {vals[0][0]}) -> last {vals[-1][1]:.4f} "
+              f"(step {vals[-1][0]})")
+    if cfg.train.sample_tokens > 0:
+        print("---- sample ----")
+        print(trainer.sample())
+        print("----------------")
+
+
+def cmd_prepare(args) -> None:
+    from .data import prepare
+    prepare(args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+            val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
+            max_bytes=args.max_bytes or None, force=args.force)
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from .checkpoint import load_model_weights, resolve
+    from .config import Config
+    from .data import load_tokenizer
+    from .model import GPT, generate
+    from .train.trainer import resolve_device
+    path = resolve(args.checkpoint)
+    cfg = Config.from_yaml(path / "config.yaml")
+    device = resolve_device(args.device)
+    model = GPT(cfg.model, seed=None).to(device)
+    load_model_weights(path, model)
+    tok = load_tokenizer(path)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        ids = [tok.eot_id]  # an empty prompt starts a fresh document
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    x = torch.tensor([ids], device=device)
+    out = generate(model, x, args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k or None, generator=g)
+    print(tok.decode(out[0].tolist()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-lite", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a GPT from a YAML config (resumes from train.out_dir)")
+    t.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 model.dropout=0.1")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("prepare-data", help="tokenize local sources into a memory-mapped token store")
+    d.add_argument("--source", nargs="+", default=["stdlib"],
+                   help="'stdlib' (the embedded corpus: this Python's standard library), text/.py/.md "
+                        "files, .jsonl, .parquet, a directory of them, or a save_to_disk directory")
+    d.add_argument("--out", required=True, help="output directory (e.g. data/stdlib)")
+    d.add_argument("--tokenizer", default="bpe", help="'bpe' (train byte-level BPE), 'bytes', or a tokenizer.json")
+    d.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (with --tokenizer bpe)")
+    d.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out")
+    d.add_argument("--text-field", default="text", help="text column of JSON/parquet/saved datasets")
+    d.add_argument("--max-bytes", type=int, default=8_000_000,
+                   help="cap on the stdlib corpus size in bytes (0 = all of it)")
+    d.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
+    d.add_argument("--force", action="store_true", help="rebuild even if --out is already prepared")
+    d.set_defaults(func=cmd_prepare)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint (KV-cached decoding)")
+    g.add_argument("--checkpoint", required=True, help="run directory, its checkpoints/ or a step_* directory")
+    g.add_argument("--prompt", default="")
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=50, help="0 = no top-k filtering")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

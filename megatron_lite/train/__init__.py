@@ -1,0 +1,3 @@
+from .trainer import Trainer, TrainingError
+
+__all__ = ["Trainer", "TrainingError"]

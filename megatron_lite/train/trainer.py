@@ -1,0 +1,196 @@
+"""The training loop: build -> (resume) -> step -> evaluate -> checkpoint -> sample.
+
+One optimizer step = train.grad_accum micro-batches of data.micro_batch_size sequences; the loss is
+their mean, exactly as one big batch would average it. A step whose loss or gradient norm is not
+finite is skipped (no optimizer update) and logged; more than train.max_skipped_steps in a row stop
+the run with a clear message. Skipped steps never touch the weights, so they never reach a
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import CheckpointManager, TrainState
+from ..config import Config, ConfigError
+from ..data import Sampler, TokenStore, load_tokenizer
+from ..model import GPT, generate
+from ..optim import build_optimizer, lr_at, set_lr
+from .metrics import ScalarLog, memory_gb, peak_flops
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps); one-sentence message."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto.")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, log=print):
+        cfg.validate()
+        self.cfg = cfg
+        self.log = log
+        self.device = resolve_device(cfg.train.device)
+        self.out_dir = Path(cfg.train.out_dir)
+        self.store = TokenStore(cfg.data.dir)
+        if self.store.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({self.store.vocab_size}) in data.dir {cfg.data.dir!r}; set model.vocab_size >= "
+                f"{self.store.vocab_size}.")
+        self.seq_len = cfg.seq_length
+        self.train_data = Sampler(self.store.split("train"), self.seq_len, cfg.data.seed)
+        self.val_data = Sampler(self.store.split("val"), self.seq_len, cfg.data.seed, shuffle=False)
+
+        torch.manual_seed(cfg.train.seed)  # dropout RNG; init uses its own per-parameter seeds
+        self.model = GPT(cfg.model, seed=cfg.train.seed).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.state = TrainState()
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        self.resumed_from = self.checkpoints.latest()
+        if self.resumed_from is not None:
+            self.checkpoints.load(self.resumed_from, self.model, self.optimizer, self.state)
+            log(f"resumed from {self.resumed_from} (step {self.state.step}, sample {self.state.cursor})")
+        self.flops_per_token = self.model.flops_per_token(self.seq_len)
+        self.peak = peak_flops(self.device, cfg.train.peak_tflops)
+
+    # ---- pieces -----------------------------------------------------------------------------
+    def autocast(self):
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def micro_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mb = self.cfg.data.micro_batch_size
+        x, y = self.train_data.batch(self.state.cursor, mb)
+        self.state.cursor += mb
+        self.state.tokens += x.numel()
+        return x.to(self.device), y.to(self.device)
+
+    def train_step(self) -> StepResult:
+        cfg = self.cfg
+        self.model.train()
+        lr = lr_at(self.state.step, cfg.optim, cfg.train.steps)
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for _ in range(cfg.train.grad_accum):
+            x, y = self.micro_batch()
+            with self.autocast():
+                _, loss = self.model(x, y)
+            (loss / cfg.train.grad_accum).backward()
+            total += loss.detach()
+        loss = (total / cfg.train.grad_accum).item()
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.consecutive_skips += 1
+            self.state.total_skips += 1
+        else:
+            self.optimizer.step()
+            self.state.consecutive_skips = 0
+        self.state.step += 1
+        return StepResult(loss, grad_norm, lr, skipped)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        mb, total = self.cfg.data.micro_batch_size, 0.0
+        for i in range(self.cfg.train.eval_iters):
+            x, y = self.val_data.batch(i * mb, mb)
+            with self.autocast():
+                _, loss = self.model(x.to(self.device), y.to(self.device))
+            total += loss.item()
+        return total / self.cfg.train.eval_iters
+
+    def save(self) -> Path:
+        return self.checkpoints.save(self.state.step, self.model, self.optimizer, self.state,
+                                     self.cfg.to_yaml(), data_dir=self.cfg.data.dir)
+
+    def sample(self, prompt: str = "def ", max_new_tokens: int | None = None) -> str:
+        tok = load_tokenizer(self.cfg.data.dir)
+        n = self.cfg.train.sample_tokens if max_new_tokens is None else max_new_tokens
+        ids = torch.tensor([tok.encode(prompt)], device=self.device)
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
+        out = generate(self.model, ids, n, temperature=0.8, top_k=50, generator=g)
+        return tok.decode(out[0].tolist())
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, st = self.cfg, self.state
+        scalars = ScalarLog(self.out_dir, cfg.log.tensorboard)
+        history: dict = {"train_loss": [], "val_loss": [], "skipped": []}
+        try:
+            val = self.evaluate()
+            history["val_loss"].append((st.step, val))
+            scalars.scalars(st.step, {"val/loss": val, "val/perplexity": math.exp(min(val, 50))})
+            self.log(f"step {st.step:>6} | val loss {val:.4f} | ppl {math.exp(min(val, 50)):.1f}")
+            end = cfg.train.steps
+            if cfg.train.exit_interval is not None:
+                end = min(end, st.step + cfg.train.exit_interval)
+            bar = tqdm(total=cfg.train.steps, initial=st.step, disable=not cfg.train.progress,
+                       dynamic_ncols=True, mininterval=1.0, desc="train")
+            last_save, t0, tokens0 = st.step, time.perf_counter(), st.tokens
+            while st.step < end:
+                r = self.train_step()
+                history["train_loss"].append(r.loss)
+                bar.update(1)
+                if r.skipped:
+                    history["skipped"].append(st.step)
+                    self.log(f"warning: step {st.step} skipped: loss {r.loss} grad norm {r.grad_norm} not "
+                             f"finite ({st.consecutive_skips} in a row, {cfg.train.max_skipped_steps} allowed)")
+                    if st.consecutive_skips > cfg.train.max_skipped_steps:
+                        raise TrainingError(
+                            f"{st.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                            f"norm (train.max_skipped_steps={cfg.train.max_skipped_steps}); lower optim.lr or "
+                            f"resume from the last checkpoint in {self.checkpoints.dir}.")
+                    continue
+                bar.set_postfix(loss=f"{r.loss:.3f}", refresh=False)
+                if st.step % cfg.log.interval == 0 or st.step == end:
+                    dt = time.perf_counter() - t0
+                    tps = (st.tokens - tokens0) / max(dt, 1e-9)
+                    mfu = tps * self.flops_per_token / self.peak
+                    scalars.scalars(st.step, {"train/loss": r.loss, "train/lr": r.lr,
+                                              "train/grad_norm": r.grad_norm, "train/tokens_per_s": tps,
+                                              "train/mfu": mfu, "train/memory_gb": memory_gb(self.device)})
+                    bar.write(f"step {st.step:>6} | loss {r.loss:.4f} | lr {r.lr:.2e} | grad norm "
+                              f"{r.grad_norm:.3f} | {tps:,.0f} tok/s | mfu {100 * mfu:.1f}%")
+                    t0, tokens0 = time.perf_counter(), st.tokens
+                if st.step % cfg.train.eval_interval == 0 or st.step == end:
+                    val = self.evaluate()
+                    history["val_loss"].append((st.step, val))
+                    scalars.scalars(st.step, {"val/loss": val, "val/perplexity": math.exp(min(val, 50))})
+                    bar.write(f"step {st.step:>6} | val loss {val:.4f} | ppl {math.exp(min(val, 50)):.1f}")
+                if st.step % cfg.checkpoint.interval == 0:
+                    bar.write(f"saved {self.save()}")
+                    last_save = st.step
+            bar.close()
+            if st.step != last_save:
+                self.log(f"saved {self.save()}")
+        finally:
+            scalars.close()
+        history["step"] = st.step
+        return history
