@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A small prepared slice of the embedded stdlib corpus (BPE 512), shared by the session."""
+    from megatron_lite.data import prepare
+    out = tmp_path_factory.mktemp("data") / "stdlib_small"
+    prepare(["stdlib"], out, tokenizer="bpe", vocab_size=512, max_bytes=400_000, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture
+def tiny_config(corpus_dir, tmp_path):
+    """A fast training config on the small corpus; returns a builder taking dotted overrides."""
+    from megatron_lite.config import Config
+
+    def build(*overrides: str) -> Config:
+        base = [
+            "model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2",
+            "model.num_attention_heads=4", "model.max_sequence_length=32",
+            f"data.dir={corpus_dir}", "data.micro_batch_size=4",
+            f"train.out_dir={tmp_path / 'run'}", "train.steps=20", "train.eval_interval=10",
+            "train.eval_iters=2", "train.progress=false", "train.sample_tokens=0", "train.device=cpu",
+            "optim.warmup_steps=5", "optim.lr=3e-3", "checkpoint.interval=10", "log.interval=5",
+        ]
+        return Config.from_yaml(None, base + list(overrides))
+    return build
+
+
+def cli(*args: str, cwd=None, env=None, timeout=600):
+    """Run the megatron-lite CLI in a subprocess (the way a user does)."""
+    import subprocess
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "megatron_lite.cli", *args], cwd=cwd or ROOT,
+                          env=e, capture_output=True, text=True, timeout=timeout)

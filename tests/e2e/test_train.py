@@ -1,0 +1,137 @@
+"""The training loop end to end, in process and through the CLI."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_lite.checkpoint import CheckpointManager
+from megatron_lite.train import Trainer, TrainingError
+from tests.conftest import ROOT, cli
+
+quiet = dict(log=lambda *_: None)
+
+
+def test_resume_is_bit_exact(tiny_config, tmp_path):
+    """20 steps in one run == 10 steps, stop, resume, 10 steps: identical losses, bit for bit.
+    Dropout is on, so the RNG state must be restored too; grad accumulation exercises the cursor."""
+    common = ["model.dropout=0.1", "train.grad_accum=2", "checkpoint.interval=100"]
+    straight = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'a'}"), **quiet)
+    full = straight.fit()["train_loss"]
+    first = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'b'}", "train.exit_interval=10"), **quiet)
+    part1 = first.fit()["train_loss"]
+    assert len(part1) == 10 and first.state.step == 10
+    second = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'b'}"), **quiet)
+    assert second.resumed_from is not None and second.state.step == 10 and second.state.cursor == 80
+    part2 = second.fit()["train_loss"]
+    assert part1 + part2 == full  # exact float equality
+    for a, b in zip(straight.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)
+    # A run resumed at its final step has nothing left to do.
+    done = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'b'}"), **quiet)
+    assert done.fit()["train_loss"] == []
+
+
+def test_validation_loss_falls_and_grad_accum_matches_a_big_batch(tiny_config, tmp_path):
+    hist = Trainer(tiny_config("train.steps=40", "train.eval_interval=40"), **quiet).fit()
+    (_, v0), (_, v1) = hist["val_loss"][0], hist["val_loss"][-1]
+    assert v1 < v0 - 0.5, hist["val_loss"]
+    # grad_accum=2 x micro 4 sees the same 8 samples as micro 8: same loss and update.
+    a = Trainer(tiny_config("data.micro_batch_size=8", "train.steps=3", f"train.out_dir={tmp_path / 'm8'}"), **quiet)
+    b = Trainer(tiny_config("train.grad_accum=2", "train.steps=3", f"train.out_dir={tmp_path / 'm4'}"), **quiet)
+    la, lb = a.fit()["train_loss"], b.fit()["train_loss"]
+    # Same math in another summation order: float32 rounding only (~1e-7 relative).
+    assert la == pytest.approx(lb, rel=1e-5)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
+
+
+def test_tensorboard_scalars_are_written(tiny_config):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = tiny_config()
+    Trainer(cfg, **quiet).fit()
+    acc = EventAccumulator(str(Path(cfg.train.out_dir) / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu",
+                "train/memory_gb", "val/loss", "val/perplexity"}
+    assert expected <= tags, tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [5, 10, 15, 20]
+    assert [e.step for e in acc.Scalars("val/loss")] == [0, 10, 20]
+    assert all(e.value > 0 and math.isfinite(e.value) for e in acc.Scalars("train/tokens_per_s"))
+    assert all(0 < e.value < 10 for e in acc.Scalars("train/mfu"))
+
+
+def _poison(trainer, bad_steps):
+    """Make the loss NaN on the given (1-based) optimizer steps."""
+    real = trainer.model.forward
+    calls = {"n": 0}
+
+    def forward(ids, labels=None, cache=None):
+        logits, loss = real(ids, labels, cache)
+        if labels is not None and trainer.model.training:
+            calls["n"] += 1
+            if trainer.state.step + 1 in bad_steps:
+                loss = loss * float("nan")
+        return logits, loss
+    trainer.model.forward = forward
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_config, tmp_path):
+    lines = []
+    trainer = Trainer(tiny_config("train.steps=8", "checkpoint.interval=4"), log=lines.append)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    _poison(trainer, bad_steps={1, 2})
+    hist = trainer.fit()
+    assert hist["skipped"] == [1, 2] and trainer.state.total_skips == 2
+    assert sum("skipped: loss nan" in line for line in lines) == 2, lines
+    assert all(math.isfinite(x) for x in hist["train_loss"][2:])
+    # The two poisoned steps left the weights alone: step 3 is the first update, and a checkpoint
+    # written at step 4 holds finite weights.
+    for n, p in trainer.model.named_parameters():
+        assert torch.isfinite(p).all(), n
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+    stopper = Trainer(tiny_config("train.steps=8", "train.max_skipped_steps=2",
+                                  f"train.out_dir={tmp_path / 'stop'}"), **quiet)
+    _poison(stopper, bad_steps={2, 3, 4, 5})
+    with pytest.raises(TrainingError, match="3 consecutive steps.*max_skipped_steps=2"):
+        stopper.fit()
+    assert CheckpointManager(tmp_path / "stop" / "checkpoints").latest() is None
+
+
+def test_bf16_autocast_tracks_fp32(tiny_config, tmp_path):
+    fp32 = Trainer(tiny_config("train.steps=10", f"train.out_dir={tmp_path / 'f'}"), **quiet).fit()
+    bf16 = Trainer(tiny_config("train.steps=10", "train.precision=bf16", f"train.out_dir={tmp_path / 'b'}"),
+                   **quiet).fit()
+    # bf16 has an 8-bit mantissa (~0.4% relative rounding per op): losses agree to a few percent.
+    for a, b in zip(fp32["train_loss"], bf16["train_loss"]):
+        assert b == pytest.approx(a, rel=0.03)
+
+
+def test_vocab_smaller_than_the_tokenizer_is_refused(tiny_config):
+    from megatron_lite.config import ConfigError
+    with pytest.raises(ConfigError, match="model.vocab_size=100 is smaller.*512"):
+        Trainer(tiny_config("model.vocab_size=100"), **quiet)
+
+
+@pytest.mark.slow
+def test_cli_prepare_train_generate(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    r = cli("prepare-data", "--source", "stdlib", "--out", str(data), "--max-bytes", "1500000",
+            "--vocab-size", "1024")
+    assert r.returncode == 0, r.stderr
+    r = cli("train", "--config", "configs/tiny.yaml", f"data.dir={data}", f"train.out_dir={run}",
+            "model.vocab_size=1024", "train.steps=120", "train.eval_interval=60", "train.progress=false",
+            "train.sample_tokens=30", "checkpoint.interval=60")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "validation loss: first" in out and "---- sample ----" in out
+    first, last = (float(x.split()[0]) for x in out.split("validation loss: first ")[1].split("-> last ")[:2])
+    assert last < first - 2.0, out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000060", "step_00000120"]
+    r = cli("generate", "--checkpoint", str(run), "--prompt", "import os\n", "--max-new-tokens", "20",
+            "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("import os\n") and len(r.stdout) > len("import os\n") + 10

@@ -1,0 +1,177 @@
+"""The serial GPT: causality, shapes per preset, parameter counts, seeded init, KV cache, learning."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_lite.config import Config, ModelConfig
+from megatron_lite.model import GPT, generate, master_init
+from tests.conftest import ROOT
+
+PRESETS = ["gpt2-125m", "gpt2-350m", "gpt-1.3b", "llama2-7b", "tiny"]
+VARIANTS = {
+    "gpt2": dict(),
+    "llama_gqa": dict(position_embedding="rope", norm="rmsnorm", activation="swiglu", bias=False,
+                      tie_embeddings=False, num_kv_heads=2),
+    "rope_gelu": dict(position_embedding="rope"),
+    "mqa_swiglu_learned": dict(activation="swiglu", num_kv_heads=1),
+}
+
+
+def small(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, hidden_size=32, num_layers=2, num_attention_heads=4, max_sequence_length=24)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causality_changing_token_t_never_changes_earlier_logits(variant):
+    model = GPT(small(**VARIANTS[variant]), seed=3).eval()
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    base, _ = model(ids)
+    for t in (0, 5, 15):
+        changed = ids.clone()
+        changed[:, t] = (changed[:, t] + 1) % 97
+        out, _ = model(changed)
+        torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=0)  # bit-identical before t
+        assert (out[:, t:] - base[:, t:]).abs().amax() > 1e-4  # and it does matter from t on
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_at_tiny_scale_shapes_and_dtypes(preset):
+    cfg = Config.from_yaml(ROOT / f"configs/{preset}.yaml")
+    m = cfg.model
+    # Keep the architecture switches, shrink the sizes.
+    heads = 4
+    kv = heads if m.num_kv_heads == m.num_attention_heads else 2
+    shrunk = ModelConfig(vocab_size=101, hidden_size=32, num_layers=2, num_attention_heads=heads,
+                         num_kv_heads=kv, intermediate_size=48, max_sequence_length=16,
+                         position_embedding=m.position_embedding, norm=m.norm, activation=m.activation,
+                         tie_embeddings=m.tie_embeddings, bias=m.bias)
+    model = GPT(shrunk, seed=0)
+    ids = torch.randint(0, 101, (3, 16))
+    logits, loss = model(ids, ids)
+    assert logits.shape == (3, 16, 101) and logits.dtype == torch.float32
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert abs(loss.item() - math.log(101)) < 0.5  # an untrained model is near-uniform
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(ids, ids)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert (model.lm_head.weight is model.tok_emb.weight) == m.tie_embeddings
+
+
+def analytic_params(c: ModelConfig) -> int:
+    """Count from the architecture, independently of the module code."""
+    h, V, hd = c.hidden_size, c.vocab_size, c.hidden_size // c.num_attention_heads
+    q, kv, inter = c.num_attention_heads * hd, c.num_kv_heads * hd, c.intermediate_size
+    b = int(c.bias)
+    norm = 2 * h if (c.norm == "layernorm" and c.bias) else h
+    up = inter * (2 if c.activation == "swiglu" else 1)
+    attn = h * (q + 2 * kv) + b * (q + 2 * kv) + q * h + b * h
+    mlp = h * up + b * up + inter * h + b * h
+    emb = V * h + (c.max_sequence_length * h if c.position_embedding == "learned" else 0)
+    return emb + c.num_layers * (attn + mlp + 2 * norm) + norm + (0 if c.tie_embeddings else V * h)
+
+
+@pytest.mark.parametrize("preset, published", [
+    ("gpt2-125m", 124_439_808),     # GPT-2 small as counted by HF GPT2LMHeadModel
+    ("gpt2-350m", 354_823_168),     # GPT-2 medium
+    ("gpt-1.3b", None),
+    ("llama2-7b", 6_738_415_616),   # Llama-2-7b
+])
+def test_preset_parameter_counts(preset, published):
+    cfg = Config.from_yaml(ROOT / f"configs/{preset}.yaml").model
+    with torch.device("meta"):  # no memory: a 7B model is not materialised
+        model = GPT(cfg, seed=0)
+    n = model.num_params()
+    assert n == analytic_params(cfg)
+    if published is not None:
+        assert n == published
+    if preset == "gpt-1.3b":
+        assert 1.25e9 < n < 1.35e9
+
+
+def test_seeded_init_is_reproducible_and_layout_independent():
+    cfg = small(num_layers=4)
+    a, b, c = GPT(cfg, seed=7), GPT(cfg, seed=7), GPT(cfg, seed=8)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), name
+        # Every parameter is its own function of (seed, name): rebuildable on any rank alone.
+        assert torch.equal(pa, master_init(name, pa.shape, cfg, 7)), name
+        if pa.dim() >= 2:
+            assert not torch.equal(pa, pc), name
+
+
+def test_init_statistics():
+    cfg = ModelConfig(vocab_size=2000, hidden_size=256, num_layers=8, num_attention_heads=4, max_sequence_length=64)
+    model = GPT(cfg, seed=0)
+    resid = 0.02 / math.sqrt(2 * cfg.num_layers)
+    for name, p in model.named_parameters():
+        if name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
+            assert p.std().item() == pytest.approx(resid, rel=0.05), name
+        elif p.dim() == 2:
+            assert p.std().item() == pytest.approx(0.02, rel=0.05), name
+            assert abs(p.mean().item()) < 1e-3
+        elif "ln" in name and name.endswith("weight"):
+            assert torch.all(p == 1), name
+        else:
+            assert torch.all(p == 0), name
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kv_cache_decoding_equals_full_recompute(variant):
+    model = GPT(small(**VARIANTS[variant]), seed=1)
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
+    cached = generate(model, prompt, 15, temperature=0.0)
+    full = generate(model, prompt, 15, temperature=0.0, use_cache=False)
+    assert torch.equal(cached, full)
+    # Sampling with the same generator seed is reproducible.
+    s1 = generate(model, prompt, 10, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))
+    s2 = generate(model, prompt, 10, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(s1, s2)
+
+
+def test_chunked_prefill_matches_one_shot():
+    from megatron_lite.model import KVCache
+    cfg = small(**VARIANTS["llama_gqa"])
+    model = GPT(cfg, seed=2).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    full, _ = model(ids)
+    cache = KVCache(cfg, 2, cfg.max_sequence_length, "cpu")
+    a, _ = model(ids[:, :5], cache=cache)
+    b, _ = model(ids[:, 5:], cache=cache)  # 7 queries against 12 keys: needs the offset mask
+    torch.testing.assert_close(torch.cat([a, b], 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_overfits_one_batch():
+    """The model and AdamW really learn: one fixed batch is memorised to loss < 0.05."""
+    model = GPT(ModelConfig(vocab_size=64, hidden_size=64, num_layers=2, num_attention_heads=4,
+                            max_sequence_length=32), seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    batch = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(0))
+    first = None
+    for _ in range(300):
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.05:
+            break
+    assert first > 3.5 and loss.item() < 0.05
+
+
+def test_sequence_longer_than_max_is_refused():
+    model = GPT(small(), seed=0)
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        model(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_model_package_never_imports_torch_distributed():
+    import ast
+    for path in (ROOT / "megatron_lite/model").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+            mod = getattr(node, "module", None) or ""
+            assert not any(n.startswith("torch.distributed") for n in names + [mod]), path

@@ -1,0 +1,87 @@
+"""LR schedule, weight-decay groups, and atomic checkpoint commit/verify/prune."""
+
+import pytest
+import torch
+
+from megatron_lite.checkpoint import CheckpointError, CheckpointManager, TrainState, resolve, verify
+from megatron_lite.config import ModelConfig, OptimConfig
+from megatron_lite.model import GPT
+from megatron_lite.optim import build_optimizer, lr_at
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    lrs = [lr_at(s, cfg, total_steps=110) for s in range(130)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # warmup rises
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))  # cosine falls
+    assert lrs[60] == pytest.approx(0.55)  # halfway through the decay: the midpoint
+    assert lrs[110] == lrs[129] == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = GPT(ModelConfig(vocab_size=50, hidden_size=16, num_layers=2, num_attention_heads=2,
+                            max_sequence_length=8), seed=0)
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert all(("ln" in n or n.endswith("bias")) for n in no_decay)
+    assert {"tok_emb.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight"} <= decay
+    assert len(decay) + len(no_decay) == len(names)  # tied lm_head counted once
+
+
+def _setup(seed=0):
+    model = GPT(ModelConfig(vocab_size=50, hidden_size=16, num_layers=1, num_attention_heads=2,
+                            max_sequence_length=8), seed=seed)
+    opt = build_optimizer(model, OptimConfig())
+    ids = torch.randint(0, 50, (2, 8))
+    model(ids, ids)[1].backward()
+    opt.step()
+    return model, opt
+
+
+def test_save_load_round_trip_and_prune(tmp_path):
+    model, opt = _setup()
+    mgr = CheckpointManager(tmp_path / "ck", keep=2)
+    for step in (1, 2, 3):
+        mgr.save(step, model, opt, TrainState(step=step, cursor=10 * step), "model: {}\n")
+    assert [p.name for p in mgr.committed()] == ["step_00000002", "step_00000003"]
+    assert mgr.latest().name == "step_00000003" and resolve(tmp_path / "ck") == mgr.latest()
+    other, other_opt = _setup(seed=9)
+    state = TrainState()
+    mgr.load(mgr.latest(), other, other_opt, state)
+    assert state.step == 3 and state.cursor == 30
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+    sa, sb = opt.state_dict()["state"], other_opt.state_dict()["state"]
+    for k in sa:
+        assert torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"])
+
+
+def test_a_crash_mid_save_never_replaces_the_good_checkpoint(tmp_path, monkeypatch):
+    model, opt = _setup()
+    mgr = CheckpointManager(tmp_path / "ck")
+    good = mgr.save(5, model, opt, TrainState(step=5), "x: 1\n")
+    import torch.distributed.checkpoint as dcp
+
+    def exploding_save(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(dcp, "save", exploding_save)
+    with pytest.raises(OSError, match="disk full"):
+        mgr.save(6, model, opt, TrainState(step=6), "x: 1\n")
+    assert mgr.latest() == good
+    # No temporary directory is left behind either.
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["latest", "step_00000005"]
+
+
+def test_corruption_is_reported_in_one_sentence(tmp_path):
+    model, opt = _setup()
+    mgr = CheckpointManager(tmp_path / "ck")
+    path = mgr.save(1, model, opt, TrainState(step=1), "x: 1\n")
+    shard = next(path.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-7])
+    with pytest.raises(CheckpointError, match="wrong size.*delete"):
+        verify(path)
+    with pytest.raises(CheckpointError, match="no committed checkpoint"):
+        resolve(tmp_path / "elsewhere")
