@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .init import init_weights
+from .loss import linear_cross_entropy
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -153,6 +154,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.fused_loss = True  # see model/loss.py; False = plain lm_head + F.cross_entropy
         if seed is not None:
             init_weights(self, cfg, seed)
 
@@ -165,15 +167,23 @@ class GPT(nn.Module):
         return self.drop(x)
 
     def head(self, x: torch.Tensor, labels: torch.Tensor | None = None):
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        x = self.ln_f(x)  # (B, T, C)
+        if labels is not None and self.fused_loss and torch.is_grad_enabled():
+            # Training: loss and its gradient chunk by chunk; the (B, T, V) logits never exist.
+            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, labels.flatten())
+        logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if labels is not None:
             # Loss in fp32 even under bf16 autocast; -100 marks positions to ignore.
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(wide.flatten(0, 1), labels.flatten(), ignore_index=-100)
         return logits, loss
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None):
-        """ids (B, T) -> (logits (B, T, V), mean cross-entropy over labels or None)."""
+        """ids (B, T) -> (logits (B, T, V), mean cross-entropy over labels or None).
+
+        With labels and autograd on (training), logits are None: the loss is computed by the fused
+        linear + cross-entropy, which never materialises them (model/loss.py)."""
         T = ids.shape[1]
         start = cache.length if cache is not None else 0
         if start + T > self.config.max_sequence_length:

@@ -51,12 +51,14 @@ def test_presets_at_tiny_scale_shapes_and_dtypes(preset):
                          tie_embeddings=m.tie_embeddings, bias=m.bias)
     model = GPT(shrunk, seed=0)
     ids = torch.randint(0, 101, (3, 16))
-    logits, loss = model(ids, ids)
+    logits, _ = model(ids)
     assert logits.shape == (3, 16, 101) and logits.dtype == torch.float32
-    assert loss.shape == () and loss.dtype == torch.float32
+    none, loss = model(ids, ids)  # training path: fused loss, logits never materialised
+    assert none is None and loss.shape == () and loss.dtype == torch.float32
     assert abs(loss.item() - math.log(101)) < 0.5  # an untrained model is near-uniform
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, loss = model(ids, ids)
+        logits, _ = model(ids)
+        _, loss = model(ids, ids)
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     assert (model.lm_head.weight is model.tok_emb.weight) == m.tie_embeddings
 
@@ -175,3 +177,27 @@ def test_model_package_never_imports_torch_distributed():
             names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
             mod = getattr(node, "module", None) or ""
             assert not any(n.startswith("torch.distributed") for n in names + [mod]), path
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama_gqa"])
+def test_fused_linear_cross_entropy_equals_the_plain_head(variant):
+    """Loss and every parameter gradient, in float64 (so any difference is a bug, not rounding)."""
+    cfg = small(**VARIANTS[variant])
+    ids = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(4))
+    labels = ids.roll(-1, dims=1)
+    labels[0, 5:9] = -100  # ignored positions do not count in the mean
+    grads = {}
+    for fused in (True, False):
+        model = GPT(cfg, seed=5).double()
+        model.fused_loss = fused
+        _, loss = model(ids, labels)
+        (3.0 * loss).backward()  # a non-unit upstream gradient must be honoured
+        grads[fused] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-12, atol=1e-12)
+    for name, g in grads[False][1].items():
+        torch.testing.assert_close(grads[True][1][name], g, rtol=1e-10, atol=1e-12, msg=name)
+    # In eval / no_grad the plain path runs and gives the same loss.
+    with torch.no_grad():
+        model = GPT(cfg, seed=5).double()
+        _, plain = model(ids, labels)
+    torch.testing.assert_close(plain, grads[True][0], rtol=1e-12, atol=1e-12)
