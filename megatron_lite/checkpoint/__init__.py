@@ -148,7 +148,10 @@ class CheckpointManager:
     def load(self, path: Path, model, optimizer, state: TrainState) -> None:
         verify(path)
         msd, osd = model_state(model, optimizer)
-        sd = {"model": msd, "optim": osd, "train": state.to_state_dict()}
+        # Ask only for train-state entries the checkpoint has (a CPU run saved no CUDA RNG state).
+        saved = _dcp().FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        train = {k: v for k, v in state.to_state_dict().items() if f"train.{k}" in saved}
+        sd = {"model": msd, "optim": osd, "train": train}
         with _quiet():
             _dcp().load(sd, checkpoint_id=str(path))
         from torch.distributed.checkpoint.state_dict import set_state_dict

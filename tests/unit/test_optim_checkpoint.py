@@ -85,3 +85,16 @@ def test_corruption_is_reported_in_one_sentence(tmp_path):
         verify(path)
     with pytest.raises(CheckpointError, match="no committed checkpoint"):
         resolve(tmp_path / "elsewhere")
+
+
+def test_cpu_checkpoint_resumes_where_cuda_rng_exists(tmp_path, monkeypatch):
+    """A checkpoint saved without CUDA loads into a process that has CUDA RNG state."""
+    model, opt = _setup()
+    mgr = CheckpointManager(tmp_path / "ck")
+    path = mgr.save(4, model, opt, TrainState(step=4, cursor=8), "x: 1\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.zeros(16, dtype=torch.uint8))
+    state = TrainState()
+    mgr.load(path, model, opt, state)
+    assert (state.step, state.cursor) == (4, 8)
