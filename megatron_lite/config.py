@@ -185,6 +185,11 @@ class Config:
     def validate(self) -> "Config":
         for f in fields(self):
             getattr(self, f.name).validate()
+        decay = self.optim.decay_steps or self.train.steps
+        if decay <= self.optim.warmup_steps:
+            raise ConfigError(
+                f"optim.warmup_steps={self.optim.warmup_steps} must be below the decay horizon "
+                f"({decay}: optim.decay_steps or train.steps); lower the warmup or train longer.")
         if self.seq_length > self.model.max_sequence_length:
             raise ConfigError(
                 f"data.seq_length={self.seq_length} exceeds model.max_sequence_length="
@@ -293,14 +298,16 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-    elif typ is float:
+    elif typ is float:  # NaN and infinities are never meaningful settings
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
             try:
-                return float(value)
+                parsed = float(value)
             except ValueError:
-                pass
+                parsed = math.nan
+            if math.isfinite(parsed):
+                return parsed
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

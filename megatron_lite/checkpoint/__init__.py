@@ -122,8 +122,11 @@ class CheckpointManager:
                     if (Path(data_dir) / name).is_file():
                         shutil.copy2(Path(data_dir) / name, tmp / name)
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            for name in files:  # data on disk before the manifest that vouches for it
+                _fsync(tmp / name)
             manifest = {"step": step, "time": time.time(), "files": files, "format": 1}
             _write_synced(tmp / "manifest.json", json.dumps(manifest, indent=2))
+            _fsync(tmp)
             if final.exists():  # re-saving a step (e.g. after a skipped-step rerun): swap safely
                 old = final.with_name(final.name + f".old-{os.getpid()}")
                 os.replace(final, old)
@@ -134,8 +137,10 @@ class CheckpointManager:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        _fsync(self.dir)
         _write_synced(self.dir / "latest.tmp", final.name)
         os.replace(self.dir / "latest.tmp", self.dir / "latest")
+        _fsync(self.dir)
         self._prune()
         return final
 
@@ -152,8 +157,7 @@ class CheckpointManager:
         saved = _dcp().FileSystemReader(str(path)).read_metadata().state_dict_metadata
         train = {k: v for k, v in state.to_state_dict().items() if f"train.{k}" in saved}
         sd = {"model": msd, "optim": osd, "train": train}
-        with _quiet():
-            _dcp().load(sd, checkpoint_id=str(path))
+        _load_or_explain(sd, path)
         from torch.distributed.checkpoint.state_dict import set_state_dict
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         state.load_state_dict(sd["train"])
@@ -197,10 +201,28 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Load only the model weights of a checkpoint (e.g. for generation)."""
     verify(path)
     msd, _ = model_state(model)
-    with _quiet():
-        _dcp().load({"model": msd}, checkpoint_id=str(path))
+    _load_or_explain({"model": msd}, path)
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
     set_model_state_dict(model, msd)
+
+
+def _load_or_explain(sd: dict, path: Path) -> None:
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException subclass
+    try:
+        with _quiet():
+            _dcp().load(sd, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:
+        first = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model or is damaged ({first}); "
+                              f"use its config.yaml, or a new train.out_dir to start afresh.") from None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_synced(path: Path, text: str) -> None:

@@ -37,7 +37,11 @@ class TokenStore:
         self.splits: dict[str, np.ndarray] = {}
         for split, info in self.meta.get("splits", {}).items():
             path = self.dir / f"{split}.bin"
-            expected = int(info["tokens"]) * dtype.itemsize
+            try:
+                expected = int(info["tokens"]) * dtype.itemsize
+            except (KeyError, TypeError, ValueError):
+                raise DataError(f"{str(meta_path)!r} is corrupt (split {split!r} has no token count); "
+                                f"prepare the data again with `megatron-lite prepare-data --force`.") from None
             if not path.is_file() or path.stat().st_size != expected:
                 raise DataError(f"{str(path)!r} is missing or truncated (expected {expected} bytes); "
                                 f"prepare the data again with `megatron-lite prepare-data --force`.")

@@ -84,7 +84,13 @@ def load_documents(sources: list[str], text_field: str, cache_dir: str, max_byte
                             f"directory (or 'stdlib' for the embedded corpus).")
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
                               or (path / "state.json").exists()):
-            parts.append(_saved_dataset(datasets, path, text_field))
+            try:
+                parts.append(_saved_dataset(datasets, path, text_field))
+            except DataError:
+                raise
+            except Exception as e:
+                raise DataError(f"could not read the saved dataset {src!r} ({type(e).__name__}); check it "
+                                f"was written by Dataset.save_to_disk.") from None
             continue
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:
@@ -116,7 +122,7 @@ def load_documents(sources: list[str], text_field: str, cache_dir: str, max_byte
         raise DataError(f"data sources {sources} hold no readable files; pass text, JSON Lines, "
                         f"parquet files or a save_to_disk directory.")
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    ds = ds.filter(lambda t: bool(t and t.strip()), input_columns="text")
+    ds = ds.filter(lambda t: isinstance(t, str) and bool(t.strip()), input_columns="text")
     if len(ds) < 2:
         raise DataError(f"data sources {sources} hold {len(ds)} non-empty document(s); at least 2 are "
                         f"needed to split train from validation.")
@@ -164,6 +170,9 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str = "bpe", vocab_s
     if (out / "meta.json").is_file() and not force:
         log(f"data already prepared in {out} (pass --force to rebuild)")
         return out
+    if out.exists() and not (out / "meta.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"--out {str(out)!r} exists and is not a prepared data directory; pass a new "
+                        f"or empty directory (nothing there is deleted).")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction {val_fraction} must be between 0 and 1 (exclusive).")
     if tokenizer == "bpe" and not 256 + 1 < vocab_size <= 2**31:
@@ -202,9 +211,13 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str = "bpe", vocab_s
             log(f"{split}: {info['documents']} documents, {info['tokens']:,} tokens")
         shutil.rmtree(tmp / "hf_cache", ignore_errors=True)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
+        old = None
+        if out.exists():  # a prepared directory rebuilt with --force (or an empty one): swap it out
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
         os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -92,7 +92,12 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if not meta_path.is_file():
         raise DataError(f"{str(directory)!r} holds no meta.json; run `megatron-lite prepare-data "
                         f"--out {directory}` first.")
-    spec = json.loads(meta_path.read_text())["tokenizer"]
-    if spec["type"] == "bytes":
+    try:
+        spec = json.loads(meta_path.read_text())["tokenizer"]
+        kind, file = spec["type"], spec.get("file")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise DataError(f"{str(meta_path)!r} is corrupt (no tokenizer entry); prepare the data again "
+                        f"with `megatron-lite prepare-data --force`.") from None
+    if kind == "bytes":
         return ByteTokenizer()
-    return BPETokenizer.from_file(directory / spec["file"])
+    return BPETokenizer.from_file(directory / str(file))

@@ -70,10 +70,22 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=cfg.checkpoint.keep)
         self.resumed_from = self.checkpoints.latest()
         if self.resumed_from is not None:
+            self._check_same_model(self.resumed_from)
             self.checkpoints.load(self.resumed_from, self.model, self.optimizer, self.state)
             log(f"resumed from {self.resumed_from} (step {self.state.step}, sample {self.state.cursor})")
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
         self.peak = peak_flops(self.device, cfg.train.peak_tflops)
+
+    def _check_same_model(self, path: Path) -> None:
+        saved_yaml = path / "config.yaml"
+        if not saved_yaml.is_file():
+            return
+        saved = Config.from_yaml(saved_yaml).model
+        diff = [f"model.{k}" for k, v in vars(saved).items() if getattr(self.cfg.model, k) != v]
+        if diff:
+            raise ConfigError(
+                f"train.out_dir {str(self.out_dir)!r} holds a checkpoint of a different model ({', '.join(diff)} "
+                f"changed); restore those settings to resume, or choose a new train.out_dir.")
 
     # ---- pieces -----------------------------------------------------------------------------
     def autocast(self):

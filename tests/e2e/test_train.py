@@ -38,8 +38,9 @@ def test_validation_loss_falls_and_grad_accum_matches_a_big_batch(tiny_config, t
     (_, v0), (_, v1) = hist["val_loss"][0], hist["val_loss"][-1]
     assert v1 < v0 - 0.5, hist["val_loss"]
     # grad_accum=2 x micro 4 sees the same 8 samples as micro 8: same loss and update.
-    a = Trainer(tiny_config("data.micro_batch_size=8", "train.steps=3", f"train.out_dir={tmp_path / 'm8'}"), **quiet)
-    b = Trainer(tiny_config("train.grad_accum=2", "train.steps=3", f"train.out_dir={tmp_path / 'm4'}"), **quiet)
+    short = ("train.steps=3", "optim.warmup_steps=1")
+    a = Trainer(tiny_config("data.micro_batch_size=8", *short, f"train.out_dir={tmp_path / 'm8'}"), **quiet)
+    b = Trainer(tiny_config("train.grad_accum=2", *short, f"train.out_dir={tmp_path / 'm4'}"), **quiet)
     la, lb = a.fit()["train_loss"], b.fit()["train_loss"]
     # Same math in another summation order: float32 rounding only (~1e-7 relative).
     assert la == pytest.approx(lb, rel=1e-5)
@@ -108,6 +109,25 @@ def test_bf16_autocast_tracks_fp32(tiny_config, tmp_path):
     # bf16 has an 8-bit mantissa (~0.4% relative rounding per op): losses agree to a few percent.
     for a, b in zip(fp32["train_loss"], bf16["train_loss"]):
         assert b == pytest.approx(a, rel=0.03)
+
+
+def test_resuming_a_different_model_is_refused_in_one_sentence(tiny_config):
+    from megatron_lite.checkpoint import CheckpointError
+    from megatron_lite.config import ConfigError
+    Trainer(tiny_config("train.steps=10"), **quiet).fit()
+    with pytest.raises(ConfigError, match="different model.*model.hidden_size.*new train.out_dir"):
+        Trainer(tiny_config("train.steps=10", "model.hidden_size=64"), **quiet)
+    # Even past that check (config.yaml gone), DCP's own error becomes one sentence.
+    trainer = Trainer(tiny_config("train.steps=10"), **quiet)
+    ckpt = trainer.checkpoints.latest()
+    (ckpt / "config.yaml").unlink()
+    manifest = ckpt / "manifest.json"
+    import json
+    m = json.loads(manifest.read_text())
+    del m["files"]["config.yaml"]
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        Trainer(tiny_config("train.steps=10", "model.hidden_size=64"), **quiet)
 
 
 def test_vocab_smaller_than_the_tokenizer_is_refused(tiny_config):

@@ -6,8 +6,8 @@ from tests.conftest import ROOT, cli
 
 def test_tiny_yaml_loads_with_typed_overrides():
     cfg = Config.from_yaml(ROOT / "configs/tiny.yaml",
-                           ["train.steps=20", "optim.lr=1e-3", "model.dropout=0.1"])
-    assert cfg.train.steps == 20 and isinstance(cfg.train.steps, int)
+                           ["train.steps=200", "optim.lr=1e-3", "model.dropout=0.1"])
+    assert cfg.train.steps == 200 and isinstance(cfg.train.steps, int)
     assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
     assert cfg.model.dropout == pytest.approx(0.1)
     assert cfg.model.num_kv_heads == cfg.model.num_attention_heads  # derived default
@@ -29,6 +29,9 @@ def test_tiny_yaml_loads_with_typed_overrides():
     (["optim.min_lr=1.0"], ["optim.min_lr=1.0"]),
     (["train.steps=0"], ["train.steps=0", ">= 1"]),
     (["model.dropout=1.5"], ["model.dropout=1.5"]),
+    (["optim.weight_decay=nan"], ["optim.weight_decay='nan'", "must be a number"]),
+    (["optim.lr=.inf"], ["optim.lr=inf", "must be a number"]),
+    (["train.steps=40", "optim.warmup_steps=50"], ["optim.warmup_steps=50", "decay horizon (40"]),
     (["steps=3"], ["section.key"]),
     (["train.steps"], ["section.key=value"]),
 ])

@@ -87,6 +87,15 @@ def test_bad_sources_and_paths(tmp_path):
         TokenStore(tmp_path / "nodata")
     with pytest.raises(DataError, match="--vocab-size"):
         prepare(["stdlib"], tmp_path / "o", vocab_size=100, **quiet)
+    # An existing directory that is not prepared data is never deleted.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("keep me")
+    (tmp_path / "a.txt").write_text("doc a")
+    (tmp_path / "b.txt").write_text("doc b")
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], mine, tokenizer="bytes", force=True, **quiet)
+    assert (mine / "precious.txt").read_text() == "keep me"
 
 
 def test_truncated_token_file_is_detected(tmp_path, corpus_dir):
