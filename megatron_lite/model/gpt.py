@@ -8,6 +8,7 @@ init and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -71,15 +72,19 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.num_attention_heads  # heads held by this module (fewer under TP)
         self.n_kv = cfg.num_kv_heads
         self.dropout = cfg.dropout
+        # RNG context for the attention-probability dropout; tensor parallelism swaps in a per-rank
+        # stream (parallel/random.py), since each rank holds different heads.
+        self.core_rng = contextlib.nullcontext
         # Fused [q | k | v] projection: one GEMM; TP slices each of the three blocks by heads.
         self.qkv = nn.Linear(cfg.hidden_size, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: KVCache | None = None):
-        B, T, _ = x.shape
         H, K, D = self.n_head, self.n_kv, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        qkv = self.qkv(x)  # (B, T, (H + 2K) D); T is the full sequence even if x is a shard (SP)
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
@@ -97,8 +102,9 @@ class CausalSelfAttention(nn.Module):
             causal = True
         elif T > 1:  # chunked prefill after a cached prefix: query i sees keys <= start + i
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        with self.core_rng():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.resid_drop(self.proj(y))  # (B, T, C)
 
@@ -155,6 +161,8 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.fused_loss = True  # see model/loss.py; False = plain lm_head + F.cross_entropy
+        # Set by tensor parallelism: a module (x, labels) -> (logits | None, loss) replacing lm_head.
+        self.parallel_head: nn.Module | None = None
         if seed is not None:
             init_weights(self, cfg, seed)
 
@@ -168,6 +176,8 @@ class GPT(nn.Module):
 
     def head(self, x: torch.Tensor, labels: torch.Tensor | None = None):
         x = self.ln_f(x)  # (B, T, C)
+        if self.parallel_head is not None:
+            return self.parallel_head(x, labels)
         if labels is not None and self.fused_loss and torch.is_grad_enabled():
             # Training: loss and its gradient chunk by chunk; the (B, T, V) logits never exist.
             return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, labels.flatten())

@@ -1,0 +1,136 @@
+"""The only module that calls torch.distributed collectives.
+
+Device-agnostic (gloo on CPU, NCCL on GPU), absorbs torch API differences (gloo has no
+reduce-scatter; older torch spells the tensor collectives differently), and counts the bytes each
+logical operation moves, per kind, so benchmarks can compare them with the analytic volume.
+Every function takes its process group explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+# Logical payload bytes per op kind: the tensor size an op is *defined* on (all-reduce: the input;
+# all-gather: the gathered output; reduce-scatter: the full input), the Megatron accounting.
+BYTES: Counter = Counter()
+CALLS: Counter = Counter()
+
+
+def reset_counters() -> None:
+    BYTES.clear()
+    CALLS.clear()
+
+
+def _count(kind: str, t: torch.Tensor) -> None:
+    BYTES[kind] += t.numel() * t.element_size()
+    CALLS[kind] += 1
+
+
+def size(group) -> int:
+    return dist.get_world_size(group)
+
+
+def rank(group) -> int:
+    return dist.get_rank(group)
+
+
+def new_group(ranks: list[int]):
+    return dist.new_group(ranks)
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init(device: torch.device, rank: int | None = None, world_size: int | None = None,
+         init_method: str | None = None) -> None:
+    """Initialise the default process group (torchrun's env:// unless init_method is given)."""
+    if dist.is_initialized():
+        return
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    kwargs = {}
+    if device.type == "cuda":
+        kwargs["device_id"] = device  # lets NCCL bind eagerly (torch >= 2.3)
+    dist.init_process_group(backend_for(device), init_method=init_method or "env://", rank=rank,
+                            world_size=world_size, **kwargs)
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce(t: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce; returns t. A group of one is free."""
+    if size(group) == 1:
+        return t
+    _count("all_reduce", t)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=group)
+    return t
+
+
+def all_gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Concatenate every rank's t along dim (in group rank order)."""
+    n = size(group)
+    if n == 1:
+        return t
+    t = t.contiguous()
+    out = torch.empty((n * t.shape[0],) + t.shape[1:], dtype=t.dtype, device=t.device)
+    _count("all_gather", out)
+    if hasattr(dist, "all_gather_into_tensor") and dist.get_backend(group) != "gloo":
+        dist.all_gather_into_tensor(out, t, group=group)
+    else:
+        dist.all_gather(list(out.chunk(n)), t, group=group)
+    out = out.view((n,) + t.shape)  # (n, *t.shape): rank-major
+    return torch.cat(out.unbind(0), dim=dim) if dim != 0 else out.flatten(0, 1)
+
+
+def reduce_scatter(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Sum t over ranks and keep this rank's chunk along dim."""
+    n = size(group)
+    if n == 1:
+        return t
+    _count("reduce_scatter", t)
+    chunks = [c.contiguous() for c in t.chunk(n, dim=dim)]
+    out = torch.empty_like(chunks[0])
+    if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter: reduce, then keep ours
+        full = torch.stack(chunks)
+        dist.all_reduce(full, group=group)
+        out.copy_(full[rank(group)])
+    else:
+        dist.reduce_scatter(out, chunks, group=group)
+    return out
+
+
+def broadcast(t: torch.Tensor, src_global_rank: int, group) -> torch.Tensor:
+    if size(group) > 1:
+        _count("broadcast", t)
+        dist.broadcast(t, src_global_rank, group=group)
+    return t
+
+
+def world():
+    """The group of every process (for job-wide barriers and checkpoint commits)."""
+    return dist.group.WORLD
+
+
+def barrier(group) -> None:
+    if is_initialized() and size(group) > 1:
+        dist.barrier(group=group)
+
+
+@contextmanager
+def counting():
+    """Reset the byte counters, yield them, leave them as measured."""
+    reset_counters()
+    yield BYTES

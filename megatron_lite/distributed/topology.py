@@ -1,0 +1,144 @@
+"""Topology: how world ranks map onto (tp, pp, dp) coordinates, and the process groups.
+
+    topo = Topology(tp=2, pp=1, dp=2, order="tp-dp-pp")   # pure: validates, maps, builds nothing
+    topo.check_model(model_cfg, seq_length, sequence_parallel=True)   # layout rules, one sentence each
+    groups = topo.build(rank, backend="gloo")               # every process group, on every rank
+
+`order` lists the axes fastest-varying first (Megatron's default "tp-dp-pp"): with tp=2, dp=2,
+ranks 0,1 form a tensor-parallel group, ranks 0,2 a data-parallel group. Keeping tp fastest puts a
+TP group on one node, where its frequent all-reduces are cheapest.
+
+A Topology is passed explicitly to whatever needs it; there are no module globals.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from ..config import ConfigError, ModelConfig
+
+AXES = ("tp", "pp", "dp")
+
+
+@dataclass(frozen=True)
+class Coord:
+    tp: int
+    pp: int
+    dp: int
+
+
+@dataclass
+class Groups:
+    """The process groups this rank belongs to (torch ProcessGroup objects) plus their ranks."""
+    tp: object
+    pp: object
+    dp: object
+    mp: object  # model-parallel: tp x pp (what one model replica spans)
+    tp_ranks: list[int] = field(default_factory=list)
+    pp_ranks: list[int] = field(default_factory=list)
+    dp_ranks: list[int] = field(default_factory=list)
+    mp_ranks: list[int] = field(default_factory=list)
+
+
+class Topology:
+    def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, order: str = "tp-dp-pp"):
+        for name, value in (("tp", tp), ("pp", pp), ("dp", dp)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"parallel.{name}={value!r} must be a positive integer.")
+        axes = tuple(order.split("-"))
+        if sorted(axes) != sorted(AXES):
+            raise ConfigError(f"parallel.order={order!r} must name tp, pp and dp once each, fastest "
+                              f"first, e.g. tp-dp-pp.")
+        self.tp, self.pp, self.dp, self.order = tp, pp, dp, axes
+        self.sizes = {"tp": tp, "pp": pp, "dp": dp}
+        self.world_size = tp * pp * dp
+        self.groups: Groups | None = None
+        self.rank: int | None = None
+
+    def __repr__(self) -> str:
+        return f"Topology(tp={self.tp}, pp={self.pp}, dp={self.dp}, order={'-'.join(self.order)})"
+
+    # ---- pure rank arithmetic ---------------------------------------------------------------
+    def coord(self, rank: int) -> Coord:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside world of {self.world_size}")
+        c = {}
+        for axis in self.order:  # mixed-radix digits, fastest axis first
+            rank, c[axis] = divmod(rank, self.sizes[axis])
+        return Coord(**c)
+
+    def rank_of(self, coord: Coord | None = None, **kw: int) -> int:
+        c = vars(coord) if coord is not None else kw
+        rank, stride = 0, 1
+        for axis in self.order:
+            rank += c[axis] * stride
+            stride *= self.sizes[axis]
+        return rank
+
+    def group_ranks(self, axes: tuple[str, ...]) -> list[list[int]]:
+        """All groups varying along `axes` (others fixed), each a sorted rank list."""
+        fixed = [a for a in AXES if a not in axes]
+        out = []
+        for fixed_vals in itertools.product(*(range(self.sizes[a]) for a in fixed)):
+            base = dict(zip(fixed, fixed_vals))
+            ranks = [self.rank_of(**base, **dict(zip(axes, vals)))
+                     for vals in itertools.product(*(range(self.sizes[a]) for a in axes))]
+            out.append(sorted(ranks))
+        return out
+
+    # ---- layout rules (before any process group exists) --------------------------------------
+    def check_world(self, world_size: int) -> None:
+        if world_size != self.world_size:
+            raise ConfigError(
+                f"parallel.tp={self.tp} x parallel.pp={self.pp} x parallel.dp={self.dp} = {self.world_size} "
+                f"but the job has {world_size} processes; make the product equal the world size.")
+
+    def check_model(self, cfg: ModelConfig, seq_length: int, sequence_parallel: bool = False) -> None:
+        tp = self.tp
+        rules = [
+            (cfg.num_attention_heads % tp, f"model.num_attention_heads={cfg.num_attention_heads} is not "
+             f"divisible by parallel.tp={tp}; each tensor-parallel rank must hold whole heads."),
+            (cfg.num_kv_heads % tp, f"model.num_kv_heads={cfg.num_kv_heads} is not divisible by "
+             f"parallel.tp={tp}; use a kv head count that is a multiple of tp (or lower tp)."),
+            (cfg.intermediate_size % tp, f"model.intermediate_size={cfg.intermediate_size} is not divisible "
+             f"by parallel.tp={tp}; pick a multiple of tp."),
+            (sequence_parallel and seq_length % tp, f"sequence length {seq_length} is not divisible by "
+             f"parallel.tp={tp}, which parallel.sequence_parallel=true needs; change data.seq_length."),
+        ]
+        for broken, msg in rules:
+            if broken:
+                raise ConfigError(msg)
+
+    # ---- process groups ------------------------------------------------------------------------
+    def build(self, rank: int) -> Groups:
+        """Create every group (all ranks must call this, in the same order) and keep this rank's."""
+        from . import comm
+        mine: dict[str, tuple[object, list[int]]] = {}
+        for name, axes in (("tp", ("tp",)), ("pp", ("pp",)), ("dp", ("dp",)), ("mp", ("tp", "pp"))):
+            for ranks in self.group_ranks(axes):
+                group = comm.new_group(ranks)
+                if rank in ranks:
+                    mine[name] = (group, ranks)
+        self.rank = rank
+        self.groups = Groups(tp=mine["tp"][0], pp=mine["pp"][0], dp=mine["dp"][0], mp=mine["mp"][0],
+                             tp_ranks=mine["tp"][1], pp_ranks=mine["pp"][1], dp_ranks=mine["dp"][1],
+                             mp_ranks=mine["mp"][1])
+        return self.groups
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coord(self._rank()).tp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coord(self._rank()).pp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coord(self._rank()).dp
+
+    def _rank(self) -> int:
+        if self.rank is None:
+            raise RuntimeError("Topology.build(rank) has not run on this process")
+        return self.rank
