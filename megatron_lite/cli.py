@@ -25,19 +25,36 @@ def cmd_train(args) -> None:
     from .train import Trainer
     cfg = Config.from_yaml(args.config, args.overrides)
     os.makedirs(cfg.train.out_dir, exist_ok=True)
+    from .distributed import comm
     trainer = Trainer(cfg)
-    p = trainer.model.num_params()
-    print(f"model: {p / 1e6:.2f}M parameters | device {trainer.device} | {cfg.train.precision} | "
-          f"batch {cfg.data.micro_batch_size}x{cfg.train.grad_accum}x{trainer.seq_len} tokens")
-    history = trainer.fit()
-    vals = history["val_loss"]
-    if vals:
-        print(f"validation loss: first {vals[0][1]:.4f} (step {vals[0][0]}) -> last {vals[-1][1]:.4f} "
-              f"(step {vals[-1][0]})")
-    if cfg.train.sample_tokens > 0:
-        print("---- sample ----")
-        print(trainer.sample())
-        print("----------------")
+    try:
+        say = print if trainer.is_main else (lambda *a, **k: None)
+        n = serial_param_count(cfg.model)
+        par = cfg.parallel
+        say(f"model: {n / 1e6:.2f}M parameters | device {trainer.device} | {cfg.train.precision} | "
+            f"tp {par.tp}{' +sp' if par.sequence_parallel else ''} | "
+            f"batch {cfg.data.micro_batch_size}x{cfg.train.grad_accum}x{trainer.seq_len} tokens")
+        history = trainer.fit()
+        vals = history["val_loss"]
+        if vals:
+            say(f"validation loss: first {vals[0][1]:.4f} (step {vals[0][0]}) -> last {vals[-1][1]:.4f} "
+                f"(step {vals[-1][0]})")
+        if cfg.train.sample_tokens > 0:
+            text = trainer.sample()  # every rank takes part: the model is split across them
+            say("---- sample ----")
+            say(text)
+            say("----------------")
+    finally:
+        comm.destroy()
+
+
+def serial_param_count(model_cfg) -> int:
+    """Parameters of the whole (serial) model, counted without allocating it."""
+    import torch
+
+    from .model import GPT
+    with torch.device("meta"):
+        return GPT(model_cfg, seed=None).num_params()
 
 
 def cmd_prepare(args) -> None:

@@ -78,6 +78,28 @@ class ModelConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size (Megatron column/row layers)
+    pp: int = 1  # pipeline-parallel size
+    dp: int = 1  # data-parallel size
+    sequence_parallel: bool = False  # norms/dropout on sequence shards inside each tp group
+    make_vocab_divisible_by: int = 128  # the vocabulary is padded to a multiple of this x tp
+    order: str = "tp-dp-pp"  # rank layout, fastest-varying axis first
+
+    def validate(self) -> None:
+        from .distributed.topology import Topology
+        Topology(self.tp, self.pp, self.dp, self.order)  # sizes and order
+        if self.pp != 1:
+            raise ConfigError(f"parallel.pp={self.pp}: pipeline parallelism is not available yet; use "
+                              f"parallel.pp=1.")
+        if self.dp != 1:
+            raise ConfigError(f"parallel.dp={self.dp}: data parallelism is not available yet; use "
+                              f"parallel.dp=1.")
+        if self.make_vocab_divisible_by < 1:
+            raise ConfigError(f"parallel.make_vocab_divisible_by={self.make_vocab_divisible_by} must be >= 1.")
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
@@ -172,6 +194,7 @@ class LogConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -190,6 +213,9 @@ class Config:
             raise ConfigError(
                 f"optim.warmup_steps={self.optim.warmup_steps} must be below the decay horizon "
                 f"({decay}: optim.decay_steps or train.steps); lower the warmup or train longer.")
+        from .distributed.topology import Topology
+        p = self.parallel
+        Topology(p.tp, p.pp, p.dp, p.order).check_model(self.model, self.seq_length, p.sequence_parallel)
         if self.seq_length > self.model.max_sequence_length:
             raise ConfigError(
                 f"data.seq_length={self.seq_length} exceeds model.max_sequence_length="

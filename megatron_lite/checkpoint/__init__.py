@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -46,10 +45,15 @@ class TrainState:
     total_skips: int = 0
     extra: dict = field(default_factory=dict)
 
+    # The tensor-parallel dropout stream (parallel/random.py), when there is one: set by the trainer.
+    rng_tracker = None
+
     def to_state_dict(self) -> dict:
         sd = {k: v for k, v in asdict(self).items() if k != "extra"}
         sd["extra"] = json.dumps(self.extra)
         sd["rng_cpu"] = torch.get_rng_state()
+        if self.rng_tracker is not None:
+            sd["rng_tp"] = self.rng_tracker.state.clone()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             sd["rng_cuda"] = torch.cuda.get_rng_state()
         return sd
@@ -59,6 +63,8 @@ class TrainState:
             setattr(self, k, int(sd[k]))
         self.extra = json.loads(sd["extra"])
         torch.set_rng_state(sd["rng_cpu"])
+        if self.rng_tracker is not None and "rng_tp" in sd:
+            self.rng_tracker.load_state_dict({"tp_rng": sd["rng_tp"]})
         if "rng_cuda" in sd and torch.cuda.is_available():
             torch.cuda.set_rng_state(sd["rng_cuda"])
 
@@ -85,9 +91,19 @@ def model_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None 
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep: int = 2):
+    """Saves and finds a run's checkpoints. With several processes, every rank writes its own
+    DCP shard into rank_NNNNN/ of the same step directory, rank 0 commits the whole step, and the
+    manifest records the layout (tp, pp, dp) it was written with."""
+
+    def __init__(self, directory: str | Path, keep: int = 2, rank: int = 0, group=None,
+                 layout: dict | None = None):
         self.dir = Path(directory)
         self.keep = keep
+        self.rank = rank
+        self.group = group  # all ranks that write one checkpoint (None: a single process)
+        self.layout = layout or {"tp": 1, "pp": 1, "dp": 1}
+        world = self.layout["tp"] * self.layout["pp"] * self.layout["dp"]
+        self.shard = f"rank_{rank:05d}" if world > 1 else ""
 
     # ---- discovery ----------------------------------------------------------------------
     def committed(self) -> list[Path]:
@@ -107,24 +123,66 @@ class CheckpointManager:
         return done[-1] if done else None
 
     # ---- save -----------------------------------------------------------------------------
+    def _all_ok(self, ok: bool) -> bool:
+        """True iff every rank reports ok (doubles as a barrier)."""
+        if self.group is None:
+            return ok
+        from ..distributed import comm
+        flag = torch.tensor([1.0 if ok else 0.0])
+        comm.all_reduce(flag, self.group)
+        return int(flag.item()) == comm.size(self.group)
+
     def save(self, step: int, model, optimizer, state: TrainState, config_yaml: str,
              data_dir: str | Path | None = None) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"step_{step:08d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.dir))
+        tmp = self.dir / f".{final.name}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # debris of an interrupted save of this step
+            tmp.mkdir(parents=True)
+        self._all_ok(True)
+        error: BaseException | None = None
         try:
             msd, osd = model_state(model, optimizer)
+            shard = tmp / self.shard
             with _quiet():
-                _dcp().save({"model": msd, "optim": osd, "train": state.to_state_dict()}, checkpoint_id=str(tmp))
+                _dcp().save({"model": msd, "optim": osd, "train": state.to_state_dict()},
+                            checkpoint_id=str(shard), no_dist=True)
+            for f in sorted(shard.iterdir()):
+                _fsync(f)
+            _fsync(shard)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = e
+        if not self._all_ok(error is None):
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if error is not None:
+                raise error
+            raise CheckpointError(f"another rank failed to write checkpoint step {step}; the previous "
+                                  f"checkpoint in {self.dir} is intact.")
+        if self.rank == 0:
+            try:
+                self._commit(step, tmp, final, config_yaml, data_dir)
+            except BaseException as e:  # noqa: BLE001
+                error = e
+        if not self._all_ok(error is None):
+            if error is not None:
+                raise error
+            raise CheckpointError(f"rank 0 failed to commit checkpoint step {step}; the previous "
+                                  f"checkpoint in {self.dir} is intact.")
+        return final
+
+    def _commit(self, step: int, tmp: Path, final: Path, config_yaml: str, data_dir) -> None:
+        try:
             (tmp / "config.yaml").write_text(config_yaml)
             if data_dir is not None:
                 for name in ("meta.json", "tokenizer.json"):
                     if (Path(data_dir) / name).is_file():
                         shutil.copy2(Path(data_dir) / name, tmp / name)
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-            for name in files:  # data on disk before the manifest that vouches for it
-                _fsync(tmp / name)
-            manifest = {"step": step, "time": time.time(), "files": files, "format": 1}
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            for name in ("config.yaml", "meta.json", "tokenizer.json"):
+                if (tmp / name).is_file():
+                    _fsync(tmp / name)  # data on disk before the manifest that vouches for it
+            manifest = {"step": step, "time": time.time(), "files": files, "layout": self.layout, "format": 1}
             _write_synced(tmp / "manifest.json", json.dumps(manifest, indent=2))
             _fsync(tmp)
             if final.exists():  # re-saving a step (e.g. after a skipped-step rerun): swap safely
@@ -142,7 +200,6 @@ class CheckpointManager:
         os.replace(self.dir / "latest.tmp", self.dir / "latest")
         _fsync(self.dir)
         self._prune()
-        return final
 
     def _prune(self) -> None:
         done = self.committed()
@@ -151,13 +208,21 @@ class CheckpointManager:
 
     # ---- load -----------------------------------------------------------------------------
     def load(self, path: Path, model, optimizer, state: TrainState) -> None:
-        verify(path)
+        manifest = verify(path)
+        saved_layout = manifest.get("layout", {"tp": 1, "pp": 1, "dp": 1})
+        if {k: saved_layout.get(k, 1) for k in ("tp", "pp", "dp")} != \
+                {k: self.layout.get(k, 1) for k in ("tp", "pp", "dp")}:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was written with layout tp={saved_layout.get('tp', 1)} "
+                f"pp={saved_layout.get('pp', 1)} dp={saved_layout.get('dp', 1)}; resume with the same "
+                f"parallel.tp/pp/dp (resharding to another layout is not available yet).")
+        shard = path / self.shard
         msd, osd = model_state(model, optimizer)
         # Ask only for train-state entries the checkpoint has (a CPU run saved no CUDA RNG state).
-        saved = _dcp().FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        saved = _dcp().FileSystemReader(str(shard)).read_metadata().state_dict_metadata
         train = {k: v for k, v in state.to_state_dict().items() if f"train.{k}" in saved}
         sd = {"model": msd, "optim": osd, "train": train}
-        _load_or_explain(sd, path)
+        _load_or_explain(sd, shard)
         from torch.distributed.checkpoint.state_dict import set_state_dict
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         state.load_state_dict(sd["train"])
@@ -197,20 +262,39 @@ def resolve(path: str | Path) -> Path:
                           f"(train.out_dir), its checkpoints/ directory or a step_* directory.")
 
 
+def read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Every tensor under `prefix.` in one DCP directory, allocated from its metadata."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    meta = _dcp().FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+           if k.startswith(prefix + ".") and isinstance(m, TensorStorageMetadata)}
+    _load_or_explain(out, path)
+    return {k[len(prefix) + 1:]: v for k, v in out.items()}
+
+
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
-    """Load only the model weights of a checkpoint (e.g. for generation)."""
-    verify(path)
-    msd, _ = model_state(model)
-    _load_or_explain({"model": msd}, path)
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-    set_model_state_dict(model, msd)
+    """Load only the model weights of a checkpoint into a serial model (e.g. for generation);
+    a tensor-parallel checkpoint is consolidated from its rank shards."""
+    manifest = verify(path)
+    layout = manifest.get("layout", {"tp": 1, "pp": 1, "dp": 1})
+    if layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1) == 1:
+        weights = read_tensors(path, "model")
+    else:
+        from ..parallel.tensor_parallel import consolidate
+        # tp is the fastest-varying axis: ranks 0..tp-1 hold one full model replica.
+        shards = [read_tensors(path / f"rank_{r:05d}", "model") for r in range(layout["tp"])]
+        weights = consolidate(shards, model.config, layout.get("make_vocab_divisible_by", 128))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}); use the config.yaml stored with it.")
 
 
 def _load_or_explain(sd: dict, path: Path) -> None:
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException subclass
     try:
         with _quiet():
-            _dcp().load(sd, checkpoint_id=str(path))
+            _dcp().load(sd, checkpoint_id=str(path), no_dist=True)  # each rank reads its own shard
     except (Exception, CheckpointException) as e:
         first = " ".join(str(e).split())[:200]
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model or is damaged ({first}); "

@@ -31,6 +31,10 @@ def _count(kind: str, t: torch.Tensor) -> None:
     CALLS[kind] += 1
 
 
+def global_rank() -> int:
+    return dist.get_rank()
+
+
 def size(group) -> int:
     return dist.get_world_size(group)
 
@@ -63,6 +67,12 @@ def init(device: torch.device, rank: int | None = None, world_size: int | None =
 
 def destroy() -> None:
     if dist.is_initialized():
+        # Leave together: a rank tearing down its gloo connections while a peer still uses them
+        # can abort the peer.
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass  # a peer is already gone (it failed): tear down anyway, keep the original error
         dist.destroy_process_group()
 
 

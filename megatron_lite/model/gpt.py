@@ -48,8 +48,10 @@ class RotaryEmbedding(nn.Module):
 class KVCache:
     """Preallocated keys/values of every layer for incremental decoding."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype=torch.float32):
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype=torch.float32,
+                 kv_heads: int | None = None):
+        # kv_heads: heads held by this process (fewer than cfg.num_kv_heads under tensor parallelism)
+        shape = (cfg.num_layers, batch, kv_heads or cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
@@ -233,7 +235,7 @@ def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, temperature: fl
             # (Re)fill the cache from the last max_len/2 tokens: learned positions cannot extend.
             window = ids[:, -max(1, max_len // 2):] if ids.shape[1] >= max_len else ids
             dtype = next(model.parameters()).dtype
-            cache = KVCache(cfg, ids.shape[0], max_len, ids.device, dtype)
+            cache = KVCache(cfg, ids.shape[0], max_len, ids.device, dtype, kv_heads=model.blocks[0].attn.n_kv)
             logits, _ = model(window, cache=cache)
         elif use_cache:
             logits, _ = model(ids[:, -1:], cache=cache)

@@ -75,6 +75,34 @@ class TPSharder:
         return t
 
 
+def consolidate(shards: list[dict[str, torch.Tensor]], model_cfg, make_vocab_divisible_by: int) -> dict:
+    """Inverse of TPSharder: the serial state dict from the tp ranks' shards (rank order)."""
+    c, tp = model_cfg, len(shards)
+    out = {}
+    for name, first in shards[0].items():
+        parts = [s[name] for s in shards]
+        serial = "lm_head.weight" if name == "parallel_head.weight" else name
+        if serial in ("tok_emb.weight", "lm_head.weight"):
+            t = torch.cat(parts)[:c.vocab_size]  # drop the padded rows
+        elif name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
+            h, k = c.num_attention_heads // tp * c.head_dim, c.num_kv_heads // tp * c.head_dim
+            split = [p.split([h, k, k]) for p in parts]
+            t = torch.cat([torch.cat([sp[i] for sp in split]) for i in range(3)])
+        elif name.endswith(("mlp.fc1.weight", "mlp.fc1.bias")) and c.activation == "swiglu":
+            halves = [p.chunk(2) for p in parts]
+            t = torch.cat([torch.cat([hv[i] for hv in halves]) for i in range(2)])
+        elif name.endswith(("mlp.fc1.weight", "mlp.fc1.bias")):
+            t = torch.cat(parts)
+        elif name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
+            t = torch.cat(parts, dim=1)
+        else:
+            t = first  # replicated
+        out[serial] = t
+    if c.tie_embeddings:
+        out["lm_head.weight"] = out["tok_emb.weight"]
+    return out
+
+
 class ForkedDropout(nn.Dropout):
     """Dropout drawn from the tensor-parallel RNG stream (activations that differ per tp rank)."""
 
@@ -94,9 +122,10 @@ class ScatterThenDropout(nn.Module):
         super().__init__()
         self.group = group
         self.dropout = dropout
+        self.sequence_parallel = True
 
     def forward(self, x):
-        return self.dropout(scatter_to_sp(x, self.group))
+        return self.dropout(scatter_to_sp(x, self.group) if self.sequence_parallel else x)
 
 
 class VocabParallelHead(nn.Module):
@@ -171,6 +200,14 @@ def parallelize(model: GPT, group, sequence_parallel: bool = False, make_vocab_d
     model.tp_sharder = sharder
     model.rng_tracker = tracker
     return model
+
+
+def set_sequence_parallel(model: nn.Module, on: bool) -> None:
+    """Switch sequence parallelism of a parallelized model on or off (off for decoding, whose
+    one-token steps cannot be split along the sequence). The weights are the same either way."""
+    for m in model.modules():
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelHead, ScatterThenDropout)):
+            m.sequence_parallel = on
 
 
 def sync_sequence_parallel_grads(model: nn.Module, group) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,13 @@ from tqdm import tqdm
 from ..checkpoint import CheckpointManager, TrainState
 from ..config import Config, ConfigError
 from ..data import Sampler, TokenStore, load_tokenizer
+from ..distributed import comm
+from ..distributed.topology import Topology
 from ..model import GPT, generate
 from ..optim import build_optimizer, lr_at, set_lr
+from ..parallel.random import RNGTracker
+from ..parallel.tensor_parallel import (clip_grad_norm_, parallelize, set_sequence_parallel,
+                                        sync_sequence_parallel_grads)
 from .metrics import ScalarLog, memory_gb, peak_flops
 
 
@@ -38,20 +44,36 @@ class StepResult:
     skipped: bool
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto.")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto.")
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
     return torch.device(name)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, log=print):
+    def __init__(self, cfg: Config, log=tqdm.write):
         cfg.validate()
         self.cfg = cfg
-        self.log = log
-        self.device = resolve_device(cfg.train.device)
+        par = cfg.parallel
+        # Layout rules were checked by cfg.validate(); the world size is known before any group.
+        self.topology = Topology(par.tp, par.pp, par.dp, par.order)
+        self.topology.check_world(int(os.environ.get("WORLD_SIZE", "1")))
+        self.device = resolve_device(cfg.train.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        self.distributed = self.topology.world_size > 1
+        self.rank, self.tp_group = 0, None
+        if self.distributed:
+            comm.init(self.device)
+            self.rank = comm.global_rank()
+            self.tp_group = self.topology.build(self.rank).tp
+        self.is_main = self.rank == 0
+        self.log = log if self.is_main else (lambda *a, **k: None)
+        log = self.log
         self.out_dir = Path(cfg.train.out_dir)
         self.store = TokenStore(cfg.data.dir)
         if self.store.vocab_size > cfg.model.vocab_size:
@@ -63,18 +85,28 @@ class Trainer:
         self.train_data = Sampler(self.store.split("train"), self.seq_len, cfg.data.seed)
         self.val_data = Sampler(self.store.split("val"), self.seq_len, cfg.data.seed, shuffle=False)
 
-        torch.manual_seed(cfg.train.seed)  # dropout RNG; init uses its own per-parameter seeds
+        # Dropout RNG: the same default stream on every tp rank (replicated regions); init uses its
+        # own per-parameter seeds, so every layout starts from the same weights.
+        torch.manual_seed(cfg.train.seed)
         self.model = GPT(cfg.model, seed=cfg.train.seed).to(self.device)
+        if self.tp_group is not None:
+            tracker = RNGTracker(cfg.train.seed, self.topology.tp_rank, self.device)
+            self.model = parallelize(self.model, self.tp_group, sequence_parallel=par.sequence_parallel,
+                                     make_vocab_divisible_by=par.make_vocab_divisible_by, tracker=tracker)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.state = TrainState()
-        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        self.state.rng_tracker = getattr(self.model, "rng_tracker", None)
+        layout = {"tp": par.tp, "pp": par.pp, "dp": par.dp, "make_vocab_divisible_by": par.make_vocab_divisible_by}
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=cfg.checkpoint.keep, rank=self.rank,
+                                             group=comm.world() if self.distributed else None, layout=layout)
         self.resumed_from = self.checkpoints.latest()
         if self.resumed_from is not None:
             self._check_same_model(self.resumed_from)
             self.checkpoints.load(self.resumed_from, self.model, self.optimizer, self.state)
             log(f"resumed from {self.resumed_from} (step {self.state.step}, sample {self.state.cursor})")
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
-        self.peak = peak_flops(self.device, cfg.train.peak_tflops)
+        # MFU over the whole job: every process contributes its device's peak.
+        self.peak = peak_flops(self.device, cfg.train.peak_tflops) * self.topology.world_size
 
     def _check_same_model(self, path: Path) -> None:
         saved_yaml = path / "config.yaml"
@@ -114,8 +146,7 @@ class Trainer:
             (loss / cfg.train.grad_accum).backward()
             total += loss.detach()
         loss = (total / cfg.train.grad_accum).item()
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        grad_norm = self.clip_gradients()
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -126,6 +157,14 @@ class Trainer:
             self.state.consecutive_skips = 0
         self.state.step += 1
         return StepResult(loss, grad_norm, lr, skipped)
+
+    def clip_gradients(self) -> float:
+        """Finish the grads (sequence-parallel sums) and clip by the global norm; returns the norm."""
+        clip = self.cfg.optim.grad_clip
+        if self.tp_group is None:
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf).item()
+        sync_sequence_parallel_grads(self.model, self.tp_group)
+        return clip_grad_norm_(list(self.model.parameters()), clip, self.tp_group)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -147,13 +186,20 @@ class Trainer:
         n = self.cfg.train.sample_tokens if max_new_tokens is None else max_new_tokens
         ids = torch.tensor([tok.encode(prompt)], device=self.device)
         g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
-        out = generate(self.model, ids, n, temperature=0.8, top_k=50, generator=g)
+        sp = self.tp_group is not None and self.cfg.parallel.sequence_parallel
+        if sp:
+            set_sequence_parallel(self.model, False)
+        try:
+            out = generate(self.model, ids, n, temperature=0.8, top_k=50, generator=g)
+        finally:
+            if sp:
+                set_sequence_parallel(self.model, True)
         return tok.decode(out[0].tolist())
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, st = self.cfg, self.state
-        scalars = ScalarLog(self.out_dir, cfg.log.tensorboard)
+        scalars = ScalarLog(self.out_dir, cfg.log.tensorboard and self.is_main)
         history: dict = {"train_loss": [], "val_loss": [], "skipped": []}
         try:
             val = self.evaluate()
@@ -163,7 +209,7 @@ class Trainer:
             end = cfg.train.steps
             if cfg.train.exit_interval is not None:
                 end = min(end, st.step + cfg.train.exit_interval)
-            bar = tqdm(total=cfg.train.steps, initial=st.step, disable=not cfg.train.progress,
+            bar = tqdm(total=cfg.train.steps, initial=st.step, disable=not (cfg.train.progress and self.is_main),
                        dynamic_ncols=True, mininterval=1.0, desc="train")
             last_save, t0, tokens0 = st.step, time.perf_counter(), st.tokens
             while st.step < end:
@@ -188,16 +234,16 @@ class Trainer:
                     scalars.scalars(st.step, {"train/loss": r.loss, "train/lr": r.lr,
                                               "train/grad_norm": r.grad_norm, "train/tokens_per_s": tps,
                                               "train/mfu": mfu, "train/memory_gb": memory_gb(self.device)})
-                    bar.write(f"step {st.step:>6} | loss {r.loss:.4f} | lr {r.lr:.2e} | grad norm "
+                    self.log(f"step {st.step:>6} | loss {r.loss:.4f} | lr {r.lr:.2e} | grad norm "
                               f"{r.grad_norm:.3f} | {tps:,.0f} tok/s | mfu {100 * mfu:.1f}%")
                     t0, tokens0 = time.perf_counter(), st.tokens
                 if st.step % cfg.train.eval_interval == 0 or st.step == end:
                     val = self.evaluate()
                     history["val_loss"].append((st.step, val))
                     scalars.scalars(st.step, {"val/loss": val, "val/perplexity": math.exp(min(val, 50))})
-                    bar.write(f"step {st.step:>6} | val loss {val:.4f} | ppl {math.exp(min(val, 50)):.1f}")
+                    self.log(f"step {st.step:>6} | val loss {val:.4f} | ppl {math.exp(min(val, 50)):.1f}")
                 if st.step % cfg.checkpoint.interval == 0:
-                    bar.write(f"saved {self.save()}")
+                    self.log(f"saved {self.save()}")
                     last_save = st.step
             bar.close()
             if st.step != last_save:
