@@ -39,6 +39,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	$(PY) benchmarks/bench_throughput.py
+	$(PY) benchmarks/bench_tp_comm.py
 
 clean:
 	rm -rf runs data
