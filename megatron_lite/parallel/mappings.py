@@ -28,105 +28,54 @@ def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return x.chunk(n, dim=dim)[comm.rank(group)].contiguous()
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+def _conjugate(name: str, fwd, bwd):
+    """An autograd op (x, group) -> fwd(x, group) whose backward is bwd(grad, group)."""
+    class Op(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, group):
+            ctx.group = group
+            return fwd(x, group)
 
-    @staticmethod
-    def backward(ctx, g):
-        return comm.all_reduce(g.contiguous().clone(), ctx.group), None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return comm.all_reduce(x.contiguous().clone(), group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
+        @staticmethod
+        def backward(ctx, grad):
+            return bwd(grad, ctx.group), None
+    Op.__name__ = Op.__qualname__ = name
+    return Op.apply
 
 
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, group, -1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return comm.all_gather(g, ctx.group, dim=-1), None
+def _identity(x, group):
+    return x
 
 
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return comm.all_gather(x, group, dim=-1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _split(g, ctx.group, -1), None
+def _sum(x, group):
+    return comm.all_reduce(x.contiguous().clone(), group)  # never reduce into autograd's own buffer
 
 
-class _ScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, group, SEQ_DIM)
-
-    @staticmethod
-    def backward(ctx, g):
-        return comm.all_gather(g, ctx.group, dim=SEQ_DIM), None
+def _gather_last(x, group):
+    return comm.all_gather(x, group, dim=-1)
 
 
-class _GatherFromSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return comm.all_gather(x, group, dim=SEQ_DIM)
-
-    @staticmethod
-    def backward(ctx, g):
-        return comm.reduce_scatter(g, ctx.group, dim=SEQ_DIM), None
+def _split_last(x, group):
+    return _split(x, group, -1)
 
 
-class _ReduceScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return comm.reduce_scatter(x, group, dim=SEQ_DIM)
-
-    @staticmethod
-    def backward(ctx, g):
-        return comm.all_gather(g, ctx.group, dim=SEQ_DIM), None
+def _gather_seq(x, group):
+    return comm.all_gather(x, group, dim=SEQ_DIM)
 
 
-def copy_to_tp(x, group):
-    return _CopyToTP.apply(x, group)
+def _split_seq(x, group):
+    return _split(x, group, SEQ_DIM)
 
 
-def reduce_from_tp(x, group):
-    return _ReduceFromTP.apply(x, group)
+def _reduce_scatter_seq(x, group):
+    return comm.reduce_scatter(x, group, dim=SEQ_DIM)
 
 
-def scatter_to_tp(x, group):
-    return _ScatterToTP.apply(x, group)
-
-
-def gather_from_tp(x, group):
-    return _GatherFromTP.apply(x, group)
-
-
-def scatter_to_sp(x, group):
-    return _ScatterToSP.apply(x, group)
-
-
-def gather_from_sp(x, group):
-    return _GatherFromSP.apply(x, group)
-
-
-def reduce_scatter_to_sp(x, group):
-    return _ReduceScatterToSP.apply(x, group)
+#                                       forward              backward
+copy_to_tp = _conjugate("CopyToTP", _identity, _sum)
+reduce_from_tp = _conjugate("ReduceFromTP", _sum, _identity)
+scatter_to_tp = _conjugate("ScatterToTP", _split_last, _gather_last)
+gather_from_tp = _conjugate("GatherFromTP", _gather_last, _split_last)
+scatter_to_sp = _conjugate("ScatterToSP", _split_seq, _gather_seq)
+gather_from_sp = _conjugate("GatherFromSP", _gather_seq, _reduce_scatter_seq)
+reduce_scatter_to_sp = _conjugate("ReduceScatterToSP", _reduce_scatter_seq, _gather_seq)
