@@ -1,0 +1,170 @@
+"""Pipeline schedules as pure data: for every stage, the ordered list of actions it performs.
+
+    Action("F", mb, chunk)        forward micro-batch mb through model chunk `chunk` of this stage
+    Action("B", mb, chunk)        backward of the same
+    Action("RECV_F"/"SEND_F", mb, chunk, peer)   activations in / out (peer = stage index)
+    Action("RECV_B"/"SEND_B", mb, chunk, peer)   gradients in / out
+
+A rank with v chunks (interleaving) holds virtual stages chunk * pp + stage, so the model is cut
+into pp * v pieces visited round-robin. Sends never block (isend), receives do, so a list is
+deadlock-free iff the simulator below can run all lists to completion — the unit tests check it
+for every schedule. One executor (pipeline/engine.py) runs any list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ConfigError
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # F, B, RECV_F, SEND_F, RECV_B, SEND_B
+    mb: int
+    chunk: int = 0
+    peer: int = -1
+
+    def __repr__(self) -> str:
+        peer = f"->{self.peer}" if self.kind.startswith("SEND") else f"<-{self.peer}" if self.kind.startswith("RECV") else ""
+        return f"{self.kind}{self.mb}.{self.chunk}{peer}"
+
+
+def message(a: Action, stage: int, pp: int) -> tuple[str, int, int]:
+    """What a send or receive carries: (F|B, micro-batch, virtual stage that produced it). A send
+    and the receive that takes it have the same message; the executor tags p2p traffic by it."""
+    vs = a.chunk * pp + stage
+    if a.kind == "SEND_F":
+        return ("F", a.mb, vs)
+    if a.kind == "RECV_F":
+        return ("F", a.mb, vs - 1)
+    if a.kind == "SEND_B":
+        return ("B", a.mb, vs)
+    if a.kind == "RECV_B":
+        return ("B", a.mb, vs + 1)
+    raise ValueError(f"{a} is not a communication action")
+
+
+def _with_comm(compute: list[tuple[str, int, int]], stage: int, pp: int, v: int) -> list[Action]:
+    """Insert the receives before and the sends after every compute action."""
+    last_virtual = pp * v - 1
+    out: list[Action] = []
+    for kind, mb, chunk in compute:
+        vs = chunk * pp + stage  # virtual stage
+        prev_stage, next_stage = (stage - 1) % pp, (stage + 1) % pp
+        if kind == "F":
+            if vs > 0:
+                out.append(Action("RECV_F", mb, chunk, prev_stage))
+            out.append(Action("F", mb, chunk))
+            if vs < last_virtual:
+                out.append(Action("SEND_F", mb, chunk, next_stage))
+        else:
+            if vs < last_virtual:
+                out.append(Action("RECV_B", mb, chunk, next_stage))
+            out.append(Action("B", mb, chunk))
+            if vs > 0:
+                out.append(Action("SEND_B", mb, chunk, prev_stage))
+    return out
+
+
+def gpipe(pp: int, m: int) -> list[list[Action]]:
+    """All forwards, then all backwards (in reverse): m micro-batches in flight on every stage."""
+    return [_with_comm([("F", i, 0) for i in range(m)] + [("B", i, 0) for i in reversed(range(m))], s, pp, 1)
+            for s in range(pp)]
+
+
+def one_f_one_b(pp: int, m: int) -> list[list[Action]]:
+    """1F1B (PipeDream-flush): pp - stage - 1 warm-up forwards, then alternate one forward and
+    one backward, then drain the backwards. At most pp micro-batches in flight on stage 0."""
+    lists = []
+    for s in range(pp):
+        warm = min(pp - s - 1, m)
+        compute = [("F", i, 0) for i in range(warm)]
+        f, b = warm, 0
+        while f < m:
+            compute.append(("F", f, 0))
+            f += 1
+            compute.append(("B", b, 0))
+            b += 1
+        compute += [("B", i, 0) for i in range(b, m)]
+        lists.append(_with_comm(compute, s, pp, 1))
+    return lists
+
+
+def interleaved(pp: int, m: int, v: int) -> list[list[Action]]:
+    """Interleaved 1F1B (Megatron): each stage holds v model chunks; micro-batches go through
+    chunk 0 of every stage, then chunk 1, ..., in groups of pp. Needs m to be a multiple of pp."""
+    if m % pp:
+        raise ConfigError(f"the interleaved schedule needs the number of micro-batches ({m}) to be a multiple "
+                          f"of parallel.pp={pp}; use {max(pp, m - m % pp)} or {m + pp - m % pp} micro-batches.")
+    total = m * v
+
+    def fwd_item(k: int) -> tuple[str, int, int]:
+        group, within = divmod(k, pp * v)
+        return ("F", group * pp + within % pp, within // pp)
+
+    def bwd_item(k: int) -> tuple[str, int, int]:
+        group, within = divmod(k, pp * v)
+        return ("B", group * pp + within % pp, v - 1 - within // pp)
+
+    lists = []
+    for s in range(pp):
+        warm = min((pp - s - 1) * 2 + (v - 1) * pp, total)
+        compute = [fwd_item(k) for k in range(warm)]
+        f, b = warm, 0
+        while f < total:
+            compute.append(fwd_item(f))
+            f += 1
+            compute.append(bwd_item(b))
+            b += 1
+        compute += [bwd_item(k) for k in range(b, total)]
+        lists.append(_with_comm(compute, s, pp, v))
+    return lists
+
+
+def build(name: str, pp: int, m: int, v: int = 1) -> list[list[Action]]:
+    if name == "gpipe":
+        return gpipe(pp, m)
+    if name == "1f1b":
+        return one_f_one_b(pp, m)
+    if name == "interleaved":
+        return interleaved(pp, m, v)
+    raise ConfigError(f"parallel.schedule={name!r} is unknown; choose gpipe, 1f1b or interleaved.")
+
+
+def simulate(lists: list[list[Action]], f_time: float = 1.0, b_time: float = 2.0):
+    """Run the lists as the executor would (sends never block, receives wait for their send) with
+    unit compute times. Returns (finish time, per-stage busy time, per-stage peak in-flight
+    micro-batches); raises RuntimeError on deadlock or on a receive with no matching send."""
+    pp = len(lists)
+    pos = [0] * pp
+    clock = [0.0] * pp
+    busy = [0.0] * pp
+    sent: dict[tuple, float] = {}  # message -> time it was sent
+    inflight = [0] * pp
+    peak = [0] * pp
+    while any(pos[s] < len(lists[s]) for s in range(pp)):
+        progressed = False
+        for s in range(pp):
+            while pos[s] < len(lists[s]):
+                a = lists[s][pos[s]]
+                if a.kind.startswith("RECV"):
+                    key = message(a, s, pp)
+                    if key not in sent:
+                        break
+                    clock[s] = max(clock[s], sent.pop(key))
+                elif a.kind.startswith("SEND"):
+                    sent[message(a, s, pp)] = clock[s]
+                else:
+                    t = f_time if a.kind == "F" else b_time
+                    clock[s] += t
+                    busy[s] += t
+                    inflight[s] += 1 if a.kind == "F" else -1
+                    peak[s] = max(peak[s], inflight[s])
+                pos[s] += 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError(f"deadlock: stages wait at {[lists[s][pos[s]] for s in range(pp) if pos[s] < len(lists[s])]}")
+    if sent:
+        raise RuntimeError(f"sends never received: {sorted(sent)[:4]}")
+    return max(clock), busy, peak
