@@ -15,8 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.utils.checkpoint import checkpoint, noop_context_fn
+
 from ..config import ModelConfig
-from .init import init_weights
+
+from .init import init_weights, master_init
 from .loss import linear_cross_entropy
 
 
@@ -77,6 +80,8 @@ class CausalSelfAttention(nn.Module):
         # RNG context for the attention-probability dropout; tensor parallelism swaps in a per-rank
         # stream (parallel/random.py), since each rank holds different heads.
         self.core_rng = contextlib.nullcontext
+        self.recompute_core = False  # selective activation checkpointing (GPT.set_recompute)
+        self.recompute_context = noop_context_fn
         # Fused [q | k | v] projection: one GEMM; TP slices each of the three blocks by heads.
         self.qkv = nn.Linear(cfg.hidden_size, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.bias)
@@ -104,11 +109,18 @@ class CausalSelfAttention(nn.Module):
             causal = True
         elif T > 1:  # chunked prefill after a cached prefix: query i sees keys <= start + i
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-        with self.core_rng():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               dropout_p=self.dropout if self.training else 0.0)
+        if self.recompute_core and self.training and torch.is_grad_enabled():
+            y = checkpoint(self.core, q, k, v, mask, causal, use_reentrant=False, context_fn=self.recompute_context)
+        else:
+            y = self.core(q, k, v, mask, causal)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.resid_drop(self.proj(y))  # (B, T, C)
+
+    def core(self, q, k, v, mask, causal):
+        """softmax(q k^T / sqrt(D)) v with dropout: (B, H, T, D) -> (B, H, T, D)."""
+        with self.core_rng():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                  dropout_p=self.dropout if self.training else 0.0)
 
 
 class MLP(nn.Module):
@@ -147,26 +159,51 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, seed: int | None = 0):
+    """The GPT, or the part of it one pipeline stage holds: `layers` (global block indices),
+    `embed` (token/position embeddings) and `head` (final norm + LM head). Parameter names are the
+    global ones either way (blocks.{i}...). A stage that has the head but not the embedding gets
+    its own copy of tied embeddings, initialised identically (pipelining keeps the copies in sync)."""
+
+    def __init__(self, cfg: ModelConfig, seed: int | None = 0, layers=None, embed: bool = True, head: bool = True):
         super().__init__()
         cfg.validate()
         self.config = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = list(range(cfg.num_layers)) if layers is None else sorted(layers)
+        self.has_embed, self.has_head = embed, head
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if embed else None
         self.pos_emb = nn.Embedding(cfg.max_sequence_length, cfg.hidden_size) \
-            if cfg.position_embedding == "learned" else None
+            if embed and cfg.position_embedding == "learned" else None
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_sequence_length, cfg.rope_theta) \
             if cfg.position_embedding == "rope" else None
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.ln_f = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.drop = nn.Dropout(cfg.dropout) if embed else None
+        # A dict keyed by the global index, so a stage's blocks keep their global names.
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in self.layers})
+        self.ln_f = make_norm(cfg) if head else None
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if head else None
+        if head and embed and cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.fused_loss = True  # see model/loss.py; False = plain lm_head + F.cross_entropy
         # Set by tensor parallelism: a module (x, labels) -> (logits | None, loss) replacing lm_head.
         self.parallel_head: nn.Module | None = None
+        self.recompute = "none"  # none | full (whole blocks) | selective (attention core only)
+        self.recompute_context = noop_context_fn
         if seed is not None:
             init_weights(self, cfg, seed)
+            if head and not embed and cfg.tie_embeddings and not self.lm_head.weight.is_meta:
+                with torch.no_grad():  # the last stage's copy of the tied embedding
+                    self.lm_head.weight.copy_(master_init("tok_emb.weight", self.lm_head.weight.shape, cfg, seed))
+
+    def set_recompute(self, mode: str, context_fn=None) -> None:
+        """Activation checkpointing: 'full' recomputes each block in backward, 'selective' only the
+        attention core (its (B, H, T, T) scores are the big activations). context_fn (torch
+        checkpoint's) lets tensor parallelism replay its dropout RNG stream on recompute."""
+        if mode not in ("none", "full", "selective"):
+            raise ValueError(f"recompute mode {mode!r}")
+        self.recompute = mode
+        for block in self.blocks.values():
+            block.attn.recompute_core = mode == "selective"
+            block.attn.recompute_context = context_fn or noop_context_fn
+        self.recompute_context = context_fn or noop_context_fn
 
     # The three pieces a pipeline stage composes: embed (first stage), blocks, head (last stage).
     def embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -191,34 +228,58 @@ class GPT(nn.Module):
             loss = F.cross_entropy(wide.flatten(0, 1), labels.flatten(), ignore_index=-100)
         return logits, loss
 
+    def run_block(self, i: int, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        block = self.blocks[str(i)]
+        if self.recompute == "full" and cache is None and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, self.rope, None, use_reentrant=False, context_fn=self.recompute_context)
+        return block(x, self.rope, cache)
+
+    def run(self, x: torch.Tensor, layers, labels: torch.Tensor | None = None, first: bool = True,
+            last: bool = True):
+        """One pipeline chunk: embed x (ids) if first, the given blocks, the head if last.
+        Returns (logits, loss) from the last chunk, else the hidden states (B, T, C)."""
+        if first:
+            x = self.embed(x)
+        for i in layers:
+            x = self.run_block(i, x)
+        return self.head(x, labels) if last else x
+
     def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None):
         """ids (B, T) -> (logits (B, T, V), mean cross-entropy over labels or None).
 
         With labels and autograd on (training), logits are None: the loss is computed by the fused
         linear + cross-entropy, which never materialises them (model/loss.py)."""
+        if not (self.has_embed and self.has_head):
+            raise RuntimeError("this GPT holds one pipeline stage; run its chunks with GPT.run")
         T = ids.shape[1]
         start = cache.length if cache is not None else 0
         if start + T > self.config.max_sequence_length:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_sequence_length="
                              f"{self.config.max_sequence_length}")
         x = self.embed(ids, start)
-        for block in self.blocks:
-            x = block(x, self.rope, cache)
+        for i in self.layers:
+            x = self.run_block(i, x, cache)
         if cache is not None:
             cache.length += T
         return self.head(x, labels)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
+        if exclude_embeddings and self.tok_emb is not None:
             n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 per weight (fwd+bwd) plus attention scores (PaLM appendix B)."""
-        cfg = self.config
-        n = self.num_params(exclude_embeddings=True) + cfg.vocab_size * cfg.hidden_size * cfg.tie_embeddings
-        return 6.0 * n + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
+        return flops_per_token(self.config, seq_len)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of the whole model: 6 per weight (fwd+bwd) plus attention scores
+    (PaLM appendix B); the LM head counts even when tied (it is a real GEMM)."""
+    with torch.device("meta"):
+        full = GPT(cfg, seed=None)
+    n = full.num_params(exclude_embeddings=True) + cfg.vocab_size * cfg.hidden_size * cfg.tie_embeddings
+    return 6.0 * n + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
 
 
 @torch.no_grad()
@@ -235,7 +296,7 @@ def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, temperature: fl
             # (Re)fill the cache from the last max_len/2 tokens: learned positions cannot extend.
             window = ids[:, -max(1, max_len // 2):] if ids.shape[1] >= max_len else ids
             dtype = next(model.parameters()).dtype
-            cache = KVCache(cfg, ids.shape[0], max_len, ids.device, dtype, kv_heads=model.blocks[0].attn.n_kv)
+            cache = KVCache(cfg, ids.shape[0], max_len, ids.device, dtype, kv_heads=next(iter(model.blocks.values())).attn.n_kv)
             logits, _ = model(window, cache=cache)
         elif use_cache:
             logits, _ = model(ids[:, -1:], cache=cache)

@@ -159,15 +159,19 @@ def parallelize(model: GPT, group, sequence_parallel: bool = False, make_vocab_d
     sharder = TPSharder(cfg, group, make_vocab_divisible_by)
     tp = sharder.tp
     if tracker is None:
-        tracker = RNGTracker(0, sharder.rank, model.tok_emb.weight.device)
+        tracker = RNGTracker(0, sharder.rank, next(model.parameters()).device)
     full = dict(model.named_parameters(remove_duplicate=False))
 
-    emb = VocabParallelEmbedding(sharder("tok_emb.weight", full["tok_emb.weight"]), sharder.vocab_start, group)
-    head_weight = emb.weight if cfg.tie_embeddings else \
-        mark(nn.Parameter(sharder("lm_head.weight", full["lm_head.weight"])), tensor_parallel=True)
-    model.tok_emb = emb
-    model.lm_head = None
-    model.parallel_head = VocabParallelHead(head_weight, sharder, sp)
+    emb = None
+    if model.has_embed:
+        emb = VocabParallelEmbedding(sharder("tok_emb.weight", full["tok_emb.weight"]), sharder.vocab_start, group)
+        model.tok_emb = emb
+    if model.has_head:
+        tied_here = cfg.tie_embeddings and emb is not None
+        head_weight = emb.weight if tied_here else \
+            mark(nn.Parameter(sharder("lm_head.weight", full["lm_head.weight"])), tensor_parallel=True)
+        model.lm_head = None
+        model.parallel_head = VocabParallelHead(head_weight, sharder, sp)
     model.fused_loss = False
 
     def linear(kind, prefix, **kw):
@@ -177,7 +181,7 @@ def parallelize(model: GPT, group, sequence_parallel: bool = False, make_vocab_d
             b = sharder(prefix + ".bias", b).clone()
         return kind(w.clone(), b, group, sequence_parallel=sp, **kw)
 
-    for i, block in enumerate(model.blocks):
+    for i, block in model.blocks.items():
         p = f"blocks.{i}"
         block.attn.qkv = linear(ColumnParallelLinear, f"{p}.attn.qkv")
         block.attn.proj = linear(RowParallelLinear, f"{p}.attn.proj")
@@ -192,9 +196,10 @@ def parallelize(model: GPT, group, sequence_parallel: bool = False, make_vocab_d
             for norm in (block.ln1, block.ln2):
                 for param in norm.parameters():
                     mark(param, sequence_parallel=True)
-    if sp:
+    if sp and model.has_head:
         for param in model.ln_f.parameters():
             mark(param, sequence_parallel=True)
+    if sp and model.has_embed:
         model.drop = ScatterThenDropout(group, ForkedDropout(cfg.dropout, tracker))
     model.tp_group = group
     model.tp_sharder = sharder

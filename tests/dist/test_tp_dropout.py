@@ -48,7 +48,7 @@ def _dropout(rank, world):
                             tracker=RNGTracker(7, rank, torch.device("cpu")))
         _, loss = model(ids, ids)
         loss.backward()
-        runs.append((loss.item(), model.blocks[0].mlp.fc1.weight.grad.clone()))
+        runs.append((loss.item(), model.blocks["0"].mlp.fc1.weight.grad.clone()))
     assert runs[0][0] == runs[2][0] and torch.equal(runs[0][1], runs[2][1])
     assert runs[1][0] == runs[3][0] and torch.equal(runs[1][1], runs[3][1])
     # Dropout really acts (eval mode gives another loss), and every rank computed the same loss.
