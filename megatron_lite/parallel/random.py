@@ -57,3 +57,27 @@ class RNGTracker:
 
     def load_state_dict(self, sd: dict) -> None:
         self.state = sd["tp_rng"].clone()
+
+
+def recompute_context_fn(tracker: RNGTracker):
+    """A torch.utils.checkpoint context_fn that replays the tensor-parallel dropout stream when an
+    activation-checkpointed region is recomputed (torch itself only replays the default stream),
+    so recomputed dropout masks equal the original ones."""
+    def context_fn():
+        saved = {}
+
+        @contextmanager
+        def on_forward():
+            saved["state"] = tracker.state.clone()
+            yield
+
+        @contextmanager
+        def on_recompute():
+            current = tracker.state
+            tracker.state = saved["state"].clone()
+            try:
+                yield
+            finally:
+                tracker.state = current
+        return on_forward(), on_recompute()
+    return context_fn

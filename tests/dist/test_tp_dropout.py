@@ -58,6 +58,22 @@ def _dropout(rank, world):
     losses = _gather(torch.tensor([runs[0][0]]), group)
     assert losses[0].item() == losses[1].item()
 
+    # Recompute under TP replays both dropout streams: same loss and grads as storing activations.
+    from megatron_lite.parallel.random import recompute_context_fn
+    grads = {}
+    for mode in ("none", "full", "selective"):
+        torch.manual_seed(7)
+        tracker = RNGTracker(7, rank, torch.device("cpu"))
+        model = parallelize(GPT(cfg, seed=1), group, sequence_parallel=True, tracker=tracker)
+        model.set_recompute(mode, recompute_context_fn(tracker))
+        _, loss = model(ids, ids)
+        loss.backward()
+        grads[mode] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    for mode in ("full", "selective"):
+        assert grads[mode][0] == grads["none"][0], mode
+        for name, g in grads["none"][1].items():
+            torch.testing.assert_close(grads[mode][1][name], g, rtol=1e-6, atol=1e-7, msg=f"{mode} {name}")
+
 
 def test_tp_dropout_rng():
     run_ranks(_dropout, 2)

@@ -201,3 +201,39 @@ def test_fused_linear_cross_entropy_equals_the_plain_head(variant):
         model = GPT(cfg, seed=5).double()
         _, plain = model(ids, labels)
     torch.testing.assert_close(plain, grads[True][0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama_gqa"])
+def test_recompute_gives_the_same_gradients(variant):
+    """Activation checkpointing (full blocks or the attention core only) recomputes in backward:
+    same loss and gradients as storing activations, dropout masks included (RNG replayed)."""
+    cfg = small(dropout=0.2, **VARIANTS[variant])
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
+    results = {}
+    for mode in ("none", "full", "selective"):
+        model = GPT(cfg, seed=4)
+        model.set_recompute(mode)
+        torch.manual_seed(99)
+        _, loss = model(ids, ids)
+        loss.backward()
+        results[mode] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    for mode in ("full", "selective"):
+        torch.testing.assert_close(results[mode][0], results["none"][0], rtol=0, atol=0)
+        for name, g in results["none"][1].items():
+            torch.testing.assert_close(results[mode][1][name], g, rtol=1e-6, atol=1e-7, msg=f"{mode} {name}")
+
+
+def test_a_stage_builds_only_its_blocks_with_global_names():
+    cfg = small(num_layers=4, tie_embeddings=True)
+    full = GPT(cfg, seed=6)
+    first = GPT(cfg, seed=6, layers=[0, 1], embed=True, head=False)
+    last = GPT(cfg, seed=6, layers=[2, 3], embed=False, head=True)
+    names = dict(full.named_parameters(remove_duplicate=False))
+    for stage in (first, last):
+        for name, p in stage.named_parameters():
+            assert torch.equal(p, names[name]), name  # same global name, same initial value
+    assert "blocks.2.attn.qkv.weight" not in dict(first.named_parameters())
+    assert torch.equal(last.lm_head.weight, first.tok_emb.weight)  # the tied copy starts equal
+    ids = torch.randint(0, 97, (2, 8))
+    h = first.run(ids, [0, 1], first=True, last=False)
+    torch.testing.assert_close(last.run(h, [2, 3], ids, first=False, last=True)[1], full(ids, ids)[1])
