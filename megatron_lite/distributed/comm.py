@@ -129,6 +129,18 @@ def broadcast(t: torch.Tensor, src_global_rank: int, group) -> torch.Tensor:
     return t
 
 
+def isend(t: torch.Tensor, dst: int, group, tag: int):
+    """Non-blocking send to global rank dst; returns the work handle (keep t alive until done)."""
+    _count("p2p", t)
+    return dist.isend(t.contiguous(), dst, group=group, tag=tag)
+
+
+def recv(t: torch.Tensor, src: int, group, tag: int) -> torch.Tensor:
+    """Blocking receive from global rank src into t."""
+    dist.irecv(t, src, group=group, tag=tag).wait()
+    return t
+
+
 def world():
     """The group of every process (for job-wide barriers and checkpoint commits)."""
     return dist.group.WORLD

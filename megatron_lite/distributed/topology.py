@@ -35,6 +35,8 @@ class Groups:
     pp: object
     dp: object
     mp: object  # model-parallel: tp x pp (what one model replica spans)
+    embed: object = None  # first and last pipeline stage (tied-embedding grads); None if pp == 1
+    embed_ranks: list[int] = field(default_factory=list)
     tp_ranks: list[int] = field(default_factory=list)
     pp_ranks: list[int] = field(default_factory=list)
     dp_ranks: list[int] = field(default_factory=list)
@@ -77,14 +79,15 @@ class Topology:
         return rank
 
     def group_ranks(self, axes: tuple[str, ...]) -> list[list[int]]:
-        """All groups varying along `axes` (others fixed), each a sorted rank list."""
+        """All groups varying along `axes` (others fixed), each listed in coordinate order (so a pp
+        group's i-th rank is pipeline stage i)."""
         fixed = [a for a in AXES if a not in axes]
         out = []
         for fixed_vals in itertools.product(*(range(self.sizes[a]) for a in fixed)):
             base = dict(zip(fixed, fixed_vals))
             ranks = [self.rank_of(**base, **dict(zip(axes, vals)))
                      for vals in itertools.product(*(range(self.sizes[a]) for a in axes))]
-            out.append(sorted(ranks))
+            out.append(ranks)
         return out
 
     # ---- layout rules (before any process group exists) --------------------------------------
@@ -117,13 +120,20 @@ class Topology:
         mine: dict[str, tuple[object, list[int]]] = {}
         for name, axes in (("tp", ("tp",)), ("pp", ("pp",)), ("dp", ("dp",)), ("mp", ("tp", "pp"))):
             for ranks in self.group_ranks(axes):
-                group = comm.new_group(ranks)
+                group = comm.new_group(sorted(ranks))
                 if rank in ranks:
                     mine[name] = (group, ranks)
+        embed, embed_ranks = None, []
+        if self.pp > 1:  # first + last stage of every pipeline: they share the tied embedding
+            for pp_ranks in self.group_ranks(("pp",)):
+                ranks = [pp_ranks[0], pp_ranks[-1]]
+                group = comm.new_group(sorted(ranks))
+                if rank in ranks:
+                    embed, embed_ranks = group, ranks
         self.rank = rank
         self.groups = Groups(tp=mine["tp"][0], pp=mine["pp"][0], dp=mine["dp"][0], mp=mine["mp"][0],
                              tp_ranks=mine["tp"][1], pp_ranks=mine["pp"][1], dp_ranks=mine["dp"][1],
-                             mp_ranks=mine["mp"][1])
+                             mp_ranks=mine["mp"][1], embed=embed, embed_ranks=embed_ranks)
         return self.groups
 
     @property

@@ -226,24 +226,32 @@ def sync_sequence_parallel_grads(model: nn.Module, group) -> None:
         g.copy_(new.view_as(g))
 
 
-def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, group) -> float:
-    """Global L2 norm of all grads with tp-sharded params summed over tp and replicated params
-    counted once; scales grads in place when it exceeds max_norm. Returns the norm (pre-clip)."""
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, group, pp_group=None,
+                    duplicates: tuple[torch.Tensor, ...] = ()) -> float:
+    """Global L2 norm of all grads: tp-sharded params summed over tp, replicated params counted
+    once, every pipeline stage's share summed over pp; `duplicates` (e.g. the last stage's copy of
+    a tied embedding) are scaled but not counted. Scales grads in place when the norm exceeds
+    max_norm; returns the norm before clipping."""
     params = [p for p in params if p.grad is not None]
-    if not params:
-        return 0.0
-    device = params[0].grad.device
-    acc = torch.promote_types(params[0].grad.dtype, torch.float32)  # fp32, or fp64 in parity tests
+    device = params[0].grad.device if params else torch.device("cpu")
+    acc = torch.promote_types(params[0].grad.dtype if params else torch.float32, torch.float32)  # fp64 in tests
     sharded = torch.zeros((), dtype=acc, device=device)
     replicated = torch.zeros((), dtype=acc, device=device)
+    skip = {id(d) for d in duplicates}
     for p in params:
+        if id(p) in skip:
+            continue
         sq = p.grad.detach().to(acc).pow(2).sum()
         if getattr(p, "tensor_parallel", False):
             sharded += sq
         else:
             replicated += sq
-    comm.all_reduce(sharded, group)
-    norm = math.sqrt((sharded + replicated).item())
+    if group is not None:
+        comm.all_reduce(sharded, group)
+    total = sharded + replicated
+    if pp_group is not None:
+        comm.all_reduce(total, pp_group)
+    norm = math.sqrt(total.item())
     if max_norm > 0 and math.isfinite(norm):
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:

@@ -1,0 +1,139 @@
+"""The one executor that runs any schedule's action list on this pipeline stage.
+
+Activations go forward and gradients backward between neighbouring stages with point-to-point
+messages tagged by what they carry (F|B, micro-batch, virtual stage), so no two can be confused.
+Sends are non-blocking and only waited for at the end of the step; receives block. A schedule
+whose simulation completes (pipeline/schedules.py) therefore cannot deadlock here. Every message
+has the shape agreed up front: (micro-batch, sequence [/ tp under sequence parallelism], hidden).
+
+Each micro-batch's loss is scaled by 1/m before its backward, so the accumulated gradient is the
+gradient of the mean loss — exactly what serial gradient accumulation over the same micro-batches
+computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..distributed import comm
+from .partition import Chunk
+from .schedules import Action, build, message
+
+
+@dataclass
+class StepTrace:
+    """What one run did: per-action (kind, start, end) times and the peak number of micro-batches
+    whose activations were held at once (for the bubble / memory benchmarks)."""
+    events: list[tuple[str, float, float]] = field(default_factory=list)
+    peak_inflight: int = 0
+
+
+class PipelineEngine:
+    def __init__(self, model, chunks: list[Chunk], stage: int, pp_ranks: list[int], pp_group, schedule: str,
+                 act_shape: tuple[int, ...], device: torch.device, autocast=contextlib.nullcontext,
+                 dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.chunks = chunks
+        self.stage = stage
+        self.pp = len(pp_ranks)
+        self.v = len(chunks)
+        self.pp_ranks = pp_ranks
+        self.group = pp_group
+        self.schedule = schedule
+        self.act_shape = act_shape  # (micro-batch, sequence or its shard, hidden)
+        self.device = device
+        self.autocast = autocast
+        self.dtype = dtype  # of the residual stream (fp32 also under bf16 autocast)
+        self.trace = StepTrace()
+
+    def _tag(self, a: Action) -> int:
+        kind, mb, vs = message(a, self.stage, self.pp)
+        return (mb * self.pp * self.v + vs) * 2 + (kind == "B")
+
+    def run(self, batches: list[tuple[torch.Tensor, torch.Tensor]], forward_only: bool = False) -> torch.Tensor:
+        """Run one step over the micro-batches; returns the mean loss (on every stage)."""
+        m = len(batches)
+        actions = build(self.schedule, self.pp, m, self.v)[self.stage]
+        if forward_only:
+            actions = [a for a in actions if a.kind in ("F", "RECV_F", "SEND_F")]
+        inbox: dict[tuple, torch.Tensor] = {}
+        inputs: dict[tuple, torch.Tensor] = {}
+        outputs: dict[tuple, torch.Tensor] = {}
+        grads: dict[tuple, torch.Tensor] = {}
+        sends = []
+        loss_sum = torch.zeros((), device=self.device, dtype=self.dtype)
+        inflight = 0
+        self.trace = StepTrace()
+        grad_ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
+        for a in actions:
+            key = (a.mb, a.chunk)
+            chunk = self.chunks[a.chunk]
+            t0 = time.perf_counter()
+            if a.kind in ("RECV_F", "RECV_B"):
+                buf = torch.empty(self.act_shape, device=self.device, dtype=self.dtype)
+                inbox[(a.kind, *key)] = comm.recv(buf, self.pp_ranks[a.peer], self.group, self._tag(a))
+            elif a.kind == "F":
+                x, y = batches[a.mb]
+                inp = x if chunk.first else inbox.pop(("RECV_F", *key)).requires_grad_(not forward_only)
+                with grad_ctx, self.autocast():
+                    out = self.model.run(inp, chunk.layers, y if chunk.last else None, first=chunk.first,
+                                         last=chunk.last)
+                if chunk.last:
+                    loss = out[1]
+                    loss_sum += loss.detach()
+                    out = loss / m  # the mean over micro-batches, as serial accumulation averages
+                inputs[key], outputs[key] = inp, out
+                inflight += 1
+                self.trace.peak_inflight = max(self.trace.peak_inflight, inflight)
+            elif a.kind == "SEND_F":
+                t = outputs[key].detach()
+                if forward_only:
+                    del outputs[key], inputs[key]
+                    inflight -= 1
+                sends.append((comm.isend(t, self.pp_ranks[a.peer], self.group, self._tag(a)), t))
+            elif a.kind == "B":
+                inp, out = inputs.pop(key), outputs.pop(key)
+                if chunk.last:
+                    torch.autograd.backward(out)
+                else:
+                    torch.autograd.backward(out, inbox.pop(("RECV_B", *key)))
+                if not chunk.first:
+                    grads[key] = inp.grad
+                inflight -= 1
+            elif a.kind == "SEND_B":
+                g = grads.pop(key)
+                sends.append((comm.isend(g, self.pp_ranks[a.peer], self.group, self._tag(a)), g))
+            self.trace.events.append((a.kind, t0, time.perf_counter()))
+        for work, _ in sends:
+            work.wait()
+        if forward_only:  # a forward-only run leaves the last chunk's outputs unconsumed
+            inputs.clear()
+            outputs.clear()
+        # Only the stage with the last chunk has the loss: share it with every stage.
+        mean = loss_sum / m
+        comm.all_reduce(mean, self.group)
+        return mean
+
+
+def tied_embedding_copy(model) -> torch.Tensor | None:
+    """This stage's copy of a tied embedding that another stage also holds, if any: the input
+    embedding on the first stage, the LM-head weight on the last (pp > 1 only)."""
+    if not model.config.tie_embeddings or (model.has_embed and model.has_head):
+        return None
+    if model.has_embed:
+        return model.tok_emb.weight
+    if model.has_head:
+        return model.parallel_head.weight if model.parallel_head is not None else model.lm_head.weight
+    return None
+
+
+def sync_tied_embeddings(model, embed_group) -> None:
+    """Sum the tied embedding's gradient over its first- and last-stage copies (Megatron's
+    embedding group), so both copies take the same optimizer step and stay identical."""
+    w = tied_embedding_copy(model)
+    if w is not None and w.grad is not None and embed_group is not None:
+        comm.all_reduce(w.grad, embed_group)
