@@ -32,7 +32,8 @@ def cmd_train(args) -> None:
         n = serial_param_count(cfg.model)
         par = cfg.parallel
         say(f"model: {n / 1e6:.2f}M parameters | device {trainer.device} | {cfg.train.precision} | "
-            f"tp {par.tp}{' +sp' if par.sequence_parallel else ''} | "
+            f"tp {par.tp}{' +sp' if par.sequence_parallel else ''} pp {par.pp}"
+            f"{f' ({par.schedule}, {cfg.train.grad_accum} micro-batches)' if par.pp > 1 else ''} | "
             f"batch {cfg.data.micro_batch_size}x{cfg.train.grad_accum}x{trainer.seq_len} tokens")
         history = trainer.fit()
         vals = history["val_loss"]
@@ -41,9 +42,13 @@ def cmd_train(args) -> None:
                 f"(step {vals[-1][0]})")
         if cfg.train.sample_tokens > 0:
             text = trainer.sample()  # every rank takes part: the model is split across them
-            say("---- sample ----")
-            say(text)
-            say("----------------")
+            if text is None:
+                say(f"(no sample under pipeline parallelism: run `megatron-lite generate --checkpoint "
+                    f"{cfg.train.out_dir}`)")
+            else:
+                say("---- sample ----")
+                say(text)
+                say("----------------")
     finally:
         comm.destroy()
 

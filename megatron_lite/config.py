@@ -85,13 +85,24 @@ class ParallelConfig:
     sequence_parallel: bool = False  # norms/dropout on sequence shards inside each tp group
     make_vocab_divisible_by: int = 128  # the vocabulary is padded to a multiple of this x tp
     order: str = "tp-dp-pp"  # rank layout, fastest-varying axis first
+    schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"  # pipeline schedule (pp > 1)
+    virtual_stages: int = 1  # model chunks per pipeline stage (interleaved schedule)
+    microbatches: Optional[int] = None  # micro-batches per step; sets train.grad_accum when given
+    partition: Literal["even", "params"] = "even"  # how blocks are split into pipeline pieces
+    pp_layers: Optional[list[int]] = None  # explicit blocks per pipeline piece (overrides partition)
 
     def validate(self) -> None:
         from .distributed.topology import Topology
         Topology(self.tp, self.pp, self.dp, self.order)  # sizes and order
-        if self.pp != 1:
-            raise ConfigError(f"parallel.pp={self.pp}: pipeline parallelism is not available yet; use "
-                              f"parallel.pp=1.")
+        if self.virtual_stages < 1:
+            raise ConfigError(f"parallel.virtual_stages={self.virtual_stages} must be >= 1.")
+        if self.schedule == "interleaved" and self.virtual_stages < 2:
+            raise ConfigError("parallel.schedule=interleaved needs parallel.virtual_stages >= 2 (model chunks "
+                              "per stage); with 1 chunk use parallel.schedule=1f1b.")
+        if self.virtual_stages > 1 and self.schedule != "interleaved":
+            raise ConfigError(f"parallel.virtual_stages={self.virtual_stages} needs parallel.schedule=interleaved.")
+        if self.microbatches is not None and self.microbatches < 1:
+            raise ConfigError(f"parallel.microbatches={self.microbatches} must be >= 1.")
         if self.dp != 1:
             raise ConfigError(f"parallel.dp={self.dp}: data parallelism is not available yet; use "
                               f"parallel.dp=1.")
@@ -132,6 +143,8 @@ class DataConfig:
     dir: str = "data/stdlib"  # a directory written by `megatron-lite prepare-data`
     seq_length: Optional[int] = None  # None -> model.max_sequence_length
     micro_batch_size: int = 8
+    # Optional check: must equal micro_batch_size x micro-batches per step x parallel.dp.
+    global_batch_size: Optional[int] = None
     seed: int = 1234  # shuffling seed of the sampler (independent of the init seed)
 
     def validate(self) -> None:
@@ -152,6 +165,7 @@ class TrainConfig:
     eval_interval: int = 100
     eval_iters: int = 10
     max_skipped_steps: int = 5  # consecutive non-finite steps tolerated before the run stops
+    recompute: Literal["none", "full", "selective"] = "none"  # activation checkpointing per block
     exit_interval: Optional[int] = None  # stop (with a checkpoint) after this many steps; rerun resumes
     peak_tflops: Optional[float] = None  # for MFU; None -> a per-device estimate
     sample_tokens: int = 120  # tokens generated from the final model (0 disables)
@@ -216,6 +230,21 @@ class Config:
         from .distributed.topology import Topology
         p = self.parallel
         Topology(p.tp, p.pp, p.dp, p.order).check_model(self.model, self.seq_length, p.sequence_parallel)
+        if p.microbatches is not None:
+            self.train.grad_accum = p.microbatches
+        m = self.train.grad_accum
+        if self.data.global_batch_size is not None:
+            per_step = self.data.micro_batch_size * m * p.dp
+            if self.data.global_batch_size != per_step:
+                raise ConfigError(
+                    f"data.global_batch_size={self.data.global_batch_size} is not data.micro_batch_size="
+                    f"{self.data.micro_batch_size} x {m} micro-batches x parallel.dp={p.dp} = {per_step}; "
+                    f"choose micro-batches that divide the global batch.")
+        if p.pp > 1 or p.pp_layers:
+            from .pipeline.partition import stage_chunks
+            from .pipeline.schedules import build
+            stage_chunks(self.model, p.pp, 0, p.virtual_stages, p.partition, p.pp_layers)
+            build(p.schedule, p.pp, m, p.virtual_stages)  # e.g. interleaving needs m % pp == 0
         if self.seq_length > self.model.max_sequence_length:
             raise ConfigError(
                 f"data.seq_length={self.seq_length} exceeds model.max_sequence_length="
@@ -311,6 +340,10 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. [2, 2].")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of "

@@ -280,10 +280,18 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     if layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1) == 1:
         weights = read_tensors(path, "model")
     else:
+        from ..distributed.topology import Topology
         from ..parallel.tensor_parallel import consolidate
-        # tp is the fastest-varying axis: ranks 0..tp-1 hold one full model replica.
-        shards = [read_tensors(path / f"rank_{r:05d}", "model") for r in range(layout["tp"])]
-        weights = consolidate(shards, model.config, layout.get("make_vocab_divisible_by", 128))
+        topo = Topology(layout["tp"], layout["pp"], layout["dp"], layout.get("order", "tp-dp-pp"))
+        weights = {}
+        for stage in range(layout["pp"]):  # data-parallel replica 0: one full model
+            shards = [read_tensors(path / f"rank_{topo.rank_of(tp=t, pp=stage, dp=0):05d}", "model")
+                      for t in range(layout["tp"])]
+            part = consolidate(shards, model.config, layout.get("make_vocab_divisible_by", 128)) \
+                if layout["tp"] > 1 else shards[0]
+            weights.update(part)
+        if model.config.tie_embeddings and "tok_emb.weight" in weights:
+            weights["lm_head.weight"] = weights["tok_emb.weight"]
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model (missing {missing[:3]}, "

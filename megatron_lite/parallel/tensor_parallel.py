@@ -98,7 +98,7 @@ def consolidate(shards: list[dict[str, torch.Tensor]], model_cfg, make_vocab_div
         else:
             t = first  # replicated
         out[serial] = t
-    if c.tie_embeddings:
+    if c.tie_embeddings and "tok_emb.weight" in out:
         out["lm_head.weight"] = out["tok_emb.weight"]
     return out
 

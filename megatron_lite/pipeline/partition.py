@@ -73,7 +73,10 @@ def _balance_by_params(cfg: ModelConfig, pieces: int) -> list[int]:
 def stage_chunks(cfg: ModelConfig, pp: int, stage: int, v: int = 1, method: str = "even",
                  sizes: list[int] | None = None) -> list[Chunk]:
     """The chunks (in chunk order) that pipeline stage `stage` holds."""
-    if (pp * v) > 1 and v > 1 and cfg.num_layers % (pp * v):
+    if pp * v > cfg.num_layers:
+        raise ConfigError(f"parallel.pp={pp} x parallel.virtual_stages={v} = {pp * v} pipeline pieces exceed "
+                          f"model.num_layers={cfg.num_layers}; every piece needs a block, so lower parallel.pp.")
+    if v > 1 and cfg.num_layers % (pp * v):
         raise ConfigError(f"interleaving with parallel.virtual_stages={v} needs model.num_layers={cfg.num_layers} "
                           f"divisible by parallel.pp x virtual_stages = {pp * v}.")
     pieces = split_layers(cfg, pp * v, method, sizes)

@@ -26,7 +26,9 @@ from ..distributed import comm
 from ..distributed.topology import Topology
 from ..model import GPT, generate
 from ..optim import build_optimizer, lr_at, set_lr
-from ..parallel.random import RNGTracker
+from ..pipeline.engine import PipelineEngine, sync_tied_embeddings, tied_embedding_copy
+from ..pipeline.partition import stage_chunks
+from ..parallel.random import RNGTracker, recompute_context_fn
 from ..parallel.tensor_parallel import (clip_grad_norm_, parallelize, set_sequence_parallel,
                                         sync_sequence_parallel_grads)
 from .metrics import ScalarLog, memory_gb, peak_flops
@@ -66,11 +68,13 @@ class Trainer:
         self.topology.check_world(int(os.environ.get("WORLD_SIZE", "1")))
         self.device = resolve_device(cfg.train.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
         self.distributed = self.topology.world_size > 1
-        self.rank, self.tp_group = 0, None
+        self.rank, self.groups, self.tp_group, self.pp_group = 0, None, None, None
         if self.distributed:
             comm.init(self.device)
             self.rank = comm.global_rank()
-            self.tp_group = self.topology.build(self.rank).tp
+            self.groups = self.topology.build(self.rank)
+            self.tp_group = self.groups.tp if par.tp > 1 else None
+            self.pp_group = self.groups.pp if par.pp > 1 else None
         self.is_main = self.rank == 0
         self.log = log if self.is_main else (lambda *a, **k: None)
         log = self.log
@@ -88,15 +92,29 @@ class Trainer:
         # Dropout RNG: the same default stream on every tp rank (replicated regions); init uses its
         # own per-parameter seeds, so every layout starts from the same weights.
         torch.manual_seed(cfg.train.seed)
-        self.model = GPT(cfg.model, seed=cfg.train.seed).to(self.device)
+        coord = self.topology.coord(self.rank)
+        # Each rank builds only its pipeline stage's pieces (all of them when pp = 1).
+        self.chunks = stage_chunks(cfg.model, par.pp, coord.pp, par.virtual_stages, par.partition, par.pp_layers)
+        self.model = GPT(cfg.model, seed=cfg.train.seed, layers=[i for c in self.chunks for i in c.layers],
+                         embed=any(c.first for c in self.chunks), head=any(c.last for c in self.chunks))
+        self.model.to(self.device)
+        tracker = None
         if self.tp_group is not None:
-            tracker = RNGTracker(cfg.train.seed, self.topology.tp_rank, self.device)
+            tracker = RNGTracker(cfg.train.seed, coord.tp, self.device)
             self.model = parallelize(self.model, self.tp_group, sequence_parallel=par.sequence_parallel,
                                      make_vocab_divisible_by=par.make_vocab_divisible_by, tracker=tracker)
+        self.model.set_recompute(cfg.train.recompute, recompute_context_fn(tracker) if tracker else None)
+        self.engine = None
+        if self.pp_group is not None:
+            seq = self.seq_len // par.tp if par.sequence_parallel else self.seq_len
+            self.engine = PipelineEngine(self.model, self.chunks, coord.pp, self.groups.pp_ranks, self.pp_group,
+                                         par.schedule, (cfg.data.micro_batch_size, seq, cfg.model.hidden_size),
+                                         self.device, autocast=self.autocast)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.state = TrainState()
         self.state.rng_tracker = getattr(self.model, "rng_tracker", None)
-        layout = {"tp": par.tp, "pp": par.pp, "dp": par.dp, "make_vocab_divisible_by": par.make_vocab_divisible_by}
+        layout = {"tp": par.tp, "pp": par.pp, "dp": par.dp, "order": par.order,
+                  "make_vocab_divisible_by": par.make_vocab_divisible_by}
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=cfg.checkpoint.keep, rank=self.rank,
                                              group=comm.world() if self.distributed else None, layout=layout)
         self.resumed_from = self.checkpoints.latest()
@@ -138,14 +156,17 @@ class Trainer:
         lr = lr_at(self.state.step, cfg.optim, cfg.train.steps)
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.device)
-        for _ in range(cfg.train.grad_accum):
-            x, y = self.micro_batch()
-            with self.autocast():
-                _, loss = self.model(x, y)
-            (loss / cfg.train.grad_accum).backward()
-            total += loss.detach()
-        loss = (total / cfg.train.grad_accum).item()
+        if self.engine is not None:  # pipelined: the schedule runs every micro-batch
+            loss = self.engine.run([self.micro_batch() for _ in range(cfg.train.grad_accum)]).item()
+        else:
+            total = torch.zeros((), device=self.device)
+            for _ in range(cfg.train.grad_accum):
+                x, y = self.micro_batch()
+                with self.autocast():
+                    _, loss = self.model(x, y)
+                (loss / cfg.train.grad_accum).backward()
+                total += loss.detach()
+            loss = (total / cfg.train.grad_accum).item()
         grad_norm = self.clip_gradients()
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if skipped:
@@ -161,15 +182,25 @@ class Trainer:
     def clip_gradients(self) -> float:
         """Finish the grads (sequence-parallel sums) and clip by the global norm; returns the norm."""
         clip = self.cfg.optim.grad_clip
-        if self.tp_group is None:
+        if self.groups is None:
             return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf).item()
-        sync_sequence_parallel_grads(self.model, self.tp_group)
-        return clip_grad_norm_(list(self.model.parameters()), clip, self.tp_group)
+        if self.tp_group is not None:
+            sync_sequence_parallel_grads(self.model, self.tp_group)
+        duplicates = ()
+        if self.pp_group is not None:
+            sync_tied_embeddings(self.model, self.groups.embed)
+            copy = tied_embedding_copy(self.model)
+            duplicates = (copy,) if copy is not None and not self.model.has_embed else ()
+        return clip_grad_norm_(list(self.model.parameters()), clip, self.tp_group, self.pp_group, duplicates)
 
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
         mb, total = self.cfg.data.micro_batch_size, 0.0
+        if self.engine is not None:
+            batches = [tuple(t.to(self.device) for t in self.val_data.batch(i * mb, mb))
+                       for i in range(self.cfg.train.eval_iters)]
+            return self.engine.run(batches, forward_only=True).item()
         for i in range(self.cfg.train.eval_iters):
             x, y = self.val_data.batch(i * mb, mb)
             with self.autocast():
@@ -181,7 +212,11 @@ class Trainer:
         return self.checkpoints.save(self.state.step, self.model, self.optimizer, self.state,
                                      self.cfg.to_yaml(), data_dir=self.cfg.data.dir)
 
-    def sample(self, prompt: str = "def ", max_new_tokens: int | None = None) -> str:
+    def sample(self, prompt: str = "def ", max_new_tokens: int | None = None) -> str | None:
+        """Generate from the model in memory; None under pipelining (no single rank holds the
+        whole forward pass: use `megatron-lite generate` on the checkpoint)."""
+        if self.engine is not None:
+            return None
         tok = load_tokenizer(self.cfg.data.dir)
         n = self.cfg.train.sample_tokens if max_new_tokens is None else max_new_tokens
         ids = torch.tensor([tok.encode(prompt)], device=self.device)
