@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	$(PY) benchmarks/bench_throughput.py
 	$(PY) benchmarks/bench_tp_comm.py
+	$(PY) benchmarks/bench_pipeline.py
 
 clean:
 	rm -rf runs data

@@ -1,0 +1,157 @@
+"""Pipeline bubble and activation memory per schedule, measured from per-action timestamps.
+
+For GPipe, 1F1B and interleaved 1F1B (v=2) at pp = 2 and 4 with m = 4, 8, 16 micro-batches, each
+stage records when every forward and backward ran (PipelineEngine.trace). A stage's idle (bubble)
+fraction is 1 - (its compute time) / (the step's wall time, barrier to barrier); the theory is
+(p - 1) / (m + p - 1), divided by v for interleaving. The model is uniform (equal blocks per
+piece, a small vocabulary so the embedding and head do not unbalance the ends).
+
+Peak activation memory per stage: the most micro-batches whose activations the stage held at once
+(peak in-flight), times the bytes autograd saves for one micro-batch through one piece (measured
+with saved-tensor hooks). 1F1B should hold at most p micro-batches on stage 0, GPipe m.
+
+On this 2-core machine, pp ranks share the cores: compute times stretch, so the absolute bubble
+numbers carry that noise; the ratios to theory are what to read.
+
+    python benchmarks/bench_pipeline.py [--layers 8 --hidden 128 --seq 64 --micro 2 --steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import write_section  # noqa: E402
+
+SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2))
+MICROBATCHES = (4, 8, 16)
+
+
+def theory(pp: int, m: int, v: int) -> float:
+    return (pp - 1) / v / (m + (pp - 1) / v)
+
+
+def worker(rank, world, store, a, out):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from megatron_lite.config import ModelConfig
+    from megatron_lite.distributed.topology import Topology
+    from megatron_lite.model import GPT
+    from megatron_lite.pipeline.engine import PipelineEngine
+    from megatron_lite.pipeline.partition import stage_chunks
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        topo = Topology(pp=world)
+        groups = topo.build(rank)
+        cfg = ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers, num_attention_heads=4,
+                          max_sequence_length=a.seq, tie_embeddings=False)
+        results = []
+        for schedule, v in SCHEDULES:
+            chunks = stage_chunks(cfg, world, rank, v)
+            model = GPT(cfg, seed=0, layers=[i for c in chunks for i in c.layers],
+                        embed=any(c.first for c in chunks), head=any(c.last for c in chunks))
+            engine = PipelineEngine(model, chunks, rank, groups.pp_ranks, groups.pp, schedule,
+                                    (a.micro, a.seq, a.hidden), torch.device("cpu"))
+            act_bytes = activation_bytes(model, chunks[0], a) if not chunks[0].first else \
+                activation_bytes(model, chunks[0], a)
+            for m in MICROBATCHES:
+                g = torch.Generator().manual_seed(0)
+                batches = [(torch.randint(0, a.vocab, (a.micro, a.seq), generator=g),) * 2 for _ in range(m)]
+                engine.run(batches)  # warm-up
+                idle, peak = [], 0
+                for _ in range(a.steps):
+                    model.zero_grad(set_to_none=True)
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    engine.run(batches)
+                    dist.barrier()
+                    wall = time.perf_counter() - t0
+                    busy = sum(e - s for k, s, e in engine.trace.events if k in ("F", "B"))
+                    idle.append(1 - busy / wall)
+                    peak = engine.trace.peak_inflight
+                results.append({"schedule": schedule, "v": v, "pp": world, "m": m, "stage": rank,
+                                "idle": statistics.median(idle), "theory": theory(world, m, v),
+                                "peak_inflight": peak, "activation_bytes_per_mb": act_bytes})
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        if rank == 0:
+            Path(out).write_text(json.dumps([r for rs in gathered for r in rs]))
+    finally:
+        dist.destroy_process_group()
+
+
+def activation_bytes(model, chunk, a) -> int:
+    """Bytes autograd saves for one micro-batch through one piece (saved-tensor hooks)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    ids = torch.randint(0, a.vocab, (a.micro, a.seq))
+    x = ids if chunk.first else torch.randn(a.micro, a.seq, a.hidden, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.run(x, chunk.layers, ids if chunk.last else None, first=chunk.first, last=chunk.last)
+    return total
+
+
+def run(a, world) -> list[dict]:
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "out.json")
+        mp.spawn(worker, args=(world, os.path.join(d, "store"), a, out), nprocs=world, join=True)
+        return json.loads(Path(out).read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--micro", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/pipeline.json"))
+    a = p.parse_args()
+    rows = run(a, 2) + run(a, 4)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"shape": vars(a), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    table = [
+        f"Model: {a.layers} layers x {a.hidden} wide, seq {a.seq}, micro-batch {a.micro}, vocab {a.vocab}; gloo on "
+        f"this 2-core CPU (pp ranks share the cores); median of {a.steps} steps. Idle = 1 - compute / wall "
+        f"per stage; the table shows stage 0 and the worst stage.",
+        "",
+        "| schedule | pp | m | idle stage 0 | worst idle | theory | worst / theory | peak in-flight mb (stage 0) "
+        "| peak activations stage 0 (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for schedule, v in SCHEDULES:
+        for pp in (2, 4):
+            for m in MICROBATCHES:
+                rs = [r for r in rows if r["schedule"] == schedule and r["pp"] == pp and r["m"] == m]
+                s0 = next(r for r in rs if r["stage"] == 0)
+                worst = max(r["idle"] for r in rs)
+                mib = s0["peak_inflight"] * s0["activation_bytes_per_mb"] * (v if schedule == "interleaved" else 1)
+                name = schedule + (f" (v={v})" if v > 1 else "")
+                table.append(f"| {name} | {pp} | {m} | {s0['idle']:.3f} | {worst:.3f} | {s0['theory']:.3f} | "
+                             f"{worst / s0['theory']:.2f} | {s0['peak_inflight']} | {mib / 2**20:.1f} |")
+    write_section(ROOT / "docs/benchmarks.md", "pipeline", "\n".join(table))
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
