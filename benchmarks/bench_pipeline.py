@@ -13,7 +13,7 @@ with saved-tensor hooks). 1F1B should hold at most p micro-batches on stage 0, G
 On this 2-core machine, pp ranks share the cores: compute times stretch, so the absolute bubble
 numbers carry that noise; the ratios to theory are what to read.
 
-    python benchmarks/bench_pipeline.py [--layers 8 --hidden 128 --seq 64 --micro 2 --steps 3]
+    python benchmarks/bench_pipeline.py [--layers 8 --hidden 256 --seq 128 --micro 4 --steps 2]
 """
 
 from __future__ import annotations
@@ -119,11 +119,11 @@ def run(a, world) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--micro", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--micro", type=int, default=4)
     p.add_argument("--vocab", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/pipeline.json"))
     a = p.parse_args()
     rows = run(a, 2) + run(a, 4)
