@@ -103,11 +103,21 @@ class ParallelConfig:
             raise ConfigError(f"parallel.virtual_stages={self.virtual_stages} needs parallel.schedule=interleaved.")
         if self.microbatches is not None and self.microbatches < 1:
             raise ConfigError(f"parallel.microbatches={self.microbatches} must be >= 1.")
-        if self.dp != 1:
-            raise ConfigError(f"parallel.dp={self.dp}: data parallelism is not available yet; use "
-                              f"parallel.dp=1.")
         if self.make_vocab_divisible_by < 1:
             raise ConfigError(f"parallel.make_vocab_divisible_by={self.make_vocab_divisible_by} must be >= 1.")
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 0  # 0: none; 1: optimizer state sharded over dp; 2: + gradients; 3: + parameters
+    backend: Literal["native", "deepspeed"] = "native"  # native: torch's ZeroRedundancyOptimizer (stage <= 1)
+
+    def validate(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"optim.zero.stage={self.stage} must be 0, 1, 2 or 3.")
+        if self.backend == "native" and self.stage > 1:
+            raise ConfigError(f"optim.zero.stage={self.stage} needs optim.zero.backend=deepspeed (the native "
+                              f"backend shards optimizer state only, stage 1).")
 
 
 @dataclass
@@ -121,6 +131,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # global grad-norm clip; 0 disables clipping
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -136,6 +147,7 @@ class OptimConfig:
                 raise ConfigError(f"optim.{key}={getattr(self, key)} must be in [0, 1).")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
             raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0 and optim.eps > 0.")
+        self.zero.validate()
 
 
 @dataclass

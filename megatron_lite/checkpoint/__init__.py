@@ -82,12 +82,19 @@ def _quiet():
         yield
 
 
+def local_optimizer(optimizer):
+    """The optimizer whose state this rank holds: under ZeRO-1 (ZeroRedundancyOptimizer), the
+    inner AdamW over this rank's share of the parameters, saved into this rank's shard."""
+    return getattr(optimizer, "optim", optimizer) if type(optimizer).__name__ == "ZeroRedundancyOptimizer" \
+        else optimizer
+
+
 def model_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
     """Model (and optimizer) state keyed by parameter name, via torch's distributed state_dict API."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
     if optimizer is None:
         return get_model_state_dict(model), None
-    return get_state_dict(model, optimizer)
+    return get_state_dict(model, local_optimizer(optimizer))
 
 
 class CheckpointManager:
@@ -224,7 +231,7 @@ class CheckpointManager:
         sd = {"model": msd, "optim": osd, "train": train}
         _load_or_explain(sd, shard)
         from torch.distributed.checkpoint.state_dict import set_state_dict
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        set_state_dict(model, local_optimizer(optimizer), model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         state.load_state_dict(sd["train"])
 
 

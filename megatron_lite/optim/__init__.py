@@ -23,9 +23,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, dp_group=None) -> torch.optim.Optimizer:
+    """AdamW; with optim.zero.stage=1 (native backend) and a data-parallel group, torch's
+    ZeroRedundancyOptimizer: each dp rank keeps the AdamW state of its share of the parameters,
+    steps those, and broadcasts them to the others."""
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.zero.stage == 1 and cfg.zero.backend == "native" and dp_group is not None:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        groups = [g for g in groups if g["params"]]
+        zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
+                                       process_group=dp_group, weight_decay=groups[0]["weight_decay"], **kwargs)
+        for g in groups[1:]:
+            zero.add_param_group(g)
+        return zero
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

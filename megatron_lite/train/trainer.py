@@ -28,6 +28,7 @@ from ..model import GPT, generate
 from ..optim import build_optimizer, lr_at, set_lr
 from ..pipeline.engine import PipelineEngine, sync_tied_embeddings, tied_embedding_copy
 from ..pipeline.partition import stage_chunks
+from ..parallel.data_parallel import allreduce_gradients
 from ..parallel.random import RNGTracker, recompute_context_fn
 from ..parallel.tensor_parallel import (clip_grad_norm_, parallelize, set_sequence_parallel,
                                         sync_sequence_parallel_grads)
@@ -68,13 +69,14 @@ class Trainer:
         self.topology.check_world(int(os.environ.get("WORLD_SIZE", "1")))
         self.device = resolve_device(cfg.train.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
         self.distributed = self.topology.world_size > 1
-        self.rank, self.groups, self.tp_group, self.pp_group = 0, None, None, None
+        self.rank, self.groups, self.tp_group, self.pp_group, self.dp_group = 0, None, None, None, None
         if self.distributed:
             comm.init(self.device)
             self.rank = comm.global_rank()
             self.groups = self.topology.build(self.rank)
             self.tp_group = self.groups.tp if par.tp > 1 else None
             self.pp_group = self.groups.pp if par.pp > 1 else None
+            self.dp_group = self.groups.dp if par.dp > 1 else None
         self.is_main = self.rank == 0
         self.log = log if self.is_main else (lambda *a, **k: None)
         log = self.log
@@ -110,7 +112,7 @@ class Trainer:
             self.engine = PipelineEngine(self.model, self.chunks, coord.pp, self.groups.pp_ranks, self.pp_group,
                                          par.schedule, (cfg.data.micro_batch_size, seq, cfg.model.hidden_size),
                                          self.device, autocast=self.autocast)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim, dp_group=self.dp_group)
         self.state = TrainState()
         self.state.rng_tracker = getattr(self.model, "rng_tracker", None)
         layout = {"tp": par.tp, "pp": par.pp, "dp": par.dp, "order": par.order,
@@ -143,12 +145,19 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def micro_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        mb = self.cfg.data.micro_batch_size
-        x, y = self.train_data.batch(self.state.cursor, mb)
-        self.state.cursor += mb
-        self.state.tokens += x.numel()
-        return x.to(self.device), y.to(self.device)
+    def step_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches of the next global batch. The global batch is samples
+        [cursor, cursor + mb * m * dp); micro-batch j of dp rank r is its slice j * dp + r, so the
+        ranks together see every sample once, in the order serial accumulation would."""
+        mb, m, dp = self.cfg.data.micro_batch_size, self.cfg.train.grad_accum, self.topology.dp
+        r = self.topology.coord(self.rank).dp
+        out = []
+        for j in range(m):
+            x, y = self.train_data.batch(self.state.cursor + (j * dp + r) * mb, mb)
+            out.append((x.to(self.device), y.to(self.device)))
+        self.state.cursor += mb * m * dp
+        self.state.tokens += mb * m * dp * self.seq_len
+        return out
 
     def train_step(self) -> StepResult:
         cfg = self.cfg
@@ -156,17 +165,21 @@ class Trainer:
         lr = lr_at(self.state.step, cfg.optim, cfg.train.steps)
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
+        batches = self.step_batches()
         if self.engine is not None:  # pipelined: the schedule runs every micro-batch
-            loss = self.engine.run([self.micro_batch() for _ in range(cfg.train.grad_accum)]).item()
+            total = self.engine.run(batches)
         else:
             total = torch.zeros((), device=self.device)
-            for _ in range(cfg.train.grad_accum):
-                x, y = self.micro_batch()
+            for x, y in batches:
                 with self.autocast():
                     _, loss = self.model(x, y)
-                (loss / cfg.train.grad_accum).backward()
+                (loss / len(batches)).backward()
                 total += loss.detach()
-            loss = (total / cfg.train.grad_accum).item()
+            total = total / len(batches)
+        if self.dp_group is not None:  # the global batch's mean loss, the same on every rank
+            comm.all_reduce(total, self.dp_group)
+            total /= self.topology.dp
+        loss = total.item()
         grad_norm = self.clip_gradients()
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if skipped:
@@ -184,6 +197,8 @@ class Trainer:
         clip = self.cfg.optim.grad_clip
         if self.groups is None:
             return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf).item()
+        if self.dp_group is not None:  # once per step, after every micro-batch
+            allreduce_gradients(self.model.parameters(), self.dp_group)
         if self.tp_group is not None:
             sync_sequence_parallel_grads(self.model, self.tp_group)
         duplicates = ()
