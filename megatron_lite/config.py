@@ -252,6 +252,20 @@ class Config:
                     f"data.global_batch_size={self.data.global_batch_size} is not data.micro_batch_size="
                     f"{self.data.micro_batch_size} x {m} micro-batches x parallel.dp={p.dp} = {per_step}; "
                     f"choose micro-batches that divide the global batch.")
+        z = self.optim.zero
+        if z.backend == "deepspeed" and z.stage > 0:
+            if p.dp < 2:
+                raise ConfigError(f"optim.zero.backend=deepspeed shards over the data-parallel group, but "
+                                  f"parallel.dp={p.dp}; use parallel.dp >= 2 or optim.zero.stage=0.")
+            if p.pp > 1:
+                raise ConfigError(f"optim.zero.backend=deepspeed is not combined with parallel.pp={p.pp} here; use "
+                                  f"optim.zero.backend=native (ZeRO-1) for tp x pp x dp.")
+            if p.sequence_parallel:
+                raise ConfigError("optim.zero.backend=deepspeed does not support parallel.sequence_parallel=true "
+                                  "(DeepSpeed reduces gradients before the sequence-parallel sum); turn one off.")
+            if z.stage == 3 and p.tp > 1:
+                raise ConfigError(f"optim.zero.stage=3 partitions parameters, which is not combined with "
+                                  f"parallel.tp={p.tp} here; use stage 1 or 2 with tensor parallelism.")
         if p.pp > 1 or p.pp_layers:
             from .pipeline.partition import stage_chunks
             from .pipeline.schedules import build

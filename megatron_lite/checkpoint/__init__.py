@@ -140,7 +140,9 @@ class CheckpointManager:
         return int(flag.item()) == comm.size(self.group)
 
     def save(self, step: int, model, optimizer, state: TrainState, config_yaml: str,
-             data_dir: str | Path | None = None) -> Path:
+             data_dir: str | Path | None = None, extra_save=None) -> Path:
+        """All ranks call this. `optimizer` None: its state is saved by `extra_save(step_dir)`
+        (e.g. DeepSpeed's own checkpoint of its partitioned optimizer), which every rank runs."""
         final = self.dir / f"step_{step:08d}"
         tmp = self.dir / f".{final.name}.tmp"
         if self.rank == 0:
@@ -151,9 +153,13 @@ class CheckpointManager:
         try:
             msd, osd = model_state(model, optimizer)
             shard = tmp / self.shard
+            sd = {"model": msd, "train": state.to_state_dict()}
+            if osd is not None:
+                sd["optim"] = osd
             with _quiet():
-                _dcp().save({"model": msd, "optim": osd, "train": state.to_state_dict()},
-                            checkpoint_id=str(shard), no_dist=True)
+                _dcp().save(sd, checkpoint_id=str(shard), no_dist=True)
+            if extra_save is not None:
+                extra_save(tmp)
             for f in sorted(shard.iterdir()):
                 _fsync(f)
             _fsync(shard)
@@ -214,7 +220,7 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     # ---- load -----------------------------------------------------------------------------
-    def load(self, path: Path, model, optimizer, state: TrainState) -> None:
+    def load(self, path: Path, model, optimizer, state: TrainState, extra_load=None) -> None:
         manifest = verify(path)
         saved_layout = manifest.get("layout", {"tp": 1, "pp": 1, "dp": 1})
         if {k: saved_layout.get(k, 1) for k in ("tp", "pp", "dp")} != \
@@ -228,11 +234,19 @@ class CheckpointManager:
         # Ask only for train-state entries the checkpoint has (a CPU run saved no CUDA RNG state).
         saved = _dcp().FileSystemReader(str(shard)).read_metadata().state_dict_metadata
         train = {k: v for k, v in state.to_state_dict().items() if f"train.{k}" in saved}
-        sd = {"model": msd, "optim": osd, "train": train}
+        sd = {"model": msd, "train": train}
+        if osd is not None:
+            sd["optim"] = osd
         _load_or_explain(sd, shard)
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-        set_state_dict(model, local_optimizer(optimizer), model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+        if optimizer is not None:
+            set_state_dict(model, local_optimizer(optimizer), model_state_dict=sd["model"],
+                           optim_state_dict=sd["optim"])
+        else:
+            set_model_state_dict(model, sd["model"])
         state.load_state_dict(sd["train"])
+        if extra_load is not None:
+            extra_load(path)
 
 
 def verify(path: Path) -> dict:
@@ -299,7 +313,12 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
             weights.update(part)
         if model.config.tie_embeddings and "tok_emb.weight" in weights:
             weights["lm_head.weight"] = weights["tok_emb.weight"]
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model ({' '.join(str(e).split())[:160]}); "
+                              f"use the config.yaml stored with it (a ZeRO-3 checkpoint holds partitioned "
+                              f"weights that only DeepSpeed can load).") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}); use the config.yaml stored with it.")

@@ -113,6 +113,10 @@ class Trainer:
                                          par.schedule, (cfg.data.micro_batch_size, seq, cfg.model.hidden_size),
                                          self.device, autocast=self.autocast)
         self.optimizer = build_optimizer(self.model, cfg.optim, dp_group=self.dp_group)
+        self.ds = None  # a DeepSpeed engine owns the optimizer step under optim.zero.backend=deepspeed
+        if cfg.optim.zero.backend == "deepspeed" and cfg.optim.zero.stage > 0:
+            from ..optim.deepspeed import initialize
+            self.ds = initialize(self.model, self.optimizer, cfg, self.topology, self.groups)
         self.state = TrainState()
         self.state.rng_tracker = getattr(self.model, "rng_tracker", None)
         layout = {"tp": par.tp, "pp": par.pp, "dp": par.dp, "order": par.order,
@@ -122,7 +126,11 @@ class Trainer:
         self.resumed_from = self.checkpoints.latest()
         if self.resumed_from is not None:
             self._check_same_model(self.resumed_from)
-            self.checkpoints.load(self.resumed_from, self.model, self.optimizer, self.state)
+            if self.ds is not None:
+                self.checkpoints.load(self.resumed_from, self.model, None, self.state, extra_load=lambda p: (
+                    self.ds.load_checkpoint(str(p / "deepspeed"), tag="state", load_lr_scheduler_states=False)))
+            else:
+                self.checkpoints.load(self.resumed_from, self.model, self.optimizer, self.state)
             log(f"resumed from {self.resumed_from} (step {self.state.step}, sample {self.state.cursor})")
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
         # MFU over the whole job: every process contributes its device's peak.
@@ -166,6 +174,8 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         batches = self.step_batches()
+        if self.ds is not None:
+            return self._deepspeed_step(batches, lr)
         if self.engine is not None:  # pipelined: the schedule runs every micro-batch
             total = self.engine.run(batches)
         else:
@@ -189,6 +199,29 @@ class Trainer:
         else:
             self.optimizer.step()
             self.state.consecutive_skips = 0
+        self.state.step += 1
+        return StepResult(loss, grad_norm, lr, skipped)
+
+    def _deepspeed_step(self, batches, lr: float) -> StepResult:
+        """DeepSpeed accumulates, averages over dp, clips and steps (at the accumulation boundary)."""
+        set_lr(self.ds.optimizer, lr)
+        total = torch.zeros((), device=self.device)
+        for x, y in batches:
+            ctx = contextlib.nullcontext() if self.cfg.train.precision == "bf16" else self.autocast()
+            with ctx:
+                _, loss = self.ds(x, y)
+            self.ds.backward(loss)
+            self.ds.step()
+            total += loss.detach().float()
+        total /= len(batches)
+        comm.all_reduce(total, self.dp_group)
+        loss = (total / self.topology.dp).item()
+        norm = self.ds.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else float("nan")
+        # DeepSpeed has already applied the update; a non-finite step is reported, not undone.
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        self.state.consecutive_skips = self.state.consecutive_skips + 1 if skipped else 0
+        self.state.total_skips += int(skipped)
         self.state.step += 1
         return StepResult(loss, grad_norm, lr, skipped)
 
@@ -224,6 +257,10 @@ class Trainer:
         return total / self.cfg.train.eval_iters
 
     def save(self) -> Path:
+        if self.ds is not None:  # DeepSpeed writes its partitioned optimizer state itself
+            return self.checkpoints.save(self.state.step, self.model, None, self.state, self.cfg.to_yaml(),
+                                         data_dir=self.cfg.data.dir, extra_save=lambda d: (
+                                             self.ds.save_checkpoint(str(d / "deepspeed"), tag="state")))
         return self.checkpoints.save(self.state.step, self.model, self.optimizer, self.state,
                                      self.cfg.to_yaml(), data_dir=self.cfg.data.dir)
 
