@@ -10,9 +10,12 @@ CONFIG ?= configs/tiny.yaml
 DATA ?= data/stdlib
 ARGS ?=
 PY := $(VENV)/bin/python
+# DeepSpeed on CPU: its accelerator and a fixed cache for the ops it JIT-compiles once.
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/megatron_lite/torch_extensions
 STAMP := $(VENV)/.installed-$(subst =,_,$(subst >,_,$(subst <,_,$(TORCH_SPEC))))
 
-.PHONY: install train data test test-fast bench clean
+.PHONY: install train data test test-fast warm bench clean
 
 install: $(STAMP)
 
@@ -30,8 +33,12 @@ data: $(STAMP)
 train: data
 	$(VENV)/bin/megatron-lite train --config $(CONFIG) $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) warm
 	$(PY) -m pytest -q tests
+
+# Compile DeepSpeed's CPU communication op once (25-80 s the first time), outside any test timeout.
+warm: $(STAMP)
+	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" >/dev/null
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

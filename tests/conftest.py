@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# DeepSpeed on CPU, reusing the ops `make warm` compiled (the same defaults as the Makefile's).
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/megatron_lite/torch_extensions"))
 ROOT = Path(__file__).resolve().parents[1]
 
 
