@@ -41,3 +41,20 @@ def test_pipeline_layout_errors_before_any_process_group(corpus_dir):
     r = cli("train", "--config", "configs/tiny.yaml", "parallel.pp=2", "parallel.schedule=interleaved",
             "parallel.virtual_stages=2", "parallel.microbatches=3")
     assert r.returncode == 2 and "multiple of parallel.pp=2" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_3d_tp2_pp2_dp2_zero1_eight_ranks(corpus_dir, tmp_path):
+    """One 8-rank run: tp=2 x pp=2 x dp=2 with ZeRO-1 (native) gives the serial loss sequence."""
+    base = [
+        "model.vocab_size=512", "model.hidden_size=32", "model.num_layers=4", "model.num_attention_heads=4",
+        "model.max_sequence_length=32", f"data.dir={corpus_dir}", "data.micro_batch_size=2",
+        "train.steps=4", "train.eval_interval=4", "train.eval_iters=1", "train.progress=false",
+        "train.sample_tokens=0", "train.device=cpu", "optim.warmup_steps=1", "optim.lr=3e-3",
+        "checkpoint.interval=100", "log.interval=1", "parallel.make_vocab_divisible_by=8",
+    ]
+    serial = train(tmp_path, "serial", 1, *base, "train.grad_accum=4", f"train.out_dir={tmp_path / 's'}")
+    three_d = train(tmp_path, "3d", 8, *base, "parallel.tp=2", "parallel.pp=2", "parallel.dp=2",
+                    "parallel.microbatches=2", "data.global_batch_size=8", "optim.zero.stage=1",
+                    f"train.out_dir={tmp_path / '3d'}")
+    assert three_d["train_loss"] == pytest.approx(serial["train_loss"], rel=1e-5)

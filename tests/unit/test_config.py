@@ -73,3 +73,29 @@ def test_cli_reports_user_errors_in_one_line_without_traceback(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
         assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("override, words", [
+    (["optim.zero.stage=2"], ["optim.zero.stage=2", "backend=deepspeed"]),
+    (["optim.zero.stage=4"], ["optim.zero.stage=4"]),
+    (["optim.zero.backend=deepspeed", "optim.zero.stage=1"], ["parallel.dp=1", "dp >= 2"]),
+    (["optim.zero.backend=deepspeed", "optim.zero.stage=1", "parallel.dp=2", "parallel.pp=2"],
+     ["parallel.pp=2", "backend=native"]),
+    (["optim.zero.backend=deepspeed", "optim.zero.stage=3", "parallel.dp=2", "parallel.tp=2"],
+     ["stage=3", "parallel.tp=2"]),
+    (["optim.zero.backend=deepspeed", "optim.zero.stage=2", "parallel.dp=2", "parallel.tp=2",
+      "parallel.sequence_parallel=true"], ["sequence_parallel"]),
+    (["parallel.pp=8"], ["parallel.pp=8", "model.num_layers=4"]),
+    (["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=2", "parallel.microbatches=3"],
+     ["micro-batches (3)", "multiple of parallel.pp=2"]),
+    (["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=3", "model.num_layers=8",
+      "parallel.microbatches=2"], ["virtual_stages=3", "divisible"]),
+    (["data.global_batch_size=20", "parallel.microbatches=2"], ["global_batch_size=20", "= 32"]),
+])
+def test_impossible_layouts_fail_in_one_sentence_before_any_process_group(override, words):
+    import torch.distributed as dist
+    with pytest.raises(ConfigError) as e:
+        Config.from_yaml(ROOT / "configs/tiny.yaml", override)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+    assert "\n" not in str(e.value) and not dist.is_initialized()
