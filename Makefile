@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_throughput.py
 	$(PY) benchmarks/bench_tp_comm.py
 	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_zero.py
 
 clean:
 	rm -rf runs data
