@@ -88,3 +88,10 @@ class Sampler:
                 for w in (self.window(cursor + i) for i in range(size))]
         xy = torch.from_numpy(np.stack(rows))  # (size, L + 1)
         return xy[:, :-1], xy[:, 1:]
+
+
+def rank_micro_batch_starts(cursor: int, micro_batch: int, microbatches: int, dp: int, dp_rank: int) -> list[int]:
+    """First global sample of each micro-batch data-parallel rank `dp_rank` takes from the global
+    batch [cursor, cursor + micro_batch * microbatches * dp): micro-batch j is slice j * dp + rank,
+    so the ranks together take every sample exactly once, in serial accumulation's order."""
+    return [cursor + (j * dp + dp_rank) * micro_batch for j in range(microbatches)]

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..checkpoint import CheckpointManager, TrainState
 from ..config import Config, ConfigError
 from ..data import Sampler, TokenStore, load_tokenizer
+from ..data.dataset import rank_micro_batch_starts
 from ..distributed import comm
 from ..distributed.topology import Topology
 from ..model import GPT, generate
@@ -160,8 +161,8 @@ class Trainer:
         mb, m, dp = self.cfg.data.micro_batch_size, self.cfg.train.grad_accum, self.topology.dp
         r = self.topology.coord(self.rank).dp
         out = []
-        for j in range(m):
-            x, y = self.train_data.batch(self.state.cursor + (j * dp + r) * mb, mb)
+        for start in rank_micro_batch_starts(self.state.cursor, mb, m, dp, r):
+            x, y = self.train_data.batch(start, mb)
             out.append((x.to(self.device), y.to(self.device)))
         self.state.cursor += mb * m * dp
         self.state.tokens += mb * m * dp * self.seq_len

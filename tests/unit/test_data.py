@@ -128,3 +128,13 @@ def test_sampler_is_a_function_of_seed_and_cursor():
     assert sorted(e0) == sorted(e1) == list(range(n)) and e0 != e1
     with pytest.raises(DataError, match="too short"):
         Sampler(tokens[:5], 10, seed=0)
+
+
+@pytest.mark.parametrize("dp, m, mb", [(1, 4, 3), (2, 2, 4), (4, 3, 2)])
+def test_data_parallel_ranks_cover_the_global_batch_exactly_once(dp, m, mb):
+    from megatron_lite.data.dataset import rank_micro_batch_starts
+    cursor = 1000
+    taken = [s + i for r in range(dp) for s in rank_micro_batch_starts(cursor, mb, m, dp, r) for i in range(mb)]
+    assert sorted(taken) == list(range(cursor, cursor + mb * m * dp))  # none twice, none skipped
+    # and serial accumulation's order: micro-batch j of rank r is global micro-batch j * dp + r
+    assert rank_micro_batch_starts(cursor, mb, m, dp, dp - 1)[0] == cursor + (dp - 1) * mb
