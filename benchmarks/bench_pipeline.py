@@ -23,17 +23,15 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import spawn, write_section  # noqa: E402
 
 SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2))
 MICROBATCHES = (4, 8, 16)
@@ -109,13 +107,6 @@ def activation_bytes(model, chunk, a) -> int:
     return total
 
 
-def run(a, world) -> list[dict]:
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "out.json")
-        mp.spawn(worker, args=(world, os.path.join(d, "store"), a, out), nprocs=world, join=True)
-        return json.loads(Path(out).read_text())
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=8)
@@ -126,7 +117,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/pipeline.json"))
     a = p.parse_args()
-    rows = run(a, 2) + run(a, 4)
+    rows = spawn(worker, 2, a) + spawn(worker, 4, a)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"shape": vars(a), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")

@@ -30,17 +30,15 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import spawn, write_section  # noqa: E402
 from megatron_lite.config import ModelConfig  # noqa: E402
 from megatron_lite.model import GPT  # noqa: E402
 
@@ -108,13 +106,6 @@ def worker(rank, world, store, a, sp, out):
         dist.destroy_process_group()
 
 
-def run_tp(a, world, sp) -> dict:
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "out.json")
-        mp.spawn(worker, args=(world, os.path.join(d, "store"), a, sp, out), nprocs=world, join=True)
-        return json.loads(Path(out).read_text())
-
-
 def run_serial(a) -> list[float]:
     torch.set_num_threads(a.tp)  # the same cores the tp ranks use together
     model = GPT(model_cfg(a), seed=0)
@@ -148,7 +139,7 @@ def main() -> None:
     results["runs"]["tp1"] = {"step_s": statistics.median(serial_times)}
     rows = []
     for sp in (False, True):
-        r = run_tp(a, a.tp, sp)
+        r = spawn(worker, a.tp, a, sp)
         want = analytic(a, sp, r["p_sp"])
         got = {k: r["bytes"].get(k, 0) for k in set(want) | set(r["bytes"])}
         ratio = {k: (got[k] / want[k] if want.get(k) else float("inf")) for k in got}

@@ -20,17 +20,15 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import spawn, write_section  # noqa: E402
 
 VARIANTS = [("stage 0 (AdamW)", 0, "native"), ("stage 1 native", 1, "native"), ("stage 1 DeepSpeed", 1, "deepspeed"),
             ("stage 2 DeepSpeed", 2, "deepspeed"), ("stage 3 DeepSpeed", 3, "deepspeed")]
@@ -140,13 +138,6 @@ def worker(rank, world, store, a, out):
         dist.destroy_process_group()
 
 
-def run(a, world):
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "out.json")
-        mp.spawn(worker, args=(world, os.path.join(d, "store"), a, out), nprocs=world, join=True)
-        return json.loads(Path(out).read_text())
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=4)
@@ -156,7 +147,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/zero.json"))
     a = p.parse_args()
-    rows = run(a, 2) + run(a, 4)
+    rows = spawn(worker, 2, a) + spawn(worker, 4, a)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"shape": vars(a), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")

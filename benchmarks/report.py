@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from pathlib import Path
 
 HEADER = "# Benchmarks\n\nEach section is written by the script named in it; the raw numbers are in benchmarks/results/.\n"
@@ -17,3 +20,13 @@ def write_section(path: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def spawn(worker, world: int, *args):
+    """Run worker(rank, world, store_path, *args, out_path) on `world` processes (file-store
+    rendezvous) and return the JSON rank 0 wrote to out_path."""
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "out.json")
+        mp.spawn(worker, args=(world, os.path.join(d, "store"), *args, out), nprocs=world, join=True)
+        return json.loads(Path(out).read_text())

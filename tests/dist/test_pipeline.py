@@ -18,7 +18,7 @@ def _case(rank, world, pp, tp, schedule, v, m, sp=False, variant="gpt2"):
     from megatron_lite.config import ModelConfig
     from megatron_lite.distributed.topology import Topology
     from megatron_lite.model import GPT
-    from megatron_lite.parallel.tensor_parallel import (TPSharder, clip_grad_norm_, parallelize,
+    from megatron_lite.parallel.tensor_parallel import (clip_grad_norm_, parallelize,
                                                         sync_sequence_parallel_grads)
     from megatron_lite.pipeline.engine import PipelineEngine, sync_tied_embeddings, tied_embedding_copy
     from megatron_lite.pipeline.partition import stage_chunks

@@ -8,7 +8,7 @@ import torch
 
 from megatron_lite.checkpoint import CheckpointManager
 from megatron_lite.train import Trainer, TrainingError
-from tests.conftest import ROOT, cli
+from tests.conftest import cli
 
 quiet = dict(log=lambda *_: None)
 
