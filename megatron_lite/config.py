@@ -257,9 +257,9 @@ class Config:
             if p.dp < 2:
                 raise ConfigError(f"optim.zero.backend=deepspeed shards over the data-parallel group, but "
                                   f"parallel.dp={p.dp}; use parallel.dp >= 2 or optim.zero.stage=0.")
-            if p.pp > 1:
-                raise ConfigError(f"optim.zero.backend=deepspeed is not combined with parallel.pp={p.pp} here; use "
-                                  f"optim.zero.backend=native (ZeRO-1) for tp x pp x dp.")
+            if p.pp > 1 and z.stage > 1:
+                raise ConfigError(f"optim.zero.stage={z.stage} partitions gradients during backward, which our "
+                                  f"pipeline engine runs outside DeepSpeed; with parallel.pp={p.pp} use stage 1.")
             if p.sequence_parallel:
                 raise ConfigError("optim.zero.backend=deepspeed does not support parallel.sequence_parallel=true "
                                   "(DeepSpeed reduces gradients before the sequence-parallel sum); turn one off.")

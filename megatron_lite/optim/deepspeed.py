@@ -8,6 +8,10 @@ DeepSpeed gets:
   - an `mpu` built from our Topology: DeepSpeed asks it for the data-parallel group to partition
     over and for the model-parallel group to sum the gradient norm over; params we shard over tp
     carry `tensor_model_parallel = True`, so replicated ones are counted once when clipping;
+  - under pipelining, our engine runs the schedule (autograd backward outside DeepSpeed, as
+    DeepSpeed's own pipeline engine does) and then asks ZeRO to reduce the gradients; DeepSpeed's
+    norm sums over the model-parallel group (tp x pp), counting replicated params on tp rank 0
+    of every stage and skipping the last stage's tied-embedding copy;
   - a config built from our typed config: micro-batch, accumulation steps, an explicit
     gradient_clipping (DeepSpeed's default would clip at 1.0 silently), bf16 with fp32 gradient
     accumulation when asked.
@@ -70,13 +74,16 @@ class TopologyMPU:
 
 
 def ds_config(cfg: Config) -> dict:
+    # Under pipelining our engine accumulates the micro-batches (scaling each loss by 1/m) and
+    # DeepSpeed sees one backward per step.
+    accumulation = 1 if cfg.parallel.pp > 1 else cfg.train.grad_accum
     zero = {"stage": cfg.optim.zero.stage}
     if cfg.optim.zero.stage == 3:
         # Gather every parameter for every forward: the small test models must not be left partitioned.
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
     out = {
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size * (cfg.train.grad_accum // accumulation),
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": float(cfg.optim.grad_clip),
         "zero_optimization": zero,
         "steps_per_print": 2**31 - 1,
@@ -95,6 +102,11 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Co
     for p in model.parameters():
         if getattr(p, "tensor_parallel", False):
             p.tensor_model_parallel = True  # DeepSpeed's marker: sharded over tp, sum its norm
+    if topology.pp > 1:
+        from ..pipeline.engine import tied_embedding_copy
+        copy = tied_embedding_copy(model)
+        if copy is not None and not model.has_embed:
+            copy.ds_pipe_replicated = True  # the last stage's copy: DeepSpeed's norm skips it
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg),
                                            mpu=TopologyMPU(topology, groups), dist_init_required=False)
     return engine

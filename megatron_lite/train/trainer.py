@@ -206,15 +206,21 @@ class Trainer:
     def _deepspeed_step(self, batches, lr: float) -> StepResult:
         """DeepSpeed accumulates, averages over dp, clips and steps (at the accumulation boundary)."""
         set_lr(self.ds.optimizer, lr)
-        total = torch.zeros((), device=self.device)
-        for x, y in batches:
-            ctx = contextlib.nullcontext() if self.cfg.train.precision == "bf16" else self.autocast()
-            with ctx:
-                _, loss = self.ds(x, y)
-            self.ds.backward(loss)
+        if self.engine is not None:  # our schedule runs the backward; ZeRO reduces, clips, steps
+            total = self.engine.run(batches).float()
+            sync_tied_embeddings(self.model, self.groups.embed)
+            self.ds.optimizer.reduce_gradients(pipeline_parallel=True)
             self.ds.step()
-            total += loss.detach().float()
-        total /= len(batches)
+        else:
+            total = torch.zeros((), device=self.device)
+            for x, y in batches:
+                ctx = contextlib.nullcontext() if self.cfg.train.precision == "bf16" else self.autocast()
+                with ctx:
+                    _, loss = self.ds(x, y)
+                self.ds.backward(loss)
+                self.ds.step()
+                total += loss.detach().float()
+            total /= len(batches)
         comm.all_reduce(total, self.dp_group)
         loss = (total / self.topology.dp).item()
         norm = self.ds.get_global_grad_norm()

@@ -1,5 +1,6 @@
 """`megatron-lite train` with pipeline parallelism (and TP x PP) under torchrun, end to end."""
 
+import importlib.util
 import json
 
 import pytest
@@ -45,7 +46,7 @@ def test_pipeline_layout_errors_before_any_process_group(corpus_dir):
 
 @pytest.mark.slow
 def test_3d_tp2_pp2_dp2_zero1_eight_ranks(corpus_dir, tmp_path):
-    """One 8-rank run: tp=2 x pp=2 x dp=2 with ZeRO-1 (native) gives the serial loss sequence."""
+    """8 ranks: tp=2 x pp=2 x dp=2 with ZeRO-1 (native, then DeepSpeed) give the serial losses."""
     base = [
         "model.vocab_size=512", "model.hidden_size=32", "model.num_layers=4", "model.num_attention_heads=4",
         "model.max_sequence_length=32", f"data.dir={corpus_dir}", "data.micro_batch_size=2",
@@ -58,3 +59,8 @@ def test_3d_tp2_pp2_dp2_zero1_eight_ranks(corpus_dir, tmp_path):
                     "parallel.microbatches=2", "data.global_batch_size=8", "optim.zero.stage=1",
                     f"train.out_dir={tmp_path / '3d'}")
     assert three_d["train_loss"] == pytest.approx(serial["train_loss"], rel=1e-5)
+    if importlib.util.find_spec("deepspeed") is not None:  # the same 3D layout with DeepSpeed ZeRO-1
+        ds = train(tmp_path, "3d_ds", 8, *base, "parallel.tp=2", "parallel.pp=2", "parallel.dp=2",
+                   "parallel.microbatches=2", "optim.zero.stage=1", "optim.zero.backend=deepspeed",
+                   f"train.out_dir={tmp_path / '3d_ds'}")
+        assert ds["train_loss"] == pytest.approx(serial["train_loss"], rel=1e-5)
