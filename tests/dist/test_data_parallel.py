@@ -4,6 +4,7 @@ engaged) and final weights. fp32: summation order differs (the dp all-reduce sum
 gradients in another order), so rounding-level tolerances: 1e-5 relative on losses and norms."""
 
 import contextlib
+import importlib.util
 import os
 
 import pytest
@@ -87,6 +88,11 @@ def _bf16(rank, world, data_dir, out):
     # stays within 2% of fp32's, while a real bug (e.g. lost grads) moves it by far more.
     for (lb, _), (lf, _) in zip(bf16, fp32):
         assert lb == pytest.approx(lf, rel=0.02), (bf16, fp32)
+    if importlib.util.find_spec("deepspeed") is not None:  # DeepSpeed's bf16: bf16 weights, fp32 masters
+        ds = _run(_config(data_dir, f"{out}/d", "parallel.dp=2", "train.grad_accum=2", "train.precision=bf16",
+                          "optim.zero.stage=1", "optim.zero.backend=deepspeed"))[1]
+        for (ld, _), (lf, _) in zip(ds, fp32):
+            assert ld == pytest.approx(lf, rel=0.02), (ds, fp32)
 
 
 def test_bf16_tracks_fp32_under_data_parallel_zero1(corpus_dir, tmp_path):
