@@ -20,20 +20,24 @@ def corpus_dir(tmp_path_factory) -> Path:
     return out
 
 
+def tiny_overrides(data_dir, *extra: str) -> list[str]:
+    """Dotted overrides for a tiny, fast model on the small corpus (later entries win)."""
+    return [
+        "model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=4",
+        "model.max_sequence_length=32", f"data.dir={data_dir}", "data.micro_batch_size=4",
+        "train.steps=20", "train.eval_interval=10", "train.eval_iters=2", "train.progress=false",
+        "train.sample_tokens=0", "train.device=cpu", "optim.warmup_steps=5", "optim.lr=3e-3",
+        "checkpoint.interval=100", "log.interval=5", "parallel.make_vocab_divisible_by=8", *extra,
+    ]
+
+
 @pytest.fixture
 def tiny_config(corpus_dir, tmp_path):
     """A fast training config on the small corpus; returns a builder taking dotted overrides."""
     from megatron_lite.config import Config
 
     def build(*overrides: str) -> Config:
-        base = [
-            "model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2",
-            "model.num_attention_heads=4", "model.max_sequence_length=32",
-            f"data.dir={corpus_dir}", "data.micro_batch_size=4",
-            f"train.out_dir={tmp_path / 'run'}", "train.steps=20", "train.eval_interval=10",
-            "train.eval_iters=2", "train.progress=false", "train.sample_tokens=0", "train.device=cpu",
-            "optim.warmup_steps=5", "optim.lr=3e-3", "checkpoint.interval=10", "log.interval=5",
-        ]
+        base = tiny_overrides(corpus_dir, f"train.out_dir={tmp_path / 'run'}", "checkpoint.interval=10")
         return Config.from_yaml(None, base + list(overrides))
     return build
 

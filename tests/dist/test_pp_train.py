@@ -5,20 +5,15 @@ import json
 
 import pytest
 
-from tests.conftest import cli
+from tests.conftest import cli, tiny_overrides
 from tests.dist.test_tp_train import train
 
 
 @pytest.mark.slow
 def test_pipeline_training_matches_serial(corpus_dir, tmp_path):
-    base = [
-        "model.vocab_size=512", "model.hidden_size=32", "model.num_layers=4", "model.num_attention_heads=4",
-        "model.max_sequence_length=32", f"data.dir={corpus_dir}", "data.micro_batch_size=2",
-        "parallel.microbatches=4", "data.global_batch_size=8", "train.steps=8", "train.eval_interval=4",
-        "train.eval_iters=2", "train.progress=false", "train.sample_tokens=0", "train.device=cpu",
-        "optim.warmup_steps=2", "optim.lr=3e-3", "checkpoint.interval=100", "log.interval=2",
-        "parallel.make_vocab_divisible_by=8",
-    ]
+    base = tiny_overrides(corpus_dir, "model.num_layers=4", "data.micro_batch_size=2", "parallel.microbatches=4",
+                          "data.global_batch_size=8", "train.steps=8", "train.eval_interval=4",
+                          "optim.warmup_steps=2", "log.interval=2")
     serial = train(tmp_path, "serial", 1, *base, f"train.out_dir={tmp_path / 's'}")
     pp = train(tmp_path, "pp", 2, *base, "parallel.pp=2", "parallel.schedule=1f1b", "train.recompute=full",
                f"train.out_dir={tmp_path / 'p'}")
@@ -47,13 +42,8 @@ def test_pipeline_layout_errors_before_any_process_group(corpus_dir):
 @pytest.mark.slow
 def test_3d_tp2_pp2_dp2_zero1_eight_ranks(corpus_dir, tmp_path):
     """8 ranks: tp=2 x pp=2 x dp=2 with ZeRO-1 (native, then DeepSpeed) give the serial losses."""
-    base = [
-        "model.vocab_size=512", "model.hidden_size=32", "model.num_layers=4", "model.num_attention_heads=4",
-        "model.max_sequence_length=32", f"data.dir={corpus_dir}", "data.micro_batch_size=2",
-        "train.steps=4", "train.eval_interval=4", "train.eval_iters=1", "train.progress=false",
-        "train.sample_tokens=0", "train.device=cpu", "optim.warmup_steps=1", "optim.lr=3e-3",
-        "checkpoint.interval=100", "log.interval=1", "parallel.make_vocab_divisible_by=8",
-    ]
+    base = tiny_overrides(corpus_dir, "model.num_layers=4", "data.micro_batch_size=2", "train.steps=4",
+                          "train.eval_interval=4", "train.eval_iters=1", "optim.warmup_steps=1", "log.interval=1")
     serial = train(tmp_path, "serial", 1, *base, "train.grad_accum=4", f"train.out_dir={tmp_path / 's'}")
     three_d = train(tmp_path, "3d", 8, *base, "parallel.tp=2", "parallel.pp=2", "parallel.dp=2",
                     "parallel.microbatches=2", "data.global_batch_size=8", "optim.zero.stage=1",

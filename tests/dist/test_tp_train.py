@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli, tiny_overrides
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -27,13 +27,8 @@ def train(tmp_path: Path, name: str, nproc: int, *overrides: str) -> dict:
 
 @pytest.mark.slow
 def test_tp2_training_matches_serial_and_resumes_exactly(tiny_config, corpus_dir, tmp_path):
-    base = [
-        "model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=4",
-        "model.max_sequence_length=32", f"data.dir={corpus_dir}", "data.micro_batch_size=4",
-        "train.steps=12", "train.eval_interval=6", "train.eval_iters=2", "train.progress=false",
-        "train.sample_tokens=0", "train.device=cpu", "optim.warmup_steps=3", "optim.lr=3e-3",
-        "checkpoint.interval=100", "log.interval=3", "parallel.make_vocab_divisible_by=8",
-    ]
+    base = tiny_overrides(corpus_dir, "train.steps=12", "train.eval_interval=6", "optim.warmup_steps=3",
+                          "log.interval=3")
     serial = train(tmp_path, "serial", 1, *base, f"train.out_dir={tmp_path / 's'}")
     tp = train(tmp_path, "tp", 2, *base, "parallel.tp=2", f"train.out_dir={tmp_path / 't'}")
     # Same model, same batches: fp32 losses agree to summation-order rounding (~1e-6 relative).
