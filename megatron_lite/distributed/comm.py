@@ -135,10 +135,9 @@ def isend(t: torch.Tensor, dst: int, group, tag: int):
     return dist.isend(t.contiguous(), dst, group=group, tag=tag)
 
 
-def recv(t: torch.Tensor, src: int, group, tag: int) -> torch.Tensor:
-    """Blocking receive from global rank src into t."""
-    dist.irecv(t, src, group=group, tag=tag).wait()
-    return t
+def irecv(t: torch.Tensor, src: int, group, tag: int):
+    """Non-blocking receive from global rank src into t; wait() on the returned work."""
+    return dist.irecv(t, src, group=group, tag=tag)
 
 
 def world():

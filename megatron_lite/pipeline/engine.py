@@ -2,8 +2,10 @@
 
 Activations go forward and gradients backward between neighbouring stages with point-to-point
 messages tagged by what they carry (F|B, micro-batch, virtual stage), so no two can be confused.
-Sends are non-blocking and only waited for at the end of the step; receives block. A schedule
-whose simulation completes (pipeline/schedules.py) therefore cannot deadlock here. Every message
+Sends are non-blocking and only waited for at the end of the step; each receive is posted one
+receive ahead (so it arrives during the compute before it) and waited for when its action comes.
+Only that wait blocks, so a schedule whose simulation completes (pipeline/schedules.py) cannot
+deadlock here. Every message
 has the shape agreed up front: (micro-batch, sequence [/ tp under sequence parallelism], hidden).
 
 Each micro-batch's loss is scaled by 1/m before its backward, so the accumulated gradient is the
@@ -35,7 +37,7 @@ class StepTrace:
 class PipelineEngine:
     def __init__(self, model, chunks: list[Chunk], stage: int, pp_ranks: list[int], pp_group, schedule: str,
                  act_shape: tuple[int, ...], device: torch.device, autocast=contextlib.nullcontext,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, prefetch: bool = True):
         self.model = model
         self.chunks = chunks
         self.stage = stage
@@ -48,6 +50,7 @@ class PipelineEngine:
         self.device = device
         self.autocast = autocast
         self.dtype = dtype  # of the residual stream (fp32 also under bf16 autocast)
+        self.prefetch = prefetch  # post each receive one ahead (False: only when it is needed)
         self.trace = StepTrace()
 
     def _tag(self, a: Action) -> int:
@@ -69,13 +72,33 @@ class PipelineEngine:
         inflight = 0
         self.trace = StepTrace()
         grad_ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
-        for a in actions:
+        # Receives are posted one ahead: while this rank computes, the next message it will need
+        # is already arriving, so the transfer overlaps compute instead of adding to the bubble.
+        recv_at = [i for i, a in enumerate(actions) if a.kind in ("RECV_F", "RECV_B")]
+        posted: dict[int, tuple] = {}
+
+        def post(k: int) -> None:
+            if k < len(recv_at):
+                a = actions[recv_at[k]]
+                buf = torch.empty(self.act_shape, device=self.device, dtype=self.dtype)
+                posted[recv_at[k]] = (comm.irecv(buf, self.pp_ranks[a.peer], self.group, self._tag(a)), buf)
+
+        if self.prefetch:
+            post(0)
+        k = 0  # receives consumed so far
+        for i, a in enumerate(actions):
             key = (a.mb, a.chunk)
             chunk = self.chunks[a.chunk]
             t0 = time.perf_counter()
             if a.kind in ("RECV_F", "RECV_B"):
-                buf = torch.empty(self.act_shape, device=self.device, dtype=self.dtype)
-                inbox[(a.kind, *key)] = comm.recv(buf, self.pp_ranks[a.peer], self.group, self._tag(a))
+                if i not in posted:
+                    post(k)
+                work, buf = posted.pop(i)
+                k += 1
+                if self.prefetch:
+                    post(k)  # the following receive, before this rank goes back to computing
+                work.wait()
+                inbox[(a.kind, *key)] = buf
             elif a.kind == "F":
                 x, y = batches[a.mb]
                 inp = x if chunk.first else inbox.pop(("RECV_F", *key)).requires_grad_(not forward_only)
