@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import spawn, write_section  # noqa: E402
+from benchmarks.report import spawn, write_json, write_section  # noqa: E402
 
 SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2))
 MICROBATCHES = (4, 8, 16)
@@ -123,9 +123,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/pipeline.json"))
     a = p.parse_args()
     rows = spawn(worker, 2, a) + spawn(worker, 4, a)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"shape": vars(a), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    write_json(a.out, {"shape": vars(a), "torch": torch.__version__, "rows": rows})
     table = [
         f"Model: {a.layers} layers x {a.hidden} wide, seq {a.seq}, micro-batch {a.micro}, vocab {a.vocab}; gloo on "
         f"this 2-core CPU (pp ranks share the cores); median of {a.steps} steps, prefetching and not alternated. Idle = 1 - compute / wall "

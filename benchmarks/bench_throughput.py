@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from megatron_lite.config import ModelConfig  # noqa: E402
 from megatron_lite.model import GPT  # noqa: E402
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import write_json, write_section  # noqa: E402
 
 
 KINDS = ("ours", "ours_plain", "hf")
@@ -174,9 +174,7 @@ def main() -> None:
         "ratio_ours_plain_head_over_hf": round(tps["ours_plain"] / tps["hf"], 3),
         "memory": memory,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(json.dumps(result, indent=2))
     mem_key = "max_allocated_mib" if device.type == "cuda" else "rss_over_baseline_mib"
     table = [

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import spawn, write_section  # noqa: E402
+from benchmarks.report import spawn, write_json, write_section  # noqa: E402
 from megatron_lite.config import ModelConfig  # noqa: E402
 from megatron_lite.model import GPT  # noqa: E402
 
@@ -149,9 +149,7 @@ def main() -> None:
         for k in sorted(got):
             rows.append(f"| tp={a.tp}{' + SP' if sp else ''} | {k} | {got[k]:,} | {want.get(k, 0):,} | "
                         f"{ratio[k]:.4f} |")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(a.out, results)
     print(json.dumps(results, indent=2))
     t1 = results["runs"]["tp1"]["step_s"]
     body = [

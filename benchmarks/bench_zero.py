@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import spawn, write_section  # noqa: E402
+from benchmarks.report import spawn, write_json, write_section  # noqa: E402
 
 VARIANTS = [("stage 0 (AdamW)", 0, "native"), ("stage 1 native", 1, "native"), ("stage 1 DeepSpeed", 1, "deepspeed"),
             ("stage 2 DeepSpeed", 2, "deepspeed"), ("stage 3 DeepSpeed", 3, "deepspeed")]
@@ -148,9 +148,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/zero.json"))
     a = p.parse_args()
     rows = spawn(worker, 2, a) + spawn(worker, 4, a)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"shape": vars(a), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    write_json(a.out, {"shape": vars(a), "torch": torch.__version__, "rows": rows})
     n = rows[0]["params"]
     table = [f"Model: {a.layers} layers x {a.hidden} wide, vocab {a.vocab} ({n / 1e6:.2f}M params, fp32); gloo "
              f"on this 2-core CPU; worst rank shown; step time median of {a.steps}.", "",

@@ -10,6 +10,13 @@ from pathlib import Path
 HEADER = "# Benchmarks\n\nEach section is written by the script named in it; the raw numbers are in benchmarks/results/.\n"
 
 
+def write_json(path: str | Path, obj) -> None:
+    """A benchmark's raw results (benchmarks/results/*.json)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
 def write_section(path: Path, name: str, body: str) -> None:
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
     text = path.read_text() if path.exists() else HEADER
