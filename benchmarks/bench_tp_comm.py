@@ -64,15 +64,11 @@ def batch(a):
 
 
 def step_fn(model, opt, x, y, group):
-    from megatron_lite.parallel.tensor_parallel import clip_grad_norm_, sync_sequence_parallel_grads
+    from megatron_lite.parallel.grads import GradSync
     opt.zero_grad(set_to_none=True)
     _, loss = model(x, y)
     loss.backward()
-    if group is not None:
-        sync_sequence_parallel_grads(model, group)
-        clip_grad_norm_(list(model.parameters()), 1.0, group)
-    else:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    GradSync(tp_group=group).finish_and_clip(model, 1.0)  # serial (group None): torch's own clip
     opt.step()
 
 
@@ -86,13 +82,15 @@ def worker(rank, world, store, a, sp, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         group = dist.group.WORLD
-        model = parallelize(GPT(model_cfg(a), seed=0), group, sequence_parallel=sp, make_vocab_divisible_by=128)
+        model = parallelize(GPT(model_cfg(a), seed=0), group, sequence_parallel=sp,
+                            make_vocab_divisible_by=128).model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x, y = batch(a)
         step_fn(model, opt, x, y, group)  # warm-up
-        comm.reset_counters()
-        step_fn(model, opt, x, y, group)
-        counted = dict(comm.BYTES)
+        stats = comm.CommStats()
+        with stats.recording():
+            step_fn(model, opt, x, y, group)
+        counted = dict(stats.bytes)
         p_sp = sum(p.numel() for p in model.parameters() if getattr(p, "sequence_parallel", False))
         times = []
         for _ in range(a.steps):

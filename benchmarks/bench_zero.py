@@ -77,15 +77,15 @@ def measure(model, opt, ds, stage):
 
 
 def worker(rank, world, store, a, out):
-    os.environ.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     from megatron_lite.config import Config
-    from megatron_lite.distributed.topology import Topology
+    from megatron_lite.layout import Layout
     from megatron_lite.model import GPT
     from megatron_lite.optim import build_optimizer
+    from megatron_lite.parallel.grads import GradSync
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         rows = []
@@ -95,15 +95,15 @@ def worker(rank, world, store, a, out):
                                           f"model.max_sequence_length={a.seq}", f"parallel.dp={world}",
                                           f"optim.zero.stage={stage}", f"optim.zero.backend={backend}",
                                           "data.micro_batch_size=2"])
-            topo = Topology(dp=world)
-            groups = topo.build(rank)
+            layout = Layout.build(cfg, world)
+            groups = layout.topology.build(rank)
             model = GPT(cfg.model, seed=0)
             n = sum(p.numel() for p in model.parameters())
             opt = build_optimizer(model, cfg.optim, dp_group=groups.dp)
             ds = None
             if backend == "deepspeed":
                 from megatron_lite.optim.deepspeed import initialize
-                ds = initialize(model, opt, cfg, topo, groups)
+                ds = initialize(model, opt, layout, groups)
             g = torch.Generator().manual_seed(rank)
             x = torch.randint(0, a.vocab, (2, a.seq), generator=g)
             times, grads = [], 0
@@ -117,8 +117,7 @@ def worker(rank, world, store, a, out):
                 else:
                     opt.zero_grad(set_to_none=True)
                     model(x, x)[1].backward()
-                    from megatron_lite.parallel.data_parallel import allreduce_gradients
-                    allreduce_gradients(model.parameters(), groups.dp)
+                    GradSync(dp_group=groups.dp).finish(model)
                     grads = measure(model, opt, None, stage)[1]
                     opt.step()
                 times.append(time.perf_counter() - t0)

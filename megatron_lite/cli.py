@@ -7,48 +7,43 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
+from .errors import UserError, UsageError
 
-
-def _user_errors():
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .train import TrainingError
-    return (ConfigError, DataError, CheckpointError, TrainingError)
+log = logging.getLogger("megatron_lite.cli")
 
 
 def cmd_train(args) -> None:
     from .config import Config
+    from .distributed import comm
+    from .distributed.env import RunEnv
     from .train import Trainer
+    from .train.logs import setup_logging
+    env = RunEnv.from_environ()
+    setup_logging(env.rank)
     cfg = Config.from_yaml(args.config, args.overrides)
     os.makedirs(cfg.train.out_dir, exist_ok=True)
-    from .distributed import comm
-    trainer = Trainer(cfg)
     try:
-        say = print if trainer.is_main else (lambda *a, **k: None)
-        n = serial_param_count(cfg.model)
-        par = cfg.parallel
-        say(f"model: {n / 1e6:.2f}M parameters | device {trainer.device} | {cfg.train.precision} | "
-            f"tp {par.tp}{' +sp' if par.sequence_parallel else ''} pp {par.pp}"
-            f"{f' ({par.schedule}, {cfg.train.grad_accum} micro-batches)' if par.pp > 1 else ''} | "
-            f"batch {cfg.data.micro_batch_size}x{cfg.train.grad_accum}x{trainer.seq_len} tokens")
+        trainer = Trainer(cfg, env)
+        layout = trainer.layout
+        log.info(f"model: {serial_param_count(cfg.model) / 1e6:.2f}M parameters | device {trainer.device} | "
+                 f"{cfg.train.precision} | {layout.describe()} | batch {cfg.data.micro_batch_size}x"
+                 f"{layout.micro_batches}x{layout.dp} of {trainer.seq_len} tokens")
         history = trainer.fit()
         vals = history["val_loss"]
         if vals:
-            say(f"validation loss: first {vals[0][1]:.4f} (step {vals[0][0]}) -> last {vals[-1][1]:.4f} "
-                f"(step {vals[-1][0]})")
+            log.info(f"validation loss: first {vals[0][1]:.4f} (step {vals[0][0]}) -> last {vals[-1][1]:.4f} "
+                     f"(step {vals[-1][0]})")
         if cfg.train.sample_tokens > 0:
             text = trainer.sample()  # every rank takes part: the model is split across them
             if text is None:
-                say(f"(no sample under pipeline parallelism: run `megatron-lite generate --checkpoint "
-                    f"{cfg.train.out_dir}`)")
+                log.info(f"(no sample under pipeline parallelism: run `megatron-lite generate --checkpoint "
+                         f"{cfg.train.out_dir}`)")
             else:
-                say("---- sample ----")
-                say(text)
-                say("----------------")
+                log.info(f"---- sample ----\n{text}\n----------------")
     finally:
         comm.destroy()
 
@@ -77,6 +72,18 @@ def cmd_generate(args) -> None:
     from .data import load_tokenizer
     from .model import GPT, generate
     from .train.trainer import resolve_device
+    if args.temperature < 0:
+        raise UsageError(f"--temperature={args.temperature} must be >= 0 (0 = greedy decoding).")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k={args.top_k} must be >= 0 (0 = no top-k filtering).")
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens={args.max_new_tokens} must be >= 0.")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        bad = args.prompt[e.start].encode("utf-8", "surrogateescape")
+        raise UsageError(f"--prompt is not valid UTF-8 (byte 0x{bad.hex()} at character {e.start}); pass "
+                         f"UTF-8 text.") from None
     path = resolve(args.checkpoint)
     cfg = Config.from_yaml(path / "config.yaml")
     device = resolve_device(args.device)
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except _user_errors() as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

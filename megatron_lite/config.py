@@ -3,7 +3,9 @@
     cfg = Config.from_yaml("configs/tiny.yaml", overrides=["train.steps=20", "model.dropout=0.1"])
 
 Every error a user can make here (unknown key, wrong type, impossible value) raises ConfigError
-with one sentence that names the key and the fix. validate() runs before anything expensive.
+with one sentence that names the key and the fix. validate() checks each field and the relations
+between fields; the rules of a parallel layout (what tp x pp x dp, a schedule or ZeRO need) live in
+megatron_lite/layout.py, which is built from a validated Config.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A user-caused configuration error; its message is one sentence naming the key and fix."""
+__all__ = ["Config", "ConfigError", "ModelConfig", "ParallelConfig", "OptimConfig", "ZeroConfig",
+           "DataConfig", "TrainConfig", "CheckpointConfig", "LogConfig", "apply_override"]
+
+# Adam's update runs in float32: a learning rate beyond its range overflows inside the optimizer.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -37,7 +43,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    activation: Literal["gelu", "swiglu"] = "gelu"
+    activation: Literal["gelu", "gelu_exact", "swiglu"] = "gelu"  # gelu: tanh form (GPT-2); gelu_exact: erf
     tie_embeddings: bool = True
     bias: bool = True
     init_std: float = 0.02
@@ -92,8 +98,12 @@ class ParallelConfig:
     pp_layers: Optional[list[int]] = None  # explicit blocks per pipeline piece (overrides partition)
 
     def validate(self) -> None:
-        from .distributed.topology import Topology
-        Topology(self.tp, self.pp, self.dp, self.order)  # sizes and order
+        for key in ("tp", "pp", "dp"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"parallel.{key}={getattr(self, key)!r} must be a positive integer.")
+        if sorted(self.order.split("-")) != ["dp", "pp", "tp"]:
+            raise ConfigError(f"parallel.order={self.order!r} must name tp, pp and dp once each, fastest "
+                              f"first, e.g. tp-dp-pp.")
         if self.virtual_stages < 1:
             raise ConfigError(f"parallel.virtual_stages={self.virtual_stages} must be >= 1.")
         if self.schedule == "interleaved" and self.virtual_stages < 2:
@@ -136,6 +146,9 @@ class OptimConfig:
     def validate(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr} must be positive.")
+        if self.lr >= FLOAT32_MAX:
+            raise ConfigError(f"optim.lr={self.lr} overflows float32 (max {FLOAT32_MAX:.3g}), the precision "
+                              f"of Adam's update; use a learning rate below 1 (typically 1e-4 to 1e-3).")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"optim.min_lr={self.min_lr} must be between 0 and optim.lr={self.lr}.")
         if self.warmup_steps < 0:
@@ -239,38 +252,6 @@ class Config:
             raise ConfigError(
                 f"optim.warmup_steps={self.optim.warmup_steps} must be below the decay horizon "
                 f"({decay}: optim.decay_steps or train.steps); lower the warmup or train longer.")
-        from .distributed.topology import Topology
-        p = self.parallel
-        Topology(p.tp, p.pp, p.dp, p.order).check_model(self.model, self.seq_length, p.sequence_parallel)
-        if p.microbatches is not None:
-            self.train.grad_accum = p.microbatches
-        m = self.train.grad_accum
-        if self.data.global_batch_size is not None:
-            per_step = self.data.micro_batch_size * m * p.dp
-            if self.data.global_batch_size != per_step:
-                raise ConfigError(
-                    f"data.global_batch_size={self.data.global_batch_size} is not data.micro_batch_size="
-                    f"{self.data.micro_batch_size} x {m} micro-batches x parallel.dp={p.dp} = {per_step}; "
-                    f"choose micro-batches that divide the global batch.")
-        z = self.optim.zero
-        if z.backend == "deepspeed" and z.stage > 0:
-            if p.dp < 2:
-                raise ConfigError(f"optim.zero.backend=deepspeed shards over the data-parallel group, but "
-                                  f"parallel.dp={p.dp}; use parallel.dp >= 2 or optim.zero.stage=0.")
-            if p.pp > 1 and z.stage > 1:
-                raise ConfigError(f"optim.zero.stage={z.stage} partitions gradients during backward, which our "
-                                  f"pipeline engine runs outside DeepSpeed; with parallel.pp={p.pp} use stage 1.")
-            if p.sequence_parallel:
-                raise ConfigError("optim.zero.backend=deepspeed does not support parallel.sequence_parallel=true "
-                                  "(DeepSpeed reduces gradients before the sequence-parallel sum); turn one off.")
-            if z.stage == 3 and p.tp > 1:
-                raise ConfigError(f"optim.zero.stage=3 partitions parameters, which is not combined with "
-                                  f"parallel.tp={p.tp} here; use stage 1 or 2 with tensor parallelism.")
-        if p.pp > 1 or p.pp_layers:
-            from .pipeline.partition import stage_chunks
-            from .pipeline.schedules import build
-            stage_chunks(self.model, p.pp, 0, p.virtual_stages, p.partition, p.pp_layers)
-            build(p.schedule, p.pp, m, p.virtual_stages)  # e.g. interleaving needs m % pp == 0
         if self.seq_length > self.model.max_sequence_length:
             raise ConfigError(
                 f"data.seq_length={self.seq_length} exceeds model.max_sequence_length="

@@ -26,14 +26,13 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from ..errors import CheckpointError
+
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
-
-
-class CheckpointError(ValueError):
-    """A user-visible checkpoint problem (missing, corrupt); one-sentence message."""
 
 
 @dataclass
@@ -45,28 +44,39 @@ class TrainState:
     total_skips: int = 0
     extra: dict = field(default_factory=dict)
 
-    # The tensor-parallel dropout stream (parallel/random.py), when there is one: set by the trainer.
-    rng_tracker = None
-
-    def to_state_dict(self) -> dict:
+    def to_state_dict(self, rng_tracker=None) -> dict:
+        """Counters, and the RNG streams: torch's default ones and, under tensor parallelism, the
+        tp dropout stream (`rng_tracker`, parallel/random.py)."""
         sd = {k: v for k, v in asdict(self).items() if k != "extra"}
         sd["extra"] = json.dumps(self.extra)
         sd["rng_cpu"] = torch.get_rng_state()
-        if self.rng_tracker is not None:
-            sd["rng_tp"] = self.rng_tracker.state.clone()
+        if rng_tracker is not None:
+            sd["rng_tp"] = rng_tracker.state.clone()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             sd["rng_cuda"] = torch.cuda.get_rng_state()
         return sd
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict, rng_tracker=None) -> None:
         for k in ("step", "cursor", "tokens", "consecutive_skips", "total_skips"):
             setattr(self, k, int(sd[k]))
         self.extra = json.loads(sd["extra"])
         torch.set_rng_state(sd["rng_cpu"])
-        if self.rng_tracker is not None and "rng_tp" in sd:
-            self.rng_tracker.load_state_dict({"tp_rng": sd["rng_tp"]})
+        if rng_tracker is not None and "rng_tp" in sd:
+            rng_tracker.load_state_dict({"tp_rng": sd["rng_tp"]})
         if "rng_cuda" in sd and torch.cuda.is_available():
             torch.cuda.set_rng_state(sd["rng_cuda"])
+
+
+@dataclass
+class Stateful:
+    """What a checkpoint saves and restores besides the TrainState, handed over by the backend:
+    the model, its optimizer (None when `extra_save`/`extra_load` write its state themselves, as
+    DeepSpeed does), and the tensor-parallel dropout stream."""
+    model: torch.nn.Module
+    optimizer: object = None
+    rng_tracker: object = None
+    extra_save: Callable[[Path], None] | None = None
+    extra_load: Callable[[Path], None] | None = None
 
 
 def _dcp():
@@ -140,7 +150,7 @@ class CheckpointManager:
         return int(flag.item()) == comm.size(self.group)
 
     def save(self, step: int, model, optimizer, state: TrainState, config_yaml: str,
-             data_dir: str | Path | None = None, extra_save=None) -> Path:
+             data_dir: str | Path | None = None, extra_save=None, rng_tracker=None) -> Path:
         """All ranks call this. `optimizer` None: its state is saved by `extra_save(step_dir)`
         (e.g. DeepSpeed's own checkpoint of its partitioned optimizer), which every rank runs."""
         final = self.dir / f"step_{step:08d}"
@@ -153,7 +163,7 @@ class CheckpointManager:
         try:
             msd, osd = model_state(model, optimizer)
             shard = tmp / self.shard
-            sd = {"model": msd, "train": state.to_state_dict()}
+            sd = {"model": msd, "train": state.to_state_dict(rng_tracker)}
             if osd is not None:
                 sd["optim"] = osd
             with _quiet():
@@ -220,20 +230,23 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     # ---- load -----------------------------------------------------------------------------
-    def load(self, path: Path, model, optimizer, state: TrainState, extra_load=None) -> None:
-        manifest = verify(path)
-        saved_layout = manifest.get("layout", {"tp": 1, "pp": 1, "dp": 1})
-        if {k: saved_layout.get(k, 1) for k in ("tp", "pp", "dp")} != \
-                {k: self.layout.get(k, 1) for k in ("tp", "pp", "dp")}:
+    @staticmethod
+    def check_layout(path: Path, layout: dict) -> None:
+        """A checkpoint resumes only at the (tp, pp, dp) layout that wrote it (for now)."""
+        saved = verify(path).get("layout", {"tp": 1, "pp": 1, "dp": 1})
+        if {k: saved.get(k, 1) for k in ("tp", "pp", "dp")} != {k: layout.get(k, 1) for k in ("tp", "pp", "dp")}:
             raise CheckpointError(
-                f"checkpoint {str(path)!r} was written with layout tp={saved_layout.get('tp', 1)} "
-                f"pp={saved_layout.get('pp', 1)} dp={saved_layout.get('dp', 1)}; resume with the same "
+                f"checkpoint {str(path)!r} was written with layout tp={saved.get('tp', 1)} "
+                f"pp={saved.get('pp', 1)} dp={saved.get('dp', 1)}; resume with the same "
                 f"parallel.tp/pp/dp (resharding to another layout is not available yet).")
+
+    def load(self, path: Path, model, optimizer, state: TrainState, extra_load=None, rng_tracker=None) -> None:
+        self.check_layout(path, self.layout)
         shard = path / self.shard
         msd, osd = model_state(model, optimizer)
         # Ask only for train-state entries the checkpoint has (a CPU run saved no CUDA RNG state).
         saved = _dcp().FileSystemReader(str(shard)).read_metadata().state_dict_metadata
-        train = {k: v for k, v in state.to_state_dict().items() if f"train.{k}" in saved}
+        train = {k: v for k, v in state.to_state_dict(rng_tracker).items() if f"train.{k}" in saved}
         sd = {"model": msd, "train": train}
         if osd is not None:
             sd["optim"] = osd
@@ -244,7 +257,7 @@ class CheckpointManager:
                            optim_state_dict=sd["optim"])
         else:
             set_model_state_dict(model, sd["model"])
-        state.load_state_dict(sd["train"])
+        state.load_state_dict(sd["train"], rng_tracker)
         if extra_load is not None:
             extra_load(path)
 
@@ -308,8 +321,7 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
         for stage in range(layout["pp"]):  # data-parallel replica 0: one full model
             shards = [read_tensors(path / f"rank_{topo.rank_of(tp=t, pp=stage, dp=0):05d}", "model")
                       for t in range(layout["tp"])]
-            part = consolidate(shards, model.config, layout.get("make_vocab_divisible_by", 128)) \
-                if layout["tp"] > 1 else shards[0]
+            part = consolidate(shards, model.config) if layout["tp"] > 1 else shards[0]
             weights.update(part)
         if model.config.tie_embeddings and "tok_emb.weight" in weights:
             weights["lm_head.weight"] = weights["tok_emb.weight"]

@@ -7,11 +7,9 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..errors import DataError
+
 EOT = "<|endoftext|>"
-
-
-class DataError(ValueError):
-    """A user-caused data error (missing or corrupt files, bad sources); one-sentence message."""
 
 
 class ByteTokenizer:

@@ -2,33 +2,54 @@
 
 Device-agnostic (gloo on CPU, NCCL on GPU), absorbs torch API differences (gloo has no
 reduce-scatter; older torch spells the tensor collectives differently), and counts the bytes each
-logical operation moves, per kind, so benchmarks can compare them with the analytic volume.
+logical operation moves, per kind, into a CommStats the caller holds:
+
+    stats = CommStats()
+    with stats.recording():
+        ...train step...
+    stats.bytes["all_reduce"]
+
 Every function takes its process group explicitly.
 """
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-# Logical payload bytes per op kind: the tensor size an op is *defined* on (all-reduce: the input;
-# all-gather: the gathered output; reduce-scatter: the full input), the Megatron accounting.
-BYTES: Counter = Counter()
-CALLS: Counter = Counter()
+
+@dataclass
+class CommStats:
+    """Logical payload bytes and calls per op kind: the tensor size an op is *defined* on
+    (all-reduce: the input; all-gather: the gathered output; reduce-scatter: the full input), the
+    Megatron accounting. Collectives issued inside `recording()` on this thread are counted; autograd
+    runs CPU backward passes on the calling thread, so backward collectives count too on CPU."""
+    bytes: Counter = field(default_factory=Counter)
+    calls: Counter = field(default_factory=Counter)
+
+    @contextmanager
+    def recording(self):
+        token = _recorder.set(self)
+        try:
+            yield self
+        finally:
+            _recorder.reset(token)
 
 
-def reset_counters() -> None:
-    BYTES.clear()
-    CALLS.clear()
+# The CommStats collecting right now, scoped to a `with stats.recording()` block (None: not counting).
+_recorder: ContextVar[CommStats | None] = ContextVar("megatron_lite_comm_stats", default=None)
 
 
 def _count(kind: str, t: torch.Tensor) -> None:
-    BYTES[kind] += t.numel() * t.element_size()
-    CALLS[kind] += 1
+    stats = _recorder.get()
+    if stats is not None:
+        stats.bytes[kind] += t.numel() * t.element_size()
+        stats.calls[kind] += 1
 
 
 def global_rank() -> int:
@@ -51,18 +72,19 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init(device: torch.device, rank: int | None = None, world_size: int | None = None,
-         init_method: str | None = None) -> None:
-    """Initialise the default process group (torchrun's env:// unless init_method is given)."""
+def init(device: torch.device, env) -> None:
+    """Join the job's default process group as `env` (a RunEnv) describes it. A group that already
+    exists (a test harness made it) is used as is, if it has the expected size and rank."""
     if dist.is_initialized():
+        if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
+            raise RuntimeError(f"a process group of {dist.get_world_size()} ranks (this one {dist.get_rank()}) "
+                               f"exists, but the run environment says {env.world_size} (rank {env.rank})")
         return
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     kwargs = {}
     if device.type == "cuda":
         kwargs["device_id"] = device  # lets NCCL bind eagerly (torch >= 2.3)
-    dist.init_process_group(backend_for(device), init_method=init_method or "env://", rank=rank,
-                            world_size=world_size, **kwargs)
+    dist.init_process_group(backend_for(device), init_method=env.url, rank=env.rank,
+                            world_size=env.world_size, **kwargs)
 
 
 def destroy() -> None:
@@ -148,10 +170,3 @@ def world():
 def barrier(group) -> None:
     if is_initialized() and size(group) > 1:
         dist.barrier(group=group)
-
-
-@contextmanager
-def counting():
-    """Reset the byte counters, yield them, leave them as measured."""
-    reset_counters()
-    yield BYTES

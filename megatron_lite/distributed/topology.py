@@ -1,14 +1,16 @@
 """Topology: how world ranks map onto (tp, pp, dp) coordinates, and the process groups.
 
     topo = Topology(tp=2, pp=1, dp=2, order="tp-dp-pp")   # pure: validates, maps, builds nothing
-    topo.check_model(model_cfg, seq_length, sequence_parallel=True)   # layout rules, one sentence each
-    groups = topo.build(rank, backend="gloo")               # every process group, on every rank
+    groups = topo.build(rank)                               # every process group, on every rank
+
+The rules a model and a schedule impose on a layout live in megatron_lite/layout.py.
 
 `order` lists the axes fastest-varying first (Megatron's default "tp-dp-pp"): with tp=2, dp=2,
 ranks 0,1 form a tensor-parallel group, ranks 0,2 a data-parallel group. Keeping tp fastest puts a
 TP group on one node, where its frequent all-reduces are cheapest.
 
-A Topology is passed explicitly to whatever needs it; there are no module globals.
+A Topology is passed explicitly to whatever needs it; there are no module globals, and building the
+groups returns them (with this rank's coordinates) instead of storing them on the Topology.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, ModelConfig
+from ..errors import LayoutError
+from . import comm
 
 AXES = ("tp", "pp", "dp")
 
@@ -31,6 +34,8 @@ class Coord:
 @dataclass
 class Groups:
     """The process groups this rank belongs to (torch ProcessGroup objects) plus their ranks."""
+    rank: int
+    coord: Coord
     tp: object
     pp: object
     dp: object
@@ -47,16 +52,14 @@ class Topology:
     def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, order: str = "tp-dp-pp"):
         for name, value in (("tp", tp), ("pp", pp), ("dp", dp)):
             if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"parallel.{name}={value!r} must be a positive integer.")
+                raise LayoutError(f"parallel.{name}={value!r} must be a positive integer.")
         axes = tuple(order.split("-"))
         if sorted(axes) != sorted(AXES):
-            raise ConfigError(f"parallel.order={order!r} must name tp, pp and dp once each, fastest "
+            raise LayoutError(f"parallel.order={order!r} must name tp, pp and dp once each, fastest "
                               f"first, e.g. tp-dp-pp.")
         self.tp, self.pp, self.dp, self.order = tp, pp, dp, axes
         self.sizes = {"tp": tp, "pp": pp, "dp": dp}
         self.world_size = tp * pp * dp
-        self.groups: Groups | None = None
-        self.rank: int | None = None
 
     def __repr__(self) -> str:
         return f"Topology(tp={self.tp}, pp={self.pp}, dp={self.dp}, order={'-'.join(self.order)})"
@@ -93,30 +96,13 @@ class Topology:
     # ---- layout rules (before any process group exists) --------------------------------------
     def check_world(self, world_size: int) -> None:
         if world_size != self.world_size:
-            raise ConfigError(
+            raise LayoutError(
                 f"parallel.tp={self.tp} x parallel.pp={self.pp} x parallel.dp={self.dp} = {self.world_size} "
                 f"but the job has {world_size} processes; make the product equal the world size.")
 
-    def check_model(self, cfg: ModelConfig, seq_length: int, sequence_parallel: bool = False) -> None:
-        tp = self.tp
-        rules = [
-            (cfg.num_attention_heads % tp, f"model.num_attention_heads={cfg.num_attention_heads} is not "
-             f"divisible by parallel.tp={tp}; each tensor-parallel rank must hold whole heads."),
-            (cfg.num_kv_heads % tp, f"model.num_kv_heads={cfg.num_kv_heads} is not divisible by "
-             f"parallel.tp={tp}; use a kv head count that is a multiple of tp (or lower tp)."),
-            (cfg.intermediate_size % tp, f"model.intermediate_size={cfg.intermediate_size} is not divisible "
-             f"by parallel.tp={tp}; pick a multiple of tp."),
-            (sequence_parallel and seq_length % tp, f"sequence length {seq_length} is not divisible by "
-             f"parallel.tp={tp}, which parallel.sequence_parallel=true needs; change data.seq_length."),
-        ]
-        for broken, msg in rules:
-            if broken:
-                raise ConfigError(msg)
-
     # ---- process groups ------------------------------------------------------------------------
     def build(self, rank: int) -> Groups:
-        """Create every group (all ranks must call this, in the same order) and keep this rank's."""
-        from . import comm
+        """Create every group (all ranks must call this, in the same order); returns this rank's."""
         mine: dict[str, tuple[object, list[int]]] = {}
         for name, axes in (("tp", ("tp",)), ("pp", ("pp",)), ("dp", ("dp",)), ("mp", ("tp", "pp"))):
             for ranks in self.group_ranks(axes):
@@ -130,25 +116,6 @@ class Topology:
                 group = comm.new_group(sorted(ranks))
                 if rank in ranks:
                     embed, embed_ranks = group, ranks
-        self.rank = rank
-        self.groups = Groups(tp=mine["tp"][0], pp=mine["pp"][0], dp=mine["dp"][0], mp=mine["mp"][0],
-                             tp_ranks=mine["tp"][1], pp_ranks=mine["pp"][1], dp_ranks=mine["dp"][1],
-                             mp_ranks=mine["mp"][1], embed=embed, embed_ranks=embed_ranks)
-        return self.groups
-
-    @property
-    def tp_rank(self) -> int:
-        return self.coord(self._rank()).tp
-
-    @property
-    def pp_rank(self) -> int:
-        return self.coord(self._rank()).pp
-
-    @property
-    def dp_rank(self) -> int:
-        return self.coord(self._rank()).dp
-
-    def _rank(self) -> int:
-        if self.rank is None:
-            raise RuntimeError("Topology.build(rank) has not run on this process")
-        return self.rank
+        return Groups(rank=rank, coord=self.coord(rank), tp=mine["tp"][0], pp=mine["pp"][0], dp=mine["dp"][0],
+                      mp=mine["mp"][0], tp_ranks=mine["tp"][1], pp_ranks=mine["pp"][1], dp_ranks=mine["dp"][1],
+                      mp_ranks=mine["mp"][1], embed=embed, embed_ranks=embed_ranks)

@@ -127,6 +127,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.activation == "swiglu"
+        # GPT-2 used the tanh approximation of GELU ("gelu"); BERT and HF's "gelu" are the exact erf form.
+        self.gelu_approximate = "none" if cfg.activation == "gelu_exact" else "tanh"
         inter = cfg.intermediate_size
         # SwiGLU fuses [gate | up] into one GEMM; TP slices both halves the same way.
         self.fc1 = nn.Linear(cfg.hidden_size, inter * (2 if self.swiglu else 1), bias=cfg.bias)
@@ -139,7 +141,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+            h = F.gelu(h, approximate=self.gelu_approximate)  # (B, T, I)
         return self.drop(self.fc2(h))  # (B, T, C)
 
 

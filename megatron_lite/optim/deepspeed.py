@@ -23,7 +23,8 @@ import os
 
 import torch
 
-from ..config import Config
+from ..layout import Layout
+from ..parallel.grads import tied_embedding_copy
 
 
 class TopologyMPU:
@@ -31,7 +32,7 @@ class TopologyMPU:
 
     def __init__(self, topology, groups):
         self.t, self.g = topology, groups
-        self.coord = topology.coord(topology.rank)
+        self.coord = groups.coord
 
     def get_model_parallel_rank(self):
         return self.coord.tp + self.t.tp * self.coord.pp
@@ -73,16 +74,20 @@ class TopologyMPU:
         return self.g.pp
 
 
-def ds_config(cfg: Config) -> dict:
+def ds_config(layout: Layout) -> dict:
     # Under pipelining our engine accumulates the micro-batches (scaling each loss by 1/m) and
     # DeepSpeed sees one backward per step.
-    accumulation = 1 if cfg.parallel.pp > 1 else cfg.train.grad_accum
-    zero = {"stage": cfg.optim.zero.stage}
+    cfg, m = layout.config, layout.micro_batches
+    accumulation = 1 if layout.pp > 1 else m
+    # A non-finite gradient norm makes DeepSpeed skip the update (weights and optimizer state
+    # untouched): the trainer's non-finite policy. Both switches are its defaults; stated here so a
+    # changed default cannot silently apply a NaN step.
+    zero = {"stage": cfg.optim.zero.stage, "compute_grad_norm": True}
     if cfg.optim.zero.stage == 3:
         # Gather every parameter for every forward: the small test models must not be left partitioned.
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
     out = {
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size * (cfg.train.grad_accum // accumulation),
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size * (m // accumulation),
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": float(cfg.optim.grad_clip),
         "zero_optimization": zero,
@@ -90,23 +95,26 @@ def ds_config(cfg: Config) -> dict:
         "wall_clock_breakdown": False,
     }
     if cfg.train.precision == "bf16":
-        out["bf16"] = {"enabled": True}
+        out["bf16"] = {"enabled": True, "check_grad_overflow": True}
         out["data_types"] = {"grad_accum_dtype": "fp32"}  # fp32 master weights and accumulation
     return out
 
 
-def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, topology, groups):
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, layout: Layout, groups,
+               local_rank: int = 0):
     """Wrap model + optimizer in a DeepSpeed engine partitioning over the dp group."""
+    # DeepSpeed reads these from the environment itself (it insists on LOCAL_RANK even when the
+    # process group exists): the one place our run environment is written back into os.environ.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if next(model.parameters()).is_cuda else "cpu")
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
     import deepspeed
     for p in model.parameters():
         if getattr(p, "tensor_parallel", False):
             p.tensor_model_parallel = True  # DeepSpeed's marker: sharded over tp, sum its norm
-    if topology.pp > 1:
-        from ..pipeline.engine import tied_embedding_copy
+    if layout.pp > 1:
         copy = tied_embedding_copy(model)
         if copy is not None and not model.has_embed:
             copy.ds_pipe_replicated = True  # the last stage's copy: DeepSpeed's norm skips it
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg),
-                                           mpu=TopologyMPU(topology, groups), dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(layout),
+                                           mpu=TopologyMPU(layout.topology, groups), dist_init_required=False)
     return engine

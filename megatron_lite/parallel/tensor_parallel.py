@@ -14,13 +14,13 @@ embeddings are scattered, column-parallel layers all-gather their input, row-par
 reduce-scatter their output, and norm weights / row biases (which then see only a shard) get
 their gradients all-reduced over tp by sync_sequence_parallel_grads().
 
-shard(name, full) is the single slicing rule: parallelize uses it on weights, and tests use it on
-serial gradients to compare every gradient slice.
+slicing_table() is the single slicing rule, by global parameter name: TPSharder applies it to
+serial weights (parallelize) and gradients (tests), consolidate() inverts it (checkpoints, generate).
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -29,76 +29,86 @@ import torch.nn.functional as F
 from ..distributed import comm
 from ..model.gpt import GPT
 from .cross_entropy import vocab_parallel_cross_entropy
-from .layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, mark, padded_vocab,
-                     tp_shard)
+from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, mark, padded_vocab
 from .mappings import copy_to_tp, gather_from_sp, gather_from_tp, scatter_to_sp
 from .random import RNGTracker
 
 
+@dataclass(frozen=True)
+class Split:
+    """How tensor parallelism divides one parameter: along `dim`, each fused block (sizes in the
+    full tensor, e.g. q | k | v) split separately so every rank keeps a slice of each; `vocab` rows
+    are first padded to the padded vocabulary (and trimmed again when consolidating)."""
+    dim: int = 0
+    blocks: tuple[int, ...] = ()  # () = one block, the whole dimension
+    vocab: bool = False
+
+
+def slicing_table(cfg) -> list[tuple[tuple[str, ...], Split]]:
+    """The one slicing table, keyed by (suffixes of) global parameter names; used to shard the
+    serial weights (parallelize, tests) and to consolidate shards back (checkpoints, generate).
+    Parameters it does not name (norms, pos_emb, row-parallel biases) are replicated."""
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    width = cfg.intermediate_size
+    return [
+        (("tok_emb.weight", "lm_head.weight"), Split(0, vocab=True)),  # VocabParallelEmbedding / head
+        (("attn.qkv.weight", "attn.qkv.bias"), Split(0, (q, kv, kv))),  # column-parallel, fused
+        (("mlp.fc1.weight", "mlp.fc1.bias"), Split(0, (width, width) if cfg.activation == "swiglu" else ())),
+        (("attn.proj.weight", "mlp.fc2.weight"), Split(1)),  # row-parallel: input columns
+    ]
+
+
+def split_of(name: str, cfg) -> Split | None:
+    """The table's entry for global parameter `name`; None if it is replicated."""
+    name = "lm_head.weight" if name == "parallel_head.weight" else name
+    for suffixes, split in slicing_table(cfg):
+        if any(name == s or name.endswith("." + s) for s in suffixes):
+            return split
+    return None
+
+
+def shard_tensor(t: torch.Tensor, split: Split, rank: int, tp: int, padded: int) -> torch.Tensor:
+    """Rank `rank`'s slice of the full tensor t."""
+    if split.vocab and padded > t.shape[0]:
+        t = torch.cat([t, t.new_zeros((padded - t.shape[0],) + t.shape[1:])])  # padded rows: never used
+    blocks = t.split(list(split.blocks), split.dim) if split.blocks else (t,)
+    return torch.cat([b.chunk(tp, split.dim)[rank] for b in blocks], split.dim).contiguous()
+
+
+def unshard_tensor(parts: list[torch.Tensor], split: Split, vocab_size: int) -> torch.Tensor:
+    """The full tensor from every rank's slice (rank order): the inverse of shard_tensor."""
+    tp = len(parts)
+    local = [b // tp for b in split.blocks] if split.blocks else [parts[0].shape[split.dim]]
+    per_rank = [p.split(local, split.dim) for p in parts]
+    t = torch.cat([torch.cat([r[i] for r in per_rank], split.dim) for i in range(len(local))], split.dim)
+    return t[:vocab_size] if split.vocab else t
+
+
 class TPSharder:
-    """Slices full (serial) tensors into this rank's shard, by global parameter name."""
+    """Slices full (serial) tensors into one tp rank's shard, by global parameter name."""
 
-    def __init__(self, model_cfg, group, make_vocab_divisible_by: int = 128):
+    def __init__(self, model_cfg, tp: int, rank: int, make_vocab_divisible_by: int = 128):
         self.cfg = model_cfg
-        self.group = group
-        self.tp = comm.size(group)
-        self.rank = comm.rank(group)
+        self.tp, self.rank = tp, rank
         self.vocab = model_cfg.vocab_size
-        self.padded_vocab = padded_vocab(self.vocab, self.tp, make_vocab_divisible_by)
-        self.vocab_start = self.rank * self.padded_vocab // self.tp
-
-    def vocab_rows(self, t: torch.Tensor) -> torch.Tensor:
-        pad = self.padded_vocab - t.shape[0]
-        if pad:
-            t = torch.cat([t, t.new_zeros((pad,) + t.shape[1:])])  # padded rows: never used, zero
-        return tp_shard(t, self.group, 0)
-
-    def qkv_rows(self, t: torch.Tensor) -> torch.Tensor:
-        c = self.cfg
-        parts = t.split([c.num_attention_heads * c.head_dim, c.num_kv_heads * c.head_dim,
-                         c.num_kv_heads * c.head_dim])
-        return torch.cat([tp_shard(p, self.group, 0) for p in parts])
-
-    def halves_rows(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([tp_shard(p, self.group, 0) for p in t.chunk(2)])
+        self.padded_vocab = padded_vocab(self.vocab, tp, make_vocab_divisible_by)
+        self.vocab_start = rank * self.padded_vocab // tp
 
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """The shard of global parameter `name` (replicated parameters come back whole)."""
-        if name in ("tok_emb.weight", "lm_head.weight", "parallel_head.weight"):
-            return self.vocab_rows(t)
-        if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
-            return self.qkv_rows(t)
-        if name.endswith(("mlp.fc1.weight", "mlp.fc1.bias")):
-            return self.halves_rows(t) if self.cfg.activation == "swiglu" else tp_shard(t, self.group, 0)
-        if name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
-            return tp_shard(t, self.group, 1)
-        return t
+        split = split_of(name, self.cfg)
+        return t if split is None else shard_tensor(t, split, self.rank, self.tp, self.padded_vocab)
 
 
-def consolidate(shards: list[dict[str, torch.Tensor]], model_cfg, make_vocab_divisible_by: int) -> dict:
-    """Inverse of TPSharder: the serial state dict from the tp ranks' shards (rank order)."""
-    c, tp = model_cfg, len(shards)
+def consolidate(shards: list[dict[str, torch.Tensor]], model_cfg) -> dict:
+    """The serial state dict from the tp ranks' shards (rank order), by the same slicing table."""
     out = {}
     for name, first in shards[0].items():
-        parts = [s[name] for s in shards]
         serial = "lm_head.weight" if name == "parallel_head.weight" else name
-        if serial in ("tok_emb.weight", "lm_head.weight"):
-            t = torch.cat(parts)[:c.vocab_size]  # drop the padded rows
-        elif name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
-            h, k = c.num_attention_heads // tp * c.head_dim, c.num_kv_heads // tp * c.head_dim
-            split = [p.split([h, k, k]) for p in parts]
-            t = torch.cat([torch.cat([sp[i] for sp in split]) for i in range(3)])
-        elif name.endswith(("mlp.fc1.weight", "mlp.fc1.bias")) and c.activation == "swiglu":
-            halves = [p.chunk(2) for p in parts]
-            t = torch.cat([torch.cat([hv[i] for hv in halves]) for i in range(2)])
-        elif name.endswith(("mlp.fc1.weight", "mlp.fc1.bias")):
-            t = torch.cat(parts)
-        elif name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
-            t = torch.cat(parts, dim=1)
-        else:
-            t = first  # replicated
-        out[serial] = t
-    if c.tie_embeddings and "tok_emb.weight" in out:
+        split = split_of(serial, model_cfg)
+        out[serial] = first if split is None else \
+            unshard_tensor([s[name] for s in shards], split, model_cfg.vocab_size)
+    if model_cfg.tie_embeddings and "tok_emb.weight" in out:
         out["lm_head.weight"] = out["tok_emb.weight"]
     return out
 
@@ -132,10 +142,10 @@ class VocabParallelHead(nn.Module):
     """Column-parallel LM head over the padded vocabulary + vocab-parallel cross-entropy.
     With labels, returns (None, loss) and never gathers the logits; without, the full logits."""
 
-    def __init__(self, weight: nn.Parameter, sharder: TPSharder, sequence_parallel: bool):
+    def __init__(self, weight: nn.Parameter, sharder: TPSharder, group, sequence_parallel: bool):
         super().__init__()
         self.weight = weight  # (padded_vocab / tp, C); the embedding's own Parameter when tied
-        self.group = sharder.group
+        self.group = group
         self.vocab_size = sharder.vocab
         self.vocab_start = sharder.vocab_start
         self.sequence_parallel = sequence_parallel
@@ -150,13 +160,24 @@ class VocabParallelHead(nn.Module):
         return gather_from_tp(logits, self.group)[..., :self.vocab_size], None
 
 
+@dataclass
+class TensorParallel:
+    """What parallelize() made: the model (changed in place), its tp group, the sharder that slices
+    serial tensors the way this rank holds them, and the dropout stream of the tp regions."""
+    model: GPT
+    group: object
+    sharder: TPSharder
+    tracker: RNGTracker
+    sequence_parallel: bool
+
+
 @torch.no_grad()
 def parallelize(model: GPT, group, sequence_parallel: bool = False, make_vocab_divisible_by: int = 128,
-                tracker: RNGTracker | None = None) -> GPT:
+                tracker: RNGTracker | None = None) -> TensorParallel:
     """Turn `model` (serial, any device) into its tensor-parallel form over `group`, in place."""
     cfg = model.config
     sp = sequence_parallel
-    sharder = TPSharder(cfg, group, make_vocab_divisible_by)
+    sharder = TPSharder(cfg, comm.size(group), comm.rank(group), make_vocab_divisible_by)
     tp = sharder.tp
     if tracker is None:
         tracker = RNGTracker(0, sharder.rank, next(model.parameters()).device)
@@ -164,14 +185,15 @@ def parallelize(model: GPT, group, sequence_parallel: bool = False, make_vocab_d
 
     emb = None
     if model.has_embed:
-        emb = VocabParallelEmbedding(sharder("tok_emb.weight", full["tok_emb.weight"]), sharder.vocab_start, group)
+        emb = VocabParallelEmbedding(sharder("tok_emb.weight", full["tok_emb.weight"]), sharder.vocab_start,
+                                     group)
         model.tok_emb = emb
     if model.has_head:
         tied_here = cfg.tie_embeddings and emb is not None
         head_weight = emb.weight if tied_here else \
             mark(nn.Parameter(sharder("lm_head.weight", full["lm_head.weight"])), tensor_parallel=True)
         model.lm_head = None
-        model.parallel_head = VocabParallelHead(head_weight, sharder, sp)
+        model.parallel_head = VocabParallelHead(head_weight, sharder, group, sp)
     model.fused_loss = False
 
     def linear(kind, prefix, **kw):
@@ -201,10 +223,7 @@ def parallelize(model: GPT, group, sequence_parallel: bool = False, make_vocab_d
             mark(param, sequence_parallel=True)
     if sp and model.has_embed:
         model.drop = ScatterThenDropout(group, ForkedDropout(cfg.dropout, tracker))
-    model.tp_group = group
-    model.tp_sharder = sharder
-    model.rng_tracker = tracker
-    return model
+    return TensorParallel(model, group, sharder, tracker, sp)
 
 
 def set_sequence_parallel(model: nn.Module, on: bool) -> None:
@@ -213,48 +232,3 @@ def set_sequence_parallel(model: nn.Module, on: bool) -> None:
     for m in model.modules():
         if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelHead, ScatterThenDropout)):
             m.sequence_parallel = on
-
-
-def sync_sequence_parallel_grads(model: nn.Module, group) -> None:
-    """Sum over tp the grads of replicated params that saw only a sequence shard: one bucket."""
-    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads or comm.size(group) == 1:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    comm.all_reduce(flat, group)
-    for g, new in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(new.view_as(g))
-
-
-def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, group, pp_group=None,
-                    duplicates: tuple[torch.Tensor, ...] = ()) -> float:
-    """Global L2 norm of all grads: tp-sharded params summed over tp, replicated params counted
-    once, every pipeline stage's share summed over pp; `duplicates` (e.g. the last stage's copy of
-    a tied embedding) are scaled but not counted. Scales grads in place when the norm exceeds
-    max_norm; returns the norm before clipping."""
-    params = [p for p in params if p.grad is not None]
-    device = params[0].grad.device if params else torch.device("cpu")
-    acc = torch.promote_types(params[0].grad.dtype if params else torch.float32, torch.float32)  # fp64 in tests
-    sharded = torch.zeros((), dtype=acc, device=device)
-    replicated = torch.zeros((), dtype=acc, device=device)
-    skip = {id(d) for d in duplicates}
-    for p in params:
-        if id(p) in skip:
-            continue
-        sq = p.grad.detach().to(acc).pow(2).sum()
-        if getattr(p, "tensor_parallel", False):
-            sharded += sq
-        else:
-            replicated += sq
-    if group is not None:
-        comm.all_reduce(sharded, group)
-    total = sharded + replicated
-    if pp_group is not None:
-        comm.all_reduce(total, pp_group)
-    norm = math.sqrt(total.item())
-    if max_norm > 0 and math.isfinite(norm):
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1.0:
-            for p in params:
-                p.grad.detach().mul_(coef)
-    return norm

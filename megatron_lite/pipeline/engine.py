@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..distributed import comm
+from ..parallel.grads import nan_if_nonfinite
 from .partition import Chunk
 from .schedules import Action, build, message
 
@@ -37,7 +38,7 @@ class StepTrace:
 class PipelineEngine:
     def __init__(self, model, chunks: list[Chunk], stage: int, pp_ranks: list[int], pp_group, schedule: str,
                  act_shape: tuple[int, ...], device: torch.device, autocast=contextlib.nullcontext,
-                 dtype: torch.dtype = torch.float32, prefetch: bool = True):
+                 dtype: torch.dtype = torch.float32, prefetch: bool = True, poison_nonfinite: bool = False):
         self.model = model
         self.chunks = chunks
         self.stage = stage
@@ -51,6 +52,9 @@ class PipelineEngine:
         self.autocast = autocast
         self.dtype = dtype  # of the residual stream (fp32 also under bf16 autocast)
         self.prefetch = prefetch  # post each receive one ahead (False: only when it is needed)
+        # A non-finite loss makes its whole gradient NaN (for an optimizer that skips on a
+        # non-finite gradient norm, e.g. DeepSpeed's, but never sees the loss).
+        self.poison_nonfinite = poison_nonfinite
         self.trace = StepTrace()
 
     def _tag(self, a: Action) -> int:
@@ -108,6 +112,8 @@ class PipelineEngine:
                 if chunk.last:
                     loss = out[1]
                     loss_sum += loss.detach()
+                    if self.poison_nonfinite:
+                        loss = nan_if_nonfinite(loss)
                     out = loss / m  # the mean over micro-batches, as serial accumulation averages
                 inputs[key], outputs[key] = inp, out
                 inflight += 1
@@ -140,23 +146,3 @@ class PipelineEngine:
         mean = loss_sum / m
         comm.all_reduce(mean, self.group)
         return mean
-
-
-def tied_embedding_copy(model) -> torch.Tensor | None:
-    """This stage's copy of a tied embedding that another stage also holds, if any: the input
-    embedding on the first stage, the LM-head weight on the last (pp > 1 only)."""
-    if not model.config.tie_embeddings or (model.has_embed and model.has_head):
-        return None
-    if model.has_embed:
-        return model.tok_emb.weight
-    if model.has_head:
-        return model.parallel_head.weight if model.parallel_head is not None else model.lm_head.weight
-    return None
-
-
-def sync_tied_embeddings(model, embed_group) -> None:
-    """Sum the tied embedding's gradient over its first- and last-stage copies (Megatron's
-    embedding group), so both copies take the same optimizer step and stay identical."""
-    w = tied_embedding_copy(model)
-    if w is not None and w.grad is not None and embed_group is not None:
-        comm.all_reduce(w.grad, embed_group)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError, ModelConfig
+from ..config import ModelConfig
+from ..errors import LayoutError
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,11 @@ def split_layers(cfg: ModelConfig, pieces: int, method: str = "even", sizes: lis
                  ) -> list[tuple[int, ...]]:
     L = cfg.num_layers
     if pieces > L:
-        raise ConfigError(f"parallel.pp x virtual stages = {pieces} pipeline pieces exceed model.num_layers={L}; "
+        raise LayoutError(f"parallel.pp x virtual stages = {pieces} pipeline pieces exceed model.num_layers={L}; "
                           f"every piece needs at least one block, so lower parallel.pp or add layers.")
     if sizes:
         if len(sizes) != pieces or sum(sizes) != L or min(sizes) < 1:
-            raise ConfigError(f"parallel.pp_layers={sizes} must list {pieces} positive block counts summing to "
+            raise LayoutError(f"parallel.pp_layers={sizes} must list {pieces} positive block counts summing to "
                               f"model.num_layers={L}.")
         counts = list(sizes)
     elif method == "even":
@@ -41,7 +42,7 @@ def split_layers(cfg: ModelConfig, pieces: int, method: str = "even", sizes: lis
     elif method == "params":
         counts = _balance_by_params(cfg, pieces)
     else:
-        raise ConfigError(f"parallel.partition={method!r} is unknown; choose even or params.")
+        raise LayoutError(f"parallel.partition={method!r} is unknown; choose even or params.")
     out, start = [], 0
     for c in counts:
         out.append(tuple(range(start, start + c)))
@@ -74,10 +75,10 @@ def stage_chunks(cfg: ModelConfig, pp: int, stage: int, v: int = 1, method: str 
                  sizes: list[int] | None = None) -> list[Chunk]:
     """The chunks (in chunk order) that pipeline stage `stage` holds."""
     if pp * v > cfg.num_layers:
-        raise ConfigError(f"parallel.pp={pp} x parallel.virtual_stages={v} = {pp * v} pipeline pieces exceed "
+        raise LayoutError(f"parallel.pp={pp} x parallel.virtual_stages={v} = {pp * v} pipeline pieces exceed "
                           f"model.num_layers={cfg.num_layers}; every piece needs a block, so lower parallel.pp.")
     if v > 1 and cfg.num_layers % (pp * v):
-        raise ConfigError(f"interleaving with parallel.virtual_stages={v} needs model.num_layers={cfg.num_layers} "
+        raise LayoutError(f"interleaving with parallel.virtual_stages={v} needs model.num_layers={cfg.num_layers} "
                           f"divisible by parallel.pp x virtual_stages = {pp * v}.")
     pieces = split_layers(cfg, pp * v, method, sizes)
     last = pp * v - 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError
+from ..errors import LayoutError
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def interleaved(pp: int, m: int, v: int) -> list[list[Action]]:
     """Interleaved 1F1B (Megatron): each stage holds v model chunks; micro-batches go through
     chunk 0 of every stage, then chunk 1, ..., in groups of pp. Needs m to be a multiple of pp."""
     if m % pp:
-        raise ConfigError(f"the interleaved schedule needs the number of micro-batches ({m}) to be a multiple "
+        raise LayoutError(f"the interleaved schedule needs the number of micro-batches ({m}) to be a multiple "
                           f"of parallel.pp={pp}; use {max(pp, m - m % pp)} or {m + pp - m % pp} micro-batches.")
     total = m * v
 
@@ -129,7 +129,7 @@ def build(name: str, pp: int, m: int, v: int = 1) -> list[list[Action]]:
         return one_f_one_b(pp, m)
     if name == "interleaved":
         return interleaved(pp, m, v)
-    raise ConfigError(f"parallel.schedule={name!r} is unknown; choose gpipe, 1f1b or interleaved.")
+    raise LayoutError(f"parallel.schedule={name!r} is unknown; choose gpipe, 1f1b or interleaved.")
 
 
 def simulate(lists: list[list[Action]], f_time: float = 1.0, b_time: float = 2.0):

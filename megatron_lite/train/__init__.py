@@ -1,3 +1,5 @@
-from .trainer import Trainer, TrainingError
+from ..errors import TrainingError
+from .backends import Backend, StepOutcome, build_backend
+from .trainer import Trainer
 
-__all__ = ["Trainer", "TrainingError"]
+__all__ = ["Backend", "StepOutcome", "Trainer", "TrainingError", "build_backend"]

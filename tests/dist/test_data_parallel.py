@@ -5,7 +5,6 @@ gradients in another order), so rounding-level tolerances: 1e-5 relative on loss
 
 import contextlib
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -24,45 +23,41 @@ def _config(data_dir, out, *extra):
     return Config.from_yaml(None, base + list(extra))
 
 
-def _run(cfg):
+def _run(cfg, env=None):
     from megatron_lite.train import Trainer
-    trainer = Trainer(cfg, log=lambda *_: None)
+    trainer = Trainer(cfg, env)
     results = [trainer.train_step() for _ in range(STEPS)]
     return trainer, [(r.loss, r.grad_norm) for r in results]
 
 
+def _env(rank, world):
+    from megatron_lite.distributed.env import RunEnv
+    return RunEnv(rank=rank, world_size=world, local_rank=rank, local_world_size=world, source="explicit")
+
+
 def _check(rank, world, data_dir, out, layouts):
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
     torch.manual_seed(0)
     serial_cfg = _config(data_dir, f"{out}/serial{rank}", "train.grad_accum=4")  # same global batch: 8 samples
-    os.environ["WORLD_SIZE"] = "1"
-    import megatron_lite.train.trainer as tr
-    real_init = tr.comm.init
-    tr.comm.init = lambda *a, **k: None  # the serial reference runs inside this rank, alone
-    try:
-        serial, want = _run(serial_cfg)
-    finally:
-        tr.comm.init = real_init
-        os.environ["WORLD_SIZE"] = str(world)
+    serial, want = _run(serial_cfg)  # the serial reference runs inside this rank, alone (RunEnv())
     serial_params = dict(serial.model.named_parameters(remove_duplicate=False))
     for extra in layouts:
         dp = int(next(x for x in extra if x.startswith("parallel.dp=")).split("=")[1])
         cfg = _config(data_dir, f"{out}/{'_'.join(extra)}", f"train.grad_accum={4 // dp}", *extra)
-        trainer, got = _run(cfg)
+        trainer, got = _run(cfg, _env(rank, world))
         where = f"{extra} rank {rank}"
         assert all(n > 0.3 for _, n in want)  # clipping engages on every step
         for (gl, gn), (wl, wn) in zip(got, want):
             assert gl == pytest.approx(wl, rel=1e-5), (where, got, want)
             assert gn == pytest.approx(wn, rel=1e-5), (where, got, want)
         gather = contextlib.nullcontext()
-        if getattr(trainer, "ds", None) is not None and cfg.optim.zero.stage == 3:
+        if trainer.layout.backend == "deepspeed" and cfg.optim.zero.stage == 3:
             import deepspeed  # ZeRO-3 partitions the weights: gather them to compare
             gather = deepspeed.zero.GatheredParameters(list(trainer.model.parameters()))
         with gather:
             for name, p in trainer.model.named_parameters():
                 full = serial_params["lm_head.weight" if name == "parallel_head.weight" else name]
-                want_p = trainer.model.tp_sharder(name if name != "parallel_head.weight" else "lm_head.weight", full) \
-                    if hasattr(trainer.model, "tp_sharder") else full
+                serial_name = name if name != "parallel_head.weight" else "lm_head.weight"
+                want_p = trainer.tp.sharder(serial_name, full) if trainer.tp is not None else full
                 torch.testing.assert_close(p.detach(), want_p.detach(), rtol=1e-4, atol=1e-5,
                                            msg=lambda e: f"{where} {name} {e}")
 
@@ -80,17 +75,17 @@ def test_dp2_composed_with_tp2_and_pp2(corpus_dir, tmp_path):
 
 
 def _bf16(rank, world, data_dir, out):
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
-    fp32 = _run(_config(data_dir, f"{out}/f", "parallel.dp=2", "train.grad_accum=2"))[1]
+    env = _env(rank, world)
+    fp32 = _run(_config(data_dir, f"{out}/f", "parallel.dp=2", "train.grad_accum=2"), env)[1]
     bf16 = _run(_config(data_dir, f"{out}/b", "parallel.dp=2", "train.grad_accum=2", "train.precision=bf16",
-                        "optim.zero.stage=1"))[1]
+                        "optim.zero.stage=1"), env)[1]
     # bf16 keeps 8 mantissa bits (~0.4% relative per rounding); over five steps the loss curve
     # stays within 2% of fp32's, while a real bug (e.g. lost grads) moves it by far more.
     for (lb, _), (lf, _) in zip(bf16, fp32):
         assert lb == pytest.approx(lf, rel=0.02), (bf16, fp32)
     if importlib.util.find_spec("deepspeed") is not None:  # DeepSpeed's bf16: bf16 weights, fp32 masters
         ds = _run(_config(data_dir, f"{out}/d", "parallel.dp=2", "train.grad_accum=2", "train.precision=bf16",
-                          "optim.zero.stage=1", "optim.zero.backend=deepspeed"))[1]
+                          "optim.zero.stage=1", "optim.zero.backend=deepspeed"), env)[1]
         for (ld, _), (lf, _) in zip(ds, fp32):
             assert ld == pytest.approx(lf, rel=0.02), (ds, fp32)
 

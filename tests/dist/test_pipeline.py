@@ -18,14 +18,14 @@ def _case(rank, world, pp, tp, schedule, v, m, sp=False, variant="gpt2"):
     from megatron_lite.config import ModelConfig
     from megatron_lite.distributed.topology import Topology
     from megatron_lite.model import GPT
-    from megatron_lite.parallel.tensor_parallel import (clip_grad_norm_, parallelize,
-                                                        sync_sequence_parallel_grads)
-    from megatron_lite.pipeline.engine import PipelineEngine, sync_tied_embeddings, tied_embedding_copy
+    from megatron_lite.parallel.grads import GradSync, tied_embedding_copy
+    from megatron_lite.parallel.tensor_parallel import parallelize
+    from megatron_lite.pipeline.engine import PipelineEngine
     from megatron_lite.pipeline.partition import stage_chunks
     where = f"[{schedule} pp={pp} tp={tp} v={v} m={m} sp={sp} {variant} rank={rank}]"
     topo = Topology(tp=tp, pp=pp, dp=1)
     groups = topo.build(rank)
-    coord = topo.coord(rank)
+    coord = groups.coord
     extra = dict(position_embedding="rope", activation="swiglu", norm="rmsnorm", bias=False,
                  tie_embeddings=False) if variant == "llama" else {}
     cfg = ModelConfig(vocab_size=101, hidden_size=32, num_layers=pp * v * (2 if pp == 2 else 1),
@@ -39,9 +39,10 @@ def _case(rank, world, pp, tp, schedule, v, m, sp=False, variant="gpt2"):
     stage = GPT(cfg, seed=21, layers=layers, embed=any(c.first for c in chunks),
                 head=any(c.last for c in chunks)).double()
     tp_group = groups.tp if tp > 1 else None
+    shard = lambda n, t: t  # noqa: E731
     if tp > 1:
-        stage = parallelize(stage, groups.tp, sequence_parallel=sp, make_vocab_divisible_by=8)
-    shard = (lambda n, t: stage.tp_sharder(n, t)) if tp > 1 else (lambda n, t: t)
+        shard = parallelize(stage, groups.tp, sequence_parallel=sp, make_vocab_divisible_by=8).sharder
+    sync = GradSync(tp_group=tp_group, pp_group=groups.pp, embed_group=groups.embed)
     engine = PipelineEngine(stage, chunks, coord.pp, groups.pp_ranks, groups.pp, schedule,
                             act_shape=(2, 16 // tp if sp else 16, 32), device=torch.device("cpu"),
                             dtype=torch.float64)
@@ -58,9 +59,7 @@ def _case(rank, world, pp, tp, schedule, v, m, sp=False, variant="gpt2"):
             ref += loss.detach() / m
         got = engine.run(batches)
         torch.testing.assert_close(got, ref, **TOL, msg=lambda e: f"loss step {step} {where} {e}")
-        if tp > 1:
-            sync_sequence_parallel_grads(stage, groups.tp)
-        sync_tied_embeddings(stage, groups.embed)
+        sync.finish(stage)  # sequence-parallel sums, tied-embedding copies
         if step == 0:
             sg = dict(serial.named_parameters(remove_duplicate=False))
             for name, p in stage.named_parameters():
@@ -68,8 +67,7 @@ def _case(rank, world, pp, tp, schedule, v, m, sp=False, variant="gpt2"):
                 torch.testing.assert_close(p.grad, shard(serial_name, sg[serial_name].grad), **TOL,
                                            msg=lambda e: f"grad {name} {where} {e}")
         ns = torch.nn.utils.clip_grad_norm_(serial.parameters(), 0.05).item()
-        dup = (copy_w,) if copy_w is not None and not stage.has_embed else ()
-        npp = clip_grad_norm_(list(stage.parameters()), 0.05, tp_group, groups.pp, duplicates=dup)
+        npp = sync.clip(stage, 0.05)
         assert ns > 0.05 and abs(npp - ns) < 1e-9 * ns, (npp, ns, where)
         opt_s.step()
         opt_p.step()

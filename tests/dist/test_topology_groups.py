@@ -13,7 +13,7 @@ def _groups(rank, world):
     groups = topo.build(rank)
     assert groups.tp_ranks == [rank - rank % 2, rank - rank % 2 + 1]
     assert groups.dp_ranks == [rank % 2, rank % 2 + 2]
-    assert topo.tp_rank == rank % 2 and topo.dp_rank == rank // 2 and topo.pp_rank == 0
+    assert groups.coord.tp == rank % 2 and groups.coord.dp == rank // 2 and groups.coord.pp == 0
     t = torch.tensor([float(rank)])
     comm.all_reduce(t, groups.tp)
     assert t.item() == sum(groups.tp_ranks)

@@ -36,12 +36,15 @@ def _serial_name(name: str) -> str:
 def _check_gpt(rank, world, variant, sp, dtype=torch.float64):
     import torch.distributed as dist
 
-    from megatron_lite.parallel.tensor_parallel import clip_grad_norm_, parallelize, sync_sequence_parallel_grads
+    from megatron_lite.parallel.grads import GradSync
+    from megatron_lite.parallel.tensor_parallel import parallelize
     group = dist.group.WORLD
+    sync = GradSync(tp_group=group)
     TOL = TOLS[dtype]
     cfg = ModelConfig(num_layers=2, max_sequence_length=16, **VARIANTS[variant])
     serial = GPT(cfg, seed=11).to(dtype)
-    par = parallelize(copy.deepcopy(serial), group, sequence_parallel=sp, make_vocab_divisible_by=8)
+    tpm = parallelize(copy.deepcopy(serial), group, sequence_parallel=sp, make_vocab_divisible_by=8)
+    par = tpm.model
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, cfg.vocab_size, (3, 16), generator=g)
     labels = torch.randint(0, cfg.vocab_size, (3, 16), generator=g)
@@ -60,21 +63,22 @@ def _check_gpt(rank, world, variant, sp, dtype=torch.float64):
         _, lp = par(ids, labels)
         ls.backward()
         lp.backward()
-        sync_sequence_parallel_grads(par, group)
+        sync.finish(par)
         torch.testing.assert_close(lp, ls, **TOL, msg=lambda m: f"loss step {step} {where} {m}")
         if step == 0:  # every gradient slice, before any clipping
             serial_grads = {n: p.grad for n, p in serial.named_parameters(remove_duplicate=False)}
             for name, p in par.named_parameters():
-                want = par.tp_sharder(_serial_name(name), serial_grads[_serial_name(name)])
+                want = tpm.sharder(_serial_name(name), serial_grads[_serial_name(name)])
                 torch.testing.assert_close(p.grad, want, **TOL, msg=lambda m: f"grad {name} {where} {m}")
         # Clipping at a low max-norm engages, and the clipped result matches serial clipping.
         ns = torch.nn.utils.clip_grad_norm_(serial.parameters(), 0.5).item()
-        npar = clip_grad_norm_(list(par.parameters()), 0.5, group)
+        npar = sync.clip(par, 0.5)
         assert ns > 0.5 and abs(npar - ns) < TOL["rtol"] * ns, (npar, ns, where)
         opt_s.step()
         opt_p.step()
     for name, p in par.named_parameters():
-        want = par.tp_sharder(_serial_name(name), dict(serial.named_parameters(remove_duplicate=False))[_serial_name(name)])
+        serial_params = dict(serial.named_parameters(remove_duplicate=False))
+        want = tpm.sharder(_serial_name(name), serial_params[_serial_name(name)])
         torch.testing.assert_close(p, want, **TOL, msg=lambda m: f"weight after 3 steps {name} {where} {m}")
 
 

@@ -26,10 +26,13 @@ def _mappings(rank, world):
     col = lambda t, r: t.chunk(world, dim=-1)[r]  # noqa: E731
     seq = lambda t, r: t.chunk(world, dim=1)[r]  # noqa: E731
 
+    stats = comm.CommStats()
+
     def run(fn, x, grad):
         x = x.clone().requires_grad_()
-        y = fn(x, group)
-        y.backward(grad)
+        with stats.recording():
+            y = fn(x, group)
+            y.backward(grad)
         return y.detach(), x.grad
 
     # copy_to_tp: fwd identity, bwd sum of the ranks' grads
@@ -60,7 +63,7 @@ def _mappings(rank, world):
     y, dx = run(M.reduce_scatter_to_sp, mine, seq(gmine, 0))
     torch.testing.assert_close(y, seq(per_rank.sum(0), rank), **TOL)
     torch.testing.assert_close(dx, torch.cat([seq(up[r], 0) for r in range(world)], 1), **TOL)
-    assert comm.BYTES["all_reduce"] > 0 and comm.BYTES["all_gather"] > 0 and comm.BYTES["reduce_scatter"] > 0
+    assert stats.bytes["all_reduce"] > 0 and stats.bytes["all_gather"] > 0 and stats.bytes["reduce_scatter"] > 0
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -5,11 +5,12 @@ import sys
 
 from megatron_lite.config import Config
 from megatron_lite.distributed import comm
+from megatron_lite.distributed.env import RunEnv
 from megatron_lite.train import Trainer
 
 if __name__ == "__main__":
     out, overrides = sys.argv[1], sys.argv[2:]
-    trainer = Trainer(Config.from_yaml(None, overrides), log=lambda *_: None)
+    trainer = Trainer(Config.from_yaml(None, overrides), RunEnv.from_environ())  # torchrun's variables
     try:
         hist = trainer.fit()
         if trainer.is_main:

@@ -10,37 +10,35 @@ from megatron_lite.checkpoint import CheckpointManager
 from megatron_lite.train import Trainer, TrainingError
 from tests.conftest import cli
 
-quiet = dict(log=lambda *_: None)
-
 
 def test_resume_is_bit_exact(tiny_config, tmp_path):
     """20 steps in one run == 10 steps, stop, resume, 10 steps: identical losses, bit for bit.
     Dropout is on, so the RNG state must be restored too; grad accumulation exercises the cursor."""
     common = ["model.dropout=0.1", "train.grad_accum=2", "checkpoint.interval=100"]
-    straight = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'a'}"), **quiet)
+    straight = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'a'}"))
     full = straight.fit()["train_loss"]
-    first = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'b'}", "train.exit_interval=10"), **quiet)
+    first = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'b'}", "train.exit_interval=10"))
     part1 = first.fit()["train_loss"]
     assert len(part1) == 10 and first.state.step == 10
-    second = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'b'}"), **quiet)
+    second = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'b'}"))
     assert second.resumed_from is not None and second.state.step == 10 and second.state.cursor == 80
     part2 = second.fit()["train_loss"]
     assert part1 + part2 == full  # exact float equality
     for a, b in zip(straight.model.parameters(), second.model.parameters()):
         assert torch.equal(a, b)
     # A run resumed at its final step has nothing left to do.
-    done = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'b'}"), **quiet)
+    done = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'b'}"))
     assert done.fit()["train_loss"] == []
 
 
 def test_validation_loss_falls_and_grad_accum_matches_a_big_batch(tiny_config, tmp_path):
-    hist = Trainer(tiny_config("train.steps=40", "train.eval_interval=40"), **quiet).fit()
+    hist = Trainer(tiny_config("train.steps=40", "train.eval_interval=40")).fit()
     (_, v0), (_, v1) = hist["val_loss"][0], hist["val_loss"][-1]
     assert v1 < v0 - 0.5, hist["val_loss"]
     # grad_accum=2 x micro 4 sees the same 8 samples as micro 8: same loss and update.
     short = ("train.steps=3", "optim.warmup_steps=1")
-    a = Trainer(tiny_config("data.micro_batch_size=8", *short, f"train.out_dir={tmp_path / 'm8'}"), **quiet)
-    b = Trainer(tiny_config("train.grad_accum=2", *short, f"train.out_dir={tmp_path / 'm4'}"), **quiet)
+    a = Trainer(tiny_config("data.micro_batch_size=8", *short, f"train.out_dir={tmp_path / 'm8'}"))
+    b = Trainer(tiny_config("train.grad_accum=2", *short, f"train.out_dir={tmp_path / 'm4'}"))
     la, lb = a.fit()["train_loss"], b.fit()["train_loss"]
     # Same math in another summation order: float32 rounding only (~1e-7 relative).
     assert la == pytest.approx(lb, rel=1e-5)
@@ -51,7 +49,7 @@ def test_validation_loss_falls_and_grad_accum_matches_a_big_batch(tiny_config, t
 def test_tensorboard_scalars_are_written(tiny_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     cfg = tiny_config()
-    Trainer(cfg, **quiet).fit()
+    Trainer(cfg).fit()
     acc = EventAccumulator(str(Path(cfg.train.out_dir) / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -79,12 +77,13 @@ def _poison(trainer, bad_steps):
     trainer.model.forward = forward
 
 
-def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_config, tmp_path):
-    lines = []
-    trainer = Trainer(tiny_config("train.steps=8", "checkpoint.interval=4"), log=lines.append)
+def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_config, tmp_path, caplog):
+    trainer = Trainer(tiny_config("train.steps=8", "checkpoint.interval=4"))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     _poison(trainer, bad_steps={1, 2})
-    hist = trainer.fit()
+    with caplog.at_level("INFO", logger="megatron_lite"):
+        hist = trainer.fit()
+    lines = [r.getMessage() for r in caplog.records]
     assert hist["skipped"] == [1, 2] and trainer.state.total_skips == 2
     assert sum("skipped: loss nan" in line for line in lines) == 2, lines
     assert all(math.isfinite(x) for x in hist["train_loss"][2:])
@@ -95,7 +94,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_config, tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
     stopper = Trainer(tiny_config("train.steps=8", "train.max_skipped_steps=2",
-                                  f"train.out_dir={tmp_path / 'stop'}"), **quiet)
+                                  f"train.out_dir={tmp_path / 'stop'}"))
     _poison(stopper, bad_steps={2, 3, 4, 5})
     with pytest.raises(TrainingError, match="3 consecutive steps.*max_skipped_steps=2"):
         stopper.fit()
@@ -103,9 +102,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_config, tmp_path):
 
 
 def test_bf16_autocast_tracks_fp32(tiny_config, tmp_path):
-    fp32 = Trainer(tiny_config("train.steps=10", f"train.out_dir={tmp_path / 'f'}"), **quiet).fit()
-    bf16 = Trainer(tiny_config("train.steps=10", "train.precision=bf16", f"train.out_dir={tmp_path / 'b'}"),
-                   **quiet).fit()
+    fp32 = Trainer(tiny_config("train.steps=10", f"train.out_dir={tmp_path / 'f'}")).fit()
+    bf16 = Trainer(tiny_config("train.steps=10", "train.precision=bf16", f"train.out_dir={tmp_path / 'b'}")).fit()
     # bf16 has an 8-bit mantissa (~0.4% relative rounding per op): losses agree to a few percent.
     for a, b in zip(fp32["train_loss"], bf16["train_loss"]):
         assert b == pytest.approx(a, rel=0.03)
@@ -114,11 +112,11 @@ def test_bf16_autocast_tracks_fp32(tiny_config, tmp_path):
 def test_resuming_a_different_model_is_refused_in_one_sentence(tiny_config):
     from megatron_lite.checkpoint import CheckpointError
     from megatron_lite.config import ConfigError
-    Trainer(tiny_config("train.steps=10"), **quiet).fit()
+    Trainer(tiny_config("train.steps=10")).fit()
     with pytest.raises(ConfigError, match="different model.*model.hidden_size.*new train.out_dir"):
-        Trainer(tiny_config("train.steps=10", "model.hidden_size=64"), **quiet)
+        Trainer(tiny_config("train.steps=10", "model.hidden_size=64"))
     # Even past that check (config.yaml gone), DCP's own error becomes one sentence.
-    trainer = Trainer(tiny_config("train.steps=10"), **quiet)
+    trainer = Trainer(tiny_config("train.steps=10"))
     ckpt = trainer.checkpoints.latest()
     (ckpt / "config.yaml").unlink()
     manifest = ckpt / "manifest.json"
@@ -127,13 +125,13 @@ def test_resuming_a_different_model_is_refused_in_one_sentence(tiny_config):
     del m["files"]["config.yaml"]
     manifest.write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match="does not fit this model"):
-        Trainer(tiny_config("train.steps=10", "model.hidden_size=64"), **quiet)
+        Trainer(tiny_config("train.steps=10", "model.hidden_size=64"))
 
 
 def test_vocab_smaller_than_the_tokenizer_is_refused(tiny_config):
     from megatron_lite.config import ConfigError
     with pytest.raises(ConfigError, match="model.vocab_size=100 is smaller.*512"):
-        Trainer(tiny_config("model.vocab_size=100"), **quiet)
+        Trainer(tiny_config("model.vocab_size=100"))
 
 
 @pytest.mark.slow

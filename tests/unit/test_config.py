@@ -1,6 +1,7 @@
 import pytest
 
 from megatron_lite.config import Config, ConfigError
+from megatron_lite.layout import Layout
 from tests.conftest import ROOT, cli
 
 
@@ -95,7 +96,7 @@ def test_cli_reports_user_errors_in_one_line_without_traceback(tmp_path):
 def test_impossible_layouts_fail_in_one_sentence_before_any_process_group(override, words):
     import torch.distributed as dist
     with pytest.raises(ConfigError) as e:
-        Config.from_yaml(ROOT / "configs/tiny.yaml", override)
+        Layout.build(Config.from_yaml(ROOT / "configs/tiny.yaml", override))
     for w in words:
         assert w in str(e.value), str(e.value)
     assert "\n" not in str(e.value) and not dist.is_initialized()

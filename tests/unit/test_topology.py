@@ -2,8 +2,9 @@
 
 import pytest
 
-from megatron_lite.config import ConfigError, ModelConfig
+from megatron_lite.config import Config, ConfigError, DataConfig, ModelConfig, ParallelConfig
 from megatron_lite.distributed.topology import Coord, Topology
+from megatron_lite.layout import Layout
 
 
 def test_rank_coordinates_round_trip_and_groups():
@@ -32,8 +33,10 @@ def test_rank_coordinates_round_trip_and_groups():
 def test_invalid_layouts_fail_in_one_sentence(kwargs, cfg, seq, sp, words):
     import torch.distributed as dist
     model = ModelConfig(vocab_size=50257, hidden_size=64, num_attention_heads=4, **cfg)
+    config = Config(model=model, parallel=ParallelConfig(sequence_parallel=sp, **kwargs),
+                    data=DataConfig(seq_length=seq))
     with pytest.raises(ConfigError) as e:
-        Topology(**kwargs).check_model(model, seq, sequence_parallel=sp)
+        Layout.build(config.validate())
     for w in words:
         assert w in str(e.value)
     assert "\n" not in str(e.value)

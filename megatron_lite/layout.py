@@ -1,0 +1,169 @@
+"""Layout: how one run is split across processes, decided once, before any process group exists.
+
+    layout = Layout.build(cfg, world_size=8)   # every layout rule, one sentence each; no process
+    layout.topology.coord(rank)                 # (tp, pp, dp) of a rank
+    layout.chunks(stage)                        # the pipeline pieces a stage builds
+    layout.micro_batches, layout.global_batch_size, layout.act_shape, layout.backend
+
+Config validates fields; a Layout checks what a *combination* needs: tp x pp x dp against the
+world size, heads / kv heads / intermediate size (and, with sequence parallelism, the sequence
+length) divisible by tp, the pipeline partition and schedule, which ZeRO stage composes with what,
+and the global-batch arithmetic. It is pure and cheap (no torch.distributed, no tensors), so a
+layout planner can enumerate thousands of them; training builds exactly one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from .config import Config
+from .distributed.topology import Topology
+from .errors import LayoutError
+from .pipeline.partition import Chunk, stage_chunks
+from .pipeline.schedules import Action, build as build_schedule
+
+
+@dataclass(frozen=True)
+class Layout:
+    config: Config
+    topology: Topology
+    micro_batches: int  # micro-batches per optimizer step on each data-parallel rank
+    backend: str  # "local" (serial / TP / DP / native ZeRO-1), "pipeline" or "deepspeed"
+
+    @classmethod
+    def build(cls, cfg: Config, world_size: int | None = None) -> "Layout":
+        """Check every layout rule for `cfg` (and the job's process count, when given)."""
+        p, z = cfg.parallel, cfg.optim.zero
+        topology = Topology(p.tp, p.pp, p.dp, p.order)
+        _check_model(cfg, p.tp)
+        m = _micro_batches(cfg)
+        if cfg.data.global_batch_size is not None:
+            per_step = cfg.data.micro_batch_size * m * p.dp
+            if cfg.data.global_batch_size != per_step:
+                raise LayoutError(
+                    f"data.global_batch_size={cfg.data.global_batch_size} is not data.micro_batch_size="
+                    f"{cfg.data.micro_batch_size} x {m} micro-batches x parallel.dp={p.dp} = {per_step}; "
+                    f"choose micro-batches that divide the global batch.")
+        deepspeed = z.backend == "deepspeed" and z.stage > 0
+        if deepspeed:
+            _check_deepspeed(cfg)
+        if p.pp > 1 or p.pp_layers:
+            stage_chunks(cfg.model, p.pp, 0, p.virtual_stages, p.partition, p.pp_layers)
+            build_schedule(p.schedule, p.pp, m, p.virtual_stages)  # e.g. interleaving needs m % pp == 0
+        if world_size is not None:
+            topology.check_world(world_size)
+        backend = "deepspeed" if deepspeed else "pipeline" if p.pp > 1 else "local"
+        return cls(cfg, topology, m, backend)
+
+    # ---- derived facts -------------------------------------------------------------------------
+    @property
+    def tp(self) -> int:
+        return self.topology.tp
+
+    @property
+    def pp(self) -> int:
+        return self.topology.pp
+
+    @property
+    def dp(self) -> int:
+        return self.topology.dp
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    @property
+    def seq_length(self) -> int:
+        return self.config.seq_length
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step over the whole job."""
+        return self.config.data.micro_batch_size * self.micro_batches * self.dp
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.config.parallel.sequence_parallel and self.tp > 1
+
+    @property
+    def act_shape(self) -> tuple[int, int, int]:
+        """Shape of the activations between pipeline stages: (micro-batch, sequence or its
+        sequence-parallel shard, hidden)."""
+        seq = self.seq_length // self.tp if self.sequence_parallel else self.seq_length
+        return (self.config.data.micro_batch_size, seq, self.config.model.hidden_size)
+
+    def chunks(self, stage: int) -> list[Chunk]:
+        """The model pieces pipeline stage `stage` holds (all blocks, embedding and head when pp = 1)."""
+        p = self.config.parallel
+        return stage_chunks(self.config.model, p.pp, stage, p.virtual_stages, p.partition, p.pp_layers)
+
+    @cached_property
+    def schedule(self) -> list[list[Action]]:
+        """Every stage's action list for one training step."""
+        p = self.config.parallel
+        return build_schedule(p.schedule, p.pp, self.micro_batches, p.virtual_stages)
+
+    def as_dict(self) -> dict:
+        """What a checkpoint records about the layout that wrote it."""
+        p = self.config.parallel
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "order": p.order,
+                "make_vocab_divisible_by": p.make_vocab_divisible_by, "virtual_stages": p.virtual_stages,
+                "zero_stage": self.config.optim.zero.stage, "zero_backend": self.config.optim.zero.backend}
+
+    def describe(self) -> str:
+        """One line for the log: tp 2 +sp pp 2 (1f1b, 4 micro-batches) dp 2 zero-1 (native)."""
+        p, z = self.config.parallel, self.config.optim.zero
+        out = f"tp {self.tp}{' +sp' if self.sequence_parallel else ''} pp {self.pp}"
+        if self.pp > 1:
+            out += f" ({p.schedule}{f' x{p.virtual_stages}' if p.virtual_stages > 1 else ''})"
+        out += f" dp {self.dp}"
+        if z.stage:
+            out += f" zero-{z.stage} ({z.backend})"
+        return out
+
+
+def _micro_batches(cfg: Config) -> int:
+    """parallel.microbatches (the pipeline's name) or train.grad_accum: the same number."""
+    p, t = cfg.parallel, cfg.train
+    if p.microbatches is None:
+        return t.grad_accum
+    if t.grad_accum not in (1, p.microbatches):
+        raise LayoutError(f"parallel.microbatches={p.microbatches} and train.grad_accum={t.grad_accum} both set "
+                          f"the micro-batches per step; set only one of them.")
+    return p.microbatches
+
+
+def _check_model(cfg: Config, tp: int) -> None:
+    """Tensor parallelism splits heads, kv heads and the MLP width; sequence parallelism the sequence."""
+    m = cfg.model
+    rules = [
+        (m.num_attention_heads % tp, f"model.num_attention_heads={m.num_attention_heads} is not "
+         f"divisible by parallel.tp={tp}; each tensor-parallel rank must hold whole heads."),
+        (m.num_kv_heads % tp, f"model.num_kv_heads={m.num_kv_heads} is not divisible by "
+         f"parallel.tp={tp}; use a kv head count that is a multiple of tp (or lower tp)."),
+        (m.intermediate_size % tp, f"model.intermediate_size={m.intermediate_size} is not divisible "
+         f"by parallel.tp={tp}; pick a multiple of tp."),
+        (cfg.parallel.sequence_parallel and cfg.seq_length % tp, f"sequence length {cfg.seq_length} is not "
+         f"divisible by parallel.tp={tp}, which parallel.sequence_parallel=true needs; change data.seq_length."),
+    ]
+    for broken, msg in rules:
+        if broken:
+            raise LayoutError(msg)
+
+
+def _check_deepspeed(cfg: Config) -> None:
+    """What DeepSpeed ZeRO composes with here (it partitions over the data-parallel group only)."""
+    p, z = cfg.parallel, cfg.optim.zero
+    if p.dp < 2:
+        raise LayoutError(f"optim.zero.backend=deepspeed shards over the data-parallel group, but "
+                          f"parallel.dp={p.dp}; use parallel.dp >= 2 or optim.zero.stage=0.")
+    if p.pp > 1 and z.stage > 1:
+        raise LayoutError(f"optim.zero.stage={z.stage} partitions gradients during backward, which our "
+                          f"pipeline engine runs outside DeepSpeed; with parallel.pp={p.pp} use stage 1.")
+    if p.sequence_parallel:
+        raise LayoutError("optim.zero.backend=deepspeed does not support parallel.sequence_parallel=true "
+                          "(DeepSpeed reduces gradients before the sequence-parallel sum); turn one off.")
+    if z.stage == 3 and p.tp > 1:
+        raise LayoutError(f"optim.zero.stage=3 partitions parameters, which is not combined with "
+                          f"parallel.tp={p.tp} here; use stage 1 or 2 with tensor parallelism.")

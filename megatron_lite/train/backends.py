@@ -1,0 +1,207 @@
+"""The one interface the trainer drives, whatever the parallelism (Megatron's schedule pattern:
+one forward-backward signature whether or not pipelining is on).
+
+    loss = backend.forward_backward(batches)                     # mean loss of the global batch
+    out = backend.step(lr, loss)                                  # finish, clip, check, apply
+    loss = backend.forward_backward(batches, forward_only=True)  # evaluation
+    pieces = backend.stateful()                                   # what a checkpoint saves
+
+Three implementations, picked by build_backend() from the Layout:
+    LocalBackend      serial, tensor-parallel, data-parallel, native ZeRO-1: micro-batches in a loop
+    PipelineBackend   the same optimizer step; the micro-batches run through the pipeline schedule
+    DeepSpeedBackend  DeepSpeed ZeRO 1-3 owns reduction, clipping and the update (with or without
+                      our pipeline engine)
+
+One non-finite policy for all of them: a step whose global loss or gradient norm is not finite is
+skipped, and leaves the weights and the optimizer state exactly as they were. Our backends check
+before calling the optimizer; DeepSpeed skips a step whose gradient norm is not finite itself, and a
+non-finite loss is turned into a NaN gradient first (nan_if_nonfinite) so it never slips through
+with finite gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..checkpoint import Stateful
+from ..distributed import comm
+from ..layout import Layout
+from ..parallel.grads import GradSync, nan_if_nonfinite, sync_tied_embeddings
+from ..pipeline.engine import PipelineEngine
+
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class StepOutcome:
+    grad_norm: float  # global norm before clipping
+    skipped: bool  # True: loss or norm not finite, nothing was applied
+
+
+class Backend:
+    """Base: a model (this rank's part of it), its optimizer, the data-parallel loss average."""
+
+    def __init__(self, model, optimizer, dp_group, autocast, rng_tracker=None):
+        self.model = model
+        self.optimizer = optimizer
+        self.dp_group = dp_group
+        self.autocast = autocast
+        self.rng_tracker = rng_tracker
+
+    def forward_backward(self, batches: Batches, forward_only: bool = False) -> float:
+        """Run this rank's micro-batches of one global batch (forward and backward, or forward
+        only); returns the mean loss over the whole global batch, the same on every rank."""
+        self.model.train(not forward_only)
+        total = self._run(batches, forward_only)
+        if self.dp_group is not None:
+            comm.all_reduce(total, self.dp_group)
+            total = total / comm.size(self.dp_group)
+        return total.item()
+
+    def _run(self, batches: Batches, forward_only: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, lr: float, loss: float) -> StepOutcome:
+        """Finish the accumulated gradients, clip them, and apply them at learning rate lr unless
+        the loss or the gradient norm is not finite."""
+        raise NotImplementedError
+
+    def stateful(self) -> Stateful:
+        return Stateful(self.model, self.optimizer, self.rng_tracker)
+
+
+def _accumulate(model, batches: Batches, forward_only: bool, autocast, backward) -> torch.Tensor:
+    """Mean loss of the micro-batches; each loss is handed to `backward` (unless forward only)."""
+    total = torch.zeros((), device=batches[0][0].device)
+    grad = torch.no_grad() if forward_only else contextlib.nullcontext()
+    for x, y in batches:
+        with grad, autocast():
+            _, loss = model(x, y)
+        if not forward_only:
+            backward(loss)
+        total += loss.detach().float()
+    return total / len(batches)
+
+
+class LocalBackend(Backend):
+    """Serial / tensor / data parallelism and native ZeRO-1: gradient accumulation over the
+    micro-batches, then one GradSync (dp mean, sequence-parallel sums), clip and optimizer step."""
+
+    def __init__(self, model, optimizer, grad_sync: GradSync, grad_clip: float, dp_group, autocast,
+                 rng_tracker=None):
+        super().__init__(model, optimizer, dp_group, autocast, rng_tracker)
+        self.grad_sync = grad_sync
+        self.grad_clip = grad_clip
+
+    def forward_backward(self, batches: Batches, forward_only: bool = False) -> float:
+        if not forward_only:
+            self.optimizer.zero_grad(set_to_none=True)
+        return super().forward_backward(batches, forward_only)
+
+    def _run(self, batches, forward_only):
+        m = len(batches)
+        return _accumulate(self.model, batches, forward_only, self.autocast, lambda loss: (loss / m).backward())
+
+    def step(self, lr: float, loss: float) -> StepOutcome:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        norm = self.grad_sync.finish_and_clip(self.model, self.grad_clip)
+        skipped = not (math.isfinite(loss) and math.isfinite(norm))
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        return StepOutcome(norm, skipped)
+
+
+class PipelineBackend(LocalBackend):
+    """The local optimizer step; the micro-batches run through this stage's pipeline schedule."""
+
+    def __init__(self, engine: PipelineEngine, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.engine = engine
+
+    def _run(self, batches, forward_only):
+        return self.engine.run(batches, forward_only=forward_only).float()
+
+
+class DeepSpeedBackend(Backend):
+    """DeepSpeed ZeRO owns the data-parallel reduction, the clipping and the update. Without
+    pipelining, its engine runs each micro-batch (its step() closes the accumulation window); with
+    it, our schedule runs the backward and ZeRO reduces afterwards."""
+
+    def __init__(self, ds, client_optimizer, model, dp_group, autocast, engine: PipelineEngine | None = None,
+                 embed_group=None, rng_tracker=None):
+        super().__init__(model, ds.optimizer, dp_group, autocast, rng_tracker)
+        self.ds = ds
+        self.client_optimizer = client_optimizer  # our AdamW, inside DeepSpeed's ZeRO wrapper
+        self.engine = engine
+        self.embed_group = embed_group
+
+    def forward_backward(self, batches: Batches, forward_only: bool = False) -> float:
+        if not forward_only:
+            self.client_optimizer.zero_grad(set_to_none=True)
+        return super().forward_backward(batches, forward_only)
+
+    def _run(self, batches, forward_only):
+        if self.engine is not None:
+            total = self.engine.run(batches, forward_only=forward_only).float()
+            if not forward_only:
+                sync_tied_embeddings(self.model, self.embed_group)
+                self.ds.optimizer.reduce_gradients(pipeline_parallel=True)
+            return total
+        if forward_only:
+            return _accumulate(self.model, batches, True, self.autocast, None)
+        m, seen = len(batches), [0]
+
+        def backward(loss):
+            self.ds.backward(nan_if_nonfinite(loss))
+            seen[0] += 1
+            if seen[0] < m:  # the last micro-batch's step() is the optimizer step, in step()
+                self.ds.step()
+        # DeepSpeed's bf16 mode holds bf16 weights itself: no autocast around its engine.
+        return _accumulate(self.ds, batches, False, contextlib.nullcontext, backward)
+
+    def step(self, lr: float, loss: float) -> StepOutcome:
+        for opt in (self.client_optimizer, self.ds.optimizer):
+            for group in opt.param_groups:
+                group["lr"] = lr
+        self.ds.step()  # skips (weights, moments untouched) when its gradient norm is not finite
+        norm = self.ds.get_global_grad_norm()
+        norm = float(norm) if norm is not None else math.nan
+        return StepOutcome(norm, not (math.isfinite(loss) and math.isfinite(norm)))
+
+    def stateful(self) -> Stateful:
+        # DeepSpeed writes its partitioned optimizer state itself, inside our checkpoint directory.
+        return Stateful(self.model, None, self.rng_tracker,
+                        extra_save=lambda d: self.ds.save_checkpoint(str(d / "deepspeed"), tag="state"),
+                        extra_load=lambda d: self.ds.load_checkpoint(str(d / "deepspeed"), tag="state",
+                                                                     load_lr_scheduler_states=False))
+
+
+def build_backend(layout: Layout, model, groups, device: torch.device, autocast, rng_tracker=None,
+                  local_rank: int = 0) -> Backend:
+    """The backend for this layout, around this rank's (already parallelized) model."""
+    from ..optim import build_optimizer
+    cfg = layout.config
+    tp_group = groups.tp if groups is not None and layout.tp > 1 else None
+    pp_group = groups.pp if groups is not None and layout.pp > 1 else None
+    dp_group = groups.dp if groups is not None and layout.dp > 1 else None
+    engine = None
+    if pp_group is not None:
+        engine = PipelineEngine(model, layout.chunks(groups.coord.pp), groups.coord.pp, groups.pp_ranks, pp_group,
+                                cfg.parallel.schedule, layout.act_shape, device, autocast=autocast,
+                                poison_nonfinite=layout.backend == "deepspeed")
+    optimizer = build_optimizer(model, cfg.optim, dp_group=dp_group)
+    if layout.backend == "deepspeed":
+        from ..optim.deepspeed import initialize
+        ds = initialize(model, optimizer, layout, groups, local_rank)
+        return DeepSpeedBackend(ds, optimizer, model, dp_group, autocast, engine, groups.embed, rng_tracker)
+    sync = GradSync(dp_group=dp_group, tp_group=tp_group, pp_group=pp_group,
+                    embed_group=groups.embed if pp_group is not None else None)
+    args = (model, optimizer, sync, cfg.optim.grad_clip, dp_group, autocast, rng_tracker)
+    return PipelineBackend(engine, *args) if engine is not None else LocalBackend(*args)

@@ -1,0 +1,115 @@
+"""No import cycles between megatron_lite modules, found by parsing the source with `ast` (nothing imported).
+
+Lazy imports (inside a function) count. A lazy import that closes a loop still means two modules depend on
+each other; it only works because of call order, and the first refactor that hoists it to module level turns
+it into an ImportError. Imports under `if TYPE_CHECKING:` are ignored: they never run. The implicit
+"submodule -> parent package __init__" step is not an edge, but an explicit import of the parent is.
+"""
+from __future__ import annotations
+
+import ast
+from collections import deque
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _imports(node: ast.AST):
+    """Yield every Import/ImportFrom under `node`, lazy ones included, skipping `if TYPE_CHECKING:` bodies."""
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        yield node
+    elif isinstance(node, ast.If) and "TYPE_CHECKING" in (getattr(node.test, k, "") for k in ("id", "attr")):
+        for stmt in node.orelse:
+            yield from _imports(stmt)
+    else:
+        for child in ast.iter_child_nodes(node):
+            yield from _imports(child)
+
+
+def import_graph(root: Path, package: str) -> dict[str, set[str]]:
+    """Map each module of `package` (found under `root`) to the modules of the package it imports."""
+    files = {}
+    for path in sorted((root / package).rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {mod: set() for mod in files}
+    for mod, path in files.items():
+        pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in _imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                base = node.module or ""
+                if node.level:  # relative: `.` is this module's package, each extra dot goes one level up
+                    anchor = pkg.rsplit(".", node.level - 1)[0] if node.level > 1 else pkg
+                    base = f"{anchor}.{base}" if base else anchor
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            graph[mod].update(t for t in targets if t in files)
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[str]:
+    """Tarjan's SCC; each cyclic component is reported as the shortest loop through each of its members."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    sccs: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            scc = {stack.pop()}
+            while v not in scc:
+                scc.add(stack.pop())
+            if len(scc) > 1 or v in graph[v]:
+                sccs.append(scc)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    loops = set()
+    for scc in sccs:
+        for start in scc:  # BFS inside the component for the shortest start -> ... -> start
+            prev: dict[str, str] = {}
+            queue = deque([start])
+            while start not in prev:
+                v = queue.popleft()
+                for w in sorted(graph[v] & scc - prev.keys()):
+                    prev[w] = v
+                    queue.append(w)
+            loop = [prev[start]]
+            while loop[-1] != start:
+                loop.append(prev[loop[-1]])
+            loop.reverse()  # loop is now start ... prev[start]; rotate so the smallest name leads
+            i = loop.index(min(loop))
+            loops.add(tuple(loop[i:] + loop[:i]))
+    return [" -> ".join(loop + loop[:1]) for loop in sorted(loops)]
+
+
+def test_package_has_no_import_cycles():
+    cycles = find_cycles(import_graph(ROOT, "megatron_lite"))
+    assert not cycles, "import cycles (lazy imports count):\n  " + "\n  ".join(cycles)
+
+
+def _make_package(root: Path, name: str, files: dict[str, str]) -> None:
+    (root / name).mkdir()
+    for fname, src in files.items():
+        (root / name / fname).write_text(src)
+
+
+def test_checker_finds_lazy_cycle_and_passes_acyclic(tmp_path):
+    _make_package(tmp_path, "cyc", {"__init__.py": "", "a.py": "from . import b\n",
+                                    "b.py": "import os\n\ndef f():\n    from .a import x\n"})
+    assert find_cycles(import_graph(tmp_path, "cyc")) == ["cyc.a -> cyc.b -> cyc.a"]
+    # __init__ -> a -> b (no implicit b -> __init__ edge), and b's TYPE_CHECKING import of a is ignored.
+    _make_package(tmp_path, "ok", {"__init__.py": "from .a import x\n", "a.py": "from .b import y\n",
+                                   "b.py": "if TYPE_CHECKING:\n    from .a import x\n"})
+    assert import_graph(tmp_path, "ok") == {"ok": {"ok.a"}, "ok.a": {"ok.b"}, "ok.b": set()}
+    assert find_cycles(import_graph(tmp_path, "ok")) == []
