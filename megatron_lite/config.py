@@ -25,7 +25,7 @@ from .errors import ConfigError
 __all__ = ["Config", "ConfigError", "ModelConfig", "ParallelConfig", "OptimConfig", "ZeroConfig",
            "DataConfig", "TrainConfig", "CheckpointConfig", "LogConfig", "apply_override"]
 
-# Adam's update runs in float32: a learning rate beyond its range overflows inside the optimizer.
+# AdamW's update runs in float32 (also its scalar factors): beyond this it overflows inside torch.
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -146,18 +146,20 @@ class OptimConfig:
     def validate(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr} must be positive.")
-        if self.lr >= FLOAT32_MAX:
-            raise ConfigError(f"optim.lr={self.lr} overflows float32 (max {FLOAT32_MAX:.3g}), the precision "
-                              f"of Adam's update; use a learning rate below 1 (typically 1e-4 to 1e-3).")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"optim.{key}={getattr(self, key)} must be in [0, 1).")
+        # Adam's first update scales by lr / (1 - beta1) and decays by lr * weight_decay, as float32.
+        largest = max(self.lr / (1 - self.beta1), self.lr * self.weight_decay)
+        if largest >= FLOAT32_MAX:
+            raise ConfigError(f"optim.lr={self.lr} overflows float32 in AdamW's first update ({largest:.3g} > "
+                              f"{FLOAT32_MAX:.3g}); use a learning rate below 1 (typically 1e-4 to 1e-3).")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"optim.min_lr={self.min_lr} must be between 0 and optim.lr={self.lr}.")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0.")
         if self.decay_steps is not None and self.decay_steps < 1:
             raise ConfigError(f"optim.decay_steps={self.decay_steps} must be >= 1 (or null for train.steps).")
-        for key in ("beta1", "beta2"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ConfigError(f"optim.{key}={getattr(self, key)} must be in [0, 1).")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
             raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0 and optim.eps > 0.")
         self.zero.validate()

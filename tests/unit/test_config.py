@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from megatron_lite.config import Config, ConfigError
@@ -32,6 +34,8 @@ def test_tiny_yaml_loads_with_typed_overrides():
     (["model.dropout=1.5"], ["model.dropout=1.5"]),
     (["optim.weight_decay=nan"], ["optim.weight_decay='nan'", "must be a number"]),
     (["optim.lr=.inf"], ["optim.lr=inf", "must be a number"]),
+    (["optim.lr=1e39"], ["optim.lr=1e+39", "overflows float32"]),
+    (["optim.lr=1e38", "optim.min_lr=0"], ["optim.lr=1e+38", "overflows float32", "1e+39 > 3.4e+38"]),
     (["train.steps=40", "optim.warmup_steps=50"], ["optim.warmup_steps=50", "decay horizon (40"]),
     (["steps=3"], ["section.key"]),
     (["train.steps"], ["section.key=value"]),
@@ -67,6 +71,10 @@ def test_cli_reports_user_errors_in_one_line_without_traceback(tmp_path):
         ["train", "--config", str(ROOT / "configs/tiny.yaml"), f"data.dir={tmp_path / 'nodata'}"],
         ["prepare-data", "--source", str(tmp_path / "nothing_here"), "--out", str(tmp_path / "o")],
         ["generate", "--checkpoint", str(tmp_path)],
+        ["train", "--config", str(ROOT / "configs/tiny.yaml"), "optim.lr=1e39"],
+        ["generate", "--checkpoint", str(tmp_path), "--temperature", "-1"],
+        ["generate", "--checkpoint", str(tmp_path), "--top-k", "-5"],
+        ["generate", "--checkpoint", str(tmp_path), "--prompt", os.fsdecode(b"def \xff(")],  # not UTF-8
     ]
     for args in cases:
         r = cli(*args)
@@ -100,3 +108,22 @@ def test_impossible_layouts_fail_in_one_sentence_before_any_process_group(overri
     for w in words:
         assert w in str(e.value), str(e.value)
     assert "\n" not in str(e.value) and not dist.is_initialized()
+
+
+def test_the_lr_bound_is_where_adamw_really_overflows():
+    """Just below the bound AdamW takes its first step; just above, torch raises inside the step —
+    which the config refuses first, in one sentence."""
+    import torch
+    below, above = 0.99 * 3.4028234663852886e38 * 0.1, 1.01 * 3.4028234663852886e38 * 0.1  # beta1 = 0.9
+    Config.from_yaml(None, [f"optim.lr={below}", "optim.weight_decay=0"])
+    with pytest.raises(ConfigError, match="overflows float32"):
+        Config.from_yaml(None, [f"optim.lr={above}", "optim.weight_decay=0"])
+    for lr, fails in ((below, False), (above, True)):
+        p = torch.nn.Parameter(torch.ones(2))
+        p.grad = torch.ones(2)
+        opt = torch.optim.AdamW([p], lr=lr, betas=(0.9, 0.95), weight_decay=0)
+        if fails:
+            with pytest.raises(RuntimeError, match="overflow"):
+                opt.step()
+        else:
+            opt.step()

@@ -237,3 +237,22 @@ def test_a_stage_builds_only_its_blocks_with_global_names():
     ids = torch.randint(0, 97, (2, 8))
     h = first.run(ids, [0, 1], first=True, last=False)
     torch.testing.assert_close(last.run(h, [2, 3], ids, first=False, last=True)[1], full(ids, ids)[1])
+
+
+def test_gelu_variants_tanh_for_gpt2_and_exact_erf():
+    """activation=gelu is GPT-2's tanh approximation, gelu_exact the erf form (BERT, HF "gelu");
+    they differ by up to ~1e-3 per element, so a converted model must name the right one."""
+    import torch.nn.functional as F
+
+    from megatron_lite.model.gpt import MLP
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for act, approximate in (("gelu", "tanh"), ("gelu_exact", "none")):
+        mlp = MLP(ModelConfig(hidden_size=16, num_attention_heads=2, activation=act))
+        torch.manual_seed(1)
+        for p in mlp.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+        want = mlp.fc2(F.gelu(mlp.fc1(x), approximate=approximate))
+        outs[act] = mlp(x)
+        torch.testing.assert_close(outs[act], want, rtol=0, atol=0)
+    assert (outs["gelu"] - outs["gelu_exact"]).abs().max() > 1e-5
