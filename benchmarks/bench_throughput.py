@@ -25,10 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import write_json, write_section  # noqa: E402
 from megatron_lite.config import ModelConfig  # noqa: E402
 from megatron_lite.model import GPT  # noqa: E402
-from benchmarks.report import write_json, write_section  # noqa: E402
-
 
 KINDS = ("ours", "ours_plain", "hf")
 
@@ -109,7 +108,8 @@ def profile(args, kind: str) -> str:
     _, opt, step_loss = build(kind, shapes(args), device)
     ids = batch(args, device)
     run_steps(opt, step_loss, ids, 2, kind, device)
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
         run_steps(opt, step_loss, ids, 2, kind, device)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from .errors import UserError, UsageError
+from .errors import UsageError, UserError
 
 log = logging.getLogger("megatron_lite.cli")
 
@@ -20,8 +20,8 @@ def cmd_train(args) -> None:
     from .config import Config
     from .distributed import comm
     from .distributed.env import RunEnv
+    from .logs import setup_logging
     from .train import Trainer
-    from .train.logs import setup_logging
     env = RunEnv.from_environ()
     setup_logging(env.rank)
     cfg = Config.from_yaml(args.config, args.overrides)
@@ -59,6 +59,8 @@ def serial_param_count(model_cfg) -> int:
 
 def cmd_prepare(args) -> None:
     from .data import prepare
+    from .logs import setup_logging
+    setup_logging()
     prepare(args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
             val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
             max_bytes=args.max_bytes or None, force=args.force)

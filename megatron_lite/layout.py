@@ -21,7 +21,8 @@ from .config import Config
 from .distributed.topology import Topology
 from .errors import LayoutError
 from .pipeline.partition import Chunk, stage_chunks
-from .pipeline.schedules import Action, build as build_schedule
+from .pipeline.schedules import Action
+from .pipeline.schedules import build as build_schedule
 
 
 @dataclass(frozen=True)

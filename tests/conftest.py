@@ -16,7 +16,7 @@ def corpus_dir(tmp_path_factory) -> Path:
     """A small prepared slice of the embedded stdlib corpus (BPE 512), shared by the session."""
     from megatron_lite.data import prepare
     out = tmp_path_factory.mktemp("data") / "stdlib_small"
-    prepare(["stdlib"], out, tokenizer="bpe", vocab_size=512, max_bytes=400_000, log=lambda *_: None)
+    prepare(["stdlib"], out, tokenizer="bpe", vocab_size=512, max_bytes=400_000)
     return out
 
 

@@ -12,6 +12,7 @@ so a half-written directory never looks prepared):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sysconfig
@@ -23,6 +24,8 @@ from typing import Iterator
 import numpy as np
 
 from .tokenizer import BPETokenizer, ByteTokenizer, DataError, Tokenizer
+
+log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".py", ".rst"}
 JSON_SUFFIXES = {".jsonl", ".json"}
@@ -164,11 +167,11 @@ def _write_split(path: Path, tok: Tokenizer, ds, indices: np.ndarray, dtype) -> 
 
 def prepare(sources: list[str], out: str | Path, tokenizer: str = "bpe", vocab_size: int = 4096,
             val_fraction: float = 0.05, seed: int = 1234, text_field: str = "text",
-            max_bytes: int | None = 8_000_000, force: bool = False, log=print) -> Path:
+            max_bytes: int | None = 8_000_000, force: bool = False) -> Path:
     """Prepare `sources` into `out`; returns out. An already prepared `out` is kept unless force."""
     out = Path(out)
     if (out / "meta.json").is_file() and not force:
-        log(f"data already prepared in {out} (pass --force to rebuild)")
+        log.info(f"data already prepared in {out} (pass --force to rebuild)")
         return out
     if out.exists() and not (out / "meta.json").is_file() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"--out {str(out)!r} exists and is not a prepared data directory; pass a new "
@@ -186,7 +189,7 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str = "bpe", vocab_s
         n_val = max(1, round(val_fraction * len(ds)))
         n_val = min(n_val, len(ds) - 1)
         splits = {"val": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
-        log(f"loaded {len(ds)} documents ({len(splits['train'])} train, {n_val} val)")
+        log.info(f"loaded {len(ds)} documents ({len(splits['train'])} train, {n_val} val)")
 
         if tokenizer == "bytes":
             tok: Tokenizer = ByteTokenizer()
@@ -208,7 +211,7 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str = "bpe", vocab_s
             os.replace(tmp / "bin.tmp", tmp / f"{split}.bin")
             np.save(tmp / f"{split}.idx.npy", info.pop("starts"))
             meta["splits"][split] = info
-            log(f"{split}: {info['documents']} documents, {info['tokens']:,} tokens")
+            log.info(f"{split}: {info['documents']} documents, {info['tokens']:,} tokens")
         shutil.rmtree(tmp / "hf_cache", ignore_errors=True)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         old = None
@@ -221,5 +224,5 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str = "bpe", vocab_s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"prepared {out} in {time.time() - t0:.1f}s (vocab {tok.vocab_size}, {meta['dtype']})")
+    log.info(f"prepared {out} in {time.time() - t0:.1f}s (vocab {tok.vocab_size}, {meta['dtype']})")
     return out

@@ -52,10 +52,6 @@ def _count(kind: str, t: torch.Tensor) -> None:
         stats.calls[kind] += 1
 
 
-def global_rank() -> int:
-    return dist.get_rank()
-
-
 def size(group) -> int:
     return dist.get_world_size(group)
 

@@ -14,11 +14,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from ..config import ModelConfig
-
 from .init import init_weights, master_init
 from .loss import linear_cross_entropy
 

@@ -13,8 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..distributed import comm
-from .mappings import (copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp,
-                       scatter_to_tp)
+from .mappings import (
+    copy_to_tp,
+    gather_from_sp,
+    gather_from_tp,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+    scatter_to_tp,
+)
 
 
 def mark(p: torch.Tensor, **attrs) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 from ..checkpoint import Stateful
 from ..distributed import comm
 from ..layout import Layout
+from ..optim import build_optimizer, set_lr
 from ..parallel.grads import GradSync, nan_if_nonfinite, sync_tied_embeddings
 from ..pipeline.engine import PipelineEngine
 
@@ -107,8 +108,7 @@ class LocalBackend(Backend):
         return _accumulate(self.model, batches, forward_only, self.autocast, lambda loss: (loss / m).backward())
 
     def step(self, lr: float, loss: float) -> StepOutcome:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         norm = self.grad_sync.finish_and_clip(self.model, self.grad_clip)
         skipped = not (math.isfinite(loss) and math.isfinite(norm))
         if skipped:
@@ -167,9 +167,8 @@ class DeepSpeedBackend(Backend):
         return _accumulate(self.ds, batches, False, contextlib.nullcontext, backward)
 
     def step(self, lr: float, loss: float) -> StepOutcome:
-        for opt in (self.client_optimizer, self.ds.optimizer):
-            for group in opt.param_groups:
-                group["lr"] = lr
+        set_lr(self.client_optimizer, lr)
+        set_lr(self.ds.optimizer, lr)
         self.ds.step()  # skips (weights, moments untouched) when its gradient norm is not finite
         norm = self.ds.get_global_grad_norm()
         norm = float(norm) if norm is not None else math.nan
@@ -186,7 +185,6 @@ class DeepSpeedBackend(Backend):
 def build_backend(layout: Layout, model, groups, device: torch.device, autocast, rng_tracker=None,
                   local_rank: int = 0) -> Backend:
     """The backend for this layout, around this rank's (already parallelized) model."""
-    from ..optim import build_optimizer
     cfg = layout.config
     tp_group = groups.tp if groups is not None and layout.tp > 1 else None
     pp_group = groups.pp if groups is not None and layout.pp > 1 else None

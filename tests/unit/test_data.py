@@ -10,7 +10,6 @@ from megatron_lite.data.prepare import stdlib_files
 
 DOCS = [f"Document {i}: caf\u00e9 \u2603 \t tabs\n  def f{i}(x):\n      return x * {i}  # \u03c0\n" * (i % 3 + 1)
         for i in range(40)]
-quiet = dict(log=lambda *_: None)
 
 
 def decoded_documents(out):
@@ -32,7 +31,7 @@ def test_text_files_round_trip(tmp_path, tokenizer):
     for i, d in enumerate(DOCS):
         (src / f"doc{i:03d}.txt").write_text(d)
     (src / "ignored.bin").write_bytes(b"\x00\x01")  # unrelated files in a directory are skipped
-    out = prepare([str(src)], tmp_path / "out", tokenizer=tokenizer, vocab_size=300, **quiet)
+    out = prepare([str(src)], tmp_path / "out", tokenizer=tokenizer, vocab_size=300)
     store, docs = decoded_documents(out)
     assert sorted(docs) == sorted(DOCS)
     meta = json.loads((out / "meta.json").read_text())
@@ -48,11 +47,11 @@ def test_jsonl_parquet_and_saved_dataset_sources(tmp_path):
     datasets.Dataset.from_list(rows[15:30]).to_parquet(str(tmp_path / "b.parquet"))
     datasets.Dataset.from_list(rows[30:]).save_to_disk(str(tmp_path / "saved"))
     out = prepare([str(jl), str(tmp_path / "b.parquet"), str(tmp_path / "saved")], tmp_path / "out",
-                  tokenizer="bytes", text_field="body", **quiet)
+                  tokenizer="bytes", text_field="body")
     _, docs = decoded_documents(out)
     assert sorted(docs) == sorted(DOCS)
     with pytest.raises(DataError, match="has no 'text' field.*--text-field"):
-        prepare([str(jl)], tmp_path / "out2", tokenizer="bytes", **quiet)
+        prepare([str(jl)], tmp_path / "out2", tokenizer="bytes")
 
 
 def test_stdlib_corpus_decodes_to_the_source_files(corpus_dir):
@@ -67,26 +66,26 @@ def test_prepare_is_atomic_and_idempotent(tmp_path):
     src = tmp_path / "docs.txt"
     src.write_text("only one document")
     with pytest.raises(DataError, match="at least 2 are needed"):
-        prepare([str(src)], tmp_path / "out", tokenizer="bytes", **quiet)
+        prepare([str(src)], tmp_path / "out", tokenizer="bytes")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
     src.write_text("x")
     (tmp_path / "b.txt").write_text("y")
-    out = prepare([str(src), str(tmp_path / "b.txt")], tmp_path / "out", tokenizer="bytes", **quiet)
+    out = prepare([str(src), str(tmp_path / "b.txt")], tmp_path / "out", tokenizer="bytes")
     before = (out / "meta.json").stat().st_mtime_ns
-    prepare([str(src)], out, tokenizer="bytes", **quiet)  # already prepared: kept as it is
+    prepare([str(src)], out, tokenizer="bytes")  # already prepared: kept as it is
     assert (out / "meta.json").stat().st_mtime_ns == before
 
 
 def test_bad_sources_and_paths(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        prepare([str(tmp_path / "nope")], tmp_path / "o", **quiet)
+        prepare([str(tmp_path / "nope")], tmp_path / "o")
     (tmp_path / "x.docx").write_text("?")
     with pytest.raises(DataError, match="unknown type"):
-        prepare([str(tmp_path / "x.docx")], tmp_path / "o", **quiet)
+        prepare([str(tmp_path / "x.docx")], tmp_path / "o")
     with pytest.raises(DataError, match="no prepared data.*prepare-data"):
         TokenStore(tmp_path / "nodata")
     with pytest.raises(DataError, match="--vocab-size"):
-        prepare(["stdlib"], tmp_path / "o", vocab_size=100, **quiet)
+        prepare(["stdlib"], tmp_path / "o", vocab_size=100)
     # An existing directory that is not prepared data is never deleted.
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -94,7 +93,7 @@ def test_bad_sources_and_paths(tmp_path):
     (tmp_path / "a.txt").write_text("doc a")
     (tmp_path / "b.txt").write_text("doc b")
     with pytest.raises(DataError, match="not a prepared data directory"):
-        prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], mine, tokenizer="bytes", force=True, **quiet)
+        prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], mine, tokenizer="bytes", force=True)
     assert (mine / "precious.txt").read_text() == "keep me"
 
 
