@@ -15,7 +15,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/megatron_lite/torch_extensions
 STAMP := $(VENV)/.installed-$(subst =,_,$(subst >,_,$(subst <,_,$(TORCH_SPEC))))
 
-.PHONY: install train data test test-fast warm bench clean
+.PHONY: install train data test test-fast lint warm bench clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ test: $(STAMP) warm
 # Compile DeepSpeed's CPU communication op once (25-80 s the first time), outside any test timeout.
 warm: $(STAMP)
 	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" >/dev/null
+
+# ruff (pinned in the dev extra; rules in pyproject.toml): pyflakes, bugbear, isort, line length 110.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

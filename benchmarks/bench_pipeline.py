@@ -55,8 +55,8 @@ def worker(rank, world, store, a, out):
     try:
         topo = Topology(pp=world)
         groups = topo.build(rank)
-        cfg = ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers, num_attention_heads=4,
-                          max_sequence_length=a.seq, tie_embeddings=False)
+        cfg = ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers,
+                          num_attention_heads=4, max_sequence_length=a.seq, tie_embeddings=False)
         results = []
         for schedule, v in SCHEDULES:
             chunks = stage_chunks(cfg, world, rank, v)
@@ -87,7 +87,8 @@ def worker(rank, world, store, a, out):
                         peak = engine.trace.peak_inflight
                 results.append({"schedule": schedule, "v": v, "pp": world, "m": m, "stage": rank,
                                 "idle": statistics.median(idle[True]),
-                                "idle_no_prefetch": statistics.median(idle[False]), "theory": theory(world, m, v),
+                                "idle_no_prefetch": statistics.median(idle[False]),
+                                "theory": theory(world, m, v),
                                 "peak_inflight": peak, "activation_bytes_per_mb": act_bytes})
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
@@ -125,9 +126,10 @@ def main() -> None:
     rows = spawn(worker, 2, a) + spawn(worker, 4, a)
     write_json(a.out, {"shape": vars(a), "torch": torch.__version__, "rows": rows})
     table = [
-        f"Model: {a.layers} layers x {a.hidden} wide, seq {a.seq}, micro-batch {a.micro}, vocab {a.vocab}; gloo on "
-        f"this 2-core CPU (pp ranks share the cores); median of {a.steps} steps, prefetching and not alternated. Idle = 1 - compute / wall "
-        f"per stage; the table shows stage 0 and the worst stage.",
+        f"Model: {a.layers} layers x {a.hidden} wide, seq {a.seq}, micro-batch {a.micro}, "
+        f"vocab {a.vocab}; gloo on this 2-core CPU (pp ranks share the cores); median of {a.steps} steps, "
+        f"prefetching and not alternated. Idle = 1 - compute / wall per stage; the table shows stage 0 "
+        f"and the worst stage.",
         "",
         "| schedule | pp | m | idle stage 0 | worst idle | theory | worst / theory | same, receives not "
         "prefetched | peak in-flight mb (stage 0) | peak activations stage 0 (MiB) |",
@@ -140,11 +142,12 @@ def main() -> None:
                 s0 = next(r for r in rs if r["stage"] == 0)
                 worst = max(r["idle"] for r in rs)
                 worst_np = max(r["idle_no_prefetch"] for r in rs)
-                mib = s0["peak_inflight"] * s0["activation_bytes_per_mb"] * (v if schedule == "interleaved" else 1)
+                mib = (s0["peak_inflight"] * s0["activation_bytes_per_mb"]
+                       * (v if schedule == "interleaved" else 1))
                 name = schedule + (f" (v={v})" if v > 1 else "")
                 table.append(f"| {name} | {pp} | {m} | {s0['idle']:.3f} | {worst:.3f} | {s0['theory']:.3f} | "
-                             f"{worst / s0['theory']:.2f} | {worst_np / s0['theory']:.2f} | {s0['peak_inflight']} | "
-                             f"{mib / 2**20:.1f} |")
+                             f"{worst / s0['theory']:.2f} | {worst_np / s0['theory']:.2f} | "
+                             f"{s0['peak_inflight']} | {mib / 2**20:.1f} |")
     write_section(ROOT / "docs/benchmarks.md", "pipeline", "\n".join(table))
     print("\n".join(table))
 

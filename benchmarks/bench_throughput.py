@@ -158,7 +158,8 @@ def main() -> None:
     memory = {}
     for kind in KINDS:
         cmd = [sys.executable, __file__, "--memory-child", kind, "--device", args.device,
-               *sum(([f"--{k}", str(getattr(args, k))] for k in ("layers", "hidden", "heads", "seq", "batch", "vocab")), [])]
+               *sum(([f"--{k}", str(getattr(args, k))]
+                     for k in ("layers", "hidden", "heads", "seq", "batch", "vocab")), [])]
         memory[kind] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
     result = {

@@ -44,8 +44,8 @@ from megatron_lite.model import GPT  # noqa: E402
 
 
 def model_cfg(a) -> ModelConfig:
-    return ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers, num_attention_heads=a.heads,
-                       max_sequence_length=a.seq)
+    return ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers,
+                       num_attention_heads=a.heads, max_sequence_length=a.seq)
 
 
 def analytic(a, sp: bool, p_sp: int) -> dict[str, int]:
@@ -131,7 +131,8 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/tp_comm.json"))
     a = p.parse_args()
 
-    results = {"shape": {k: getattr(a, k) for k in ("tp", "layers", "hidden", "heads", "seq", "batch", "vocab")},
+    results = {"shape": {k: getattr(a, k)
+                         for k in ("tp", "layers", "hidden", "heads", "seq", "batch", "vocab")},
                "torch": torch.__version__, "runs": {}}
     serial_times = run_serial(a)
     results["runs"]["tp1"] = {"step_s": statistics.median(serial_times)}
@@ -152,8 +153,8 @@ def main() -> None:
     t1 = results["runs"]["tp1"]["step_s"]
     body = [
         f"Shape: {a.layers} layers x {a.hidden} wide, {a.heads} heads, seq {a.seq}, micro-batch {a.batch}, "
-        f"vocab {a.vocab} (padded to a multiple of 128 x tp); one training step (fwd, bwd, SP grad sync, clip "
-        f"norm) counted on rank 0 by comm.py; gloo, CPU.",
+        f"vocab {a.vocab} (padded to a multiple of 128 x tp); one training step (fwd, bwd, SP grad sync, "
+        f"clip norm) counted on rank 0 by comm.py; gloo, CPU.",
         "",
         "| layout | op | measured bytes | analytic bytes | ratio |",
         "|---|---|---|---|---|",

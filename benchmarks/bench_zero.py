@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import spawn, write_json, write_section  # noqa: E402
 
-VARIANTS = [("stage 0 (AdamW)", 0, "native"), ("stage 1 native", 1, "native"), ("stage 1 DeepSpeed", 1, "deepspeed"),
-            ("stage 2 DeepSpeed", 2, "deepspeed"), ("stage 3 DeepSpeed", 3, "deepspeed")]
+VARIANTS = [("stage 0 (AdamW)", 0, "native"), ("stage 1 native", 1, "native"),
+            ("stage 1 DeepSpeed", 1, "deepspeed"), ("stage 2 DeepSpeed", 2, "deepspeed"),
+            ("stage 3 DeepSpeed", 3, "deepspeed")]
 
 
 def tensor_bytes(objs) -> int:
@@ -126,8 +127,8 @@ def worker(rank, world, store, a, out):
             ideal_state = full_state / world if stage >= 1 else full_state
             ideal_grads = n * 4 / world if stage >= 2 else n * 4
             rows.append({"variant": name, "dp": world, "rank": rank, "params": n, "state_bytes": state,
-                         "grad_bytes": grads, "state_ratio": state / ideal_state, "grad_ratio": grads / ideal_grads,
-                         "step_s": statistics.median(times[1:])})
+                         "grad_bytes": grads, "state_ratio": state / ideal_state,
+                         "grad_ratio": grads / ideal_grads, "step_s": statistics.median(times[1:])})
             del ds, opt, model
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
@@ -149,8 +150,8 @@ def main() -> None:
     rows = spawn(worker, 2, a) + spawn(worker, 4, a)
     write_json(a.out, {"shape": vars(a), "torch": torch.__version__, "rows": rows})
     n = rows[0]["params"]
-    table = [f"Model: {a.layers} layers x {a.hidden} wide, vocab {a.vocab} ({n / 1e6:.2f}M params, fp32); gloo "
-             f"on this 2-core CPU; worst rank shown; step time median of {a.steps}.", "",
+    table = [f"Model: {a.layers} layers x {a.hidden} wide, vocab {a.vocab} ({n / 1e6:.2f}M params, fp32); "
+             f"gloo on this 2-core CPU; worst rank shown; step time median of {a.steps}.", "",
              "| variant | dp | optimizer state / rank (MiB) | ratio to ideal | gradients / rank (MiB) | "
              "ratio to ideal | step (s) | vs stage 0 |", "|---|---|---|---|---|---|---|---|"]
     for dp in (2, 4):
@@ -159,8 +160,10 @@ def main() -> None:
             rs = [r for r in rows if r["dp"] == dp and r["variant"] == name]
             w = max(rs, key=lambda r: r["state_ratio"])
             step = max(r["step_s"] for r in rs)
-            table.append(f"| {name} | {dp} | {w['state_bytes'] / 2**20:.1f} | {max(r['state_ratio'] for r in rs):.3f} "
-                         f"| {max(r['grad_bytes'] for r in rs) / 2**20:.1f} | {max(r['grad_ratio'] for r in rs):.3f} "
+            table.append(f"| {name} | {dp} | {w['state_bytes'] / 2**20:.1f} "
+                         f"| {max(r['state_ratio'] for r in rs):.3f} "
+                         f"| {max(r['grad_bytes'] for r in rs) / 2**20:.1f} "
+                         f"| {max(r['grad_ratio'] for r in rs):.3f} "
                          f"| {step:.3f} | {step / base:.2f}x |")
     write_section(ROOT / "docs/benchmarks.md", "zero", "\n".join(table))
     print("\n".join(table))

@@ -7,7 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
-HEADER = "# Benchmarks\n\nEach section is written by the script named in it; the raw numbers are in benchmarks/results/.\n"
+HEADER = ("# Benchmarks\n\nEach section is written by the script named in it; the raw numbers are in "
+          "benchmarks/results/.\n")
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'stdlib' (the embedded corpus: this Python's standard library), text/.py/.md "
                         "files, .jsonl, .parquet, a directory of them, or a save_to_disk directory")
     d.add_argument("--out", required=True, help="output directory (e.g. data/stdlib)")
-    d.add_argument("--tokenizer", default="bpe", help="'bpe' (train byte-level BPE), 'bytes', or a tokenizer.json")
+    d.add_argument("--tokenizer", default="bpe",
+                   help="'bpe' (train byte-level BPE), 'bytes', or a tokenizer.json")
     d.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (with --tokenizer bpe)")
     d.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out")
     d.add_argument("--text-field", default="text", help="text column of JSON/parquet/saved datasets")
@@ -127,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_prepare)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint (KV-cached decoding)")
-    g.add_argument("--checkpoint", required=True, help="run directory, its checkpoints/ or a step_* directory")
+    g.add_argument("--checkpoint", required=True,
+                   help="run directory, its checkpoints/ or a step_* directory")
     g.add_argument("--prompt", default="")
     g.add_argument("--max-new-tokens", type=int, default=100)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

@@ -107,14 +107,16 @@ class ParallelConfig:
         if self.virtual_stages < 1:
             raise ConfigError(f"parallel.virtual_stages={self.virtual_stages} must be >= 1.")
         if self.schedule == "interleaved" and self.virtual_stages < 2:
-            raise ConfigError("parallel.schedule=interleaved needs parallel.virtual_stages >= 2 (model chunks "
-                              "per stage); with 1 chunk use parallel.schedule=1f1b.")
+            raise ConfigError("parallel.schedule=interleaved needs parallel.virtual_stages >= 2 "
+                              "(model chunks per stage); with 1 chunk use parallel.schedule=1f1b.")
         if self.virtual_stages > 1 and self.schedule != "interleaved":
-            raise ConfigError(f"parallel.virtual_stages={self.virtual_stages} needs parallel.schedule=interleaved.")
+            raise ConfigError(f"parallel.virtual_stages={self.virtual_stages} needs "
+                              f"parallel.schedule=interleaved.")
         if self.microbatches is not None and self.microbatches < 1:
             raise ConfigError(f"parallel.microbatches={self.microbatches} must be >= 1.")
         if self.make_vocab_divisible_by < 1:
-            raise ConfigError(f"parallel.make_vocab_divisible_by={self.make_vocab_divisible_by} must be >= 1.")
+            raise ConfigError(f"parallel.make_vocab_divisible_by={self.make_vocab_divisible_by} "
+                              f"must be >= 1.")
 
 
 @dataclass
@@ -152,8 +154,9 @@ class OptimConfig:
         # Adam's first update scales by lr / (1 - beta1) and decays by lr * weight_decay, as float32.
         largest = max(self.lr / (1 - self.beta1), self.lr * self.weight_decay)
         if largest >= FLOAT32_MAX:
-            raise ConfigError(f"optim.lr={self.lr} overflows float32 in AdamW's first update ({largest:.3g} > "
-                              f"{FLOAT32_MAX:.3g}); use a learning rate below 1 (typically 1e-4 to 1e-3).")
+            raise ConfigError(f"optim.lr={self.lr} overflows float32 in AdamW's first update "
+                              f"({largest:.3g} > {FLOAT32_MAX:.3g}); use a learning rate below 1 "
+                              f"(typically 1e-4 to 1e-3).")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"optim.min_lr={self.min_lr} must be between 0 and optim.lr={self.lr}.")
         if self.warmup_steps < 0:

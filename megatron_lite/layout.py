@@ -130,8 +130,8 @@ def _micro_batches(cfg: Config) -> int:
     if p.microbatches is None:
         return t.grad_accum
     if t.grad_accum not in (1, p.microbatches):
-        raise LayoutError(f"parallel.microbatches={p.microbatches} and train.grad_accum={t.grad_accum} both set "
-                          f"the micro-batches per step; set only one of them.")
+        raise LayoutError(f"parallel.microbatches={p.microbatches} and train.grad_accum={t.grad_accum} both "
+                          f"set the micro-batches per step; set only one of them.")
     return p.microbatches
 
 
@@ -146,7 +146,8 @@ def _check_model(cfg: Config, tp: int) -> None:
         (m.intermediate_size % tp, f"model.intermediate_size={m.intermediate_size} is not divisible "
          f"by parallel.tp={tp}; pick a multiple of tp."),
         (cfg.parallel.sequence_parallel and cfg.seq_length % tp, f"sequence length {cfg.seq_length} is not "
-         f"divisible by parallel.tp={tp}, which parallel.sequence_parallel=true needs; change data.seq_length."),
+         f"divisible by parallel.tp={tp}, which parallel.sequence_parallel=true needs; "
+         f"change data.seq_length."),
     ]
     for broken, msg in rules:
         if broken:

@@ -234,13 +234,15 @@ class CheckpointManager:
     def check_layout(path: Path, layout: dict) -> None:
         """A checkpoint resumes only at the (tp, pp, dp) layout that wrote it (for now)."""
         saved = verify(path).get("layout", {"tp": 1, "pp": 1, "dp": 1})
-        if {k: saved.get(k, 1) for k in ("tp", "pp", "dp")} != {k: layout.get(k, 1) for k in ("tp", "pp", "dp")}:
+        if ({k: saved.get(k, 1) for k in ("tp", "pp", "dp")}
+                != {k: layout.get(k, 1) for k in ("tp", "pp", "dp")}):
             raise CheckpointError(
                 f"checkpoint {str(path)!r} was written with layout tp={saved.get('tp', 1)} "
                 f"pp={saved.get('pp', 1)} dp={saved.get('dp', 1)}; resume with the same "
                 f"parallel.tp/pp/dp (resharding to another layout is not available yet).")
 
-    def load(self, path: Path, model, optimizer, state: TrainState, extra_load=None, rng_tracker=None) -> None:
+    def load(self, path: Path, model, optimizer, state: TrainState, extra_load=None,
+             rng_tracker=None) -> None:
         self.check_layout(path, self.layout)
         shard = path / self.shard
         msd, osd = model_state(model, optimizer)
@@ -328,7 +330,8 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model ({' '.join(str(e).split())[:160]}); "
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model "
+                              f"({' '.join(str(e).split())[:160]}); "
                               f"use the config.yaml stored with it (a ZeRO-3 checkpoint holds partitioned "
                               f"weights that only DeepSpeed can load).") from None
     if missing or unexpected:

@@ -73,8 +73,9 @@ def init(device: torch.device, env) -> None:
     exists (a test harness made it) is used as is, if it has the expected size and rank."""
     if dist.is_initialized():
         if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
-            raise RuntimeError(f"a process group of {dist.get_world_size()} ranks (this one {dist.get_rank()}) "
-                               f"exists, but the run environment says {env.world_size} (rank {env.rank})")
+            raise RuntimeError(f"a process group of {dist.get_world_size()} ranks "
+                               f"(this one {dist.get_rank()}) exists, but the run environment says "
+                               f"{env.world_size} (rank {env.rank})")
         return
     kwargs = {}
     if device.type == "cuda":

@@ -40,11 +40,11 @@ class RunEnv:
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
-            raise LaunchError(f"rank {self.rank} is outside a world of {self.world_size} processes; check the "
-                              f"launcher's RANK / WORLD_SIZE (or SLURM_PROCID / SLURM_NTASKS).")
+            raise LaunchError(f"rank {self.rank} is outside a world of {self.world_size} processes; check "
+                              f"the launcher's RANK / WORLD_SIZE (or SLURM_PROCID / SLURM_NTASKS).")
         if not 0 <= self.local_rank < max(self.local_world_size, 1):
-            raise LaunchError(f"local rank {self.local_rank} is outside {self.local_world_size} processes per "
-                              f"node; check LOCAL_RANK / LOCAL_WORLD_SIZE (or SLURM_LOCALID).")
+            raise LaunchError(f"local rank {self.local_rank} is outside {self.local_world_size} processes "
+                              f"per node; check LOCAL_RANK / LOCAL_WORLD_SIZE (or SLURM_LOCALID).")
 
     @property
     def distributed(self) -> bool:
@@ -72,7 +72,8 @@ class RunEnv:
             per_node = _first_int(env.get("SLURM_NTASKS_PER_NODE")) or max(1, world // nodes)
             master = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
             port = _int(env, "MASTER_PORT", 20000 + _int(env, "SLURM_JOB_ID", 0) % 20000)
-            return cls(rank=_int(env, "SLURM_PROCID"), world_size=world, local_rank=_int(env, "SLURM_LOCALID", 0),
+            return cls(rank=_int(env, "SLURM_PROCID"), world_size=world,
+                       local_rank=_int(env, "SLURM_LOCALID", 0),
                        local_world_size=per_node, num_nodes=nodes, node_rank=_int(env, "SLURM_NODEID", 0),
                        master_addr=master, master_port=port, source="slurm")
         return cls()

@@ -87,8 +87,8 @@ class Topology:
         fixed = [a for a in AXES if a not in axes]
         out = []
         for fixed_vals in itertools.product(*(range(self.sizes[a]) for a in fixed)):
-            base = dict(zip(fixed, fixed_vals))
-            ranks = [self.rank_of(**base, **dict(zip(axes, vals)))
+            base = dict(zip(fixed, fixed_vals, strict=True))
+            ranks = [self.rank_of(**base, **dict(zip(axes, vals, strict=True)))
                      for vals in itertools.product(*(range(self.sizes[a]) for a in axes))]
             out.append(ranks)
         return out
@@ -117,5 +117,5 @@ class Topology:
                 if rank in ranks:
                     embed, embed_ranks = group, ranks
         return Groups(rank=rank, coord=self.coord(rank), tp=mine["tp"][0], pp=mine["pp"][0], dp=mine["dp"][0],
-                      mp=mine["mp"][0], tp_ranks=mine["tp"][1], pp_ranks=mine["pp"][1], dp_ranks=mine["dp"][1],
-                      mp_ranks=mine["mp"][1], embed=embed, embed_ranks=embed_ranks)
+                      mp=mine["mp"][0], tp_ranks=mine["tp"][1], pp_ranks=mine["pp"][1],
+                      dp_ranks=mine["dp"][1], mp_ranks=mine["mp"][1], embed=embed, embed_ranks=embed_ranks)

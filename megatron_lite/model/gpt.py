@@ -108,7 +108,8 @@ class CausalSelfAttention(nn.Module):
         elif T > 1:  # chunked prefill after a cached prefix: query i sees keys <= start + i
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
         if self.recompute_core and self.training and torch.is_grad_enabled():
-            y = checkpoint(self.core, q, k, v, mask, causal, use_reentrant=False, context_fn=self.recompute_context)
+            y = checkpoint(self.core, q, k, v, mask, causal, use_reentrant=False,
+                           context_fn=self.recompute_context)
         else:
             y = self.core(q, k, v, mask, causal)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
@@ -164,7 +165,8 @@ class GPT(nn.Module):
     global ones either way (blocks.{i}...). A stage that has the head but not the embedding gets
     its own copy of tied embeddings, initialised identically (pipelining keeps the copies in sync)."""
 
-    def __init__(self, cfg: ModelConfig, seed: int | None = 0, layers=None, embed: bool = True, head: bool = True):
+    def __init__(self, cfg: ModelConfig, seed: int | None = 0, layers=None, embed: bool = True,
+                 head: bool = True):
         super().__init__()
         cfg.validate()
         self.config = cfg
@@ -191,7 +193,8 @@ class GPT(nn.Module):
             init_weights(self, cfg, seed)
             if head and not embed and cfg.tie_embeddings and not self.lm_head.weight.is_meta:
                 with torch.no_grad():  # the last stage's copy of the tied embedding
-                    self.lm_head.weight.copy_(master_init("tok_emb.weight", self.lm_head.weight.shape, cfg, seed))
+                    self.lm_head.weight.copy_(master_init("tok_emb.weight", self.lm_head.weight.shape,
+                                                          cfg, seed))
 
     def set_recompute(self, mode: str, context_fn=None) -> None:
         """Activation checkpointing: 'full' recomputes each block in backward, 'selective' only the
@@ -231,7 +234,8 @@ class GPT(nn.Module):
     def run_block(self, i: int, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         block = self.blocks[str(i)]
         if self.recompute == "full" and cache is None and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, self.rope, None, use_reentrant=False, context_fn=self.recompute_context)
+            return checkpoint(block, x, self.rope, None, use_reentrant=False,
+                              context_fn=self.recompute_context)
         return block(x, self.rope, cache)
 
     def run(self, x: torch.Tensor, layers, labels: torch.Tensor | None = None, first: bool = True,
@@ -266,7 +270,8 @@ class GPT(nn.Module):
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings and self.tok_emb is not None:
-            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel()
+                                                if self.pos_emb is not None else 0)
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -296,7 +301,8 @@ def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, temperature: fl
             # (Re)fill the cache from the last max_len/2 tokens: learned positions cannot extend.
             window = ids[:, -max(1, max_len // 2):] if ids.shape[1] >= max_len else ids
             dtype = next(model.parameters()).dtype
-            cache = KVCache(cfg, ids.shape[0], max_len, ids.device, dtype, kv_heads=next(iter(model.blocks.values())).attn.n_kv)
+            cache = KVCache(cfg, ids.shape[0], max_len, ids.device, dtype,
+                            kv_heads=next(iter(model.blocks.values())).attn.n_kv)
             logits, _ = model(window, cache=cache)
         elif use_cache:
             logits, _ = model(ids[:, -1:], cache=cache)

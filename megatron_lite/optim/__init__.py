@@ -33,7 +33,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, dp_group=None) -> 
         from torch.distributed.optim import ZeroRedundancyOptimizer
         groups = [g for g in groups if g["params"]]
         zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
-                                       process_group=dp_group, weight_decay=groups[0]["weight_decay"], **kwargs)
+                                       process_group=dp_group, weight_decay=groups[0]["weight_decay"],
+                                       **kwargs)
         for g in groups[1:]:
             zero.add_param_group(g)
         return zero

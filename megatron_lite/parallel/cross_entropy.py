@@ -51,7 +51,7 @@ class _VocabParallelCE(torch.autograd.Function):
         return g.to(ctx.in_dtype), None, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, vocab_size: int,
-                                 group, ignore_index: int = -100) -> torch.Tensor:
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
+                                 vocab_size: int, group, ignore_index: int = -100) -> torch.Tensor:
     """Mean CE over non-ignored rows; logits (N, V_local) this rank's vocab slice, labels (N,)."""
     return _VocabParallelCE.apply(logits, labels, vocab_start, vocab_size, group, ignore_index)

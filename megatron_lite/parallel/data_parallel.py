@@ -31,7 +31,7 @@ def allreduce_gradients(params, group, bucket_bytes: int = BUCKET_BYTES) -> None
         flat = torch.cat([g.reshape(-1) for g in bucket])
         comm.all_reduce(flat, group)
         flat.div_(n)
-        for g, new in zip(bucket, flat.split([g.numel() for g in bucket])):
+        for g, new in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
             g.copy_(new.view_as(g))
         bucket, size = [], 0
 

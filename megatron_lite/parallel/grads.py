@@ -56,7 +56,8 @@ class GradSync:
         """Scale finished gradients so the global norm is at most max_norm (0: no clipping);
         returns the norm before clipping. A non-finite norm leaves them unscaled."""
         if self.serial:  # torch's own clip: the serial reference every parity test compares with
-            return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf).item()
+            return torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                  max_norm if max_norm > 0 else math.inf).item()
         params = [p for p in model.parameters() if p.grad is not None]
         copy = tied_embedding_copy(model) if self.pp_group is not None else None
         duplicates = (copy,) if copy is not None and not model.has_embed else ()
@@ -75,7 +76,8 @@ def global_norm(params: list[torch.Tensor], tp_group, pp_group=None,
     replicated ones counted once, every pipeline stage's share summed over pp; `duplicates` (e.g.
     the last stage's copy of a tied embedding) not counted."""
     device = params[0].grad.device if params else torch.device("cpu")
-    acc = torch.promote_types(params[0].grad.dtype if params else torch.float32, torch.float32)  # fp64 in tests
+    acc = torch.promote_types(params[0].grad.dtype if params else torch.float32,
+                              torch.float32)  # fp64 in tests
     sharded = torch.zeros((), dtype=acc, device=device)
     replicated = torch.zeros((), dtype=acc, device=device)
     skip = {id(d) for d in duplicates}
@@ -97,12 +99,13 @@ def global_norm(params: list[torch.Tensor], tp_group, pp_group=None,
 
 def sync_sequence_parallel_grads(model: nn.Module, group) -> None:
     """Sum over tp the grads of replicated params that saw only a sequence shard: one bucket."""
-    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    grads = [p.grad for p in model.parameters()
+             if getattr(p, "sequence_parallel", False) and p.grad is not None]
     if not grads or comm.size(group) == 1:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     comm.all_reduce(flat, group)
-    for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+    for g, new in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
         g.copy_(new.view_as(g))
 
 

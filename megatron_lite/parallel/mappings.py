@@ -3,7 +3,7 @@
 Each pair is forward/backward conjugate: what one does forward, the other does backward.
     copy_to_tp       fwd identity          bwd all-reduce     (enter a TP region)
     reduce_from_tp   fwd all-reduce        bwd identity       (leave a row-parallel layer)
-    scatter_to_tp    fwd split last dim    bwd all-gather     
+    scatter_to_tp    fwd split last dim    bwd all-gather
     gather_from_tp   fwd all-gather last   bwd split
 Sequence parallelism (activations sharded along the sequence dim, dim 1 of (B, T, C)):
     scatter_to_sp    fwd split seq         bwd all-gather seq

@@ -61,7 +61,8 @@ class PipelineEngine:
         kind, mb, vs = message(a, self.stage, self.pp)
         return (mb * self.pp * self.v + vs) * 2 + (kind == "B")
 
-    def run(self, batches: list[tuple[torch.Tensor, torch.Tensor]], forward_only: bool = False) -> torch.Tensor:
+    def run(self, batches: list[tuple[torch.Tensor, torch.Tensor]],
+            forward_only: bool = False) -> torch.Tensor:
         """Run one step over the micro-batches; returns the mean loss (on every stage)."""
         m = len(batches)
         actions = build(self.schedule, self.pp, m, self.v)[self.stage]

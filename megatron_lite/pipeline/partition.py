@@ -29,12 +29,13 @@ def split_layers(cfg: ModelConfig, pieces: int, method: str = "even", sizes: lis
                  ) -> list[tuple[int, ...]]:
     L = cfg.num_layers
     if pieces > L:
-        raise LayoutError(f"parallel.pp x virtual stages = {pieces} pipeline pieces exceed model.num_layers={L}; "
-                          f"every piece needs at least one block, so lower parallel.pp or add layers.")
+        raise LayoutError(f"parallel.pp x virtual stages = {pieces} pipeline pieces exceed "
+                          f"model.num_layers={L}; every piece needs at least one block, so lower "
+                          f"parallel.pp or add layers.")
     if sizes:
         if len(sizes) != pieces or sum(sizes) != L or min(sizes) < 1:
-            raise LayoutError(f"parallel.pp_layers={sizes} must list {pieces} positive block counts summing to "
-                              f"model.num_layers={L}.")
+            raise LayoutError(f"parallel.pp_layers={sizes} must list {pieces} positive block counts "
+                              f"summing to model.num_layers={L}.")
         counts = list(sizes)
     elif method == "even":
         base, extra = divmod(L, pieces)
@@ -51,8 +52,8 @@ def split_layers(cfg: ModelConfig, pieces: int, method: str = "even", sizes: lis
 
 
 def _balance_by_params(cfg: ModelConfig, pieces: int) -> list[int]:
-    h, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    block = 4 * h * h + (3 if cfg.activation == "swiglu" else 2) * h * I  # dominant terms
+    h, ffn, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    block = 4 * h * h + (3 if cfg.activation == "swiglu" else 2) * h * ffn  # dominant terms
     emb = V * h
     L = cfg.num_layers
     weights = [block] * L
@@ -76,9 +77,11 @@ def stage_chunks(cfg: ModelConfig, pp: int, stage: int, v: int = 1, method: str 
     """The chunks (in chunk order) that pipeline stage `stage` holds."""
     if pp * v > cfg.num_layers:
         raise LayoutError(f"parallel.pp={pp} x parallel.virtual_stages={v} = {pp * v} pipeline pieces exceed "
-                          f"model.num_layers={cfg.num_layers}; every piece needs a block, so lower parallel.pp.")
+                          f"model.num_layers={cfg.num_layers}; every piece needs a block, "
+                          f"so lower parallel.pp.")
     if v > 1 and cfg.num_layers % (pp * v):
-        raise LayoutError(f"interleaving with parallel.virtual_stages={v} needs model.num_layers={cfg.num_layers} "
+        raise LayoutError(f"interleaving with parallel.virtual_stages={v} needs "
+                          f"model.num_layers={cfg.num_layers} "
                           f"divisible by parallel.pp x virtual_stages = {pp * v}.")
     pieces = split_layers(cfg, pp * v, method, sizes)
     last = pp * v - 1

@@ -26,7 +26,8 @@ class Action:
     peer: int = -1
 
     def __repr__(self) -> str:
-        peer = f"->{self.peer}" if self.kind.startswith("SEND") else f"<-{self.peer}" if self.kind.startswith("RECV") else ""
+        peer = (f"->{self.peer}" if self.kind.startswith("SEND")
+                else f"<-{self.peer}" if self.kind.startswith("RECV") else "")
         return f"{self.kind}{self.mb}.{self.chunk}{peer}"
 
 
@@ -95,8 +96,9 @@ def interleaved(pp: int, m: int, v: int) -> list[list[Action]]:
     """Interleaved 1F1B (Megatron): each stage holds v model chunks; micro-batches go through
     chunk 0 of every stage, then chunk 1, ..., in groups of pp. Needs m to be a multiple of pp."""
     if m % pp:
-        raise LayoutError(f"the interleaved schedule needs the number of micro-batches ({m}) to be a multiple "
-                          f"of parallel.pp={pp}; use {max(pp, m - m % pp)} or {m + pp - m % pp} micro-batches.")
+        raise LayoutError(f"the interleaved schedule needs the number of micro-batches ({m}) to be a "
+                          f"multiple of parallel.pp={pp}; use {max(pp, m - m % pp)} or {m + pp - m % pp} "
+                          f"micro-batches.")
     total = m * v
 
     def fwd_item(k: int) -> tuple[str, int, int]:
@@ -164,7 +166,8 @@ def simulate(lists: list[list[Action]], f_time: float = 1.0, b_time: float = 2.0
                 pos[s] += 1
                 progressed = True
         if not progressed:
-            raise RuntimeError(f"deadlock: stages wait at {[lists[s][pos[s]] for s in range(pp) if pos[s] < len(lists[s])]}")
+            raise RuntimeError(f"deadlock: stages wait at "
+                               f"{[lists[s][pos[s]] for s in range(pp) if pos[s] < len(lists[s])]}")
     if sent:
         raise RuntimeError(f"sends never received: {sorted(sent)[:4]}")
     return max(clock), busy, peak

@@ -105,7 +105,8 @@ class LocalBackend(Backend):
 
     def _run(self, batches, forward_only):
         m = len(batches)
-        return _accumulate(self.model, batches, forward_only, self.autocast, lambda loss: (loss / m).backward())
+        return _accumulate(self.model, batches, forward_only, self.autocast,
+                           lambda loss: (loss / m).backward())
 
     def step(self, lr: float, loss: float) -> StepOutcome:
         set_lr(self.optimizer, lr)
@@ -191,8 +192,8 @@ def build_backend(layout: Layout, model, groups, device: torch.device, autocast,
     dp_group = groups.dp if groups is not None and layout.dp > 1 else None
     engine = None
     if pp_group is not None:
-        engine = PipelineEngine(model, layout.chunks(groups.coord.pp), groups.coord.pp, groups.pp_ranks, pp_group,
-                                cfg.parallel.schedule, layout.act_shape, device, autocast=autocast,
+        engine = PipelineEngine(model, layout.chunks(groups.coord.pp), groups.coord.pp, groups.pp_ranks,
+                                pp_group, cfg.parallel.schedule, layout.act_shape, device, autocast=autocast,
                                 poison_nonfinite=layout.backend == "deepspeed")
     optimizer = build_optimizer(model, cfg.optim, dp_group=dp_group)
     if layout.backend == "deepspeed":

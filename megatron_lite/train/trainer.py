@@ -63,7 +63,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto.")
+            raise ConfigError("train.device=cuda but no CUDA device is visible; "
+                              "use train.device=cpu or auto.")
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         return device
@@ -104,9 +105,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model, self.tp = self._build_model()
         self.backend = build_backend(self.layout, self.model, self.groups, self.device, self.autocast,
-                                     rng_tracker=self.tp.tracker if self.tp else None, local_rank=self.env.local_rank)
+                                     rng_tracker=self.tp.tracker if self.tp else None,
+                                     local_rank=self.env.local_rank)
         self.state = TrainState()
-        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=cfg.checkpoint.keep, rank=self.rank,
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=cfg.checkpoint.keep,
+                                             rank=self.rank,
                                              group=comm.world() if self.env.distributed else None,
                                              layout=self.layout.as_dict())
         if self.resumed_from is not None:
@@ -128,8 +131,9 @@ class Trainer:
             diff = [f"model.{k}" for k, v in vars(saved).items() if getattr(self.cfg.model, k) != v]
             if diff:
                 raise ConfigError(
-                    f"train.out_dir {str(self.out_dir)!r} holds a checkpoint of a different model ({', '.join(diff)} "
-                    f"changed); restore those settings to resume, or choose a new train.out_dir.")
+                    f"train.out_dir {str(self.out_dir)!r} holds a checkpoint of a different model "
+                    f"({', '.join(diff)} changed); restore those settings to resume, or choose a new "
+                    f"train.out_dir.")
         CheckpointManager.check_layout(path, self.layout.as_dict())
 
     def _build_model(self) -> tuple[GPT, TensorParallel | None]:
@@ -188,7 +192,8 @@ class Trainer:
     def save(self) -> Path:
         p = self.backend.stateful()
         return self.checkpoints.save(self.state.step, p.model, p.optimizer, self.state, self.cfg.to_yaml(),
-                                     data_dir=self.cfg.data.dir, extra_save=p.extra_save, rng_tracker=p.rng_tracker)
+                                     data_dir=self.cfg.data.dir, extra_save=p.extra_save,
+                                     rng_tracker=p.rng_tracker)
 
     def sample(self, prompt: str = "def ", max_new_tokens: int | None = None) -> str | None:
         """Generate from the model in memory; None under pipelining (no single rank holds the
@@ -280,7 +285,8 @@ class Trainer:
         t0, tokens0 = self._window
         tps = (st.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
         mfu = tps * self.flops_per_token / self.peak
-        self._scalars.scalars(st.step, {"train/loss": r.loss, "train/lr": r.lr, "train/grad_norm": r.grad_norm,
+        self._scalars.scalars(st.step, {"train/loss": r.loss, "train/lr": r.lr,
+                                        "train/grad_norm": r.grad_norm,
                                         "train/tokens_per_s": tps, "train/mfu": mfu,
                                         "train/memory_gb": memory_gb(self.device)})
         log.info(f"step {st.step:>6} | loss {r.loss:.4f} | lr {r.lr:.2e} | grad norm {r.grad_norm:.3f} | "

@@ -24,7 +24,7 @@ def test_resume_is_bit_exact(tiny_config, tmp_path):
     assert second.resumed_from is not None and second.state.step == 10 and second.state.cursor == 80
     part2 = second.fit()["train_loss"]
     assert part1 + part2 == full  # exact float equality
-    for a, b in zip(straight.model.parameters(), second.model.parameters()):
+    for a, b in zip(straight.model.parameters(), second.model.parameters(), strict=True):
         assert torch.equal(a, b)
     # A run resumed at its final step has nothing left to do.
     done = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'b'}"))
@@ -42,7 +42,7 @@ def test_validation_loss_falls_and_grad_accum_matches_a_big_batch(tiny_config, t
     la, lb = a.fit()["train_loss"], b.fit()["train_loss"]
     # Same math in another summation order: float32 rounding only (~1e-7 relative).
     assert la == pytest.approx(lb, rel=1e-5)
-    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
 
 
@@ -103,9 +103,10 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_config, tmp_path, c
 
 def test_bf16_autocast_tracks_fp32(tiny_config, tmp_path):
     fp32 = Trainer(tiny_config("train.steps=10", f"train.out_dir={tmp_path / 'f'}")).fit()
-    bf16 = Trainer(tiny_config("train.steps=10", "train.precision=bf16", f"train.out_dir={tmp_path / 'b'}")).fit()
+    bf16 = Trainer(tiny_config("train.steps=10", "train.precision=bf16",
+                               f"train.out_dir={tmp_path / 'b'}")).fit()
     # bf16 has an 8-bit mantissa (~0.4% relative rounding per op): losses agree to a few percent.
-    for a, b in zip(fp32["train_loss"], bf16["train_loss"]):
+    for a, b in zip(fp32["train_loss"], bf16["train_loss"], strict=True):
         assert b == pytest.approx(a, rel=0.03)
 
 
@@ -148,7 +149,8 @@ def test_cli_prepare_train_generate(tmp_path):
     assert "validation loss: first" in out and "---- sample ----" in out
     first, last = (float(x.split()[0]) for x in out.split("validation loss: first ")[1].split("-> last ")[:2])
     assert last < first - 2.0, out
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000060", "step_00000120"]
+    assert (sorted(p.name for p in (run / "checkpoints").iterdir())
+            == ["latest", "step_00000060", "step_00000120"])
     r = cli("generate", "--checkpoint", str(run), "--prompt", "import os\n", "--max-new-tokens", "20",
             "--temperature", "0")
     assert r.returncode == 0, r.stderr

@@ -8,7 +8,8 @@ import pytest
 from megatron_lite.data import DataError, Sampler, TokenStore, load_tokenizer, prepare
 from megatron_lite.data.prepare import stdlib_files
 
-DOCS = [f"Document {i}: caf\u00e9 \u2603 \t tabs\n  def f{i}(x):\n      return x * {i}  # \u03c0\n" * (i % 3 + 1)
+DOCS = [(f"Document {i}: caf\u00e9 \u2603 \t tabs\n  def f{i}(x):\n"
+         f"      return x * {i}  # \u03c0\n") * (i % 3 + 1)
         for i in range(40)]
 
 
@@ -18,7 +19,7 @@ def decoded_documents(out):
     for split in ("train", "val"):
         tokens, starts = store.split(split), store.documents(split)
         ends = list(starts[1:]) + [len(tokens)]
-        for s, e in zip(starts, ends):
+        for s, e in zip(starts, ends, strict=True):
             assert tokens[e - 1] == tok.eot_id  # each document closes with end-of-text
             docs.append(tok.decode(tokens[s:e - 1].tolist()))
     return store, docs
@@ -133,7 +134,8 @@ def test_sampler_is_a_function_of_seed_and_cursor():
 def test_data_parallel_ranks_cover_the_global_batch_exactly_once(dp, m, mb):
     from megatron_lite.data.dataset import rank_micro_batch_starts
     cursor = 1000
-    taken = [s + i for r in range(dp) for s in rank_micro_batch_starts(cursor, mb, m, dp, r) for i in range(mb)]
+    taken = [s + i for r in range(dp) for s in rank_micro_batch_starts(cursor, mb, m, dp, r)
+             for i in range(mb)]
     assert sorted(taken) == list(range(cursor, cursor + mb * m * dp))  # none twice, none skipped
     # and serial accumulation's order: micro-batch j of rank r is global micro-batch j * dp + r
     assert rank_micro_batch_starts(cursor, mb, m, dp, dp - 1)[0] == cursor + (dp - 1) * mb

@@ -46,13 +46,14 @@ def test_inconsistent_launcher_variables_are_one_sentence(environ, words):
 
 
 def _cfg(*overrides):
-    return Config.from_yaml(None, ["model.num_layers=4", "model.num_attention_heads=4", "model.hidden_size=64",
-                                   "data.micro_batch_size=2", *overrides])
+    return Config.from_yaml(None, ["model.num_layers=4", "model.num_attention_heads=4",
+                                   "model.hidden_size=64", "data.micro_batch_size=2", *overrides])
 
 
 def test_layout_facts_for_a_3d_run():
     layout = Layout.build(_cfg("parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.microbatches=4",
-                               "parallel.sequence_parallel=true", "model.max_sequence_length=64"), world_size=8)
+                               "parallel.sequence_parallel=true", "model.max_sequence_length=64"),
+                          world_size=8)
     assert layout.micro_batches == 4 and layout.global_batch_size == 2 * 4 * 2
     assert layout.act_shape == (2, 32, 64)  # the sequence-parallel shard travels between stages
     assert [c.layers for c in layout.chunks(1)] == [(2, 3)] and layout.chunks(0)[0].first

@@ -97,7 +97,7 @@ def test_preset_parameter_counts(preset, published):
 def test_seeded_init_is_reproducible_and_layout_independent():
     cfg = small(num_layers=4)
     a, b, c = GPT(cfg, seed=7), GPT(cfg, seed=7), GPT(cfg, seed=8)
-    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters(), strict=True):
         assert torch.equal(pa, pb), name
         # Every parameter is its own function of (seed, name): rebuildable on any rank alone.
         assert torch.equal(pa, master_init(name, pa.shape, cfg, 7)), name
@@ -106,7 +106,8 @@ def test_seeded_init_is_reproducible_and_layout_independent():
 
 
 def test_init_statistics():
-    cfg = ModelConfig(vocab_size=2000, hidden_size=256, num_layers=8, num_attention_heads=4, max_sequence_length=64)
+    cfg = ModelConfig(vocab_size=2000, hidden_size=256, num_layers=8, num_attention_heads=4,
+                      max_sequence_length=64)
     model = GPT(cfg, seed=0)
     resid = 0.02 / math.sqrt(2 * cfg.num_layers)
     for name, p in model.named_parameters():

@@ -13,8 +13,8 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
     lrs = [lr_at(s, cfg, total_steps=110) for s in range(130)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # warmup rises
-    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))  # cosine falls
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10], strict=True))  # warmup rises
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111], strict=True))  # cosine falls
     assert lrs[60] == pytest.approx(0.55)  # halfway through the decay: the midpoint
     assert lrs[110] == lrs[129] == pytest.approx(0.1)
 
@@ -52,7 +52,7 @@ def test_save_load_round_trip_and_prune(tmp_path):
     state = TrainState()
     mgr.load(mgr.latest(), other, other_opt, state)
     assert state.step == 3 and state.cursor == 30
-    for a, b in zip(model.parameters(), other.parameters()):
+    for a, b in zip(model.parameters(), other.parameters(), strict=True):
         assert torch.equal(a, b)
     sa, sb = opt.state_dict()["state"], other_opt.state_dict()["state"]
     for k in sa:

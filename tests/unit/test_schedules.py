@@ -15,7 +15,7 @@ CASES = [("gpipe", pp, m, 1) for pp in (2, 4) for m in (1, 3, 4, 8)] + \
 def test_schedule_invariants(name, pp, m, v):
     lists = build(name, pp, m, v)
     assert len(lists) == pp
-    for s, actions in enumerate(lists):
+    for _, actions in enumerate(lists):
         compute = [(a.kind, a.mb, a.chunk) for a in actions if a.kind in ("F", "B")]
         # every (micro-batch, chunk) exactly once forward and once backward
         want = {(mb, c) for mb in range(m) for c in range(v)}
