@@ -99,6 +99,7 @@ class Trainer:
             comm.init(self.device, self.env)
             self.groups = self.layout.topology.build(self.env.rank)
         self.rank = self.env.rank
+        self.coord = self.layout.topology.coord(self.rank)  # (tp, pp, dp) of this process
         self.is_main = self.rank == 0
         # Dropout RNG: the same default stream on every tp rank (replicated regions); init uses its
         # own per-parameter seeds, so every layout starts from the same weights.
@@ -140,13 +141,13 @@ class Trainer:
         """This rank's part of the model: its pipeline stage's pieces (all of them when pp = 1),
         tensor-parallel when tp > 1."""
         cfg, layout = self.cfg, self.layout
-        chunks = layout.chunks(self.groups.coord.pp if self.groups else 0)
+        chunks = layout.chunks(self.coord.pp)
         model = GPT(cfg.model, seed=cfg.train.seed, layers=[i for c in chunks for i in c.layers],
                     embed=any(c.first for c in chunks), head=any(c.last for c in chunks))
         model.to(self.device)
         tp = None
         if layout.tp > 1:
-            tracker = RNGTracker(cfg.train.seed, self.groups.coord.tp, self.device)
+            tracker = RNGTracker(cfg.train.seed, self.coord.tp, self.device)
             tp = parallelize(model, self.groups.tp, sequence_parallel=cfg.parallel.sequence_parallel,
                              make_vocab_divisible_by=cfg.parallel.make_vocab_divisible_by, tracker=tracker)
         model.set_recompute(cfg.train.recompute, recompute_context_fn(tp.tracker) if tp else None)
@@ -163,9 +164,8 @@ class Trainer:
         [cursor, cursor + mb * m * dp); micro-batch j of dp rank r is its slice j * dp + r, so the
         ranks together see every sample once, in the order serial accumulation would."""
         mb, m, dp = self.cfg.data.micro_batch_size, self.layout.micro_batches, self.layout.dp
-        r = self.groups.coord.dp if self.groups else 0
         out = []
-        for start in rank_micro_batch_starts(self.state.cursor, mb, m, dp, r):
+        for start in rank_micro_batch_starts(self.state.cursor, mb, m, dp, self.coord.dp):
             x, y = self.train_data.batch(start, mb)
             out.append((x.to(self.device), y.to(self.device)))
         self.state.cursor += self.layout.global_batch_size
@@ -248,7 +248,7 @@ class Trainer:
                     self._maybe_evaluate()
                     self._maybe_save()
             bar.close()
-            log.debug(f"stopping: {reason}")
+            log.info(f"stopping at step {self.state.step}: {reason}")
             if self.state.step != self._last_save:
                 self._save_and_log()
         finally:

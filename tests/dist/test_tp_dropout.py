@@ -45,7 +45,7 @@ def _dropout(rank, world):
     for sp in (False, True, False, True):
         torch.manual_seed(7)
         model = parallelize(GPT(cfg, seed=1), group, sequence_parallel=sp,
-                            tracker=RNGTracker(7, rank, torch.device("cpu")))
+                            tracker=RNGTracker(7, rank, torch.device("cpu"))).model
         _, loss = model(ids, ids)
         loss.backward()
         runs.append((loss.item(), model.blocks["0"].mlp.fc1.weight.grad.clone()))
@@ -64,7 +64,7 @@ def _dropout(rank, world):
     for mode in ("none", "full", "selective"):
         torch.manual_seed(7)
         tracker = RNGTracker(7, rank, torch.device("cpu"))
-        model = parallelize(GPT(cfg, seed=1), group, sequence_parallel=True, tracker=tracker)
+        model = parallelize(GPT(cfg, seed=1), group, sequence_parallel=True, tracker=tracker).model
         model.set_recompute(mode, recompute_context_fn(tracker))
         _, loss = model(ids, ids)
         loss.backward()
