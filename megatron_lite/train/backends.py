@@ -46,17 +46,20 @@ class StepOutcome:
 class Backend:
     """Base: a model (this rank's part of it), its optimizer, the data-parallel loss average."""
 
-    def __init__(self, model, optimizer, dp_group, autocast, rng_tracker=None):
+    def __init__(self, model, optimizer, dp_group, autocast, rng_tracker=None, grad_owner=None):
         self.model = model
         self.optimizer = optimizer
         self.dp_group = dp_group
         self.autocast = autocast
         self.rng_tracker = rng_tracker
+        self.grad_owner = grad_owner or optimizer  # the torch optimizer over the model's own .grad
 
     def forward_backward(self, batches: Batches, forward_only: bool = False) -> float:
         """Run this rank's micro-batches of one global batch (forward and backward, or forward
         only); returns the mean loss over the whole global batch, the same on every rank."""
         self.model.train(not forward_only)
+        if not forward_only:
+            self.grad_owner.zero_grad(set_to_none=True)
         total = self._run(batches, forward_only)
         if self.dp_group is not None:
             comm.all_reduce(total, self.dp_group)
@@ -98,11 +101,6 @@ class LocalBackend(Backend):
         self.grad_sync = grad_sync
         self.grad_clip = grad_clip
 
-    def forward_backward(self, batches: Batches, forward_only: bool = False) -> float:
-        if not forward_only:
-            self.optimizer.zero_grad(set_to_none=True)
-        return super().forward_backward(batches, forward_only)
-
     def _run(self, batches, forward_only):
         m = len(batches)
         return _accumulate(self.model, batches, forward_only, self.autocast,
@@ -137,16 +135,11 @@ class DeepSpeedBackend(Backend):
 
     def __init__(self, ds, client_optimizer, model, dp_group, autocast, engine: PipelineEngine | None = None,
                  embed_group=None, rng_tracker=None):
-        super().__init__(model, ds.optimizer, dp_group, autocast, rng_tracker)
+        super().__init__(model, ds.optimizer, dp_group, autocast, rng_tracker, grad_owner=client_optimizer)
         self.ds = ds
         self.client_optimizer = client_optimizer  # our AdamW, inside DeepSpeed's ZeRO wrapper
         self.engine = engine
         self.embed_group = embed_group
-
-    def forward_backward(self, batches: Batches, forward_only: bool = False) -> float:
-        if not forward_only:
-            self.client_optimizer.zero_grad(set_to_none=True)
-        return super().forward_backward(batches, forward_only)
 
     def _run(self, batches, forward_only):
         if self.engine is not None:

@@ -55,32 +55,22 @@ def _nonfinite(rank, world, data_dir, out, layouts):
         dp = int(next(x for x in extra if x.startswith("parallel.dp=")).split("=")[1])
         trainer = Trainer(_config(data_dir, f"{out}/{'_'.join(extra)}", f"train.grad_accum={4 // dp}", *extra),
                           _env(rank, world))
-        real = trainer.model.forward
+        real, real_run = trainer.model.forward, trainer.model.run
 
-        def forward(ids, labels=None, cache=None, real=real, trainer=trainer):
+        def spoil(loss, trainer=trainer):
+            step = trainer.state.step + 1
+            if step == 2:
+                return loss * float("nan")
+            return loss + float("inf") if step == 3 else loss  # inf: d(loss)/d(weights) stays finite
+
+        def forward(ids, labels=None, cache=None, real=real, spoil=spoil, model=trainer.model):
             logits, loss = real(ids, labels, cache)
-            if labels is not None and trainer.model.training and loss is not None:
-                bad = trainer.state.step + 1
-                if bad == 2:
-                    loss = loss * float("nan")
-                elif bad == 3:
-                    loss = loss + float("inf")  # d(loss)/d(weights) stays finite
-            return logits, loss
-        if trainer.layout.pp > 1:  # the pipeline engine calls GPT.run per chunk, the last computes the loss
-            real_run = trainer.model.run
+            return logits, spoil(loss) if labels is not None and model.training else loss
 
-            def run(x, layers, labels=None, first=True, last=True, real_run=real_run, trainer=trainer):
-                out = real_run(x, layers, labels, first=first, last=last)
-                if last and labels is not None and trainer.model.training:
-                    bad = trainer.state.step + 1
-                    if bad == 2:
-                        return out[0], out[1] * float("nan")
-                    if bad == 3:
-                        return out[0], out[1] + float("inf")
-                return out
-            trainer.model.run = run
-        else:
-            trainer.model.forward = forward
+        def run(x, layers, labels=None, first=True, last=True, real_run=real_run, spoil=spoil, model=trainer.model):
+            out = real_run(x, layers, labels, first=first, last=last)  # the pipeline engine's chunk call
+            return (out[0], spoil(out[1])) if last and labels is not None and model.training else out
+        trainer.model.forward, trainer.model.run = forward, run
         where = f"{extra} rank {rank}"
         r1 = trainer.train_step()
         assert not r1.skipped, where

@@ -155,3 +155,20 @@ def test_cli_prepare_train_generate(tmp_path):
             "--temperature", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("import os\n") and len(r.stdout) > len("import os\n") + 10
+
+
+def test_a_stop_hook_ends_the_run_with_a_checkpoint_and_the_rerun_finishes_it(tiny_config, tmp_path):
+    """The seam the launcher's preemption handling plugs into: a hook that answers "stop" ends the
+    loop at a step boundary with a checkpoint; rerunning resumes and ends exactly where an
+    uninterrupted run ends."""
+    common = ("train.steps=12", "checkpoint.interval=100")
+    straight = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'a'}")).fit()["train_loss"]
+    stop_at_5 = lambda t: "preempted (test)" if t.state.step >= 5 else None
+    first = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'b'}"), stop_hooks=(stop_at_5,))
+    assert first.should_stop() is None
+    part1 = first.fit()["train_loss"]
+    assert len(part1) == 5 and first.should_stop() == "preempted (test)"
+    assert first.checkpoints.latest().name == "step_00000005"
+    second = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'b'}"))
+    part2 = second.fit()["train_loss"]
+    assert second.resumed_from is not None and part1 + part2 == straight

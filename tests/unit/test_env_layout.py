@@ -88,3 +88,25 @@ def test_a_missing_data_dir_fails_before_the_process_group_exists(tmp_path):
     with pytest.raises(DataError, match="no prepared data"):
         Trainer(_cfg("parallel.dp=2", f"data.dir={tmp_path / 'nodata'}", "train.device=cpu"), env)
     assert not dist.is_initialized()
+
+
+@pytest.fixture
+def restore_package_logger():
+    import logging
+    logger = logging.getLogger("megatron_lite")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
+
+
+def test_only_rank_zero_logs_unless_a_record_is_for_all_ranks(capsys, restore_package_logger):
+    import logging
+
+    from megatron_lite.logs import setup_logging
+    log = logging.getLogger("megatron_lite.test")
+    for rank in (0, 1):
+        setup_logging(rank)  # replaces the previous handler: one per process
+        log.info("hello from %d", rank)
+        log.warning("stalled peer", extra={"all_ranks": True})
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["hello from 0", "stalled peer", "[rank 1] stalled peer"]
