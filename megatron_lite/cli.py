@@ -1,4 +1,4 @@
-"""`megatron-lite` command line: train, prepare-data, generate.
+"""`megatron-lite` command line: train, prepare-data, generate, checkpoint verify|inspect.
 
 User-caused errors (config, data, checkpoint paths) print one sentence and exit with status 2;
 no traceback.
@@ -69,7 +69,7 @@ def cmd_prepare(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    from .checkpoint import load_model_weights, resolve
+    from .checkpoint import load_model_weights, resolve, verify
     from .config import Config
     from .data import load_tokenizer
     from .model import GPT, generate
@@ -87,10 +87,11 @@ def cmd_generate(args) -> None:
         raise UsageError(f"--prompt is not valid UTF-8 (byte 0x{bad.hex()} at character {e.start}); pass "
                          f"UTF-8 text.") from None
     path = resolve(args.checkpoint)
+    verify(path)  # every file against its checksum before any of it is read
     cfg = Config.from_yaml(path / "config.yaml")
     device = resolve_device(args.device)
     model = GPT(cfg.model, seed=None).to(device)
-    load_model_weights(path, model)
+    load_model_weights(path, model, verified=True)
     tok = load_tokenizer(path)
     ids = tok.encode(args.prompt)
     if not ids:
@@ -100,6 +101,27 @@ def cmd_generate(args) -> None:
     out = generate(model, x, args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k or None, generator=g)
     print(tok.decode(out[0].tolist()))
+
+
+def cmd_checkpoint_verify(args) -> None:
+    from .checkpoint import resolve, verify
+    path = resolve(args.path)
+    manifest = verify(path)
+    total = sum(e if isinstance(e, int) else e["size"] for e in manifest["files"].values())
+    print(f"ok: {path}: {len(manifest['files'])} files, {total:,} bytes, every size and checksum matches "
+          f"the manifest")
+
+
+def cmd_checkpoint_inspect(args) -> None:
+    from .checkpoint import inspect, resolve
+    info = inspect(resolve(args.path))
+    layout = " ".join(f"{k}={v}" for k, v in info["layout"].items())
+    print(f"checkpoint {info['path']}\nstep {info['step']} | format {info['format']} | layout {layout}")
+    print(f"{len(info['files'])} files, {sum(info['files'].values()):,} bytes (checksums verified)")
+    for shard, tensors in info["tensors"].items():
+        print(f"-- {shard or '.'}: {len(tensors)} tensors")
+        for name, (shape, dtype) in tensors.items():
+            print(f"   {name:<48} {str(tuple(shape)):<20} {dtype}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("checkpoint", help="verify or inspect a checkpoint")
+    csub = c.add_subparsers(dest="checkpoint_command", required=True)
+    v = csub.add_parser("verify", help="check every file against the manifest's sizes and checksums "
+                                       "(exit 2 naming the first damaged file)")
+    v.add_argument("path", help="run directory, its checkpoints/ or a step_* directory")
+    v.set_defaults(func=cmd_checkpoint_verify)
+    i = csub.add_parser("inspect", help="step, layout, files and tensors (shapes, dtypes) of a checkpoint")
+    i.add_argument("path", help="run directory, its checkpoints/ or a step_* directory")
+    i.set_defaults(func=cmd_checkpoint_inspect)
     return p
 
 

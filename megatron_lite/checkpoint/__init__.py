@@ -8,17 +8,20 @@ Layout of a run's checkpoint directory:
                               train state (step, data cursor in global samples, RNG states)
         config.yaml           the full run config (what `generate` and resume rebuild from)
         meta.json, tokenizer.json   the data's tokenizer, so the checkpoint is self-contained
-        manifest.json         written last: step and the size of every file
+        manifest.json         written last: step, layout, and the size and xxh3 checksum of every file
 
 A checkpoint is written into a temporary sibling directory and renamed into place only once its
-manifest is on disk, so a crash mid-save never replaces or hides a good checkpoint. DCP's keys are
-layout-independent (global parameter names), which later issues use to reshard between layouts.
+manifest is on disk, so a crash mid-save never replaces or hides a good checkpoint. Before any of
+it is read, it is verified against the manifest (checkpoint/integrity.py); a resume falls back to
+the newest checkpoint that verifies on every rank. DCP's keys are layout-independent (global
+parameter names), which later issues use to reshard between layouts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,8 +34,12 @@ from typing import Callable
 import torch
 
 from ..errors import CheckpointError
+from .integrity import HASH, STEP_DIR, describe_files, file_digest, pointer_target, read_manifest, verify
 
-STEP_DIR = re.compile(r"^step_(\d{8,})$")
+__all__ = ["CheckpointError", "CheckpointManager", "Stateful", "TrainState", "file_digest", "inspect",
+           "load_model_weights", "read_manifest", "resolve", "verify"]
+log = logging.getLogger(__name__)
+DEBRIS = re.compile(r"^(\.step_\d{8,}\.tmp|step_\d{8,}\.old-\d+|latest\.tmp)$")  # of interrupted saves
 
 
 @dataclass
@@ -127,17 +134,41 @@ class CheckpointManager:
         """Committed checkpoints (those with a manifest), oldest first."""
         if not self.dir.is_dir():
             return []
-        found = [p for p in self.dir.iterdir() if STEP_DIR.match(p.name) and (p / "manifest.json").is_file()]
+        found = [p for p in self.dir.iterdir()
+                 if STEP_DIR.match(p.name) and not p.is_symlink() and (p / "manifest.json").is_file()]
         return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
     def latest(self) -> Path | None:
-        pointer = self.dir / "latest"
-        if pointer.is_file():
-            path = self.dir / pointer.read_text().strip()
-            if (path / "manifest.json").is_file():
-                return path
+        """The newest committed checkpoint (its manifest is written before the rename, so the
+        newest committed directory is complete even when a crash beat the `latest` pointer)."""
+        pointer_target(self.dir)  # a pointer that leaves the directory is refused, not followed
         done = self.committed()
         return done[-1] if done else None
+
+    def _mine(self, name: str) -> bool:
+        """Files this rank reads: the shared ones and its own shard (everything when serial)."""
+        return not self.shard or not name.startswith("rank_") or name.startswith(self.shard + "/")
+
+    def choose(self) -> Path | None:
+        """The newest checkpoint that verifies on every rank (each checks the files it will read;
+        one all-reduce per candidate makes the choice the same everywhere). A damaged newer one is
+        reported in a warning naming the file."""
+        for path in reversed(self.committed()):
+            try:
+                verify(path, self._mine)
+                bad = 0.0
+            except CheckpointError as e:
+                log.warning(f"warning: {e}", extra={"all_ranks": True})
+                bad = 1.0
+            if self.group is not None:
+                from ..distributed import comm
+                flag = torch.tensor([bad])
+                comm.all_reduce(flag, self.group, op="max")
+                bad = flag.item()
+            if not bad:
+                return path
+            log.warning(f"warning: checkpoint {str(path)!r} is unusable; falling back to an earlier one")
+        return None
 
     # ---- save -----------------------------------------------------------------------------
     def _all_ok(self, ok: bool) -> bool:
@@ -156,7 +187,7 @@ class CheckpointManager:
         final = self.dir / f"step_{step:08d}"
         tmp = self.dir / f".{final.name}.tmp"
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # debris of an interrupted save of this step
+            self._remove_debris()
             tmp.mkdir(parents=True)
         self._all_ok(True)
         error: BaseException | None = None
@@ -173,8 +204,10 @@ class CheckpointManager:
             for f in sorted(shard.iterdir()):
                 _fsync(f)
             _fsync(shard)
+            # Hash what this rank wrote while it is still in the page cache (rank 0 merges them).
+            sums = describe_files(tmp, shard) if self.shard else {}
         except BaseException as e:  # noqa: BLE001 - re-raised below, after the other ranks know
-            error = e
+            error, sums = e, {}
         if not self._all_ok(error is None):
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -182,9 +215,13 @@ class CheckpointManager:
                 raise error
             raise CheckpointError(f"another rank failed to write checkpoint step {step}; the previous "
                                   f"checkpoint in {self.dir} is intact.")
+        if self.group is not None:
+            from ..distributed import comm
+            gathered = comm.all_gather_object(sums, self.group)
+            sums = {name: entry for rank_sums in gathered for name, entry in rank_sums.items()}
         if self.rank == 0:
             try:
-                self._commit(step, tmp, final, config_yaml, data_dir)
+                self._commit(step, tmp, final, config_yaml, data_dir, sums)
             except BaseException as e:  # noqa: BLE001
                 error = e
         if not self._all_ok(error is None):
@@ -194,18 +231,28 @@ class CheckpointManager:
                                   f"checkpoint in {self.dir} is intact.")
         return final
 
-    def _commit(self, step: int, tmp: Path, final: Path, config_yaml: str, data_dir) -> None:
+    def _remove_debris(self) -> None:
+        """Temp directories of interrupted saves (any step) and half-swapped old copies."""
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                if DEBRIS.match(p.name) and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _commit(self, step: int, tmp: Path, final: Path, config_yaml: str, data_dir,
+                shard_sums: dict) -> None:
         try:
             (tmp / "config.yaml").write_text(config_yaml)
             if data_dir is not None:
                 for name in ("meta.json", "tokenizer.json"):
                     if (Path(data_dir) / name).is_file():
                         shutil.copy2(Path(data_dir) / name, tmp / name)
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            files = {**describe_files(tmp, skip=shard_sums), **shard_sums}  # what no rank has hashed yet
             for name in ("config.yaml", "meta.json", "tokenizer.json"):
                 if (tmp / name).is_file():
                     _fsync(tmp / name)  # data on disk before the manifest that vouches for it
-            manifest = {"step": step, "time": time.time(), "files": files, "layout": self.layout, "format": 1}
+            manifest = {"step": step, "time": time.time(), "files": dict(sorted(files.items())),
+                        "layout": self.layout, "format": 2, "hash": HASH}
             _write_synced(tmp / "manifest.json", json.dumps(manifest, indent=2))
             _fsync(tmp)
             if final.exists():  # re-saving a step (e.g. after a skipped-step rerun): swap safely
@@ -233,7 +280,7 @@ class CheckpointManager:
     @staticmethod
     def check_layout(path: Path, layout: dict) -> None:
         """A checkpoint resumes only at the (tp, pp, dp) layout that wrote it (for now)."""
-        saved = verify(path).get("layout", {"tp": 1, "pp": 1, "dp": 1})
+        saved = read_manifest(path).get("layout", {"tp": 1, "pp": 1, "dp": 1})
         if ({k: saved.get(k, 1) for k in ("tp", "pp", "dp")}
                 != {k: layout.get(k, 1) for k in ("tp", "pp", "dp")}):
             raise CheckpointError(
@@ -243,6 +290,7 @@ class CheckpointManager:
 
     def load(self, path: Path, model, optimizer, state: TrainState, extra_load=None,
              rng_tracker=None) -> None:
+        verify(path, self._mine)  # nothing is deserialized before its checksum matches
         self.check_layout(path, self.layout)
         shard = path / self.shard
         msd, osd = model_state(model, optimizer)
@@ -264,27 +312,6 @@ class CheckpointManager:
             extra_load(path)
 
 
-def verify(path: Path) -> dict:
-    """Check a checkpoint directory against its manifest; returns the manifest."""
-    manifest_path = Path(path) / "manifest.json"
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{str(path)!r} is not a committed checkpoint (no manifest.json); point to "
-                              f"a step_* directory or a run's checkpoints directory.")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError):
-        raise CheckpointError(f"{str(manifest_path)!r} is corrupt; delete {str(path)!r} to fall back to "
-                              f"an earlier checkpoint.") from None
-    for name, size in files.items():
-        f = Path(path) / name
-        if not f.is_file() or f.stat().st_size != size:
-            raise CheckpointError(f"checkpoint file {str(f)!r} is missing or has the wrong size (manifest "
-                                  f"says {size} bytes); delete {str(path)!r} to fall back to an earlier "
-                                  f"checkpoint.")
-    return manifest
-
-
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory from a step directory, a checkpoints directory or a run directory."""
     path = Path(path)
@@ -298,6 +325,23 @@ def resolve(path: str | Path) -> Path:
                           f"(train.out_dir), its checkpoints/ directory or a step_* directory.")
 
 
+def inspect(path: Path) -> dict:
+    """What a checkpoint holds, after verifying it: step, layout, file sizes, and every DCP
+    directory's tensors as {name: (shape, dtype)} (the local shards under tensor parallelism)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    manifest = verify(path)
+    files = {n: (e if isinstance(e, int) else e["size"]) for n, e in manifest["files"].items()}
+    shards = sorted({n.split("/")[0] if "/" in n and n.startswith("rank_") else "" for n in files
+                     if n.endswith(".metadata")})
+    tensors = {}
+    for shard in shards:
+        meta = _dcp().FileSystemReader(str(Path(path) / shard)).read_metadata().state_dict_metadata
+        tensors[shard] = {k: (list(m.size), str(m.properties.dtype).replace("torch.", ""))
+                          for k, m in sorted(meta.items()) if isinstance(m, TensorStorageMetadata)}
+    return {"path": str(path), "step": manifest.get("step"), "format": manifest.get("format", 1),
+            "layout": manifest.get("layout", {}), "files": files, "tensors": tensors}
+
+
 def read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     """Every tensor under `prefix.` in one DCP directory, allocated from its metadata."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -308,10 +352,11 @@ def read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) + 1:]: v for k, v in out.items()}
 
 
-def load_model_weights(path: Path, model: torch.nn.Module) -> None:
+def load_model_weights(path: Path, model: torch.nn.Module, verified: bool = False) -> None:
     """Load only the model weights of a checkpoint into a serial model (e.g. for generation);
-    a tensor-parallel checkpoint is consolidated from its rank shards."""
-    manifest = verify(path)
+    a tensor-parallel checkpoint is consolidated from its rank shards. Every file is checked
+    against the manifest first (unless the caller just did: verified=True)."""
+    manifest = read_manifest(path) if verified else verify(path)
     layout = manifest.get("layout", {"tp": 1, "pp": 1, "dp": 1})
     if layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1) == 1:
         weights = read_tensors(path, "model")

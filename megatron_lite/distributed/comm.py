@@ -141,6 +141,15 @@ def reduce_scatter(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     return out
 
 
+def all_gather_object(obj, group) -> list:
+    """Every rank's (small, picklable) object, in group rank order; in-memory only."""
+    if size(group) == 1:
+        return [obj]
+    out = [None] * size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def broadcast(t: torch.Tensor, src_global_rank: int, group) -> torch.Tensor:
     if size(group) > 1:
         _count("broadcast", t)

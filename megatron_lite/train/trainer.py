@@ -29,13 +29,13 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointManager, TrainState
+from ..checkpoint import CheckpointManager, TrainState, verify
 from ..config import Config
 from ..data import Sampler, TokenStore, load_tokenizer
 from ..data.dataset import rank_micro_batch_starts
 from ..distributed import comm
 from ..distributed.env import RunEnv
-from ..errors import ConfigError, TrainingError
+from ..errors import CheckpointError, ConfigError, TrainingError
 from ..layout import Layout
 from ..model import GPT, generate
 from ..optim import lr_at
@@ -71,6 +71,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def _none_verifies(directory: Path) -> CheckpointError:
+    # Starting afresh would silently overwrite them: stop instead.
+    return CheckpointError(f"no checkpoint in {str(directory)!r} verifies (see the warnings above); "
+                           f"delete the damaged ones or choose a new train.out_dir.")
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: RunEnv | None = None, stop_hooks: tuple[StopHook, ...] = ()):
         self.cfg = cfg.validate()
@@ -88,9 +94,7 @@ class Trainer:
         self.seq_len = cfg.seq_length
         self.train_data = Sampler(self.store.split("train"), self.seq_len, cfg.data.seed)
         self.val_data = Sampler(self.store.split("val"), self.seq_len, cfg.data.seed, shuffle=False)
-        self.resumed_from = CheckpointManager(self.out_dir / "checkpoints").latest()
-        if self.resumed_from is not None:
-            self._check_resumable(self.resumed_from)
+        self.resumed_from = self._newest_resumable()
         self.device = resolve_device(cfg.train.device, local_rank=self.env.local_rank)
 
         # ---- the job's process groups, then this rank's model and backend -----------------------
@@ -114,6 +118,13 @@ class Trainer:
                                              group=comm.world() if self.env.distributed else None,
                                              layout=self.layout.as_dict())
         if self.resumed_from is not None:
+            # Every rank verifies the files it will read; they agree on the newest good checkpoint.
+            chosen = self.checkpoints.choose()
+            if chosen is None:
+                raise _none_verifies(self.checkpoints.dir)
+            if chosen != self.resumed_from:
+                self._check_resumable(chosen)
+            self.resumed_from = chosen
             pieces = self.backend.stateful()
             self.checkpoints.load(self.resumed_from, pieces.model, pieces.optimizer, self.state,
                                   extra_load=pieces.extra_load, rng_tracker=pieces.rng_tracker)
@@ -124,6 +135,25 @@ class Trainer:
         self.peak = peak_flops(self.device, cfg.train.peak_tflops) * self.layout.world_size
 
     # ---- build ------------------------------------------------------------------------------
+    def _newest_resumable(self) -> Path | None:
+        """Before any process group: the newest committed checkpoint whose manifest and shared files
+        (config, tokenizer) verify, checked against this model and layout; damaged ones are skipped
+        with a warning naming the file. The shards are verified after the group exists (choose())."""
+        manager = CheckpointManager(self.out_dir / "checkpoints")
+        manager.latest()  # refuses a `latest` pointer that leaves the directory
+        committed = manager.committed()
+        for path in reversed(committed):
+            try:
+                verify(path, check=lambda name: "/" not in name)
+            except CheckpointError as e:
+                log.warning(f"warning: {e}")
+                continue
+            self._check_resumable(path)
+            return path
+        if committed:
+            raise _none_verifies(manager.dir)
+        return None
+
     def _check_resumable(self, path: Path) -> None:
         """The newest checkpoint must hold this model, written with this layout."""
         saved_yaml = path / "config.yaml"

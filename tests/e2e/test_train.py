@@ -172,3 +172,23 @@ def test_a_stop_hook_ends_the_run_with_a_checkpoint_and_the_rerun_finishes_it(ti
     second = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'b'}"))
     part2 = second.fit()["train_loss"]
     assert second.resumed_from is not None and part1 + part2 == straight
+
+
+def test_a_damaged_newest_checkpoint_is_named_and_the_run_falls_back(tiny_config, tmp_path, caplog):
+    run = tmp_path / "run"
+    Trainer(tiny_config("train.steps=20", "checkpoint.interval=10")).fit()  # step_10, step_20
+    newest = run / "checkpoints" / "step_00000020"
+    shard = next(newest.rglob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x10  # one bit: the size is unchanged
+    shard.write_bytes(bytes(data))
+    # Offline tools refuse it in one sentence instead of loading damaged tensors.
+    for args in (("checkpoint", "verify", str(run)), ("generate", "--checkpoint", str(run))):
+        r = cli(*args)
+        assert r.returncode == 2 and str(shard) in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with caplog.at_level("WARNING", logger="megatron_lite"):
+        trainer = Trainer(tiny_config("train.steps=20", "checkpoint.interval=10"))
+    assert trainer.resumed_from.name == "step_00000010" and trainer.state.step == 10
+    assert any(str(shard) in r.getMessage() for r in caplog.records)
+    trainer.fit()  # trains 10 -> 20 again and replaces the damaged step_20
+    assert cli("checkpoint", "verify", str(run)).returncode == 0
