@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_tp_comm.py
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_zero.py
+	$(PY) benchmarks/bench_checkpoint.py
 
 clean:
 	rm -rf runs data

@@ -1,0 +1,126 @@
+"""Checkpoint cost, single process (CPU): what a save writes, how long it takes against a raw
+write of the same bytes with fsync measured side by side, how much of it the xxh3 checksums cost,
+and how long a verified load takes.
+
+For each model (tiny: configs/tiny.yaml's shape; GPT-2 125M), alternating rounds of:
+  save      CheckpointManager.save: DCP write + fsync + checksums + manifest + atomic commit
+  raw       the same bytes written to one file with one fsync ("dd"-style baseline)
+  checksum  xxh3-64 over the checkpoint's files (included in `save`; shown on its own)
+  load      CheckpointManager.load into a fresh model and optimizer (verification included)
+Medians over the rounds. Writes benchmarks/results/checkpoint.json and its section of
+docs/benchmarks.md.
+
+    python benchmarks/bench_checkpoint.py [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import write_json, write_section  # noqa: E402
+from megatron_lite.checkpoint import CheckpointManager, TrainState  # noqa: E402
+from megatron_lite.checkpoint.integrity import file_digest  # noqa: E402
+from megatron_lite.config import ModelConfig, OptimConfig  # noqa: E402
+from megatron_lite.model import GPT  # noqa: E402
+from megatron_lite.optim import build_optimizer  # noqa: E402
+
+MODELS = {
+    "tiny": dict(vocab_size=4096, hidden_size=128, num_layers=4, num_attention_heads=4,
+                 max_sequence_length=128),
+    "gpt2-125m": dict(vocab_size=50257, hidden_size=768, num_layers=12, num_attention_heads=12,
+                      max_sequence_length=1024),
+}
+
+
+def trained(cfg: ModelConfig):
+    """A model and an AdamW with state (one step taken), as a checkpoint holds them."""
+    model = GPT(cfg, seed=0)
+    opt = build_optimizer(model, OptimConfig())
+    ids = torch.randint(0, cfg.vocab_size, (1, 16))
+    model(ids, ids)[1].backward()
+    opt.step()
+    return model, opt
+
+
+def raw_write(path: Path, nbytes: int) -> float:
+    buf = os.urandom(min(nbytes, 64 * 2**20))
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        left = nbytes
+        while left > 0:
+            f.write(buf[:left])
+            left -= len(buf)
+        f.flush()
+        os.fsync(f.fileno())
+    return time.perf_counter() - t0
+
+
+def measure(name: str, rounds: int, work: Path) -> dict:
+    cfg = ModelConfig(**MODELS[name])
+    model, opt = trained(cfg)
+    times: dict[str, list[float]] = {"save": [], "raw": [], "checksum": [], "load": []}
+    nbytes = 0
+    for r in range(rounds):
+        shutil.rmtree(work, ignore_errors=True)
+        mgr = CheckpointManager(work / "ck", keep=1)
+        t0 = time.perf_counter()
+        path = mgr.save(r + 1, model, opt, TrainState(step=r + 1), "model: {}\n")
+        times["save"].append(time.perf_counter() - t0)
+        files = [p for p in path.rglob("*") if p.is_file()]
+        nbytes = sum(p.stat().st_size for p in files)
+        times["raw"].append(raw_write(work / "raw.bin", nbytes))
+        t0 = time.perf_counter()
+        for p in files:
+            file_digest(p)
+        times["checksum"].append(time.perf_counter() - t0)
+        fresh, fresh_opt = trained(cfg)
+        t0 = time.perf_counter()
+        mgr.load(path, fresh, fresh_opt, TrainState())
+        times["load"].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": name, "params": model.num_params(), "bytes": nbytes, "median_s": med,
+            "save_over_raw": med["save"] / med["raw"],
+            "checksum_share_of_save": med["checksum"] / med["save"],
+            "checksum_gb_per_s": nbytes / med["checksum"] / 1e9}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/checkpoint.json"))
+    a = p.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as d:
+        rows = [measure(m, a.rounds, Path(d) / m) for m in a.models]
+    write_json(a.out, {"torch": torch.__version__, "rounds": a.rounds, "rows": rows})
+    table = [f"Single process, CPU, this machine's disk; median of {a.rounds} alternating rounds. `save` "
+             "includes DCP's write, fsync, the xxh3 checksums, the manifest and the atomic commit; `raw` "
+             "writes the same number of bytes to one file with one fsync in the same run.", "",
+             "| model | params | bytes | save (s) | raw write+fsync (s) | save / raw | checksum (s) | "
+             "checksum share of save | checksum GB/s | verified load (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["median_s"]
+        table.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['bytes']:,} | {m['save']:.3f} | "
+                     f"{m['raw']:.3f} | {r['save_over_raw']:.2f}x | {m['checksum']:.3f} | "
+                     f"{100 * r['checksum_share_of_save']:.1f}% | {r['checksum_gb_per_s']:.1f} | "
+                     f"{m['load']:.3f} |")
+    print("\n".join(table))
+    write_section(ROOT / "docs/benchmarks.md", "checkpoint", "\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
