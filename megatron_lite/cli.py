@@ -1,4 +1,4 @@
-"""`megatron-lite` command line: train, prepare-data, generate, checkpoint verify|inspect.
+"""`megatron-lite` command line: train, prepare-data, generate, checkpoint verify|inspect|convert.
 
 User-caused errors (config, data, checkpoint paths) print one sentence and exit with status 2;
 no traceback.
@@ -91,7 +91,7 @@ def cmd_generate(args) -> None:
     cfg = Config.from_yaml(path / "config.yaml")
     device = resolve_device(args.device)
     model = GPT(cfg.model, seed=None).to(device)
-    load_model_weights(path, model, verified=True)
+    load_model_weights(path, model)
     tok = load_tokenizer(path)
     ids = tok.encode(args.prompt)
     if not ids:
@@ -122,6 +122,12 @@ def cmd_checkpoint_inspect(args) -> None:
         print(f"-- {shard or '.'}: {len(tensors)} tensors")
         for name, (shape, dtype) in tensors.items():
             print(f"   {name:<48} {str(tuple(shape)):<20} {dtype}")
+
+
+def cmd_checkpoint_convert(args) -> None:
+    from .checkpoint import convert, resolve
+    out = convert(resolve(args.src), args.dst)
+    print(f"wrote {out}: one file, every tensor whole; train with train.out_dir={args.dst} at any layout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     i = csub.add_parser("inspect", help="step, layout, files and tensors (shapes, dtypes) of a checkpoint")
     i.add_argument("path", help="run directory, its checkpoints/ or a step_* directory")
     i.set_defaults(func=cmd_checkpoint_inspect)
+    k = csub.add_parser("convert", help="consolidate a checkpoint (any layout) into one file in a new run "
+                                        "directory; any layout resumes it")
+    k.add_argument("src", help="run directory, its checkpoints/ or a step_* directory")
+    k.add_argument("dst", help="a new (empty) run directory")
+    k.set_defaults(func=cmd_checkpoint_convert)
     return p
 
 

@@ -45,7 +45,7 @@ def tiny_config(corpus_dir, tmp_path):
 def cli(*args: str, cwd=None, env=None, timeout=600):
     """Run the megatron-lite CLI in a subprocess (the way a user does)."""
     import subprocess
-    e = dict(os.environ, OMP_NUM_THREADS="1")
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "megatron_lite.cli", *args], cwd=cwd or ROOT,
                           env=e, capture_output=True, text=True, timeout=timeout)

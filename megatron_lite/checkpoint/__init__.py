@@ -19,14 +19,12 @@ parameter names), which later issues use to reshard between layouts.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,10 +32,13 @@ from typing import Callable
 import torch
 
 from ..errors import CheckpointError
+from ..parallel.tensor_parallel import split_of
 from .integrity import HASH, STEP_DIR, describe_files, file_digest, pointer_target, read_manifest, verify
+from .store import Piece, ShardWriter, Store, merge_indexes, serial_name
+from .store import pieces as store_pieces
 
-__all__ = ["CheckpointError", "CheckpointManager", "Stateful", "TrainState", "file_digest", "inspect",
-           "load_model_weights", "read_manifest", "resolve", "verify"]
+__all__ = ["CheckpointError", "CheckpointManager", "Stateful", "TrainState", "describe_layout", "file_digest",
+           "convert", "inspect", "load_model_weights", "read_manifest", "resolve", "verify"]
 log = logging.getLogger(__name__)
 DEBRIS = re.compile(r"^(\.step_\d{8,}\.tmp|step_\d{8,}\.old-\d+|latest\.tmp)$")  # of interrupted saves
 
@@ -51,73 +52,58 @@ class TrainState:
     total_skips: int = 0
     extra: dict = field(default_factory=dict)
 
-    def to_state_dict(self, rng_tracker=None) -> dict:
-        """Counters, and the RNG streams: torch's default ones and, under tensor parallelism, the
-        tp dropout stream (`rng_tracker`, parallel/random.py)."""
-        sd = {k: v for k, v in asdict(self).items() if k != "extra"}
-        sd["extra"] = json.dumps(self.extra)
-        sd["rng_cpu"] = torch.get_rng_state()
-        if rng_tracker is not None:
-            sd["rng_tp"] = rng_tracker.state.clone()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            sd["rng_cuda"] = torch.cuda.get_rng_state()
-        return sd
+    def to_json(self) -> dict:
+        return asdict(self)
 
-    def load_state_dict(self, sd: dict, rng_tracker=None) -> None:
+    def load_json(self, d: dict) -> None:
         for k in ("step", "cursor", "tokens", "consecutive_skips", "total_skips"):
-            setattr(self, k, int(sd[k]))
-        self.extra = json.loads(sd["extra"])
-        torch.set_rng_state(sd["rng_cpu"])
-        if rng_tracker is not None and "rng_tp" in sd:
-            rng_tracker.load_state_dict({"tp_rng": sd["rng_tp"]})
-        if "rng_cuda" in sd and torch.cuda.is_available():
-            torch.cuda.set_rng_state(sd["rng_cuda"])
+            setattr(self, k, int(d[k]))
+        self.extra = dict(d.get("extra", {}))
 
 
 @dataclass
 class Stateful:
-    """What a checkpoint saves and restores besides the TrainState, handed over by the backend:
-    the model, its optimizer (None when `extra_save`/`extra_load` write its state themselves, as
-    DeepSpeed does), and the tensor-parallel dropout stream."""
+    """What a checkpoint saves and restores besides the TrainState, handed over by the backend: the
+    model, its torch optimizer, the tensor-parallel dropout stream. A backend whose weights or
+    optimizer state live elsewhere (DeepSpeed's fp32 partitions) gives accessors instead; `get_*`
+    may be collective (called on every rank, for every parameter, in the same order):
+        get_param(p) -> full local fp32 tensor      set_param(p, tensor)
+        get_state(p) -> {exp_avg, exp_avg_sq, step} set_state(p, dict)
+    `state_owner` says whether this rank writes p's optimizer state (default: it holds it)."""
     model: torch.nn.Module
     optimizer: object = None
     rng_tracker: object = None
-    extra_save: Callable[[Path], None] | None = None
-    extra_load: Callable[[Path], None] | None = None
-
-
-def _dcp():
-    import torch.distributed.checkpoint as dcp
-    return dcp
-
-
-@contextlib.contextmanager
-def _quiet():
-    # DCP warns that it runs single-process when no process group exists: that is intended here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        yield
+    get_param: Callable | None = None
+    set_param: Callable | None = None
+    get_state: Callable | None = None
+    set_state: Callable | None = None
+    state_owner: Callable | None = None
 
 
 def local_optimizer(optimizer):
     """The optimizer whose state this rank holds: under ZeRO-1 (ZeroRedundancyOptimizer), the
-    inner AdamW over this rank's share of the parameters, saved into this rank's shard."""
+    inner AdamW over this rank's share of the parameters."""
     return getattr(optimizer, "optim", optimizer) if type(optimizer).__name__ == "ZeroRedundancyOptimizer" \
         else optimizer
 
 
-def model_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
-    """Model (and optimizer) state keyed by parameter name, via torch's distributed state_dict API."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-    if optimizer is None:
-        return get_model_state_dict(model), None
-    return get_state_dict(model, local_optimizer(optimizer))
+OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's local shape (ZeRO-3 leaves an empty tensor in place and keeps it in ds_shape)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def _is_tied_copy(model, name: str) -> bool:
+    """The last pipeline stage's copy of a tied embedding: stored once, as tok_emb.weight."""
+    return model.config.tie_embeddings and name == "lm_head.weight" and not model.has_embed
 
 
 class CheckpointManager:
-    """Saves and finds a run's checkpoints. With several processes, every rank writes its own
-    DCP shard into rank_NNNNN/ of the same step directory, rank 0 commits the whole step, and the
-    manifest records the layout (tp, pp, dp) it was written with."""
+    """Saves and finds a run's checkpoints. Every rank writes the slices it owns into its own
+    safetensors file of the same step directory; rank 0 merges the ranks' indexes and checksums
+    into the manifest and commits the step. `layout` is Layout.as_dict() of the writing run."""
 
     def __init__(self, directory: str | Path, keep: int = 2, rank: int = 0, group=None,
                  layout: dict | None = None):
@@ -125,9 +111,10 @@ class CheckpointManager:
         self.keep = keep
         self.rank = rank
         self.group = group  # all ranks that write one checkpoint (None: a single process)
-        self.layout = layout or {"tp": 1, "pp": 1, "dp": 1}
-        world = self.layout["tp"] * self.layout["pp"] * self.layout["dp"]
-        self.shard = f"rank_{rank:05d}" if world > 1 else ""
+        self.layout = {"tp": 1, "pp": 1, "dp": 1, "order": "tp-dp-pp", **(layout or {})}
+        from ..distributed.topology import Topology
+        topo = Topology(self.layout["tp"], self.layout["pp"], self.layout["dp"], self.layout["order"])
+        self.coord = topo.coord(rank)
 
     # ---- discovery ----------------------------------------------------------------------
     def committed(self) -> list[Path]:
@@ -145,17 +132,12 @@ class CheckpointManager:
         done = self.committed()
         return done[-1] if done else None
 
-    def _mine(self, name: str) -> bool:
-        """Files this rank reads: the shared ones and its own shard (everything when serial)."""
-        return not self.shard or not name.startswith("rank_") or name.startswith(self.shard + "/")
-
     def choose(self) -> Path | None:
-        """The newest checkpoint that verifies on every rank (each checks the files it will read;
-        one all-reduce per candidate makes the choice the same everywhere). A damaged newer one is
-        reported in a warning naming the file."""
+        """The newest checkpoint that verifies on every rank (one all-reduce per candidate makes the
+        choice the same everywhere). A damaged newer one is reported in a warning naming the file."""
         for path in reversed(self.committed()):
             try:
-                verify(path, self._mine)
+                verify(path)
                 bad = 0.0
             except CheckpointError as e:
                 log.warning(f"warning: {e}", extra={"all_ranks": True})
@@ -181,9 +163,9 @@ class CheckpointManager:
         return int(flag.item()) == comm.size(self.group)
 
     def save(self, step: int, model, optimizer, state: TrainState, config_yaml: str,
-             data_dir: str | Path | None = None, extra_save=None, rng_tracker=None) -> Path:
-        """All ranks call this. `optimizer` None: its state is saved by `extra_save(step_dir)`
-        (e.g. DeepSpeed's own checkpoint of its partitioned optimizer), which every rank runs."""
+             data_dir: str | Path | None = None, rng_tracker=None, pieces: Stateful | None = None) -> Path:
+        """All ranks call this. `pieces` (from the backend) overrides model/optimizer/rng_tracker."""
+        pieces = pieces or Stateful(model, optimizer, rng_tracker)
         final = self.dir / f"step_{step:08d}"
         tmp = self.dir / f".{final.name}.tmp"
         if self.rank == 0:
@@ -191,23 +173,20 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         self._all_ok(True)
         error: BaseException | None = None
+        index, sums = {}, {}
         try:
-            msd, osd = model_state(model, optimizer)
-            shard = tmp / self.shard
-            sd = {"model": msd, "train": state.to_state_dict(rng_tracker)}
-            if osd is not None:
-                sd["optim"] = osd
-            with _quiet():
-                _dcp().save(sd, checkpoint_id=str(shard), no_dist=True)
-            if extra_save is not None:
-                extra_save(tmp)
-            for f in sorted(shard.iterdir()):
-                _fsync(f)
-            _fsync(shard)
-            # Hash what this rank wrote while it is still in the page cache (rank 0 merges them).
-            sums = describe_files(tmp, shard) if self.shard else {}
+            writer = ShardWriter(f"rank_{self.rank:05d}.safetensors")
+            self._add_tensors(writer, pieces)
+            written = writer.write(tmp)
+            if written is not None:
+                _fsync(written)
+                # Hashed while still in the page cache; rank 0 merges every rank's into the manifest.
+                sums = {written.name: {"size": written.stat().st_size, HASH: file_digest(written)}}
+            index = writer.index
         except BaseException as e:  # noqa: BLE001 - re-raised below, after the other ranks know
-            error, sums = e, {}
+            log.error(f"rank {self.rank} failed to write its part of checkpoint step {step}: {e!r}",
+                      extra={"all_ranks": True})
+            error = e
         if not self._all_ok(error is None):
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -215,13 +194,15 @@ class CheckpointManager:
                 raise error
             raise CheckpointError(f"another rank failed to write checkpoint step {step}; the previous "
                                   f"checkpoint in {self.dir} is intact.")
+        indexes, all_sums = [index], [sums]
         if self.group is not None:
             from ..distributed import comm
-            gathered = comm.all_gather_object(sums, self.group)
-            sums = {name: entry for rank_sums in gathered for name, entry in rank_sums.items()}
+            gathered = comm.all_gather_object((index, sums), self.group)
+            indexes, all_sums = [g[0] for g in gathered], [g[1] for g in gathered]
         if self.rank == 0:
             try:
-                self._commit(step, tmp, final, config_yaml, data_dir, sums)
+                sums = {name: entry for rank_sums in all_sums for name, entry in rank_sums.items()}
+                self._commit(step, tmp, final, config_yaml, data_dir, sums, merge_indexes(indexes), state)
             except BaseException as e:  # noqa: BLE001
                 error = e
         if not self._all_ok(error is None):
@@ -231,6 +212,45 @@ class CheckpointManager:
                                   f"checkpoint in {self.dir} is intact.")
         return final
 
+    def _add_tensors(self, writer: ShardWriter, pieces: Stateful) -> None:
+        """The slices this rank owns: a dp-rank-0 copy of every parameter (tp rank 0 for the ones
+        tensor parallelism replicates; the last stage's tied copy never), the optimizer state from
+        whichever rank holds it, and this rank's RNG streams."""
+        model, cfg, c = pieces.model, pieces.model.config, self.coord
+        tp = self.layout["tp"]
+        inner = local_optimizer(pieces.optimizer) if pieces.optimizer is not None else None
+        for name, p in model.named_parameters():
+            n = serial_name(name)
+            replicated = split_of(n, cfg) is None
+            # get_* may be collective: called for every parameter on every rank, owner or not
+            value = pieces.get_param(p) if pieces.get_param else p.detach()
+            if pieces.get_state:
+                st = pieces.get_state(p)
+            else:
+                st = inner.state.get(p) if inner is not None else None
+            if _is_tied_copy(model, n) or (replicated and c.tp != 0):
+                continue
+            if c.dp == 0:
+                for piece in store_pieces("model/", n, _shape(p), cfg, tp, c.tp):
+                    writer.add(piece, value)
+            # Native ZeRO-1 (inner is not the optimizer): whoever holds the state; else dp rank 0.
+            zero1 = inner is not pieces.optimizer
+            owner = pieces.state_owner(p) if pieces.state_owner else (c.dp == 0 or zero1)
+            if st and owner:
+                for key in OPTIM_KEYS:
+                    for piece in store_pieces(f"optim/{key}/", n, _shape(p), cfg, tp, c.tp):
+                        writer.add(piece, st[key])
+                step = torch.as_tensor(st["step"], dtype=torch.float32).reshape(())
+                writer.add(Piece(f"optim/step/{n}", (), (), ()), step)
+        rank = f"rank_{self.rank:05d}"
+        streams = {"cpu": torch.get_rng_state()}
+        if pieces.rng_tracker is not None:
+            streams["tp"] = pieces.rng_tracker.state
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            streams["cuda"] = torch.cuda.get_rng_state()
+        for kind, t in streams.items():
+            writer.add(Piece(f"rng/{kind}/{rank}", tuple(t.shape), (0,), (slice(0, t.shape[0]),)), t)
+
     def _remove_debris(self) -> None:
         """Temp directories of interrupted saves (any step) and half-swapped old copies."""
         if self.dir.is_dir():
@@ -239,8 +259,8 @@ class CheckpointManager:
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def _commit(self, step: int, tmp: Path, final: Path, config_yaml: str, data_dir,
-                shard_sums: dict) -> None:
+    def _commit(self, step: int, tmp: Path, final: Path, config_yaml: str, data_dir, shard_sums: dict,
+                index: dict, state: TrainState) -> None:
         try:
             (tmp / "config.yaml").write_text(config_yaml)
             if data_dir is not None:
@@ -251,11 +271,12 @@ class CheckpointManager:
             for name in ("config.yaml", "meta.json", "tokenizer.json"):
                 if (tmp / name).is_file():
                     _fsync(tmp / name)  # data on disk before the manifest that vouches for it
-            manifest = {"step": step, "time": time.time(), "files": dict(sorted(files.items())),
-                        "layout": self.layout, "format": 2, "hash": HASH}
-            _write_synced(tmp / "manifest.json", json.dumps(manifest, indent=2))
+            manifest = {"format": FORMAT, "step": step, "time": time.time(), "layout": self.layout,
+                        "train": state.to_json(), "hash": HASH, "files": dict(sorted(files.items())),
+                        "tensors": index}
+            _write_synced(tmp / "manifest.json", json.dumps(manifest, indent=1))
             _fsync(tmp)
-            if final.exists():  # re-saving a step (e.g. after a skipped-step rerun): swap safely
+            if final.exists():  # re-saving a step (e.g. after a fallback): swap safely
                 old = final.with_name(final.name + f".old-{os.getpid()}")
                 os.replace(final, old)
                 os.replace(tmp, final)
@@ -277,39 +298,94 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     # ---- load -----------------------------------------------------------------------------
-    @staticmethod
-    def check_layout(path: Path, layout: dict) -> None:
-        """A checkpoint resumes only at the (tp, pp, dp) layout that wrote it (for now)."""
-        saved = read_manifest(path).get("layout", {"tp": 1, "pp": 1, "dp": 1})
-        if ({k: saved.get(k, 1) for k in ("tp", "pp", "dp")}
-                != {k: layout.get(k, 1) for k in ("tp", "pp", "dp")}):
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} was written with layout tp={saved.get('tp', 1)} "
-                f"pp={saved.get('pp', 1)} dp={saved.get('dp', 1)}; resume with the same "
-                f"parallel.tp/pp/dp (resharding to another layout is not available yet).")
+    def load(self, path: Path, model, optimizer, state: TrainState, rng_tracker=None) -> dict:
+        """Weights, then optimizer state, counters and RNG (a plain model and torch optimizer)."""
+        self.load_weights(path, model)
+        return self.load_state(path, Stateful(model, optimizer, rng_tracker), state)
 
-    def load(self, path: Path, model, optimizer, state: TrainState, extra_load=None,
-             rng_tracker=None) -> None:
-        verify(path, self._mine)  # nothing is deserialized before its checksum matches
-        self.check_layout(path, self.layout)
-        shard = path / self.shard
-        msd, osd = model_state(model, optimizer)
-        # Ask only for train-state entries the checkpoint has (a CPU run saved no CUDA RNG state).
-        saved = _dcp().FileSystemReader(str(shard)).read_metadata().state_dict_metadata
-        train = {k: v for k, v in state.to_state_dict(rng_tracker).items() if f"train.{k}" in saved}
-        sd = {"model": msd, "train": train}
-        if osd is not None:
-            sd["optim"] = osd
-        _load_or_explain(sd, shard)
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
-        if optimizer is not None:
-            set_state_dict(model, local_optimizer(optimizer), model_state_dict=sd["model"],
-                           optim_state_dict=sd["optim"])
-        else:
-            set_model_state_dict(model, sd["model"])
-        state.load_state_dict(sd["train"], rng_tracker)
-        if extra_load is not None:
-            extra_load(path)
+    def _open(self, path: Path) -> tuple[dict, Store]:
+        return open_store(path)
+
+    def load_weights(self, path: Path, model) -> None:
+        """Every local parameter from the regions of the stored tensors its slice covers, whatever
+        layout wrote them. Runs before a backend wraps the model (DeepSpeed then builds its fp32
+        masters and ZeRO-3 partitions from these weights)."""
+        _, store = self._open(path)
+        cfg, tp, c = model.config, self.layout["tp"], self.coord
+        for name, p in model.named_parameters():
+            n = serial_name(name)
+            src = "tok_emb.weight" if _is_tied_copy(model, n) else n  # read the one stored copy
+            with torch.no_grad():
+                store.read_into(p, store_pieces("model/", src, tuple(p.shape), cfg, tp, c.tp))
+
+    def load_state(self, path: Path, pieces: Stateful, state: TrainState) -> dict:
+        """Optimizer state (where this rank holds it), fp32 masters kept by the backend, the
+        counters and the RNG streams; returns the layout the checkpoint was written with.
+        At the same layout every rank gets its own RNG streams back (exact resume); at another
+        layout every rank takes rank 0's default stream and keeps its freshly seeded tensor-parallel
+        dropout stream (masks differ from the old layout's, as they would anyway, reproducibly)."""
+        manifest, store = self._open(path)
+        model, cfg, tp, c = pieces.model, pieces.model.config, self.layout["tp"], self.coord
+        inner = local_optimizer(pieces.optimizer) if pieces.optimizer is not None else None
+        held = {id(q) for g in inner.param_groups for q in g["params"]} if inner is not None else set()
+        for name, p in model.named_parameters():
+            n = serial_name(name)
+            src = "tok_emb.weight" if _is_tied_copy(model, n) else n
+
+            def region(prefix, p=p, src=src):
+                return store_pieces(prefix, src, _shape(p), cfg, tp, c.tp)
+            if pieces.set_param:  # e.g. DeepSpeed's fp32 master copy (more precise than bf16 weights)
+                value = torch.empty(_shape(p), dtype=torch.float32)
+                store.read_into(value, region("model/"))
+                pieces.set_param(p, value)
+            if f"optim/step/{src}" not in store or not (pieces.set_state or id(p) in held):
+                continue
+            st = {"step": store.read(f"optim/step/{src}", (), ()).clone()}
+            for key in OPTIM_KEYS:
+                t = torch.empty(_shape(p), dtype=torch.float32)
+                store.read_into(t, region(f"optim/{key}/"))
+                st[key] = t.to(p.device)
+            if pieces.set_state:
+                pieces.set_state(p, st)
+            else:
+                inner.state[p] = st
+        state.load_json(manifest["train"])
+        mine = f"rng/cpu/rank_{self.rank:05d}"
+        same = _same_layout(manifest.get("layout", {}), self.layout) and mine in store
+        rank = f"rank_{self.rank:05d}" if same else "rank_00000"
+        torch.set_rng_state(_read_whole(store, f"rng/cpu/{rank}"))
+        if same and pieces.rng_tracker is not None and f"rng/tp/{rank}" in store:
+            pieces.rng_tracker.load_state_dict({"tp_rng": _read_whole(store, f"rng/tp/{rank}")})
+        if same and f"rng/cuda/{rank}" in store and torch.cuda.is_available():
+            torch.cuda.set_rng_state(_read_whole(store, f"rng/cuda/{rank}"))
+        return manifest.get("layout", {})
+
+
+FORMAT = 3
+LAYOUT_KEYS = ("tp", "pp", "dp", "order", "virtual_stages", "zero_stage", "zero_backend")
+
+
+def open_store(path: Path) -> tuple[dict, Store]:
+    """The manifest and tensor store of a checkpoint, after every file matched its checksum."""
+    manifest = verify(path)
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format {manifest.get('format', 1)}, written by "
+                              f"an earlier version; this version reads format {FORMAT} (start a new "
+                              f"train.out_dir).")
+    return manifest, Store(path, manifest["tensors"])
+
+
+def _same_layout(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in LAYOUT_KEYS)
+
+
+def describe_layout(layout: dict) -> str:
+    return " ".join(f"{k}={layout[k]}" for k in LAYOUT_KEYS if k in layout)
+
+
+def _read_whole(store: Store, key: str) -> torch.Tensor:
+    shape = tuple(store.index[key]["shape"])
+    return store.read(key, (0,) * len(shape), shape).clone()
 
 
 def resolve(path: str | Path) -> Path:
@@ -326,73 +402,48 @@ def resolve(path: str | Path) -> Path:
 
 
 def inspect(path: Path) -> dict:
-    """What a checkpoint holds, after verifying it: step, layout, file sizes, and every DCP
-    directory's tensors as {name: (shape, dtype)} (the local shards under tensor parallelism)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    """What a checkpoint holds, after verifying it: step, layout, file sizes, and every stored
+    tensor as {name: (global shape, dtype)} — read from the manifest, nothing deserialized."""
     manifest = verify(path)
     files = {n: (e if isinstance(e, int) else e["size"]) for n, e in manifest["files"].items()}
-    shards = sorted({n.split("/")[0] if "/" in n and n.startswith("rank_") else "" for n in files
-                     if n.endswith(".metadata")})
-    tensors = {}
-    for shard in shards:
-        meta = _dcp().FileSystemReader(str(Path(path) / shard)).read_metadata().state_dict_metadata
-        tensors[shard] = {k: (list(m.size), str(m.properties.dtype).replace("torch.", ""))
-                          for k, m in sorted(meta.items()) if isinstance(m, TensorStorageMetadata)}
+    tensors = {k: (e["shape"], e["dtype"]) for k, e in manifest.get("tensors", {}).items()}
     return {"path": str(path), "step": manifest.get("step"), "format": manifest.get("format", 1),
-            "layout": manifest.get("layout", {}), "files": files, "tensors": tensors}
+            "layout": manifest.get("layout", {}), "files": files, "tensors": {"": tensors}}
 
 
-def read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """Every tensor under `prefix.` in one DCP directory, allocated from its metadata."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    meta = _dcp().FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
-           if k.startswith(prefix + ".") and isinstance(m, TensorStorageMetadata)}
-    _load_or_explain(out, path)
-    return {k[len(prefix) + 1:]: v for k, v in out.items()}
+def convert(src: Path, dst_run: str | Path) -> Path:
+    """A consolidated copy of checkpoint `src` — every stored tensor whole in one file, recorded as
+    the serial layout — as the checkpoint of a new run directory `dst_run`. Any layout resumes it
+    (as it would `src` itself); one file is what export tools and single-process users want."""
+    manifest, store = open_store(src)
+    manager = CheckpointManager(Path(dst_run) / "checkpoints")
+    if manager.committed():
+        raise CheckpointError(f"{str(dst_run)!r} already holds checkpoints; choose an empty run directory.")
+    writer = ShardWriter("rank_00000.safetensors")
+    for key, entry in manifest["tensors"].items():
+        if key.startswith("rng/") and not key.endswith("/rank_00000"):
+            continue  # other ranks' streams only matter at the layout that wrote them
+        shape = tuple(entry["shape"])
+        writer.add(Piece(key, shape, (0,) * len(shape), tuple(slice(0, n) for n in shape)),
+                   store.read(key, (0,) * len(shape), shape))
+    step = int(manifest["step"])
+    final, tmp = manager.dir / f"step_{step:08d}", manager.dir / f".step_{step:08d}.tmp"
+    manager._remove_debris()
+    tmp.mkdir(parents=True)
+    written = writer.write(tmp)
+    _fsync(written)
+    state = TrainState()
+    state.load_json(manifest["train"])
+    sums = {written.name: {"size": written.stat().st_size, HASH: file_digest(written)}}
+    manager._commit(step, tmp, final, (Path(src) / "config.yaml").read_text(), Path(src), sums, writer.index,
+                    state)
+    return final
 
 
-def load_model_weights(path: Path, model: torch.nn.Module, verified: bool = False) -> None:
-    """Load only the model weights of a checkpoint into a serial model (e.g. for generation);
-    a tensor-parallel checkpoint is consolidated from its rank shards. Every file is checked
-    against the manifest first (unless the caller just did: verified=True)."""
-    manifest = read_manifest(path) if verified else verify(path)
-    layout = manifest.get("layout", {"tp": 1, "pp": 1, "dp": 1})
-    if layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp", 1) == 1:
-        weights = read_tensors(path, "model")
-    else:
-        from ..distributed.topology import Topology
-        from ..parallel.tensor_parallel import consolidate
-        topo = Topology(layout["tp"], layout["pp"], layout["dp"], layout.get("order", "tp-dp-pp"))
-        weights = {}
-        for stage in range(layout["pp"]):  # data-parallel replica 0: one full model
-            shards = [read_tensors(path / f"rank_{topo.rank_of(tp=t, pp=stage, dp=0):05d}", "model")
-                      for t in range(layout["tp"])]
-            part = consolidate(shards, model.config) if layout["tp"] > 1 else shards[0]
-            weights.update(part)
-        if model.config.tie_embeddings and "tok_emb.weight" in weights:
-            weights["lm_head.weight"] = weights["tok_emb.weight"]
-    try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model "
-                              f"({' '.join(str(e).split())[:160]}); "
-                              f"use the config.yaml stored with it (a ZeRO-3 checkpoint holds partitioned "
-                              f"weights that only DeepSpeed can load).") from None
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}); use the config.yaml stored with it.")
-
-
-def _load_or_explain(sd: dict, path: Path) -> None:
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException subclass
-    try:
-        with _quiet():
-            _dcp().load(sd, checkpoint_id=str(path), no_dist=True)  # each rank reads its own shard
-    except (Exception, CheckpointException) as e:
-        first = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model or is damaged ({first}); "
-                              f"use its config.yaml, or a new train.out_dir to start afresh.") from None
+def load_model_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load the weights of a checkpoint of any layout into a serial model (e.g. for generation);
+    every file is checked against the manifest first."""
+    CheckpointManager(Path(path).parent).load_weights(path, model)
 
 
 def _fsync(path: Path) -> None:

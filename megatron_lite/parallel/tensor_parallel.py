@@ -42,6 +42,7 @@ class Split:
     dim: int = 0
     blocks: tuple[int, ...] = ()  # () = one block, the whole dimension
     vocab: bool = False
+    labels: tuple[str, ...] = ()  # names of the blocks (checkpoints store each block on its own)
 
 
 def slicing_table(cfg) -> list[tuple[tuple[str, ...], Split]]:
@@ -52,8 +53,9 @@ def slicing_table(cfg) -> list[tuple[tuple[str, ...], Split]]:
     width = cfg.intermediate_size
     return [
         (("tok_emb.weight", "lm_head.weight"), Split(0, vocab=True)),  # VocabParallelEmbedding / head
-        (("attn.qkv.weight", "attn.qkv.bias"), Split(0, (q, kv, kv))),  # column-parallel, fused
-        (("mlp.fc1.weight", "mlp.fc1.bias"), Split(0, (width, width) if cfg.activation == "swiglu" else ())),
+        (("attn.qkv.weight", "attn.qkv.bias"), Split(0, (q, kv, kv), labels=("q", "k", "v"))),  # fused
+        (("mlp.fc1.weight", "mlp.fc1.bias"),
+         Split(0, (width, width), labels=("gate", "up")) if cfg.activation == "swiglu" else Split(0)),
         (("attn.proj.weight", "mlp.fc2.weight"), Split(1)),  # row-parallel: input columns
     ]
 

@@ -169,11 +169,53 @@ class DeepSpeedBackend(Backend):
         return StepOutcome(norm, not (math.isfinite(loss) and math.isfinite(norm)))
 
     def stateful(self) -> Stateful:
-        # DeepSpeed writes its partitioned optimizer state itself, inside our checkpoint directory.
+        """DeepSpeed's fp32 masters and AdamW moments, per parameter, through its tensor-fragment
+        API (each `get` gathers over the data-parallel group): the checkpoint stores them like any
+        backend's, so it does not depend on DeepSpeed's own (pickled) files or its partitioning."""
+        from deepspeed.utils import (
+            safe_get_full_fp32_param,
+            safe_get_full_optimizer_state,
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+        )
+        inner = self.ds.optimizer.optimizer  # the torch AdamW over DeepSpeed's flat fp32 partitions
+        self._ensure_optimizer_state()
+
+        def get_state(p):
+            moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
+            steps = [st["step"] for st in inner.state.values() if "step" in st]
+            if any(v is None for v in moments.values()) or not steps:
+                return None
+            return {**moments, "step": steps[0]}  # one step count for every partition
+
+        def set_state(p, st):
+            for k in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, st[k].to(p.device), k)
+            for flat in inner.state.values():
+                if "step" in flat:
+                    flat["step"] = torch.as_tensor(st["step"]).clone().to(flat["step"])
+
         return Stateful(self.model, None, self.rng_tracker,
-                        extra_save=lambda d: self.ds.save_checkpoint(str(d / "deepspeed"), tag="state"),
-                        extra_load=lambda d: self.ds.load_checkpoint(str(d / "deepspeed"), tag="state",
-                                                                     load_lr_scheduler_states=False))
+                        get_param=safe_get_full_fp32_param,
+                        set_param=lambda p, v: safe_set_full_fp32_param(p, v.to(p.device)),
+                        get_state=get_state, set_state=set_state)
+
+
+    def _ensure_optimizer_state(self) -> None:
+        """AdamW state for every flat fp32 partition, and DeepSpeed's per-parameter views of it.
+        A fresh engine (resuming) has none yet: create it as torch's AdamW would (step 0, zero
+        moments) so the checkpoint's values can be written into it. DeepSpeed 0.19 links the views
+        of ZeRO 1/2 after the first group's first step only, leaving the other groups' empty: relink."""
+        zero = self.ds.optimizer
+        inner = zero.optimizer
+        flats = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat
+        for flat in flats:
+            if not inner.state.get(flat):
+                inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                     "exp_avg_sq": torch.zeros_like(flat)}
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
 
 
 def build_backend(layout: Layout, model, groups, device: torch.device, autocast, rng_tracker=None,

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointManager, TrainState, verify
+from ..checkpoint import CheckpointManager, TrainState, describe_layout, verify
 from ..config import Config
 from ..data import Sampler, TokenStore, load_tokenizer
 from ..data.dataset import rank_micro_batch_starts
@@ -109,25 +109,23 @@ class Trainer:
         # own per-parameter seeds, so every layout starts from the same weights.
         torch.manual_seed(cfg.train.seed)
         self.model, self.tp = self._build_model()
-        self.backend = build_backend(self.layout, self.model, self.groups, self.device, self.autocast,
-                                     rng_tracker=self.tp.tracker if self.tp else None,
-                                     local_rank=self.env.local_rank)
         self.state = TrainState()
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=cfg.checkpoint.keep,
                                              rank=self.rank,
                                              group=comm.world() if self.env.distributed else None,
                                              layout=self.layout.as_dict())
         if self.resumed_from is not None:
-            # Every rank verifies the files it will read; they agree on the newest good checkpoint.
-            chosen = self.checkpoints.choose()
-            if chosen is None:
-                raise _none_verifies(self.checkpoints.dir)
-            if chosen != self.resumed_from:
-                self._check_resumable(chosen)
-            self.resumed_from = chosen
-            pieces = self.backend.stateful()
-            self.checkpoints.load(self.resumed_from, pieces.model, pieces.optimizer, self.state,
-                                  extra_load=pieces.extra_load, rng_tracker=pieces.rng_tracker)
+            self.resumed_from = self._choose_checkpoint()
+            # Weights first: a backend that wraps the model (DeepSpeed) builds its state from them.
+            self.checkpoints.load_weights(self.resumed_from, self.model)
+        self.backend = build_backend(self.layout, self.model, self.groups, self.device, self.autocast,
+                                     rng_tracker=self.tp.tracker if self.tp else None,
+                                     local_rank=self.env.local_rank)
+        if self.resumed_from is not None:
+            written = self.checkpoints.load_state(self.resumed_from, self.backend.stateful(), self.state)
+            if describe_layout(written) != describe_layout(self.layout.as_dict()):
+                log.info(f"resharded {self.resumed_from}: written with {describe_layout(written)}, "
+                         f"now {describe_layout(self.layout.as_dict())}")
             log.info(f"resumed from {self.resumed_from} (step {self.state.step}, sample {self.state.cursor})")
         self._start_step = self.state.step  # where this process's run began (for exit_interval)
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
@@ -154,8 +152,17 @@ class Trainer:
             raise _none_verifies(manager.dir)
         return None
 
+    def _choose_checkpoint(self) -> Path:
+        """Every rank verifies the files it will read; they agree on the newest good checkpoint."""
+        chosen = self.checkpoints.choose()
+        if chosen is None:
+            raise _none_verifies(self.checkpoints.dir)
+        if chosen != self.resumed_from:
+            self._check_resumable(chosen)
+        return chosen
+
     def _check_resumable(self, path: Path) -> None:
-        """The newest checkpoint must hold this model, written with this layout."""
+        """The newest checkpoint must hold this model (at any layout: it is resharded on load)."""
         saved_yaml = path / "config.yaml"
         if saved_yaml.is_file():
             saved = Config.from_yaml(saved_yaml).model
@@ -165,7 +172,6 @@ class Trainer:
                     f"train.out_dir {str(self.out_dir)!r} holds a checkpoint of a different model "
                     f"({', '.join(diff)} changed); restore those settings to resume, or choose a new "
                     f"train.out_dir.")
-        CheckpointManager.check_layout(path, self.layout.as_dict())
 
     def _build_model(self) -> tuple[GPT, TensorParallel | None]:
         """This rank's part of the model: its pipeline stage's pieces (all of them when pp = 1),
@@ -220,10 +226,8 @@ class Trainer:
         return self.backend.forward_backward(batches, forward_only=True)
 
     def save(self) -> Path:
-        p = self.backend.stateful()
-        return self.checkpoints.save(self.state.step, p.model, p.optimizer, self.state, self.cfg.to_yaml(),
-                                     data_dir=self.cfg.data.dir, extra_save=p.extra_save,
-                                     rng_tracker=p.rng_tracker)
+        return self.checkpoints.save(self.state.step, self.model, None, self.state, self.cfg.to_yaml(),
+                                     data_dir=self.cfg.data.dir, pieces=self.backend.stateful())
 
     def sample(self, prompt: str = "def ", max_new_tokens: int | None = None) -> str | None:
         """Generate from the model in memory; None under pipelining (no single rank holds the

@@ -178,7 +178,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_run_falls_back(tiny_config
     run = tmp_path / "run"
     Trainer(tiny_config("train.steps=20", "checkpoint.interval=10")).fit()  # step_10, step_20
     newest = run / "checkpoints" / "step_00000020"
-    shard = next(newest.rglob("*.distcp"))
+    shard = next(newest.rglob("*.safetensors"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0x10  # one bit: the size is unchanged
     shard.write_bytes(bytes(data))
@@ -192,3 +192,56 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_run_falls_back(tiny_config
     assert any(str(shard) in r.getMessage() for r in caplog.records)
     trainer.fit()  # trains 10 -> 20 again and replaces the damaged step_20
     assert cli("checkpoint", "verify", str(run)).returncode == 0
+
+
+class _Payload:
+    """Unpickling this runs a shell command that creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_nothing_in_a_checkpoint_runs_code_when_loaded(tiny_config, tmp_path, capsys):
+    """An attacker replaces each file of a checkpoint with a pickle payload (a YAML python-object
+    tag for config.yaml) and even fixes the manifest's checksum: resume, generate, inspect and
+    convert refuse it in one sentence or ignore it, and the payload never runs (nothing unpickles)."""
+    import json
+    import pickle
+    import shutil
+
+    from megatron_lite.checkpoint.integrity import file_digest
+    from megatron_lite.cli import main
+    from megatron_lite.errors import UserError
+    Trainer(tiny_config("train.steps=2", "checkpoint.interval=2", "optim.warmup_steps=1")).fit()
+    good = tmp_path / "run" / "checkpoints" / "step_00000002"
+    marker = tmp_path / "pwned"
+    pickle.loads(pickle.dumps(_Payload(marker)))  # the payload is live: unpickling it runs the command
+    assert marker.exists()
+    marker.unlink()
+    names = [n for n in json.loads((good / "manifest.json").read_text())["files"]] + ["manifest.json"]
+    assert {"config.yaml", "tokenizer.json", "meta.json", "rank_00000.safetensors"} <= set(names)
+    for name in names:
+        run = tmp_path / f"evil_{name}"
+        shutil.copytree(good.parent.parent, run)
+        ck = run / "checkpoints" / "step_00000002"
+        evil = (f"!!python/object/apply:os.system ['touch {marker}']\n".encode() if name == "config.yaml"
+                else pickle.dumps(_Payload(marker)))
+        (ck / name).write_bytes(evil)
+        if name != "manifest.json":  # the attacker also makes the checksum match
+            manifest = json.loads((ck / "manifest.json").read_text())
+            manifest["files"][name] = {"size": len(evil), "xxh3_64": file_digest(ck / name)}
+            (ck / "manifest.json").write_text(json.dumps(manifest))
+        try:
+            Trainer(tiny_config("train.steps=4", "optim.warmup_steps=1", f"train.out_dir={run}")).fit()
+        except UserError:
+            pass
+        for args in (["generate", "--checkpoint", str(run), "--max-new-tokens", "2"],
+                     ["checkpoint", "inspect", str(run)],
+                     ["checkpoint", "convert", str(run), str(tmp_path / f"conv_{name}")]):
+            assert main(args) in (0, 2), (name, args)
+        assert not marker.exists(), f"a payload in {name} ran"
+    capsys.readouterr()

@@ -27,7 +27,7 @@ def test_manifest_lists_every_file_with_size_and_checksum(tmp_path):
     path = _two_checkpoints(tmp_path).latest()
     manifest = json.loads((path / "manifest.json").read_text())
     on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {"manifest.json"}
-    assert set(manifest["files"]) == on_disk and manifest["format"] == 2
+    assert set(manifest["files"]) == on_disk and manifest["format"] == 3
     for name, entry in manifest["files"].items():
         assert entry["size"] == (path / name).stat().st_size and entry["xxh3_64"] == file_digest(path / name)
     assert verify(path) == manifest
@@ -37,7 +37,7 @@ def test_manifest_lists_every_file_with_size_and_checksum(tmp_path):
 def test_damage_in_any_file_is_named(tmp_path, damage):
     path = _two_checkpoints(tmp_path).latest()
     names = sorted(json.loads((path / "manifest.json").read_text())["files"])
-    assert len(names) >= 3  # DCP's .metadata and data file, config.yaml
+    assert len(names) >= 2  # the tensors (safetensors) and config.yaml
     for name in names:
         work = tmp_path / f"copy_{damage}"
         shutil.rmtree(work, ignore_errors=True)
@@ -83,7 +83,7 @@ def test_planted_files_escaping_names_and_symlinks_are_refused(tmp_path):
 def test_resume_choice_falls_back_past_a_damaged_newest_checkpoint(tmp_path, caplog):
     mgr = _two_checkpoints(tmp_path)
     newest = mgr.latest()
-    data_file = next(p for p in newest.rglob("*.distcp"))
+    data_file = next(p for p in newest.rglob("*.safetensors"))
     data = bytearray(data_file.read_bytes())
     data[10] ^= 0xFF
     data_file.write_bytes(bytes(data))
@@ -118,8 +118,8 @@ def test_cli_verify_and_inspect(tmp_path):
     assert ok.returncode == 0 and "every size and checksum matches" in ok.stdout, ok.stderr
     shown = cli("checkpoint", "inspect", str(tmp_path / "ck"))
     assert shown.returncode == 0, shown.stderr
-    assert "step 2" in shown.stdout and "model.blocks.0.attn.qkv.weight" in shown.stdout
-    assert "(48, 16)" in shown.stdout and "float32" in shown.stdout
+    assert "step 2" in shown.stdout and "model/blocks.0.attn.qkv.weight:q" in shown.stdout
+    assert "(16, 16)" in shown.stdout and "float32" in shown.stdout  # the q block of the fused qkv
     f = path / "config.yaml"
     f.write_text(f.read_text().replace("{}", "[]"))  # same size, other bytes
     bad = cli("checkpoint", "verify", str(path))

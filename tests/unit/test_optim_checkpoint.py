@@ -63,11 +63,11 @@ def test_a_crash_mid_save_never_replaces_the_good_checkpoint(tmp_path, monkeypat
     model, opt = _setup()
     mgr = CheckpointManager(tmp_path / "ck")
     good = mgr.save(5, model, opt, TrainState(step=5), "x: 1\n")
-    import torch.distributed.checkpoint as dcp
+    import safetensors.torch
 
     def exploding_save(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(dcp, "save", exploding_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", exploding_save)
     with pytest.raises(OSError, match="disk full"):
         mgr.save(6, model, opt, TrainState(step=6), "x: 1\n")
     assert mgr.latest() == good
@@ -79,7 +79,7 @@ def test_corruption_is_reported_in_one_sentence(tmp_path):
     model, opt = _setup()
     mgr = CheckpointManager(tmp_path / "ck")
     path = mgr.save(1, model, opt, TrainState(step=1), "x: 1\n")
-    shard = next(path.glob("*.distcp"))
+    shard = next(path.glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-7])
     with pytest.raises(CheckpointError, match="wrong size.*delete"):
         verify(path)
