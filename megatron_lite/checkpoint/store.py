@@ -143,8 +143,8 @@ class Store:
             except (SafetensorError, OSError) as e:
                 why = " ".join(str(e).split())[:120]
                 raise CheckpointError(f"checkpoint file {str(self.dir / name)!r} is not a readable "
-                                      f"safetensors file ({why}); delete {str(self.dir)!r} to fall back to an "
-                                      f"earlier checkpoint.") from None
+                                      f"safetensors file ({why}); delete {str(self.dir)!r} to fall back to "
+                                      f"an earlier checkpoint.") from None
         return self._open[name]
 
     def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
