@@ -3,7 +3,7 @@ write of the same bytes with fsync measured side by side, how much of it the xxh
 and how long a verified load takes.
 
 For each model (tiny: configs/tiny.yaml's shape; GPT-2 125M), alternating rounds of:
-  save      CheckpointManager.save: DCP write + fsync + checksums + manifest + atomic commit
+  save      CheckpointManager.save: safetensors write + fsync + checksums + manifest + atomic commit
   raw       the same bytes written to one file with one fsync ("dd"-style baseline)
   checksum  xxh3-64 over the checkpoint's files (included in `save`; shown on its own)
   load      CheckpointManager.load into a fresh model and optimizer (verification included)
@@ -107,8 +107,8 @@ def main() -> None:
         rows = [measure(m, a.rounds, Path(d) / m) for m in a.models]
     write_json(a.out, {"torch": torch.__version__, "rounds": a.rounds, "rows": rows})
     table = [f"Single process, CPU, this machine's disk; median of {a.rounds} alternating rounds. `save` "
-             "includes DCP's write, fsync, the xxh3 checksums, the manifest and the atomic commit; `raw` "
-             "writes the same number of bytes to one file with one fsync in the same run.", "",
+             "includes the safetensors write, fsync, the xxh3 checksums, the manifest and the atomic "
+             "commit; `raw` writes the same number of bytes to one file with one fsync in the same run.", "",
              "| model | params | bytes | save (s) | raw write+fsync (s) | save / raw | checksum (s) | "
              "checksum share of save | checksum GB/s | verified load (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]

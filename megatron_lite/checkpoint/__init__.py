@@ -1,20 +1,21 @@
-"""Checkpoints through torch.distributed.checkpoint (DCP), committed atomically.
+"""Checkpoints: one layout-independent checkpoint per step, committed atomically, verified before
+it is read, loadable at any layout.
 
-Layout of a run's checkpoint directory:
     checkpoints/
-      latest                  name of the newest committed checkpoint (replaced atomically)
+      latest                   name of the newest committed checkpoint (replaced atomically)
       step_00000100/
-        .metadata, *.distcp   DCP: model + optimizer state keyed by global parameter names,
-                              train state (step, data cursor in global samples, RNG states)
-        config.yaml           the full run config (what `generate` and resume rebuild from)
+        rank_NNNNN.safetensors the slices rank N owns of the global tensors (checkpoint/store.py):
+                               model/<name>, optim/{exp_avg,exp_avg_sq,step}/<name>, rng/<kind>/<rank>
+        config.yaml            the full run config (what `generate` and resume rebuild from)
         meta.json, tokenizer.json   the data's tokenizer, so the checkpoint is self-contained
-        manifest.json         written last: step, layout, and the size and xxh3 checksum of every file
+        manifest.json          written last: step, layout, train state (JSON), the index of every
+                               stored tensor (shape, dtype, chunks) and every file's size + xxh3
 
 A checkpoint is written into a temporary sibling directory and renamed into place only once its
 manifest is on disk, so a crash mid-save never replaces or hides a good checkpoint. Before any of
 it is read, it is verified against the manifest (checkpoint/integrity.py); a resume falls back to
-the newest checkpoint that verifies on every rank. DCP's keys are layout-independent (global
-parameter names), which later issues use to reshard between layouts.
+the newest checkpoint that verifies on every rank. Nothing is unpickled: tensors are safetensors,
+everything else JSON or YAML (safe_load).
 """
 
 from __future__ import annotations
@@ -416,7 +417,10 @@ def convert(src: Path, dst_run: str | Path) -> Path:
     the serial layout — as the checkpoint of a new run directory `dst_run`. Any layout resumes it
     (as it would `src` itself); one file is what export tools and single-process users want."""
     manifest, store = open_store(src)
-    manager = CheckpointManager(Path(dst_run) / "checkpoints")
+    serial = {"tp": 1, "pp": 1, "dp": 1, "order": "tp-dp-pp", "virtual_stages": 1, "zero_stage": 0,
+              "zero_backend": "native",
+              "make_vocab_divisible_by": manifest.get("layout", {}).get("make_vocab_divisible_by", 128)}
+    manager = CheckpointManager(Path(dst_run) / "checkpoints", layout=serial)
     if manager.committed():
         raise CheckpointError(f"{str(dst_run)!r} already holds checkpoints; choose an empty run directory.")
     writer = ShardWriter("rank_00000.safetensors")

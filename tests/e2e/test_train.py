@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lite.checkpoint import CheckpointManager
+from megatron_lite.checkpoint import CheckpointError, CheckpointManager
 from megatron_lite.train import Trainer, TrainingError
 from tests.conftest import cli
 
@@ -111,7 +111,6 @@ def test_bf16_autocast_tracks_fp32(tiny_config, tmp_path):
 
 
 def test_resuming_a_different_model_is_refused_in_one_sentence(tiny_config):
-    from megatron_lite.checkpoint import CheckpointError
     from megatron_lite.config import ConfigError
     Trainer(tiny_config("train.steps=10")).fit()
     with pytest.raises(ConfigError, match="different model.*model.hidden_size.*new train.out_dir"):
@@ -245,3 +244,18 @@ def test_nothing_in_a_checkpoint_runs_code_when_loaded(tiny_config, tmp_path, ca
             assert main(args) in (0, 2), (name, args)
         assert not marker.exists(), f"a payload in {name} ran"
     capsys.readouterr()
+
+
+def test_convert_consolidates_into_one_file_that_resumes_exactly(tiny_config, tmp_path):
+    from megatron_lite.checkpoint import convert, read_manifest
+    common = ("train.steps=8", "checkpoint.interval=4", "model.dropout=0.1")
+    straight = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'a'}")).fit()["train_loss"]
+    Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'b'}", "train.exit_interval=4")).fit()
+    out = convert(tmp_path / "b" / "checkpoints" / "step_00000004", tmp_path / "c")
+    assert [p.name for p in out.glob("*.safetensors")] == ["rank_00000.safetensors"]
+    assert read_manifest(out)["layout"]["tp"] == 1 and cli("checkpoint", "verify", str(out)).returncode == 0
+    resumed = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 'c'}"))
+    assert resumed.state.step == 4
+    assert resumed.fit()["train_loss"] == straight[4:]  # bit for bit, dropout RNG included
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        convert(out, tmp_path / "c")
