@@ -32,6 +32,8 @@ LAYOUTS = {  # name -> (processes, overrides): every layout's global batch is 2 
     "pp4": (4, ["parallel.pp=4", "parallel.microbatches=4"]),
     "dp4": (4, ["parallel.dp=4", "train.grad_accum=1"]),
     "dp2": (2, ["parallel.dp=2", "train.grad_accum=2"]),
+    "pp2": (2, ["parallel.pp=2", "parallel.microbatches=4"]),
+    "dp2_zero1": (2, ["parallel.dp=2", "train.grad_accum=2", "optim.zero.stage=1"]),
 }
 
 
@@ -94,3 +96,21 @@ def test_data_parallel_replicas_are_stored_once(corpus_dir, tmp_path):
         index = read_manifest(path)["tensors"]
         assert "model/lm_head.weight" not in index  # the tied embedding is stored once
     assert sizes["dp4"] / sizes["serial"] <= 1.02, sizes
+
+
+EXACT = ["pp2", "pp2_interleaved", "dp2_zero1", "dp2_ds_zero2", "tp2pp2dp2_zero1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", EXACT)
+def test_exact_resume_at_the_same_layout(layout, corpus_dir, tmp_path):
+    """8 straight steps == 4, stop, resume, 4 — bit for bit (weights, moments, step counts, every
+    rank's RNG streams and the data cursor come back exactly; dropout on)."""
+    n, o = LAYOUTS[layout]
+    if DS in o and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("needs the DeepSpeed extra")
+    base = _base(corpus_dir) + ["model.dropout=0.1", *o]
+    straight = train(tmp_path, "s", n, *base, f"train.out_dir={tmp_path / 's'}")
+    first = train(tmp_path, "a", n, *base, f"train.out_dir={tmp_path / 'r'}", "train.exit_interval=4")
+    second = train(tmp_path, "b", n, *base, f"train.out_dir={tmp_path / 'r'}")
+    assert second["resumed"] and first["train_loss"] + second["train_loss"] == straight["train_loss"]
