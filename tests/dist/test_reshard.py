@@ -14,7 +14,7 @@ import torch
 
 from megatron_lite.checkpoint import CheckpointManager, read_manifest
 from megatron_lite.checkpoint.store import Store
-from tests.conftest import tiny_overrides
+from tests.conftest import cli, tiny_overrides
 from tests.dist.test_tp_train import train
 
 DS = "optim.zero.backend=deepspeed"
@@ -81,6 +81,9 @@ def test_reshard(src, dst, corpus_dir, tmp_path, serial_reference):
     assert set(got) == set(want) and any(k.startswith("optim/exp_avg/") for k in want)
     for key, t in want.items():
         assert torch.equal(got[key], t), f"{src}->{dst}: {key} changed by the reshard"
+    # Every backend's checkpoint (DeepSpeed ZeRO-3's included) generates single-process.
+    g = cli("generate", "--checkpoint", str(keep), "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0")
+    assert g.returncode == 0 and g.stdout.startswith("def "), g.stderr
 
 
 @pytest.mark.slow
