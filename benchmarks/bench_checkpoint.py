@@ -7,6 +7,10 @@ For each model (tiny: configs/tiny.yaml's shape; GPT-2 125M), alternating rounds
   raw       the same bytes written to one file with one fsync ("dd"-style baseline)
   checksum  xxh3-64 over the checkpoint's files (included in `save`; shown on its own)
   load      CheckpointManager.load into a fresh model and optimizer (verification included)
+  async     checkpoint.async_save: the seconds training is blocked — the snapshot to host memory plus
+            waiting at the commit — when a training interval of 3x a sync save follows the save
+            (simulated by a sleep, so the writer thread has the cores to itself); `snapshot` is the
+            host copy alone, the floor on a CPU (on a GPU it is a device-to-host copy)
 Medians over the rounds. Writes benchmarks/results/checkpoint.json and its section of
 docs/benchmarks.md.
 
@@ -70,7 +74,8 @@ def raw_write(path: Path, nbytes: int) -> float:
 def measure(name: str, rounds: int, work: Path) -> dict:
     cfg = ModelConfig(**MODELS[name])
     model, opt = trained(cfg)
-    times: dict[str, list[float]] = {"save": [], "raw": [], "checksum": [], "load": []}
+    times: dict[str, list[float]] = {"save": [], "raw": [], "checksum": [], "load": [], "async_blocked": [],
+                                     "snapshot": []}
     nbytes = 0
     for r in range(rounds):
         shutil.rmtree(work, ignore_errors=True)
@@ -85,6 +90,15 @@ def measure(name: str, rounds: int, work: Path) -> dict:
         for p in files:
             file_digest(p)
         times["checksum"].append(time.perf_counter() - t0)
+        bg = CheckpointManager(work / "bg", keep=1)
+        t0 = time.perf_counter()
+        bg.save(r + 1, model, opt, TrainState(step=r + 1), "model: {}\n", background=True)
+        snapshot = time.perf_counter() - t0
+        times["snapshot"].append(snapshot)
+        time.sleep(3 * times["save"][-1])  # training goes on
+        t0 = time.perf_counter()
+        bg.finish()
+        times["async_blocked"].append(snapshot + time.perf_counter() - t0)
         fresh, fresh_opt = trained(cfg)
         t0 = time.perf_counter()
         mgr.load(path, fresh, fresh_opt, TrainState())
@@ -93,6 +107,7 @@ def measure(name: str, rounds: int, work: Path) -> dict:
     return {"model": name, "params": model.num_params(), "bytes": nbytes, "median_s": med,
             "save_over_raw": med["save"] / med["raw"],
             "checksum_share_of_save": med["checksum"] / med["save"],
+            "async_blocked_over_save": med["async_blocked"] / med["save"],
             "checksum_gb_per_s": nbytes / med["checksum"] / 1e9}
 
 
@@ -110,14 +125,16 @@ def main() -> None:
              "includes the safetensors write, fsync, the xxh3 checksums, the manifest and the atomic "
              "commit; `raw` writes the same number of bytes to one file with one fsync in the same run.", "",
              "| model | params | bytes | save (s) | raw write+fsync (s) | save / raw | checksum (s) | "
-             "checksum share of save | checksum GB/s | verified load (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "checksum share of save | checksum GB/s | verified load (s) | async: snapshot (s) | "
+             "async: blocked (s) | blocked / save |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["median_s"]
         table.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['bytes']:,} | {m['save']:.3f} | "
                      f"{m['raw']:.3f} | {r['save_over_raw']:.2f}x | {m['checksum']:.3f} | "
                      f"{100 * r['checksum_share_of_save']:.1f}% | {r['checksum_gb_per_s']:.1f} | "
-                     f"{m['load']:.3f} |")
+                     f"{m['load']:.3f} | {m['snapshot']:.3f} | {m['async_blocked']:.3f} | "
+                     f"{r['async_blocked_over_save']:.2f} |")
     print("\n".join(table))
     write_section(ROOT / "docs/benchmarks.md", "checkpoint", "\n".join(table))
 

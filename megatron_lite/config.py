@@ -217,6 +217,7 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 500  # steps between checkpoints (a final one is always written)
     keep: int = 2  # newest checkpoints kept on disk
+    async_save: bool = False  # write in a background thread; commit at the next step boundary
 
     def validate(self) -> None:
         if self.interval < 1:

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,6 +117,7 @@ class CheckpointManager:
         from ..distributed.topology import Topology
         topo = Topology(self.layout["tp"], self.layout["pp"], self.layout["dp"], self.layout["order"])
         self.coord = topo.coord(rank)
+        self._pending: _PendingSave | None = None
 
     # ---- discovery ----------------------------------------------------------------------
     def committed(self) -> list[Path]:
@@ -164,8 +166,15 @@ class CheckpointManager:
         return int(flag.item()) == comm.size(self.group)
 
     def save(self, step: int, model, optimizer, state: TrainState, config_yaml: str,
-             data_dir: str | Path | None = None, rng_tracker=None, pieces: Stateful | None = None) -> Path:
-        """All ranks call this. `pieces` (from the backend) overrides model/optimizer/rng_tracker."""
+             data_dir: str | Path | None = None, rng_tracker=None, pieces: Stateful | None = None,
+             background: bool = False) -> Path:
+        """All ranks call this. `pieces` (from the backend) overrides model/optimizer/rng_tracker.
+        background=True: copy this rank's slices to host memory, write them in a background thread
+        and return; the commit (manifest, rename, `latest`) happens in finish(), which every rank
+        calls at the same point (the trainer: the next step boundary). At most one save is in
+        flight: a new save finishes the previous one first. Until it is committed, a crash leaves
+        the previous checkpoint the chosen one."""
+        self.finish()
         pieces = pieces or Stateful(model, optimizer, rng_tracker)
         final = self.dir / f"step_{step:08d}"
         tmp = self.dir / f".{final.name}.tmp"
@@ -173,45 +182,63 @@ class CheckpointManager:
             self._remove_debris()
             tmp.mkdir(parents=True)
         self._all_ok(True)
-        error: BaseException | None = None
-        index, sums = {}, {}
+        pending = _PendingSave(step, tmp, final, config_yaml, data_dir, TrainState(**state.to_json()))
         try:
-            writer = ShardWriter(f"rank_{self.rank:05d}.safetensors")
+            writer = ShardWriter(f"rank_{self.rank:05d}.safetensors", copy=background)
             self._add_tensors(writer, pieces)
-            written = writer.write(tmp)
-            if written is not None:
-                _fsync(written)
-                # Hashed while still in the page cache; rank 0 merges every rank's into the manifest.
-                sums = {written.name: {"size": written.stat().st_size, HASH: file_digest(written)}}
-            index = writer.index
-        except BaseException as e:  # noqa: BLE001 - re-raised below, after the other ranks know
-            log.error(f"rank {self.rank} failed to write its part of checkpoint step {step}: {e!r}",
+            pending.index = writer.index
+            if background:
+                pending.thread = threading.Thread(target=pending.write, args=(writer,), daemon=True,
+                                                  name=f"checkpoint-step-{step}")
+                pending.thread.start()
+            else:
+                pending.write(writer)
+        except BaseException as e:  # noqa: BLE001 - re-raised in finish(), after the other ranks know
+            pending.error = e
+        self._pending = pending
+        return final if background else self.finish()
+
+    def finish(self) -> Path | None:
+        """Commit the save in flight, if any (all ranks call it at the same point): wait for this
+        rank's write, agree that every rank's succeeded, merge indexes and checksums, commit."""
+        p, self._pending = self._pending, None
+        if p is None:
+            return None
+        if p.thread is not None:
+            p.thread.join()
+        error = p.error
+        if error is not None:
+            log.error(f"rank {self.rank} failed to write its part of checkpoint step {p.step}: {error!r}",
                       extra={"all_ranks": True})
-            error = e
         if not self._all_ok(error is None):
             if self.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(p.tmp, ignore_errors=True)
             if error is not None:
                 raise error
-            raise CheckpointError(f"another rank failed to write checkpoint step {step}; the previous "
+            raise CheckpointError(f"another rank failed to write checkpoint step {p.step}; the previous "
                                   f"checkpoint in {self.dir} is intact.")
-        indexes, all_sums = [index], [sums]
+        indexes, all_sums = [p.index], [p.sums]
         if self.group is not None:
             from ..distributed import comm
-            gathered = comm.all_gather_object((index, sums), self.group)
+            gathered = comm.all_gather_object((p.index, p.sums), self.group)
             indexes, all_sums = [g[0] for g in gathered], [g[1] for g in gathered]
         if self.rank == 0:
             try:
                 sums = {name: entry for rank_sums in all_sums for name, entry in rank_sums.items()}
-                self._commit(step, tmp, final, config_yaml, data_dir, sums, merge_indexes(indexes), state)
+                self._commit(p.step, p.tmp, p.final, p.config_yaml, p.data_dir, sums, merge_indexes(indexes),
+                             p.state)
             except BaseException as e:  # noqa: BLE001
                 error = e
         if not self._all_ok(error is None):
             if error is not None:
                 raise error
-            raise CheckpointError(f"rank 0 failed to commit checkpoint step {step}; the previous "
+            raise CheckpointError(f"rank 0 failed to commit checkpoint step {p.step}; the previous "
                                   f"checkpoint in {self.dir} is intact.")
-        return final
+        return p.final
+
+    @property
+    def in_flight(self) -> bool:
+        return self._pending is not None
 
     def _add_tensors(self, writer: ShardWriter, pieces: Stateful) -> None:
         """The slices this rank owns: a dp-rank-0 copy of every parameter (tp rank 0 for the ones
@@ -360,6 +387,31 @@ class CheckpointManager:
         if same and f"rng/cuda/{rank}" in store and torch.cuda.is_available():
             torch.cuda.set_rng_state(_read_whole(store, f"rng/cuda/{rank}"))
         return manifest.get("layout", {})
+
+
+@dataclass
+class _PendingSave:
+    """One rank's part of a save between the snapshot and the commit."""
+    step: int
+    tmp: Path
+    final: Path
+    config_yaml: str
+    data_dir: object
+    state: TrainState
+    index: dict = field(default_factory=dict)
+    sums: dict = field(default_factory=dict)
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+
+    def write(self, writer: ShardWriter) -> None:
+        try:
+            written = writer.write(self.tmp)
+            if written is not None:
+                _fsync(written)
+                # Hashed while still in the page cache; rank 0 merges every rank's into the manifest.
+                self.sums = {written.name: {"size": written.stat().st_size, HASH: file_digest(written)}}
+        except BaseException as e:  # noqa: BLE001 - reported by finish()
+            self.error = e
 
 
 FORMAT = 3

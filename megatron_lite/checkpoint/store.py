@@ -79,8 +79,9 @@ def pieces(key: str, name: str, local_shape: tuple[int, ...], model_cfg, tp: int
 class ShardWriter:
     """Collects the chunks one rank owns, writes them to one safetensors file, returns the index."""
 
-    def __init__(self, file_name: str):
+    def __init__(self, file_name: str, copy: bool = False):
         self.file = file_name
+        self.copy = copy  # snapshot: never keep a view of a tensor training will go on changing
         self.tensors: dict[str, torch.Tensor] = {}
         self.index: dict[str, dict] = {}
         self._storages: set[int] = set()
@@ -90,7 +91,7 @@ class ShardWriter:
         # safetensors refuses tensors that share memory (blocks of one fused tensor, one step count
         # shared by every parameter): those get their own copy.
         ptr = chunk.untyped_storage().data_ptr()
-        if ptr in self._storages:
+        if ptr in self._storages or (self.copy and ptr == local.untyped_storage().data_ptr()):
             chunk = chunk.clone()
         self._storages.add(chunk.untyped_storage().data_ptr())
         name = f"{piece.key}@{','.join(map(str, piece.offsets))}"

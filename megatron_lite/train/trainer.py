@@ -225,9 +225,10 @@ class Trainer:
                    for i in range(self.cfg.train.eval_iters)]
         return self.backend.forward_backward(batches, forward_only=True)
 
-    def save(self) -> Path:
+    def save(self, background: bool = False) -> Path:
         return self.checkpoints.save(self.state.step, self.model, None, self.state, self.cfg.to_yaml(),
-                                     data_dir=self.cfg.data.dir, pieces=self.backend.stateful())
+                                     data_dir=self.cfg.data.dir, pieces=self.backend.stateful(),
+                                     background=background)
 
     def sample(self, prompt: str = "def ", max_new_tokens: int | None = None) -> str | None:
         """Generate from the model in memory; None under pipelining (no single rank holds the
@@ -276,6 +277,8 @@ class Trainer:
             while (reason := self.should_stop()) is None:
                 r = self.train_step()
                 bar.update(1)
+                if self.checkpoints.in_flight:  # a background save: commit it at this step boundary
+                    log.info(f"saved {self.checkpoints.finish()}")
                 if self._record(r):
                     bar.set_postfix(loss=f"{r.loss:.3f}", refresh=False)
                     self._maybe_log(r)
@@ -283,6 +286,8 @@ class Trainer:
                     self._maybe_save()
             bar.close()
             log.info(f"stopping at step {self.state.step}: {reason}")
+            if self.checkpoints.in_flight:
+                log.info(f"saved {self.checkpoints.finish()}")
             if self.state.step != self._last_save:
                 self._save_and_log()
         finally:
@@ -340,7 +345,11 @@ class Trainer:
 
     def _maybe_save(self) -> None:
         if self.state.step % self.cfg.checkpoint.interval == 0:
-            self._save_and_log()
+            if self.cfg.checkpoint.async_save and not self._is_last_planned_step():
+                log.info(f"saving {self.save(background=True)} in the background")
+                self._last_save = self.state.step
+            else:
+                self._save_and_log()
 
     def _save_and_log(self) -> None:
         log.info(f"saved {self.save()}")

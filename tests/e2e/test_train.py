@@ -259,3 +259,42 @@ def test_convert_consolidates_into_one_file_that_resumes_exactly(tiny_config, tm
     assert resumed.fit()["train_loss"] == straight[4:]  # bit for bit, dropout RNG included
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         convert(out, tmp_path / "c")
+
+
+def test_async_save_writes_the_same_checkpoint_while_training_goes_on(tiny_config, tmp_path, monkeypatch):
+    """checkpoint.async_save: the step-4 checkpoint written in the background while steps 5.. run
+    holds exactly what a synchronous save holds (a snapshot, not the live tensors); the losses are
+    the same; a background write that fails leaves the previous checkpoint the chosen one."""
+    from megatron_lite.checkpoint import read_manifest
+    from tests.dist.test_reshard import stored
+    common = ("train.steps=8", "checkpoint.interval=4", "model.dropout=0.1")
+    sync = Trainer(tiny_config(*common, f"train.out_dir={tmp_path / 's'}")).fit()["train_loss"]
+
+    from megatron_lite.checkpoint.store import ShardWriter
+    real_write = ShardWriter.write
+
+    def slow_write(self, directory):  # the next optimizer step surely runs before the bytes are written
+        import time
+        time.sleep(0.3)
+        return real_write(self, directory)
+    monkeypatch.setattr(ShardWriter, "write", slow_write)
+    background = Trainer(tiny_config(*common, "checkpoint.async_save=true",
+                                     f"train.out_dir={tmp_path / 'a'}"))
+    assert background.fit()["train_loss"] == sync
+    monkeypatch.setattr(ShardWriter, "write", real_write)
+    for step in ("step_00000004", "step_00000008"):
+        a, s = (tmp_path / d / "checkpoints" / step for d in ("a", "s"))
+        want, got = stored(s), stored(a)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), step
+        assert read_manifest(a)["train"] == read_manifest(s)["train"]
+    # A background write that fails: the error surfaces at the commit, nothing is committed.
+    import safetensors.torch
+    failing = Trainer(tiny_config("train.steps=12", "checkpoint.interval=4", "model.dropout=0.1",
+                                  "checkpoint.async_save=true", f"train.out_dir={tmp_path / 'a'}"))
+
+    def disk_full(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        failing.fit()
+    assert CheckpointManager(tmp_path / "a" / "checkpoints").latest().name == "step_00000008"
