@@ -298,3 +298,41 @@ def test_async_save_writes_the_same_checkpoint_while_training_goes_on(tiny_confi
     with pytest.raises(OSError, match="disk full"):
         failing.fit()
     assert CheckpointManager(tmp_path / "a" / "checkpoints").latest().name == "step_00000008"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_chosen(corpus_dir, tmp_path, mode):
+    """SIGKILL while step 4's files are written (its tensors on disk, nothing committed): step 2
+    stays the newest checkpoint, verifies and resumes; the half-written step is removed at the next
+    save."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+    ready, out = tmp_path / "ready", tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.e2e.kill_during_save", str(ready), str(out),
+                             str(corpus_dir), mode], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not ready.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert ready.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timed out"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpts = out / "checkpoints"
+    assert (ckpts / ".step_00000004.tmp").is_dir()  # the interrupted save's debris
+    assert CheckpointManager(ckpts).latest().name == "step_00000002"
+    assert cli("checkpoint", "verify", str(out)).returncode == 0
+    from megatron_lite.config import Config
+    from tests.conftest import tiny_overrides
+    again = Trainer(Config.from_yaml(None, tiny_overrides(corpus_dir, f"train.out_dir={out}",
+                                                          "train.steps=8", "checkpoint.interval=2",
+                                                          "optim.warmup_steps=1")))
+    assert again.resumed_from.name == "step_00000002" and again.state.step == 2
+    again.fit()
+    assert not (ckpts / ".step_00000004.tmp").exists()
+    assert CheckpointManager(ckpts).latest().name == "step_00000008"
