@@ -111,6 +111,70 @@ def measure(name: str, rounds: int, work: Path) -> dict:
             "checksum_gb_per_s": nbytes / med["checksum"] / 1e9}
 
 
+def parallel_worker(rank, world, store, name, kind, directory, out):
+    """Save `name` from `world` ranks (tp or dp): each rank's bytes and the save time."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch.distributed as dist
+
+    from benchmarks.report import write_json as dump
+    from megatron_lite.parallel.tensor_parallel import parallelize
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        cfg = ModelConfig(**MODELS[name])
+        model, opt = trained(cfg)
+        layout = {"tp": world if kind == "tp" else 1, "pp": 1, "dp": world if kind == "dp" else 1}
+        if kind == "tp":  # the serial model's weights and moments, sliced as tensor parallelism holds them
+            sharded = parallelize(GPT(cfg, seed=0), dist.group.WORLD)
+            opt2 = build_optimizer(sharded.model, OptimConfig())
+            full = dict(model.named_parameters())
+            for n, q in sharded.model.named_parameters():
+                src = "lm_head.weight" if n == "parallel_head.weight" else n
+                w = full.get(src, full.get("tok_emb.weight"))
+                with torch.no_grad():
+                    q.copy_(sharded.sharder(src, w))
+                st = opt.state[w]
+                opt2.state[q] = {"step": st["step"].clone(), **{k: sharded.sharder(src, st[k]).clone()
+                                                                for k in ("exp_avg", "exp_avg_sq")}}
+            model, opt = sharded.model, opt2
+        mgr = CheckpointManager(Path(directory), keep=1, rank=rank, group=dist.group.WORLD, layout=layout)
+        dist.barrier()
+        t0 = time.perf_counter()
+        path = mgr.save(1, model, opt, TrainState(step=1), "model: {}\n")
+        seconds = time.perf_counter() - t0
+        mine = path / f"rank_{rank:05d}.safetensors"
+        sizes = [torch.zeros(1) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([float(mine.stat().st_size if mine.exists() else 0)]))
+        if rank == 0:
+            dump(out, {"save_s": seconds, "bytes_per_rank": [int(t.item()) for t in sizes],
+                       "path": str(path)})
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_parallel(name: str, work: Path, serial_path: Path) -> list[dict]:
+    """tp=2 and dp=2 saves of `name`; then loading the tp=2 checkpoint into a serial model
+    (resharded) against loading the serial one (same layout), in this process."""
+    from benchmarks.report import spawn
+    cfg = ModelConfig(**MODELS[name])
+    rows = []
+    for kind in ("dp", "tp"):
+        res = spawn(parallel_worker, 2, name, kind, str(work / kind))
+        row = {"model": name, "layout": f"{kind}=2", "save_s": res["save_s"],
+               "bytes_per_rank": res["bytes_per_rank"]}
+        if kind == "tp":
+            loads = {"same": [], "resharded": []}
+            for _ in range(3):
+                for which, path in (("same", serial_path), ("resharded", Path(res["path"]))):
+                    fresh, fresh_opt = trained(cfg)
+                    t0 = time.perf_counter()
+                    CheckpointManager(path.parent).load(path, fresh, fresh_opt, TrainState())
+                    loads[which].append(time.perf_counter() - t0)
+            row.update(load_same_s=statistics.median(loads["same"]),
+                       load_resharded_s=statistics.median(loads["resharded"]))
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -120,7 +184,12 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as d:
         rows = [measure(m, a.rounds, Path(d) / m) for m in a.models]
-    write_json(a.out, {"torch": torch.__version__, "rounds": a.rounds, "rows": rows})
+        serial = CheckpointManager(Path(d) / "serial", keep=1)
+        model, opt = trained(ModelConfig(**MODELS[a.models[-1]]))
+        serial_path = serial.save(1, model, opt, TrainState(step=1), "model: {}\n")
+        del model, opt
+        par = measure_parallel(a.models[-1], Path(d) / "par", serial_path)
+    write_json(a.out, {"torch": torch.__version__, "rounds": a.rounds, "rows": rows, "parallel": par})
     table = [f"Single process, CPU, this machine's disk; median of {a.rounds} alternating rounds. `save` "
              "includes the safetensors write, fsync, the xxh3 checksums, the manifest and the atomic "
              "commit; `raw` writes the same number of bytes to one file with one fsync in the same run.", "",
@@ -135,6 +204,17 @@ def main() -> None:
                      f"{100 * r['checksum_share_of_save']:.1f}% | {r['checksum_gb_per_s']:.1f} | "
                      f"{m['load']:.3f} | {m['snapshot']:.3f} | {m['async_blocked']:.3f} | "
                      f"{r['async_blocked_over_save']:.2f} |")
+    table += ["", f"{a.models[-1]} from 2 gloo processes on these 2 cores (each rank writes the slices it "
+              "owns; the tp=2 checkpoint is then loaded into a serial model, resharded, against the serial "
+              "checkpoint loaded at its own layout, median of 3):", "",
+              "| layout | save (s) | bytes per rank | load same layout (s) | load resharded (s) | "
+              "resharded / same |",
+              "|---|---|---|---|---|---|"]
+    for r in par:
+        load = (f"{r['load_same_s']:.3f} | {r['load_resharded_s']:.3f} | "
+                f"{r['load_resharded_s'] / r['load_same_s']:.2f}x") if "load_same_s" in r else "- | - | -"
+        per_rank = " / ".join(f"{b:,}" for b in r["bytes_per_rank"])
+        table.append(f"| {r['layout']} | {r['save_s']:.3f} | {per_rank} | {load} |")
     print("\n".join(table))
     write_section(ROOT / "docs/benchmarks.md", "checkpoint", "\n".join(table))
 
