@@ -196,5 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `megatron-lite` console script: a distributed run ends without native teardown
+    (comm.exit_process), which can abort a process that has finished its work."""
+    code = main()
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        from .distributed import comm
+        comm.exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -14,6 +14,7 @@ Every function takes its process group explicitly.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -93,6 +94,23 @@ def destroy() -> None:
         except RuntimeError:
             pass  # a peer is already gone (it failed): tear down anyway, keep the original error
         dist.destroy_process_group()
+
+
+def exit_process(code: int = 0) -> None:
+    """End a distributed process without C++ static destructors. After a clean run (process group
+    destroyed, output written), a native thread still joinable at interpreter teardown ends in
+    `terminate called without an active exception` and SIGABRT — seen on rank 1 of finished gloo
+    runs (with and without DeepSpeed) about once in twenty, which turns a good job into a failed
+    one. Python's own streams and logging are flushed first; nothing else is left to run."""
+    import logging
+    import sys
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def is_initialized() -> bool:

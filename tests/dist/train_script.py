@@ -34,3 +34,4 @@ if __name__ == "__main__":
                            "resumed": trainer.resumed_from is not None, "start": start}, f)
     finally:
         comm.destroy()
+    comm.exit_process(0)  # finished: skip native teardown (see comm.exit_process)
