@@ -19,6 +19,9 @@ def _entry(rank: int, world: int, store: str, fn, args) -> None:
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
+    # Success: end without native teardown, which can abort a finished rank (comm.exit_process).
+    from megatron_lite.distributed import comm
+    comm.exit_process(0)
 
 
 def run_ranks(fn, world: int, *args) -> None:
