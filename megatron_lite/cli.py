@@ -1,4 +1,5 @@
-"""`megatron-lite` command line: train, prepare-data, generate, checkpoint verify|inspect|convert.
+"""`megatron-lite` command line: train, prepare-data, generate, checkpoint verify|inspect|convert,
+launch torchrun|slurm.
 
 User-caused errors (config, data, checkpoint paths) print one sentence and exit with status 2;
 no traceback.
@@ -10,24 +11,32 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
-from .errors import UsageError, UserError
+from .errors import PeerFailure, UsageError, UserError
 
 log = logging.getLogger("megatron_lite.cli")
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int:
     from .config import Config
     from .distributed import comm
     from .distributed.env import RunEnv
     from .logs import setup_logging
     from .train import Trainer
+    from .train.stop import StopRequests
     env = RunEnv.from_environ()
     setup_logging(env.rank)
     cfg = Config.from_yaml(args.config, args.overrides)
     os.makedirs(cfg.train.out_dir, exist_ok=True)
+    marker = requeue_marker(cfg.train.out_dir)
+    if env.rank == 0:
+        marker.unlink(missing_ok=True)  # a marker from an earlier stop is answered by this run
+    # Only a launcher's worker watches its parent: a shell that exits must not stop a nohup'ed run.
+    stops = StopRequests(cfg.launch.stop_signals, watch_parent=env.source in ("torchrun", "slurm")).install()
+    clean = False
     try:
-        trainer = Trainer(cfg, env)
+        trainer = Trainer(cfg, env, stop_hooks=(stops.hook,))
         layout = trainer.layout
         log.info(f"model: {serial_param_count(cfg.model) / 1e6:.2f}M parameters | device {trainer.device} | "
                  f"{cfg.train.precision} | {layout.describe()} | batch {cfg.data.micro_batch_size}x"
@@ -37,6 +46,9 @@ def cmd_train(args) -> None:
         if vals:
             log.info(f"validation loss: first {vals[0][1]:.4f} (step {vals[0][0]}) -> last {vals[-1][1]:.4f} "
                      f"(step {vals[-1][0]})")
+        if stops.stopped_by:
+            clean = True
+            return _stopped_early(cfg, env, trainer, stops.stopped_by, marker)
         if cfg.train.sample_tokens > 0:
             text = trainer.sample()  # every rank takes part: the model is split across them
             if text is None:
@@ -44,8 +56,44 @@ def cmd_train(args) -> None:
                          f"{cfg.train.out_dir}`)")
             else:
                 log.info(f"---- sample ----\n{text}\n----------------")
+        clean = True
+    except Exception as e:
+        if env.distributed and comm.is_peer_failure(e):
+            from .errors import PeerFailure
+            raise PeerFailure(
+                f"rank {env.rank}: a collective failed ({_first_line(e)}): another rank died, stalled, or "
+                f"was slower than launch.collective_timeout_s={cfg.launch.collective_timeout_s:g}; a rerun "
+                f"resumes from the newest checkpoint in {cfg.train.out_dir}/checkpoints.") from None
+        raise
     finally:
-        comm.destroy()
+        stops.uninstall()
+        comm.destroy(barrier=clean)
+    return 0
+
+
+def requeue_marker(out_dir) -> Path:
+    """Written by rank 0 when a signal stopped the run after its checkpoint: the job script's cue to
+    requeue (launch/ and `megatron-lite launch slurm` scripts read it)."""
+    return Path(out_dir) / "requeue.json"
+
+
+def _stopped_early(cfg, env, trainer, reason: str, marker) -> int:
+    import json
+    if env.rank == 0:
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"step": trainer.state.step, "reason": reason,
+                                   "checkpoint": str(trainer.checkpoints.latest())}) + "\n")
+        os.replace(tmp, marker)
+    # torchrun counts any non-zero worker status as a failure and would restart the workers.
+    code = 0 if env.source == "torchrun" else cfg.launch.requeue_exit_code
+    log.info(f"stopped at step {trainer.state.step} ({reason}) with a checkpoint; rerun (or requeue) "
+             f"to resume; exit status {code}")
+    return code
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
 
 
 def serial_param_count(model_cfg) -> int:
@@ -180,27 +228,32 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("src", help="run directory, its checkpoints/ or a step_* directory")
     k.add_argument("dst", help="a new (empty) run directory")
     k.set_defaults(func=cmd_checkpoint_convert)
+
+    from .launcher import add_parsers as add_launch_parsers
+    add_launch_parsers(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PeerFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 def entry() -> None:
     """The `megatron-lite` console script: a distributed run ends without native teardown
     (comm.exit_process), which can abort a process that has finished its work."""
     code = main()
-    if os.environ.get("WORLD_SIZE", "1") != "1":
+    if int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1) > 1:
         from .distributed import comm
         comm.exit_process(code)
     sys.exit(code)

@@ -23,7 +23,7 @@ import yaml
 from .errors import ConfigError
 
 __all__ = ["Config", "ConfigError", "ModelConfig", "ParallelConfig", "OptimConfig", "ZeroConfig",
-           "DataConfig", "TrainConfig", "CheckpointConfig", "LogConfig", "apply_override"]
+           "DataConfig", "TrainConfig", "CheckpointConfig", "LogConfig", "LaunchConfig", "apply_override"]
 
 # AdamW's update runs in float32 (also its scalar factors): beyond this it overflows inside torch.
 FLOAT32_MAX = 3.4028234663852886e38
@@ -226,6 +226,34 @@ class CheckpointConfig:
             raise ConfigError(f"checkpoint.keep={self.keep} must be >= 1 (the latest is never deleted).")
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT")
+
+
+@dataclass
+class LaunchConfig:
+    """How a run meets its launcher: preemption signals, failures of other ranks, requeueing."""
+    # A signal on any rank stops every rank at the same step boundary with a checkpoint
+    # (SLURM preemption and `--signal=USR1@T` time limits, torchrun's SIGTERM, Ctrl-C).
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
+    # Exit status after such a stop ("stopped early, resume me"); torchrun workers exit 0 instead,
+    # since the agent counts any other status as a failure and would restart them.
+    requeue_exit_code: int = 75  # EX_TEMPFAIL
+    # A collective waiting longer than this fails on every rank (a peer died or stalled). It must
+    # cover the slowest legitimate wait: startup (DeepSpeed's first op compile), a checkpoint save.
+    collective_timeout_s: float = 600.0
+
+    def validate(self) -> None:
+        for name in self.stop_signals:
+            if name not in STOP_SIGNALS:
+                raise ConfigError(f"launch.stop_signals entry {name!r} is not a signal a run can stop on; "
+                                  f"choose from {', '.join(STOP_SIGNALS)}.")
+        if not 1 <= self.requeue_exit_code <= 125:
+            raise ConfigError(f"launch.requeue_exit_code={self.requeue_exit_code} must be in 1..125 "
+                              f"(0 means success, above 125 the shell's own statuses).")
+        if self.collective_timeout_s <= 0:
+            raise ConfigError(f"launch.collective_timeout_s={self.collective_timeout_s} must be positive.")
+
+
 @dataclass
 class LogConfig:
     interval: int = 10  # steps between log lines and TensorBoard scalars
@@ -245,6 +273,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     @property
     def seq_length(self) -> int:

@@ -36,3 +36,8 @@ class TrainingError(UserError):
 
 class UsageError(UserError):
     """A command-line argument outside the range a command accepts."""
+
+
+class PeerFailure(RuntimeError):
+    """Another rank died or stalled: a collective failed or timed out. Not the user's doing, so the
+    CLI prints it as one line with exit status 1 (a failure a launcher may restart)."""

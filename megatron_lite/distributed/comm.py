@@ -19,6 +19,7 @@ from collections import Counter
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -61,39 +62,61 @@ def rank(group) -> int:
     return dist.get_rank(group)
 
 
-def new_group(ranks: list[int]):
-    return dist.new_group(ranks)
+def new_group(ranks: list[int], timeout_s: float | None = None):
+    """A subgroup. Its collective timeout is stated: torch gives new groups its 30-minute default,
+    not the default group's."""
+    kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    return dist.new_group(ranks, **kwargs)
 
 
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init(device: torch.device, env) -> None:
-    """Join the job's default process group as `env` (a RunEnv) describes it. A group that already
-    exists (a test harness made it) is used as is, if it has the expected size and rank."""
+def init(device: torch.device, env, timeout_s: float | None = None) -> None:
+    """Join the job's default process group as `env` (a RunEnv) describes it. A collective that waits
+    longer than timeout_s raises on every rank still running (a peer died or stalled) instead of
+    hanging. A group that already exists (a test harness made it) is used as is, if it has the
+    expected size and rank."""
     if dist.is_initialized():
         if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
             raise RuntimeError(f"a process group of {dist.get_world_size()} ranks "
                                f"(this one {dist.get_rank()}) exists, but the run environment says "
                                f"{env.world_size} (rank {env.rank})")
         return
-    kwargs = {}
+    kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
     if device.type == "cuda":
         kwargs["device_id"] = device  # lets NCCL bind eagerly (torch >= 2.3)
     dist.init_process_group(backend_for(device), init_method=env.url, rank=env.rank,
                             world_size=env.world_size, **kwargs)
 
 
-def destroy() -> None:
+def destroy(barrier: bool = True) -> None:
+    """Leave the job's process groups. barrier=False after a failure: a peer that died or stalled
+    would hold the barrier for the whole collective timeout."""
     if dist.is_initialized():
         # Leave together: a rank tearing down its gloo connections while a peer still uses them
         # can abort the peer.
-        try:
-            dist.barrier()
-        except RuntimeError:
-            pass  # a peer is already gone (it failed): tear down anyway, keep the original error
+        if barrier:
+            try:
+                dist.barrier()
+            except RuntimeError:
+                pass  # a peer is already gone (it failed): tear down anyway, keep the original error
         dist.destroy_process_group()
+
+
+# What gloo and NCCL say when a peer is gone or a collective timed out (their exception types vary
+# across torch versions: RuntimeError, DistBackendError, DistNetworkError).
+_PEER_FAILURE = ("connection closed by peer", "connection reset by peer", "timed out", "timeout",
+                 "broken pipe", "socket closed", "nccl", "watchdog", "connection refused")
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Did this exception come from a collective whose peer died or stalled?"""
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(e, dist_error):
+        return True
+    return isinstance(e, RuntimeError) and any(p in str(e).lower() for p in _PEER_FAILURE)
 
 
 def exit_process(code: int = 0) -> None:

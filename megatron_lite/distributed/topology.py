@@ -101,19 +101,20 @@ class Topology:
                 f"but the job has {world_size} processes; make the product equal the world size.")
 
     # ---- process groups ------------------------------------------------------------------------
-    def build(self, rank: int) -> Groups:
-        """Create every group (all ranks must call this, in the same order); returns this rank's."""
+    def build(self, rank: int, timeout_s: float | None = None) -> Groups:
+        """Create every group (all ranks must call this, in the same order); returns this rank's.
+        timeout_s: their collective timeout (None: torch's default)."""
         mine: dict[str, tuple[object, list[int]]] = {}
         for name, axes in (("tp", ("tp",)), ("pp", ("pp",)), ("dp", ("dp",)), ("mp", ("tp", "pp"))):
             for ranks in self.group_ranks(axes):
-                group = comm.new_group(sorted(ranks))
+                group = comm.new_group(sorted(ranks), timeout_s)
                 if rank in ranks:
                     mine[name] = (group, ranks)
         embed, embed_ranks = None, []
         if self.pp > 1:  # first + last stage of every pipeline: they share the tied embedding
             for pp_ranks in self.group_ranks(("pp",)):
                 ranks = [pp_ranks[0], pp_ranks[-1]]
-                group = comm.new_group(sorted(ranks))
+                group = comm.new_group(sorted(ranks), timeout_s)
                 if rank in ranks:
                     embed, embed_ranks = group, ranks
         return Groups(rank=rank, coord=self.coord(rank), tp=mine["tp"][0], pp=mine["pp"][0], dp=mine["dp"][0],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
@@ -48,21 +49,46 @@ def memory_gb(device: torch.device) -> float:
 
 
 class ScalarLog:
-    """TensorBoard scalars (if enabled) under out_dir/tb."""
+    """The main rank's scalars: TensorBoard under out_dir/tb (if enabled), and one JSON line per call
+    in out_dir/metrics.jsonl, floats exact (repr round-trips). The file is appended across resumes;
+    a step logged again after a crash between checkpoints supersedes its earlier line."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool):
+    def __init__(self, out_dir: str | Path, main: bool, tensorboard: bool = True):
         self.writer = None
-        if enabled:
+        self.jsonl = None
+        if not main:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.jsonl = open(Path(out_dir) / "metrics.jsonl", "a")
+        if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            os.makedirs(out_dir, exist_ok=True)
             self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tb"))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.flush()
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
 
     def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+            self.writer = None
+
+
+def read_metrics(out_dir: str | Path, key: str) -> dict[int, float]:
+    """step -> value of one scalar from out_dir/metrics.jsonl (a later line for a step wins)."""
+    out: dict[int, float] = {}
+    path = Path(out_dir) / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if key in row:
+                out[row["step"]] = row[key]
+    return out

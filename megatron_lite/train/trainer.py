@@ -77,6 +77,59 @@ def _none_verifies(directory: Path) -> CheckpointError:
                            f"delete the damaged ones or choose a new train.out_dir.")
 
 
+def open_data(cfg: Config) -> TokenStore:
+    """The prepared token store, checked against the model's vocabulary."""
+    store = TokenStore(cfg.data.dir)
+    if store.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({store.vocab_size}) in data.dir {cfg.data.dir!r}; set model.vocab_size >= "
+            f"{store.vocab_size}.")
+    return store
+
+
+def newest_resumable(cfg: Config) -> Path | None:
+    """Before any process group: the newest committed checkpoint in train.out_dir whose manifest and
+    shared files (config, tokenizer) verify, checked against this model; damaged ones are skipped
+    with a warning naming the file. The shards are verified after the group exists (choose())."""
+    manager = CheckpointManager(Path(cfg.train.out_dir) / "checkpoints")
+    manager.latest()  # refuses a `latest` pointer that leaves the directory
+    committed = manager.committed()
+    for path in reversed(committed):
+        try:
+            verify(path, check=lambda name: "/" not in name)
+        except CheckpointError as e:
+            log.warning(f"warning: {e}")
+            continue
+        check_resumable(cfg, path)
+        return path
+    if committed:
+        raise _none_verifies(manager.dir)
+    return None
+
+
+def check_resumable(cfg: Config, path: Path) -> None:
+    """A checkpoint must hold this model (at any layout: it is resharded on load)."""
+    saved_yaml = path / "config.yaml"
+    if saved_yaml.is_file():
+        saved = Config.from_yaml(saved_yaml).model
+        diff = [f"model.{k}" for k, v in vars(saved).items() if getattr(cfg.model, k) != v]
+        if diff:
+            raise ConfigError(
+                f"train.out_dir {cfg.train.out_dir!r} holds a checkpoint of a different model "
+                f"({', '.join(diff)} changed); restore those settings to resume, or choose a new "
+                f"train.out_dir.")
+
+
+def preflight(cfg: Config, world_size: int) -> Layout:
+    """Every check a user's mistake can fail, without starting anything: what a launcher runs once
+    before it starts workers (each worker's Trainer runs the same checks again)."""
+    layout = Layout.build(cfg.validate(), world_size)
+    open_data(cfg)
+    newest_resumable(cfg)
+    return layout
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: RunEnv | None = None, stop_hooks: tuple[StopHook, ...] = ()):
         self.cfg = cfg.validate()
@@ -85,23 +138,19 @@ class Trainer:
         # ---- checks: nothing here talks to another process --------------------------------------
         self.layout = Layout.build(cfg, self.env.world_size)
         self.out_dir = Path(cfg.train.out_dir)
-        self.store = TokenStore(cfg.data.dir)
-        if self.store.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                f"({self.store.vocab_size}) in data.dir {cfg.data.dir!r}; set model.vocab_size >= "
-                f"{self.store.vocab_size}.")
+        self.store = open_data(cfg)
         self.seq_len = cfg.seq_length
         self.train_data = Sampler(self.store.split("train"), self.seq_len, cfg.data.seed)
         self.val_data = Sampler(self.store.split("val"), self.seq_len, cfg.data.seed, shuffle=False)
-        self.resumed_from = self._newest_resumable()
+        self.resumed_from = newest_resumable(cfg)
         self.device = resolve_device(cfg.train.device, local_rank=self.env.local_rank)
 
         # ---- the job's process groups, then this rank's model and backend -----------------------
         self.groups = None
         if self.env.distributed:
-            comm.init(self.device, self.env)
-            self.groups = self.layout.topology.build(self.env.rank)
+            timeout = cfg.launch.collective_timeout_s
+            comm.init(self.device, self.env, timeout)
+            self.groups = self.layout.topology.build(self.env.rank, timeout)
         self.rank = self.env.rank
         self.coord = self.layout.topology.coord(self.rank)  # (tp, pp, dp) of this process
         self.is_main = self.rank == 0
@@ -133,45 +182,14 @@ class Trainer:
         self.peak = peak_flops(self.device, cfg.train.peak_tflops) * self.layout.world_size
 
     # ---- build ------------------------------------------------------------------------------
-    def _newest_resumable(self) -> Path | None:
-        """Before any process group: the newest committed checkpoint whose manifest and shared files
-        (config, tokenizer) verify, checked against this model and layout; damaged ones are skipped
-        with a warning naming the file. The shards are verified after the group exists (choose())."""
-        manager = CheckpointManager(self.out_dir / "checkpoints")
-        manager.latest()  # refuses a `latest` pointer that leaves the directory
-        committed = manager.committed()
-        for path in reversed(committed):
-            try:
-                verify(path, check=lambda name: "/" not in name)
-            except CheckpointError as e:
-                log.warning(f"warning: {e}")
-                continue
-            self._check_resumable(path)
-            return path
-        if committed:
-            raise _none_verifies(manager.dir)
-        return None
-
     def _choose_checkpoint(self) -> Path:
         """Every rank verifies the files it will read; they agree on the newest good checkpoint."""
         chosen = self.checkpoints.choose()
         if chosen is None:
             raise _none_verifies(self.checkpoints.dir)
         if chosen != self.resumed_from:
-            self._check_resumable(chosen)
+            check_resumable(self.cfg, chosen)
         return chosen
-
-    def _check_resumable(self, path: Path) -> None:
-        """The newest checkpoint must hold this model (at any layout: it is resharded on load)."""
-        saved_yaml = path / "config.yaml"
-        if saved_yaml.is_file():
-            saved = Config.from_yaml(saved_yaml).model
-            diff = [f"model.{k}" for k, v in vars(saved).items() if getattr(self.cfg.model, k) != v]
-            if diff:
-                raise ConfigError(
-                    f"train.out_dir {str(self.out_dir)!r} holds a checkpoint of a different model "
-                    f"({', '.join(diff)} changed); restore those settings to resume, or choose a new "
-                    f"train.out_dir.")
 
     def _build_model(self) -> tuple[GPT, TensorParallel | None]:
         """This rank's part of the model: its pipeline stage's pieces (all of them when pp = 1),
@@ -266,7 +284,7 @@ class Trainer:
 
     def fit(self) -> dict:
         self._start_step = self.state.step
-        self._scalars = ScalarLog(self.out_dir, self.cfg.log.tensorboard and self.is_main)
+        self._scalars = ScalarLog(self.out_dir, self.is_main, self.cfg.log.tensorboard)
         self._history: dict = {"train_loss": [], "val_loss": [], "skipped": []}
         self._last_save = self.state.step
         bar = tqdm(total=self.cfg.train.steps, initial=self.state.step, dynamic_ncols=True, mininterval=1.0,
