@@ -87,8 +87,16 @@ def init(device: torch.device, env, timeout_s: float | None = None) -> None:
     kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
     if device.type == "cuda":
         kwargs["device_id"] = device  # lets NCCL bind eagerly (torch >= 2.3)
-    dist.init_process_group(backend_for(device), init_method=env.url, rank=env.rank,
-                            world_size=env.world_size, **kwargs)
+    if env.restart_count and env.agent_store:
+        # Restarted workers meet in the agent's store, which still holds the dead attempt's keys
+        # (each rank's gloo address): a rank reading them first connects to a process that is gone.
+        # A prefix per attempt gives every attempt fresh keys.
+        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False,
+                              timeout=timedelta(seconds=timeout_s or 1800))
+        kwargs["store"] = dist.PrefixStore(f"megatron_lite/attempt_{env.restart_count}", store)
+    else:
+        kwargs["init_method"] = env.url
+    dist.init_process_group(backend_for(device), rank=env.rank, world_size=env.world_size, **kwargs)
 
 
 def destroy(barrier: bool = True) -> None:

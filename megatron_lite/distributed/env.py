@@ -37,6 +37,10 @@ class RunEnv:
     master_port: int = 29500
     init_method: str | None = None  # None: tcp://master_addr:master_port
     source: str = "single"  # single | torchrun | slurm | explicit
+    # torchrun: how many times the agent restarted the workers, and whether they share its store
+    # (which then still holds the keys of the previous attempt).
+    restart_count: int = 0
+    agent_store: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -65,7 +69,9 @@ class RunEnv:
                        local_world_size=local_world, num_nodes=max(1, world // max(local_world, 1)),
                        node_rank=_int(env, "GROUP_RANK", 0), master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                        master_port=_int(env, "MASTER_PORT", 29500),
-                       init_method="env://" if "MASTER_ADDR" in env else None, source="torchrun")
+                       init_method="env://" if "MASTER_ADDR" in env else None, source="torchrun",
+                       restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT", 0),
+                       agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
         if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
             world = _int(env, "SLURM_NTASKS")
             nodes = _int(env, "SLURM_NNODES", 1)

@@ -1,0 +1,96 @@
+"""Running the CLI as a user's launcher would, and hurting it: signals, killed and stalled ranks.
+
+Every helper works on processes this test started (by pid), never by name."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from megatron_lite.train.metrics import read_metrics
+from tests.conftest import ROOT, tiny_overrides
+
+
+def overrides(data_dir, out_dir, *extra: str) -> list[str]:
+    """A tiny model logging every step's loss to out_dir/metrics.jsonl."""
+    return tiny_overrides(data_dir, f"train.out_dir={out_dir}", "log.interval=1", "train.eval_interval=10000",
+                          "checkpoint.interval=100000", "log.tensorboard=false", *extra)
+
+
+def env(**extra: str) -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", **extra)
+
+
+def start(argv: list[str], log_path: Path, **extra_env: str) -> subprocess.Popen:
+    """`python -m <argv>` in the background, output to log_path."""
+    out = open(log_path, "w")  # noqa: SIM115 - the child holds it; closed when the test's file closes
+    return subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT, env=env(**extra_env), stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def train_argv(*ovr: str) -> list[str]:
+    return ["megatron_lite.cli", "train", "--config", "configs/tiny.yaml", *ovr]
+
+
+def torchrun_argv(*ovr: str, launcher: list[str] = ()) -> list[str]:
+    return ["megatron_lite.cli", "launch", "torchrun", *launcher, "--config", "configs/tiny.yaml", *ovr]
+
+
+def wait_step(out_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    """Block until rank 0 has logged `step` (returns the newest logged step)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = read_metrics(out_dir, "train/loss")
+        if done and max(done) >= step:
+            return max(done)
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (status {proc.returncode}) before step {step}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def finish(proc: subprocess.Popen, log_path: Path, timeout: float = 300) -> tuple[int, str]:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"still running after {timeout} s:\n{log_path.read_text()[-3000:]}") from None
+    return proc.returncode, log_path.read_text()
+
+
+def run(argv: list[str], log_path: Path, timeout: float = 300, **extra_env: str) -> tuple[int, str]:
+    return finish(start(argv, log_path, **extra_env), log_path, timeout)
+
+
+def losses(out_dir: Path) -> list[float]:
+    """Every step's loss in step order (a step logged again after a restart: the later line)."""
+    got = read_metrics(out_dir, "train/loss")
+    assert sorted(got) == list(range(1, len(got) + 1)), f"steps logged: {sorted(got)}"
+    return [got[s] for s in sorted(got)]
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of pid (from /proc: no name matching)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return sorted(out)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

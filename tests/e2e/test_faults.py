@@ -1,0 +1,182 @@
+"""Preemption and failures, end to end through the CLI and torchrun (gloo, 2 ranks on this machine).
+
+- a stop signal (SIGTERM, SIGUSR1) to one process or to the torchrun agent: every rank stops at the
+  same step with a checkpoint, the requeue status comes back, and a rerun continues bit for bit;
+- a rank killed (SIGKILL) or stalled (SIGSTOP): the others exit non-zero within the collective
+  timeout naming the failure; with --max-restarts the run completes with the uninterrupted losses;
+- the torchrun agent killed: its workers stop (with a checkpoint) instead of training on;
+- a bad config under the launcher: one sentence, exit 2, no worker started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tests.e2e.faults import (
+    alive,
+    children,
+    finish,
+    losses,
+    overrides,
+    run,
+    start,
+    torchrun_argv,
+    train_argv,
+    wait_step,
+)
+
+pytestmark = pytest.mark.slow
+TIMEOUT = 8  # launch.collective_timeout_s of the failure tests
+
+
+def _reference(corpus_dir, tmp_path, argv_of, steps: int, *extra: str) -> list[float]:
+    out = tmp_path / "reference"
+    code, text = run(argv_of(*overrides(corpus_dir, out, f"train.steps={steps}", *extra)),
+                     tmp_path / "reference.log")
+    assert code == 0, text[-3000:]
+    return losses(out)
+
+
+def test_sigterm_single_process_checkpoints_and_resumes_exactly(corpus_dir, tmp_path):
+    out, steps = tmp_path / "run", 2000
+    ovr = overrides(corpus_dir, out, f"train.steps={steps}", "model.dropout=0.1")
+    proc = start(train_argv(*ovr), tmp_path / "a.log")
+    wait_step(out, 20, proc)
+    proc.send_signal(signal.SIGTERM)
+    code, text = finish(proc, tmp_path / "a.log")
+    assert code == 75, text[-3000:]  # launch.requeue_exit_code: stopped early, resumable
+    marker = json.loads((out / "requeue.json").read_text())
+    stopped = marker["step"]
+    assert 20 <= stopped < steps and "SIGTERM received" in marker["reason"]
+    assert marker["checkpoint"].endswith(f"step_{stopped:08d}")
+    assert f"stopping at step {stopped}: SIGTERM received" in text
+    code, text = run(train_argv(*ovr), tmp_path / "b.log")
+    assert code == 0, text[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'step_{stopped:08d}'}" in text
+    assert not (out / "requeue.json").exists()  # answered by the rerun
+    assert losses(out) == _reference(corpus_dir, tmp_path, train_argv, steps, "model.dropout=0.1")
+
+
+def test_sigterm_to_plain_torchrun_checkpoints_and_resumes_exactly(corpus_dir, tmp_path):
+    """The user's own `torchrun ... -m megatron_lite.cli train`: the agent forwards SIGTERM."""
+    out, steps = tmp_path / "run", 1500
+    ovr = overrides(corpus_dir, out, f"train.steps={steps}", "parallel.dp=2")
+    torchrun = ["torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", *train_argv(*ovr)]
+    proc = start(torchrun, tmp_path / "a.log")
+    wait_step(out, 20, proc)
+    proc.send_signal(signal.SIGTERM)
+    code, text = finish(proc, tmp_path / "a.log")
+    assert code != 0  # torchrun reports its own signal
+    stopped = json.loads((out / "requeue.json").read_text())["step"]
+    assert (out / "checkpoints" / f"step_{stopped:08d}" / "manifest.json").is_file(), text[-3000:]
+    assert f"stopping at step {stopped}: SIGTERM received" in text
+    code, text = run(torchrun, tmp_path / "b.log")
+    assert code == 0, text[-3000:]
+    # dp=2 sums gradients in another order than one process: the reference is a dp=2 run too.
+    ref = tmp_path / "ref_dp2"
+    code, text = run(["torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                      *train_argv(*overrides(corpus_dir, ref, f"train.steps={steps}", "parallel.dp=2"))],
+                     tmp_path / "ref.log")
+    assert code == 0, text[-3000:]
+    assert losses(out) == losses(ref)
+
+
+def test_sigusr1_to_the_launcher_reaches_every_rank_and_returns_the_requeue_status(corpus_dir, tmp_path):
+    """SLURM's `--signal=USR1@T` reaches the agent: without help torchrun dies of it and orphans its
+    workers. Our launcher has the agent forward it; the workers checkpoint; status 75."""
+    out = tmp_path / "run"
+    proc = start(torchrun_argv(*overrides(corpus_dir, out, "train.steps=100000", "parallel.tp=2")),
+                 tmp_path / "a.log")
+    wait_step(out, 10, proc)
+    workers = children(proc.pid)
+    assert len(workers) == 2, workers
+    proc.send_signal(signal.SIGUSR1)
+    code, text = finish(proc, tmp_path / "a.log")
+    assert code == 75, text[-3000:]
+    stopped = json.loads((out / "requeue.json").read_text())["step"]
+    assert f"stopping at step {stopped}: SIGUSR1 received on rank" in text
+    assert (out / "checkpoints" / f"step_{stopped:08d}" / "manifest.json").is_file()
+    assert not any(alive(w) for w in workers)
+
+
+def test_a_bad_config_is_one_sentence_before_any_worker_starts(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    code, text = run(torchrun_argv(*overrides(corpus_dir, out, "parallel.tp=3"), launcher=["--nnodes", "1"]),
+                     tmp_path / "a.log", timeout=120)
+    assert code == 2
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: model.num_attention_heads"), text
+    code, text = run(torchrun_argv(*overrides(corpus_dir, out, "parallel.dp=2"),
+                                   launcher=["--nproc-per-node", "3"]), tmp_path / "b.log", timeout=120)
+    assert code == 2 and text.count("error:") == 1 and "Traceback" not in text, text
+    assert "1 nodes x 3 processes per node = 3, but parallel.tp=1 x pp=1 x dp=2 = 2" in text
+
+
+@pytest.mark.parametrize("how", ["kill", "stall"])
+def test_a_dead_or_stalled_rank_ends_every_rank_within_the_timeout(corpus_dir, tmp_path, how):
+    out = tmp_path / "run"
+    ovr = overrides(corpus_dir, out, "train.steps=100000", "parallel.dp=2",
+                    f"launch.collective_timeout_s={TIMEOUT}")
+    proc = start(torchrun_argv(*ovr), tmp_path / "a.log")
+    wait_step(out, 10, proc)
+    rank0, rank1 = children(proc.pid)
+    t0 = time.monotonic()
+    os.kill(rank1, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+    while alive(rank0):
+        time.sleep(0.05)
+        assert time.monotonic() - t0 < TIMEOUT + 30, "rank 0 still running"
+    rank0_s = time.monotonic() - t0
+    code, text = finish(proc, tmp_path / "a.log", timeout=TIMEOUT + 60)
+    all_s = time.monotonic() - t0
+    assert code == 1, text[-3000:]
+    assert "error: rank 0: a collective failed" in text and "another rank died, stalled" in text
+    if how == "stall":
+        assert "Timed out" in text and rank0_s >= TIMEOUT - 1
+    assert rank0_s < TIMEOUT + 5, rank0_s
+    # The stalled rank cannot act: torchrun kills it after its fixed 30 s shutdown wait.
+    assert all_s < TIMEOUT + 30 + 5, all_s
+    assert not alive(rank1)
+    print(f"{how}: rank 0 exited after {rank0_s:.1f} s, the job after {all_s:.1f} s (timeout {TIMEOUT} s)")
+
+
+def test_max_restarts_resumes_from_the_newest_checkpoint_with_the_same_losses(corpus_dir, tmp_path):
+    out, steps = tmp_path / "run", 1200
+    ovr = overrides(corpus_dir, out, f"train.steps={steps}", "parallel.dp=2", "checkpoint.interval=100",
+                    f"launch.collective_timeout_s={TIMEOUT}")
+    proc = start(torchrun_argv(*ovr, launcher=["--max-restarts", "1"]), tmp_path / "a.log")
+    wait_step(out, 250, proc)
+    first = children(proc.pid)
+    os.kill(first[1], signal.SIGKILL)
+    code, text = finish(proc, tmp_path / "a.log")
+    assert code == 0, text[-3000:]
+    assert "resumed from" in text and "reached train.steps=1200" in text
+    ref = tmp_path / "reference"
+    code, text = run(torchrun_argv(*overrides(corpus_dir, ref, f"train.steps={steps}", "parallel.dp=2")),
+                     tmp_path / "ref.log")
+    assert code == 0, text[-3000:]
+    assert losses(out) == losses(ref)
+
+
+def test_workers_of_a_dead_launcher_stop_with_a_checkpoint(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = start(torchrun_argv(*overrides(corpus_dir, out, "train.steps=100000", "parallel.dp=2")),
+                 tmp_path / "a.log")
+    wait_step(out, 10, proc)
+    workers = children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    t0 = time.monotonic()
+    while any(alive(w) for w in workers):
+        assert time.monotonic() - t0 < 60, "orphaned workers still training"
+        time.sleep(0.1)
+    time.sleep(0.5)
+    text = (tmp_path / "a.log").read_text()
+    assert "is gone: stopping with a checkpoint" in text, text[-3000:]
+    stopped = json.loads((out / "requeue.json").read_text())["step"]
+    assert "its launcher died" in json.loads((out / "requeue.json").read_text())["reason"]
+    assert (out / "checkpoints" / f"step_{stopped:08d}" / "manifest.json").is_file()
