@@ -1,0 +1,134 @@
+"""How fast a run answers its launcher: preemption signals and rank failures, measured end to end
+through the CLI on this machine (gloo, CPU).
+
+  signal    SIGTERM to a training process (single process; and to the torchrun agent of a dp=2 job):
+            seconds from the signal to the committed checkpoint (the `latest` pointer renamed into
+            place) and to the exit of every process; the step time for scale (the signal is taken at
+            the next step boundary, so a step is part of the wait).
+            Models: the tiny test model and GPT-2 125M (sequence 128, micro-batch 1, so a CPU step
+            stays short).
+  failure   a dp=2 torchrun job, one rank SIGKILLed or SIGSTOPped: seconds until the other rank has
+            exited and until the whole job has, against launch.collective_timeout_s.
+
+Pick SLURM's `--signal=USR1@T` from the first table: T > signal-to-commit + 60 s (SLURM may send
+the signal up to a minute late).
+
+    python benchmarks/bench_launch.py [--timeout 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import write_json, write_section  # noqa: E402
+from megatron_lite.train.metrics import read_metrics  # noqa: E402
+from tests.conftest import tiny_overrides  # noqa: E402
+from tests.e2e.faults import alive, children, finish, start, torchrun_argv, train_argv, wait_step  # noqa: E402
+
+GPT2 = ["model.vocab_size=50257", "model.hidden_size=768", "model.num_layers=12",
+        "model.num_attention_heads=12", "model.max_sequence_length=128", "model.position_embedding=learned",
+        "model.norm=layernorm", "model.activation=gelu", "model.tie_embeddings=true", "model.bias=true",
+        "data.micro_batch_size=1", "parallel.make_vocab_divisible_by=128"]
+
+
+def prepare(data: Path) -> None:
+    from megatron_lite.data import prepare as prep
+    prep(["stdlib"], data, tokenizer="bpe", vocab_size=512, max_bytes=400_000)
+
+
+def _ovr(data: Path, out: Path, model: str, *extra: str) -> list[str]:
+    return tiny_overrides(data, f"train.out_dir={out}", "log.interval=1", "train.eval_interval=100000",
+                          "checkpoint.interval=100000", "log.tensorboard=false", "train.steps=100000",
+                          *(GPT2 if model == "gpt2-125m" else []), *extra)
+
+
+def signal_to_checkpoint(tmp: Path, data: Path, model: str, launcher: str) -> dict:
+    out = tmp / f"{model}-{launcher}"
+    extra = ["parallel.dp=2"] if launcher == "torchrun" else []
+    argv = (torchrun_argv if launcher == "torchrun" else train_argv)(*_ovr(data, out, model, *extra))
+    proc = start(argv, tmp / f"{model}-{launcher}.log")
+    wait_step(out, 3, proc, timeout=600)
+    procs = [proc.pid, *children(proc.pid)]
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    code, text = finish(proc, tmp / f"{model}-{launcher}.log", timeout=600)
+    while any(alive(p) for p in procs):
+        time.sleep(0.01)
+    t_exit = time.time()
+    latest = out / "checkpoints" / "latest"
+    assert code in (75, 128 + signal.SIGTERM), text[-2000:]
+    t_commit = latest.stat().st_mtime
+    size = sum(f.stat().st_size for f in (latest.parent / latest.read_text().strip()).iterdir())
+    tokens = 128 if model == "gpt2-125m" else 32 * 4
+    tps = list(read_metrics(out, "train/tokens_per_s").values())[1:]
+    return {"model": model, "launcher": launcher, "signal_to_commit_s": t_commit - t0,
+            "signal_to_exit_s": t_exit - t0, "step_s": statistics.median(tokens / t for t in tps),
+            "checkpoint_bytes": size}
+
+
+def failure(tmp: Path, data: Path, how: str, timeout: float) -> dict:
+    out = tmp / f"fail-{how}"
+    argv = torchrun_argv(*_ovr(data, out, "tiny", "parallel.dp=2", f"launch.collective_timeout_s={timeout}"))
+    proc = start(argv, tmp / f"fail-{how}.log")
+    wait_step(out, 10, proc)
+    rank0, rank1 = children(proc.pid)
+    t0 = time.monotonic()
+    os.kill(rank1, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+    while alive(rank0):
+        time.sleep(0.01)
+    t_rank0 = time.monotonic() - t0
+    finish(proc, tmp / f"fail-{how}.log", timeout=timeout + 120)
+    while alive(rank1):
+        time.sleep(0.01)
+    return {"failure": how, "timeout_s": timeout, "other_rank_exit_s": t_rank0,
+            "job_exit_s": time.monotonic() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--timeout", type=float, default=10.0, help="launch.collective_timeout_s for failures")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/launch.json"))
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        data = tmp / "data"
+        prepare(data)
+        signals = [signal_to_checkpoint(tmp, data, m, launcher) for m in ("tiny", "gpt2-125m")
+                   for launcher in ("single", "torchrun")]
+        failures = [failure(tmp, data, how, a.timeout) for how in ("kill", "stall")]
+    import torch
+    write_json(a.out, {"torch": torch.__version__, "signals": signals, "failures": failures})
+    table = ["SIGTERM to a training run on this machine (CPU, gloo; torchrun: dp=2, the signal to the "
+             "agent). The stop is taken at the next step boundary; the checkpoint is committed when "
+             "`latest` is renamed into place.", "",
+             "| model | launcher | step (s) | checkpoint (MB) | signal -> committed (s) "
+             "| signal -> all exited (s) |",
+             "|---|---|---|---|---|---|"]
+    for r in signals:
+        table.append(f"| {r['model']} | {r['launcher']} | {r['step_s']:.3f} "
+                     f"| {r['checkpoint_bytes'] / 1e6:,.1f} | {r['signal_to_commit_s']:.2f} "
+                     f"| {r['signal_to_exit_s']:.2f} |")
+    table += ["", f"A dp=2 torchrun job with launch.collective_timeout_s={a.timeout:g}, one rank hurt:", "",
+              "| failure | other rank exited (s) | whole job exited (s) | timeout (s) |", "|---|---|---|---|"]
+    for r in failures:
+        table.append(f"| {r['failure']} | {r['other_rank_exit_s']:.1f} | {r['job_exit_s']:.1f} | "
+                     f"{r['timeout_s']:g} |")
+    table += ["", "A killed rank's peers see the closed connection at once; a stalled rank is found by the "
+              "timeout. A stopped process cannot act on SIGTERM: torchrun kills it after its fixed 30 s "
+              "shutdown wait, which is what the whole-job time adds for a stall."]
+    write_section(ROOT / "docs/benchmarks.md", "launch", "\n".join(table))
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
