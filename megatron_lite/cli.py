@@ -11,7 +11,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from .errors import PeerFailure, UsageError, UserError
 
@@ -24,7 +23,7 @@ def cmd_train(args) -> int:
     from .distributed.env import RunEnv
     from .logs import setup_logging
     from .train import Trainer
-    from .train.stop import StopRequests
+    from .train.stop import StopRequests, requeue_marker
     env = RunEnv.from_environ()
     setup_logging(env.rank)
     cfg = Config.from_yaml(args.config, args.overrides)
@@ -71,19 +70,10 @@ def cmd_train(args) -> int:
     return 0
 
 
-def requeue_marker(out_dir) -> Path:
-    """Written by rank 0 when a signal stopped the run after its checkpoint: the job script's cue to
-    requeue (launch/ and `megatron-lite launch slurm` scripts read it)."""
-    return Path(out_dir) / "requeue.json"
-
-
 def _stopped_early(cfg, env, trainer, reason: str, marker) -> int:
-    import json
+    from .train.stop import write_requeue_marker
     if env.rank == 0:
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": trainer.state.step, "reason": reason,
-                                   "checkpoint": str(trainer.checkpoints.latest())}) + "\n")
-        os.replace(tmp, marker)
+        write_requeue_marker(marker, trainer.state.step, reason, trainer.checkpoints.latest())
     # torchrun counts any non-zero worker status as a failure and would restart the workers.
     code = 0 if env.source == "torchrun" else cfg.launch.requeue_exit_code
     log.info(f"stopped at step {trainer.state.step} ({reason}) with a checkpoint; rerun (or requeue) "

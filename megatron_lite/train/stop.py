@@ -18,10 +18,12 @@ forever: a thread watches the parent pid and turns its death into the same stop 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -97,3 +99,15 @@ class StopRequests:
             if trainer.env.distributed else ""
         self.stopped_by = f"{what}{where}"
         return self.stopped_by
+
+
+def requeue_marker(out_dir) -> Path:
+    """Written by rank 0 when a stop signal ended the run after its checkpoint: the job script's cue
+    to requeue (`megatron-lite launch` turns it into launch.requeue_exit_code)."""
+    return Path(out_dir) / "requeue.json"
+
+
+def write_requeue_marker(path: Path, step: int, reason: str, checkpoint) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"step": step, "reason": reason, "checkpoint": str(checkpoint)}) + "\n")
+    os.replace(tmp, path)  # a reader sees the whole marker or none
