@@ -19,20 +19,21 @@ log = logging.getLogger("megatron_lite.cli")
 
 def cmd_train(args) -> int:
     from .config import Config
-    from .distributed import comm
     from .distributed.env import RunEnv
+    from .distributed.stop import StopRequests, requeue_marker
+    # The signal handlers go in before torch loads (seconds): a signal during startup is a request.
+    cfg = Config.from_yaml(args.config, args.overrides)
+    env = RunEnv.from_environ()
+    # Only a launcher's worker watches its parent: a shell that exits must not stop a nohup'ed run.
+    stops = StopRequests(cfg.launch.stop_signals, watch_parent=env.source in ("torchrun", "slurm")).install()
+    from .distributed import comm
     from .logs import setup_logging
     from .train import Trainer
-    from .train.stop import StopRequests, requeue_marker
-    env = RunEnv.from_environ()
     setup_logging(env.rank)
-    cfg = Config.from_yaml(args.config, args.overrides)
     os.makedirs(cfg.train.out_dir, exist_ok=True)
     marker = requeue_marker(cfg.train.out_dir)
     if env.rank == 0:
         marker.unlink(missing_ok=True)  # a marker from an earlier stop is answered by this run
-    # Only a launcher's worker watches its parent: a shell that exits must not stop a nohup'ed run.
-    stops = StopRequests(cfg.launch.stop_signals, watch_parent=env.source in ("torchrun", "slurm")).install()
     clean = False
     try:
         trainer = Trainer(cfg, env, stop_hooks=(stops.hook,))
@@ -71,7 +72,7 @@ def cmd_train(args) -> int:
 
 
 def _stopped_early(cfg, env, trainer, reason: str, marker) -> int:
-    from .train.stop import write_requeue_marker
+    from .distributed.stop import write_requeue_marker
     if env.rank == 0:
         write_requeue_marker(marker, trainer.state.step, reason, trainer.checkpoints.latest())
     # torchrun counts any non-zero worker status as a failure and would restart the workers.

@@ -118,8 +118,8 @@ def cmd_torchrun(args) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
+    from .distributed.stop import requeue_marker
     from .logs import setup_logging
-    from .train.stop import requeue_marker
     setup_logging()
     p = plan(args.config, args.overrides, args.nnodes, args.nproc_per_node)
     argv = torchrun_argv(args, p)

@@ -12,9 +12,9 @@ import pytest
 
 from megatron_lite.config import Config, ConfigError
 from megatron_lite.distributed.env import RunEnv
+from megatron_lite.distributed.stop import ORPHANED, StopRequests
 from megatron_lite.errors import LaunchError
 from megatron_lite.launcher import add_parsers, plan, sbatch_script, torchrun_argv, torchrun_env
-from megatron_lite.train.stop import ORPHANED, StopRequests
 from tests.conftest import tiny_overrides
 
 

@@ -12,6 +12,9 @@ to each worker, a user kills one pid) stops every rank at the same step; the tra
 
 A second SIGINT raises KeyboardInterrupt at once: Ctrl-C twice means "now, without a checkpoint".
 
+Installed first thing in a worker (this module imports no torch), so a signal during the seconds
+of startup is a request too; the loop then stops before its first step.
+
 A worker whose parent (the torchrun agent, slurmstepd) died is an orphan that would train on
 forever: a thread watches the parent pid and turns its death into the same stop request.
 """
@@ -26,12 +29,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from ..distributed import comm
-
 if TYPE_CHECKING:
-    from .trainer import Trainer
+    from ..train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +85,9 @@ class StopRequests:
     def hook(self, trainer: "Trainer") -> str | None:
         """Every rank's request, combined: one all-reduce of one int per rank."""
         codes = [self.local]
+        import torch  # here, not at import: the CLI installs the handlers before torch loads
+
+        from . import comm
         if trainer.env.distributed:
             flags = torch.zeros(trainer.env.world_size, dtype=torch.int64, device=trainer.device)
             flags[trainer.env.rank] = self.local
