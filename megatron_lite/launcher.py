@@ -203,10 +203,11 @@ def sbatch_script(args, p: Plan) -> str:
               "rc=$?",
               f"if [ \"$rc\" -eq {code} ]; then",
               f"  # The run saved a checkpoint after a stop signal ({out_dir}/requeue.json): requeue this",
-              "  # job; it resumes from the run directory. A requeued job waits ~2 min before it is",
-              "  # eligible again unless its start time is reset.",
+              "  # job; it resumes from the run directory. Slurm holds a requeued job for 120 s",
+              "  # (BeginTime) before it is eligible again.",
               '  echo "stopped with a checkpoint: requeueing job $SLURM_JOB_ID"',
-              '  scontrol requeue "$SLURM_JOB_ID" && scontrol update JobId="$SLURM_JOB_ID" StartTime=now',
+              '  scontrol requeue "$SLURM_JOB_ID"',
+              "  exit 0",
               "fi",
               'exit "$rc"',
               ""]
@@ -264,8 +265,8 @@ def add_parsers(sub) -> None:
                    help="torchrun: one task per node starting torchrun; srun: one task per rank")
     s.add_argument("--time", default=None, help="time limit, e.g. 2:00:00")
     s.add_argument("--signal", default="USR1@120",
-                   help="SIG@SECONDS before the time limit (pick SECONDS > the measured save time + a "
-                        "step + 60 s of SLURM's signal resolution)")
+                   help="SIG@SECONDS before the time limit (pick SECONDS > a step + the measured save "
+                        "time + a margin; SLURM sends it 0-30 s early)")
     s.add_argument("--grace", type=int, default=120,
                    help="seconds torchrun waits for the checkpoint after a signal")
     s.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node")
