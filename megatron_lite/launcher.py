@@ -89,6 +89,11 @@ def torchrun_argv(args, p: Plan) -> list[str]:
         args.local_addr = slurm_node_addr(os.environ.get("SLURMD_NODENAME", ""))
     if args.local_addr:
         argv += ["--local-addr", args.local_addr]
+        if args.rdzv_endpoint and args.rdzv_endpoint.rsplit(":", 1)[0] == args.local_addr:
+            # torchrun decides who hosts the c10d store by matching the endpoint against this
+            # machine's hostname and its addresses; where the hostname resolves to loopback nobody
+            # matches and every node waits as a client. The node whose address it is hosts it.
+            argv += ["--rdzv-conf", "is_host=true"]
     return argv + ["-m", "megatron_lite.cli", "train", "--config", args.config, *args.overrides]
 
 

@@ -25,11 +25,11 @@ def env(**extra: str) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", **extra)
 
 
-def start(argv: list[str], log_path: Path, **extra_env: str) -> subprocess.Popen:
-    """`python -m <argv>` in the background, output to log_path."""
-    out = open(log_path, "w")  # noqa: SIM115 - the child holds it; closed when the test's file closes
-    return subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT, env=env(**extra_env), stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+def start(argv: list[str], log_path: Path, prefix: list[str] = (), **extra_env: str) -> subprocess.Popen:
+    """`[prefix] python -m <argv>` in the background (its own session), output to log_path."""
+    with open(log_path, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([*prefix, sys.executable, "-m", *argv], cwd=ROOT, env=env(**extra_env),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def train_argv(*ovr: str) -> list[str]:

@@ -54,6 +54,9 @@ def test_torchrun_arguments_single_node_c10d_and_static(ovr):
                                 "job7", "--local-addr", "10.0.0.2", "--config", "c.yaml"), p2)
     assert c10d[6:14] == ["--rdzv-backend", "c10d", "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id", "job7",
                           "--local-addr", "10.0.0.2"]
+    host = torchrun_argv(_parse("torchrun", "--nnodes", "2", "--rdzv-endpoint", "10.0.0.1:29400",
+                                "--local-addr", "10.0.0.1", "--config", "c.yaml"), p2)
+    assert host[12:16] == ["--local-addr", "10.0.0.1", "--rdzv-conf", "is_host=true"]  # it hosts the store
     static = torchrun_argv(_parse("torchrun", "--nnodes", "2", "--master-addr", "10.0.0.1", "--node-rank",
                                   "1", "--config", "c.yaml"), p2)
     assert static[6:12] == ["--master-addr", "10.0.0.1", "--master-port", "29500", "--node-rank", "1"]

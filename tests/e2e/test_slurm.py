@@ -1,0 +1,173 @@
+"""The launchers on real clusters: sbatch scripts from `megatron-lite launch slurm` on the local
+one-node SLURM cluster (and the two-node one in network namespaces), preempted and requeued, and
+multi-node torchrun across the namespaces. Losses are compared bit for bit with uninterrupted runs
+of the same layout (gloo, CPU: deterministic)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.e2e.cluster import skip_reason
+from tests.e2e.faults import finish, losses, overrides, run, start, torchrun_argv
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))]
+
+
+def submit(cluster, *args: str) -> str:
+    """`megatron-lite launch slurm ... --submit` as a user runs it; returns the job id."""
+    r = subprocess.run([sys.executable, "-m", "megatron_lite.cli", "launch", "slurm", "--submit", *args],
+                       cwd=ROOT, env=dict(cluster.env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().splitlines()[-1]
+
+
+def job_log(out: Path, job: str) -> str:
+    path = out / f"slurm-{job}.out"
+    return path.read_text() if path.exists() else "(no job output yet)"
+
+
+def wait_requeued(cluster, job: str, out: Path, timeout: float = 180) -> None:
+    """Wait for the job to be back in the queue after requeueing itself."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = cluster.job(job)
+        if info.get("JobState") == "PENDING" and info.get("Restarts", "0") != "0":
+            return
+        assert info.get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), \
+            f"{info.get('JobState')}:\n{job_log(out, job)[-3000:]}"
+        time.sleep(0.25)
+    raise AssertionError(f"job {job} not requeued: {cluster.job(job)}\n{job_log(out, job)[-3000:]}")
+
+
+def release(cluster, job: str, *more: str) -> None:
+    """Let a requeued job start now: SLURM holds it 120 s, and only someone outside the job can
+    lift that (here root; on a real cluster the user, with the same command)."""
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", *more)
+
+
+def reference(corpus_dir, tmp_path, steps: int, *extra: str) -> list[float]:
+    """The same job uninterrupted, on this node (torchrun through the launcher)."""
+    out = tmp_path / "reference"
+    code, text = run(torchrun_argv(*overrides(corpus_dir, out, f"train.steps={steps}", *extra)),
+                     tmp_path / "reference.log")
+    assert code == 0, text[-3000:]
+    return losses(out)
+
+
+def test_sbatch_two_rank_job_completes_with_a_checkpoint(slurm_one_node, corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    job = submit(slurm_one_node, "--nodes", "1", "--config", "configs/tiny.yaml",
+                 *overrides(corpus_dir, out, "train.steps=30", "parallel.dp=2"))
+    state = slurm_one_node.wait(job, timeout=240)
+    text = job_log(out, job)
+    assert state == "COMPLETED", text[-3000:]
+    assert "stopping at step 30: reached train.steps=30" in text and "tp 1 pp 1 dp 2" in text
+    assert (out / "checkpoints" / "step_00000030" / "manifest.json").is_file()
+    assert len(losses(out)) == 30
+
+
+def test_scancel_usr1_checkpoints_requeues_and_resumes_exactly(slurm_one_node, corpus_dir, tmp_path):
+    """`scancel --signal=USR1` reaches the tasks (the torchrun agents, which forward it): every rank
+    stops at one step with a checkpoint, the job requeues itself and resumes."""
+    out, steps = tmp_path / "run", 1500
+    ovr = overrides(corpus_dir, out, f"train.steps={steps}", "parallel.dp=2")
+    job = submit(slurm_one_node, "--nodes", "1", "--config", "configs/tiny.yaml", *ovr)
+    deadline = time.monotonic() + 180
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 20:
+        assert time.monotonic() < deadline, job_log(out, job)[-3000:]
+        time.sleep(0.1)
+    slurm_one_node.run("scancel", "--signal=USR1", job)
+    wait_requeued(slurm_one_node, job, out)
+    marker = json.loads((out / "requeue.json").read_text())
+    assert (out / "checkpoints" / f"step_{marker['step']:08d}" / "manifest.json").is_file()
+    release(slurm_one_node, job)
+    assert slurm_one_node.wait(job, timeout=240) == "COMPLETED", job_log(out, job)[-3000:]
+    text = job_log(out, job)
+    assert "SIGUSR1 received" in text and "stopped with a checkpoint: requeueing job" in text
+    assert "(restart 1)" in text and "resumed from" in text
+    saved = out / "checkpoints" / f"step_{marker['step']:08d}"
+    assert f"resumed from {saved}" in text
+    assert not (out / "requeue.json").exists()  # answered (removed) by the requeued run
+    assert losses(out) == reference(corpus_dir, tmp_path, steps, "parallel.dp=2")
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm_one_node, corpus_dir, tmp_path):
+    """`--time=2 --signal=USR1@60`: SLURM signals 60-90 s before the limit (30-60 s into the job);
+    the run checkpoints, the job requeues itself; the rerun gets a longer limit and completes."""
+    out, steps = tmp_path / "run", 16000  # ~80 s of training: still running when the signal comes
+    ovr = overrides(corpus_dir, out, f"train.steps={steps}", "log.interval=50")
+    job = submit(slurm_one_node, "--nodes", "1", "--mode", "srun", "--time", "2", "--signal", "USR1@60",
+                 "--config", "configs/tiny.yaml", *ovr)
+    wait_requeued(slurm_one_node, job, out, timeout=200)
+    first = job_log(out, job)
+    assert "SIGUSR1 received" in first, first[-3000:]
+    stopped = json.loads((out / "requeue.json").read_text())["step"]
+    assert 0 < stopped < steps
+    release(slurm_one_node, job, "TimeLimit=10")
+    assert slurm_one_node.wait(job, timeout=300) == "COMPLETED", job_log(out, job)[-3000:]
+    text = job_log(out, job)
+    assert "(restart 1)" in text and "resumed from" in text
+    got = json_losses_every(out, 50)
+    assert max(got) == steps and len(got) == steps // 50
+    ref_out = tmp_path / "reference"
+    code, log = run(["megatron_lite.cli", "train", "--config", "configs/tiny.yaml",
+                     *overrides(corpus_dir, ref_out, f"train.steps={steps}", "log.interval=50")],
+                    tmp_path / "reference.log")
+    assert code == 0, log[-3000:]
+    assert got == json_losses_every(ref_out, 50)
+
+
+def json_losses_every(out: Path, interval: int) -> dict[int, float]:
+    from megatron_lite.train.metrics import read_metrics
+    got = read_metrics(out, "train/loss")
+    return {s: v for s, v in got.items() if s % interval == 0}
+
+
+def test_two_node_sbatch_job_completes(slurm_two_nodes, corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    env_ifname = slurm_two_nodes.ifname
+    slurm_two_nodes.env["GLOO_SOCKET_IFNAME"] = env_ifname
+    job = submit(slurm_two_nodes, "--nodes", "2", "--config", "configs/tiny.yaml",
+                 *overrides(corpus_dir, out, "train.steps=30", "parallel.dp=2"))
+    state = slurm_two_nodes.wait(job, timeout=240)
+    text = job_log(out, job)
+    assert state == "COMPLETED", text[-3000:]
+    assert "stopping at step 30: reached train.steps=30" in text
+    assert len(losses(out)) == 30
+
+
+@pytest.mark.parametrize("layout,rendezvous", [("tp", "c10d"), ("pp", "static")])
+def test_multi_node_torchrun_across_namespaces_equals_one_node(slurm_two_nodes, corpus_dir, tmp_path,
+                                                               layout, rendezvous):
+    """2 nodes x 2 ranks (tp2 x dp2 with c10d, pp2 x dp2 with a static master) in two network
+    namespaces; the losses equal the same layout on one node."""
+    par = ["parallel.tp=2", "parallel.dp=2"] if layout == "tp" else ["parallel.pp=2", "parallel.dp=2"]
+    steps = 20
+    out = tmp_path / "multi"
+    ovr = overrides(corpus_dir, out, f"train.steps={steps}", *par)
+    head = slurm_two_nodes.addrs[0]
+    procs = []
+    for node_rank, (node, addr) in enumerate(zip(slurm_two_nodes.nodes, slurm_two_nodes.addrs, strict=True)):
+        if rendezvous == "c10d":
+            how = ["--rdzv-endpoint", f"{head}:29461", "--rdzv-id", f"t-{layout}"]
+        else:
+            how = ["--master-addr", head, "--master-port", "29462", "--node-rank", str(node_rank)]
+        argv = torchrun_argv(*ovr, launcher=["--nnodes", "2", *how, "--local-addr", addr])
+        procs.append(start(argv, tmp_path / f"{node}.log", prefix=slurm_two_nodes.netns_cmd(node),
+                           GLOO_SOCKET_IFNAME=slurm_two_nodes.ifname))
+    for p, node in zip(procs, slurm_two_nodes.nodes, strict=True):
+        code, text = finish(p, tmp_path / f"{node}.log", timeout=300)
+        assert code == 0, text[-3000:]
+    single = tmp_path / "single"
+    code, text = run(torchrun_argv(*overrides(corpus_dir, single, f"train.steps={steps}", *par)),
+                     tmp_path / "single.log")
+    assert code == 0, text[-3000:]
+    assert losses(out) == losses(single)
