@@ -9,6 +9,9 @@ through the CLI on this machine (gloo, CPU).
             stays short).
   failure   a dp=2 torchrun job, one rank SIGKILLed or SIGSTOPped: seconds until the other rank has
             exited and until the whole job has, against launch.collective_timeout_s.
+  nodes     (root only) the same tp2 x dp2 job on one node and on two "nodes" (network namespaces of
+            launch/local-cluster.sh, 2 ranks each, gloo over a veth bridge): median step time. Both
+            share this machine's 2 cores, so this is for the record, not a network measurement.
 
 Pick SLURM's `--signal=USR1@T` from the first table: T > signal-to-commit + 60 s (SLURM may send
 the signal up to a minute late).
@@ -94,6 +97,37 @@ def failure(tmp: Path, data: Path, how: str, timeout: float) -> dict:
             "job_exit_s": time.monotonic() - t0}
 
 
+def nodes(tmp: Path, data: Path, steps: int = 300) -> list[dict]:
+    """Median step time of one tp2 x dp2 job on one node vs across the two namespace nodes."""
+    from tests.e2e.cluster import ClusterManager, skip_reason
+    if skip_reason():
+        return []
+    manager = ClusterManager()
+    cluster = manager.up(2)
+    rows = []
+    try:
+        par = ["parallel.tp=2", "parallel.dp=2", f"train.steps={steps}"]
+        single = tmp / "one-node"
+        proc = start(torchrun_argv(*_ovr(data, single, "tiny", *par)), tmp / "one-node.log")
+        finish(proc, tmp / "one-node.log")
+        multi = tmp / "two-nodes"
+        head = cluster.addrs[0]
+        procs = [start(torchrun_argv(*_ovr(data, multi, "tiny", *par),
+                                     launcher=["--nnodes", "2", "--rdzv-endpoint", f"{head}:29471",
+                                               "--rdzv-id", "bench", "--local-addr", addr]),
+                       tmp / f"{node}.log", prefix=cluster.netns_cmd(node), GLOO_SOCKET_IFNAME=cluster.ifname)
+                 for node, addr in zip(cluster.nodes, cluster.addrs, strict=True)]
+        for p, node in zip(procs, cluster.nodes, strict=True):
+            code, text = finish(p, tmp / f"{node}.log")
+            assert code == 0, text[-2000:]
+        for name, out in (("1 node x 4 ranks", single), ("2 nodes x 2 ranks", multi)):
+            tps = list(read_metrics(out, "train/tokens_per_s").values())[10:]
+            rows.append({"nodes": name, "step_s": statistics.median(32 * 4 * 2 / t for t in tps)})
+    finally:
+        manager.down()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--timeout", type=float, default=10.0, help="launch.collective_timeout_s for failures")
@@ -106,8 +140,10 @@ def main() -> None:
         signals = [signal_to_checkpoint(tmp, data, m, launcher) for m in ("tiny", "gpt2-125m")
                    for launcher in ("single", "torchrun")]
         failures = [failure(tmp, data, how, a.timeout) for how in ("kill", "stall")]
+        multinode = nodes(tmp, data)
     import torch
-    write_json(a.out, {"torch": torch.__version__, "signals": signals, "failures": failures})
+    write_json(a.out, {"torch": torch.__version__, "signals": signals, "failures": failures,
+                       "nodes": multinode})
     table = ["SIGTERM to a training run on this machine (CPU, gloo; torchrun: dp=2, the signal to the "
              "agent). The stop is taken at the next step boundary; the checkpoint is committed when "
              "`latest` is renamed into place.", "",
@@ -126,6 +162,11 @@ def main() -> None:
     table += ["", "A killed rank's peers see the closed connection at once; a stalled rank is found by the "
               "timeout. A stopped process cannot act on SIGTERM: torchrun kills it after its fixed 30 s "
               "shutdown wait, which is what the whole-job time adds for a stall."]
+    if multinode:
+        table += ["", "The same tp=2 x dp=2 tiny job (global batch 8 x 32 tokens) on one node and across "
+                  "the two network-namespace nodes of launch/local-cluster.sh (all on these 2 cores; gloo "
+                  "over a veth bridge between the nodes):", "", "| nodes | median step (ms) |", "|---|---|"]
+        table += [f"| {r['nodes']} | {1000 * r['step_s']:.1f} |" for r in multinode]
     write_section(ROOT / "docs/benchmarks.md", "launch", "\n".join(table))
     print("\n".join(table))
 
