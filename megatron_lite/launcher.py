@@ -229,7 +229,11 @@ def cmd_slurm(args) -> int:
     os.makedirs(p.config.train.out_dir, exist_ok=True)
     path = Path(p.config.train.out_dir) / "job.sbatch"
     path.write_text(script)
-    res = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    try:
+        res = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise LaunchError(f"sbatch is not installed here; submit {path} from a SLURM login node, or leave "
+                          f"--submit out to print the script.") from None
     if res.returncode:
         raise LaunchError(f"sbatch {path} failed: {res.stderr.strip() or res.stdout.strip()}")
     print(res.stdout.strip().split(";")[0])
