@@ -1,5 +1,5 @@
-"""`megatron-lite` command line: train, prepare-data, generate, checkpoint verify|inspect|convert,
-launch torchrun|slurm.
+"""`megatron-lite` command line: train, prepare-data, generate, checkpoint
+verify|inspect|convert|export|import, launch torchrun|slurm, verify (parallel layouts vs serial).
 
 User-caused errors (config, data, checkpoint paths) print one sentence and exit with status 2;
 no traceback.
@@ -169,6 +169,45 @@ def cmd_checkpoint_convert(args) -> None:
     print(f"wrote {out}: one file, every tensor whole; train with train.out_dir={args.dst} at any layout")
 
 
+def cmd_checkpoint_export(args) -> None:
+    from .checkpoint import resolve
+    from .checkpoint.hf import export_hf
+    info = export_hf(resolve(args.path), args.out)
+    tok = "with its tokenizer" if info["tokenizer"] else "without a tokenizer (the checkpoint carries none)"
+    print(f"wrote {info['path']}: {info['class']} (config.json, model.safetensors) {tok}; load it with "
+          f"transformers' from_pretrained")
+
+
+def cmd_checkpoint_import(args) -> None:
+    from .checkpoint.hf import import_hf
+    path = import_hf(args.dir, args.out)
+    print(f"wrote {path} (step 0) and {os.path.join(args.out, 'config.yaml')}; train on with `megatron-lite "
+          f"train --config {os.path.join(args.out, 'config.yaml')} data.dir=DIR` at any layout (prepare DIR "
+          f"with --tokenizer {path / 'tokenizer.json'})")
+
+
+def cmd_verify(args) -> int:
+    from .distributed import comm
+    from .distributed.env import RunEnv
+    from .logs import setup_logging
+    from .train.verify import verify
+    env = RunEnv.from_environ()
+    setup_logging(env.rank)
+    clean = False
+    try:
+        code = verify(env, steps=args.steps, patterns=args.layouts, model_overrides=args.overrides,
+                      json_path=args.json, device=args.device)
+        clean = True
+        return code
+    except Exception as e:
+        if env.distributed and comm.is_peer_failure(e):
+            raise PeerFailure(f"rank {env.rank}: a collective failed ({_first_line(e)}): another rank died "
+                              f"or stalled during verify.") from None
+        raise
+    finally:
+        comm.destroy(barrier=clean)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-lite", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -205,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("checkpoint", help="verify or inspect a checkpoint")
+
+    c = sub.add_parser("checkpoint", help="verify, inspect, convert, export or import a checkpoint")
     csub = c.add_subparsers(dest="checkpoint_command", required=True)
     v = csub.add_parser("verify", help="check every file against the manifest's sizes and checksums "
                                        "(exit 2 naming the first damaged file)")
@@ -219,6 +259,30 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("src", help="run directory, its checkpoints/ or a step_* directory")
     k.add_argument("dst", help="a new (empty) run directory")
     k.set_defaults(func=cmd_checkpoint_convert)
+    x = csub.add_parser("export", help="write a checkpoint (any layout) as a transformers model directory: "
+                                       "config.json, model.safetensors, tokenizer (needs the hf extra)")
+    x.add_argument("path", help="run directory, its checkpoints/ or a step_* directory")
+    x.add_argument("--format", choices=["hf"], default="hf", help="hf: GPT2LMHeadModel or LlamaForCausalLM")
+    x.add_argument("--out", required=True, help="a new (empty) directory for from_pretrained")
+    x.set_defaults(func=cmd_checkpoint_export)
+    m = csub.add_parser("import", help="a transformers model directory (on disk) as the step-0 checkpoint "
+                                       "of a new run directory (needs the hf extra)")
+    m.add_argument("dir", help="a directory written by save_pretrained (config.json, safetensors, tokenizer)")
+    m.add_argument("--format", choices=["hf"], default="hf", help="hf: GPT-2 or Llama models")
+    m.add_argument("--out", required=True, help="a new run directory (train.out_dir)")
+    m.set_defaults(func=cmd_checkpoint_import)
+
+    r = sub.add_parser("verify", help="train a tiny GPT at every layout that fits this job (run it under "
+                                      "torchrun or srun), compare with the serial model; exit 1 on mismatch")
+    r.add_argument("--layouts", nargs="+", metavar="PATTERN",
+                   help="only the layouts whose name contains one of these globs, from every valid "
+                        "combination (e.g. 'ds-zero' 'tp2+sp.pp2:*'); default: a set using every variant")
+    r.add_argument("--steps", type=int, default=3, help="AdamW steps per layout")
+    r.add_argument("--json", metavar="OUT", help="also write the table (and tolerances) to this JSON file")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("overrides", nargs="*",
+                   help="model.* overrides of the tiny model, e.g. model.activation=swiglu")
+    r.set_defaults(func=cmd_verify)
 
     from .launcher import add_parsers as add_launch_parsers
     add_launch_parsers(sub)

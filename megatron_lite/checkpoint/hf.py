@@ -1,0 +1,373 @@
+"""Hugging Face interop: a checkpoint of any layout exported as a transformers model directory, and a
+transformers model directory imported as a step-0 checkpoint that any layout trains on.
+
+    export_hf(checkpoint, out)  -> out/config.json, model.safetensors, generation_config.json,
+                                   tokenizer.json, tokenizer_config.json, special_tokens_map.json
+    import_hf(hf_dir, run)      -> run/config.yaml and run/checkpoints/step_00000000 (serial layout)
+
+Two architectures express our models exactly (every other combination is refused, naming the key):
+
+    ours                                              transformers
+    learned positions, layernorm, gelu | gelu_exact   GPT2LMHeadModel (gelu_pytorch_tanh | gelu)
+    rope, rmsnorm, swiglu (GQA, tied or not)          LlamaForCausalLM (hidden_act silu)
+
+The mapping is by serial-model name (the checkpoint is read into a serial GPT first, whatever layout
+wrote it): GPT-2's Conv1D layers hold the transposed weight (in, out) and keep qkv fused (c_attn);
+Llama splits qkv into q/k/v_proj and SwiGLU's [gate | up] into gate/up_proj. Our RoPE is the
+rotate-half convention with inv_freq = theta^(-2i/D), the one HF's Llama implements, so q/k rows
+need no permutation. Attention scales by 1/sqrt(head_dim) in all three. A model without biases
+exports to GPT-2 with zero biases (exact: adding 0.0 changes nothing).
+
+transformers is optional (the `hf` extra): it is imported here, lazily, and only by these two
+functions; without it they raise one sentence naming the extra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ModelConfig, TrainConfig
+from ..data import ByteTokenizer, load_tokenizer
+from ..data.tokenizer import EOT
+from ..errors import CheckpointError, ConfigError, UsageError
+from ..model import GPT
+from . import CheckpointManager, TrainState, load_model_weights
+
+__all__ = ["export_hf", "import_hf", "hf_architecture"]
+
+GPT2, LLAMA = "gpt2", "llama"
+CLASSES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM"}
+GPT2_ACT = {"gelu": "gelu_pytorch_tanh", "gelu_exact": "gelu"}  # ours -> transformers (the same functions)
+GPT2_ACT_IN = {"gelu_pytorch_tanh": "gelu", "gelu_new": "gelu", "gelu": "gelu_exact"}  # gelu_new: tanh form
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise UsageError("Hugging Face export/import needs transformers, which is not installed; run "
+                         "`pip install megatron_lite[hf]`.") from None
+    return transformers
+
+
+# ---- which transformers architecture expresses a model ---------------------------------------------
+def hf_architecture(m: ModelConfig) -> str:
+    """'gpt2' or 'llama', or ConfigError naming the key transformers cannot express."""
+    if m.position_embedding == "learned":
+        for key, value, want in (("norm", m.norm, ["layernorm"]), ("activation", m.activation, [*GPT2_ACT])):
+            if value not in want:
+                raise ConfigError(f"model.{key}={value} with model.position_embedding=learned has no "
+                                  f"transformers equivalent (GPT-2 needs model.{key}={' or '.join(want)}); "
+                                  f"this checkpoint cannot be exported.")
+        if m.num_kv_heads != m.num_attention_heads:
+            raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} (grouped-query attention) with learned "
+                              f"positions has no transformers equivalent (GPT-2 has none; Llama uses "
+                              f"model.position_embedding=rope); this checkpoint cannot be exported.")
+        return GPT2
+    for key, value, want in (("norm", m.norm, "rmsnorm"), ("activation", m.activation, "swiglu")):
+        if value != want:
+            raise ConfigError(f"model.{key}={value} with model.position_embedding=rope has no transformers "
+                              f"equivalent (Llama needs model.{key}={want}); this checkpoint cannot be "
+                              f"exported.")
+    return LLAMA
+
+
+def _hf_config(tf, m: ModelConfig, arch: str, eot_id: int | None):
+    common = dict(vocab_size=m.vocab_size, initializer_range=m.init_std, tie_word_embeddings=m.tie_embeddings,
+                  bos_token_id=eot_id, eos_token_id=eot_id, architectures=[CLASSES[arch]],
+                  torch_dtype="float32")
+    if arch == GPT2:
+        return tf.GPT2Config(n_positions=m.max_sequence_length, n_embd=m.hidden_size, n_layer=m.num_layers,
+                             n_head=m.num_attention_heads, n_inner=m.intermediate_size,
+                             activation_function=GPT2_ACT[m.activation], resid_pdrop=m.dropout,
+                             embd_pdrop=m.dropout, attn_pdrop=m.dropout, layer_norm_epsilon=m.norm_eps,
+                             scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                             reorder_and_upcast_attn=False, **common)
+    return tf.LlamaConfig(hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                          num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                          num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim, hidden_act="silu",
+                          max_position_embeddings=m.max_sequence_length, rms_norm_eps=m.norm_eps,
+                          rope_theta=m.rope_theta, attention_bias=m.bias, mlp_bias=m.bias,
+                          attention_dropout=m.dropout, **common)
+
+
+def _model_config(hf, src: Path) -> ModelConfig:
+    """Our ModelConfig for a transformers config, or CheckpointError naming what does not map."""
+    def refuse(what: str) -> CheckpointError:
+        return CheckpointError(f"{str(src)!r}: {what} has no megatron_lite equivalent; it cannot be "
+                               f"imported.")
+
+    t = hf.model_type
+    if t == GPT2:
+        if hf.activation_function not in GPT2_ACT_IN:
+            raise refuse(f"activation_function={hf.activation_function!r}")
+        if not hf.scale_attn_weights or hf.scale_attn_by_inverse_layer_idx:
+            raise refuse("scale_attn_weights=false or scale_attn_by_inverse_layer_idx=true")
+        if getattr(hf, "add_cross_attention", False):
+            raise refuse("add_cross_attention=true")
+        return ModelConfig(vocab_size=hf.vocab_size, hidden_size=hf.n_embd, num_layers=hf.n_layer,
+                           num_attention_heads=hf.n_head, intermediate_size=hf.n_inner or 4 * hf.n_embd,
+                           dropout=hf.resid_pdrop, max_sequence_length=hf.n_positions,
+                           position_embedding="learned", norm="layernorm", norm_eps=hf.layer_norm_epsilon,
+                           activation=GPT2_ACT_IN[hf.activation_function], bias=True,
+                           tie_embeddings=hf.tie_word_embeddings, init_std=hf.initializer_range)
+    if t == LLAMA:
+        if hf.hidden_act != "silu":
+            raise refuse(f"hidden_act={hf.hidden_act!r}")
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        if head_dim * hf.num_attention_heads != hf.hidden_size:
+            raise refuse(f"head_dim={head_dim} (not hidden_size / num_attention_heads)")
+        rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise refuse(f"rope scaling {rope.get('rope_type', rope.get('type'))!r}")
+        attn_bias, mlp_bias = bool(hf.attention_bias), bool(getattr(hf, "mlp_bias", False))
+        if attn_bias != mlp_bias:
+            raise refuse(f"attention_bias={attn_bias} with mlp_bias={mlp_bias}")
+        return ModelConfig(vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
+                           num_layers=hf.num_hidden_layers, num_attention_heads=hf.num_attention_heads,
+                           num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+                           intermediate_size=hf.intermediate_size, dropout=float(hf.attention_dropout or 0.0),
+                           max_sequence_length=hf.max_position_embeddings, position_embedding="rope",
+                           rope_theta=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
+                           norm="rmsnorm", norm_eps=hf.rms_norm_eps, activation="swiglu",
+                           tie_embeddings=hf.tie_word_embeddings, bias=attn_bias,
+                           init_std=hf.initializer_range)
+    raise refuse(f"model_type={t!r} (supported: gpt2, llama)")
+
+
+# ---- the name map -----------------------------------------------------------------------------------
+def _pairs(m: ModelConfig, arch: str) -> list[tuple[str, tuple[str, ...], str]]:
+    """(our serial name, its transformers names, how): 'copy'; 'conv1d' (GPT-2 stores W^T); 'split'
+    (our fused rows = the transformers tensors concatenated along dim 0)."""
+    out: list[tuple[str, tuple[str, ...], str]] = []
+
+    def add(ours, theirs, how="copy", bias=True):
+        out.append((f"{ours}.weight", tuple(f"{t}.weight" for t in theirs), how))
+        if bias:  # a vector: split like the weight's rows, never transposed
+            bias_how = "copy" if how == "conv1d" else how
+            out.append((f"{ours}.bias", tuple(f"{t}.bias" for t in theirs), bias_how))
+
+    if arch == GPT2:
+        add("tok_emb", ["transformer.wte"], bias=False)
+        add("pos_emb", ["transformer.wpe"], bias=False)
+        for i in range(m.num_layers):
+            b, h = f"blocks.{i}", f"transformer.h.{i}"
+            add(f"{b}.ln1", [f"{h}.ln_1"])
+            add(f"{b}.attn.qkv", [f"{h}.attn.c_attn"], "conv1d")
+            add(f"{b}.attn.proj", [f"{h}.attn.c_proj"], "conv1d")
+            add(f"{b}.ln2", [f"{h}.ln_2"])
+            add(f"{b}.mlp.fc1", [f"{h}.mlp.c_fc"], "conv1d")
+            add(f"{b}.mlp.fc2", [f"{h}.mlp.c_proj"], "conv1d")
+        add("ln_f", ["transformer.ln_f"])
+    else:
+        add("tok_emb", ["model.embed_tokens"], bias=False)
+        for i in range(m.num_layers):
+            b, h = f"blocks.{i}", f"model.layers.{i}"
+            add(f"{b}.ln1", [f"{h}.input_layernorm"], bias=False)
+            add(f"{b}.attn.qkv", [f"{h}.self_attn.{x}_proj" for x in "qkv"], "split", bias=m.bias)
+            add(f"{b}.attn.proj", [f"{h}.self_attn.o_proj"], bias=m.bias)
+            add(f"{b}.ln2", [f"{h}.post_attention_layernorm"], bias=False)
+            add(f"{b}.mlp.fc1", [f"{h}.mlp.gate_proj", f"{h}.mlp.up_proj"], "split", bias=m.bias)
+            add(f"{b}.mlp.fc2", [f"{h}.mlp.down_proj"], bias=m.bias)
+        add("ln_f", ["model.norm"], bias=False)
+    if not m.tie_embeddings:
+        add("lm_head", ["lm_head"], bias=False)
+    return out
+
+
+def _split_sizes(m: ModelConfig, name: str) -> list[int]:
+    if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
+        return [m.num_attention_heads * m.head_dim] + [m.num_kv_heads * m.head_dim] * 2
+    return [m.intermediate_size] * 2  # SwiGLU's [gate | up]
+
+
+def to_hf_state(sd: dict[str, torch.Tensor], m: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """Our serial state dict -> transformers tensors (tied lm_head left out: transformers ties it).
+    A GPT-2 export of a model without biases gets zero biases."""
+    out = {}
+    for ours, theirs, how in _pairs(m, arch):
+        t = sd.get(ours)
+        if t is None:  # GPT-2 always has biases; ours has none (bias=false): zeros are exact
+            weight = sd[ours.removesuffix(".bias") + ".weight"]
+            t = torch.zeros(weight.shape[0], dtype=weight.dtype)
+        parts = t.split(_split_sizes(m, ours)) if how == "split" else [t.t() if how == "conv1d" else t]
+        for name, part in zip(theirs, parts, strict=True):
+            out[name] = part.detach().float().contiguous().clone()  # no shared storage (safetensors)
+    return out
+
+
+def from_hf_state(sd: dict[str, torch.Tensor], m: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """transformers tensors -> our serial state dict (lm_head = tok_emb when tied)."""
+    out = {}
+    for ours, theirs, how in _pairs(m, arch):
+        parts = [sd[n].detach().float() for n in theirs]
+        out[ours] = torch.cat(parts) if how == "split" else parts[0].t() if how == "conv1d" else parts[0]
+    if m.tie_embeddings:
+        out["lm_head.weight"] = out["tok_emb.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _check_against(tf, hf_config, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor name and shape is what transformers' own model (built on the meta device) expects."""
+    with torch.device("meta"):
+        ref = tf.AutoModelForCausalLM.from_config(hf_config)
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    if hf_config.tie_word_embeddings:
+        want.pop("lm_head.weight", None)
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:4]
+        raise CheckpointError(f"transformers {tf.__version__} expects other tensors for "
+                              f"{CLASSES[hf_config.model_type]} (first differences: {diff}); upgrade "
+                              f"transformers (`pip install -U megatron_lite[hf]`).")
+
+
+# ---- tokenizers -------------------------------------------------------------------------------------
+def _byte_tokenizer():
+    """Our bytes tokenizer (ids 0..255 = the bytes, 256 = <|endoftext|>) as an HF `tokenizers` one: a
+    byte-level BPE without merges whose vocabulary lists the 256 byte symbols in byte order."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    alphabet = _bytes_to_unicode()
+    tok = Tokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what the ByteLevel pre-tokenizer maps bytes to)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+
+
+def _write_tokenizer(src: Path, out: Path, max_len: int) -> int | None:
+    """tokenizer.json (+ config, special tokens) of the checkpoint's tokenizer; its end-of-text id,
+    or None when the checkpoint carries no tokenizer."""
+    if not (src / "meta.json").is_file():
+        return None
+    tok = load_tokenizer(src)
+    backend = _byte_tokenizer() if isinstance(tok, ByteTokenizer) else tok.tok
+    backend.save(str(out / "tokenizer.json"))
+    special = {"bos_token": EOT, "eos_token": EOT}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": max_len,
+        "clean_up_tokenization_spaces": False, "add_prefix_space": False}, indent=2))
+    return tok.eot_id
+
+
+# ---- export -----------------------------------------------------------------------------------------
+def export_hf(src: str | Path, out: str | Path) -> dict:
+    """Write a transformers model directory for checkpoint `src` (a verified step directory of any
+    layout) into the new directory `out`, atomically. Returns {class, tokenizer, path}."""
+    src, out = Path(src), Path(out)
+    cfg = Config.from_yaml(src / "config.yaml")
+    m = cfg.model
+    arch = hf_architecture(m)
+    tf = _transformers()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {str(out)!r} already exists and is not empty; choose a new directory.")
+    model = GPT(m, seed=None)
+    load_model_weights(src, model)  # verifies every file, reads any layout into the serial model
+    tensors = to_hf_state(model.state_dict(), m, arch)
+    del model
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        eot = _write_tokenizer(src, tmp, m.max_sequence_length)
+        hf_config = _hf_config(tf, m, arch, eot)
+        _check_against(tf, hf_config, tensors)
+        hf_config.save_pretrained(tmp)
+        tf.GenerationConfig.from_model_config(hf_config).save_pretrained(tmp)
+        from safetensors.torch import save_file
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"path": str(out), "class": CLASSES[arch], "tokenizer": eot is not None}
+
+
+# ---- import -----------------------------------------------------------------------------------------
+def _read_tokenizer(tf, src: Path, vocab_size: int):
+    """The HF tokenizer of `src` as an HF `tokenizers` Tokenizer our data pipeline can use."""
+    try:
+        hf_tok = tf.AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a missing/odd tokenizer
+        raise CheckpointError(f"{str(src)!r} holds no tokenizer transformers can load as a fast tokenizer "
+                              f"({' '.join(str(e).split())[:160]}); add its tokenizer.json.") from None
+    backend = getattr(hf_tok, "backend_tokenizer", None)
+    if backend is None:
+        raise CheckpointError(f"{str(src)!r} holds only a slow (Python) tokenizer; add its tokenizer.json "
+                              f"(a fast tokenizer) to import it.")
+    if backend.token_to_id(EOT) is None:
+        raise CheckpointError(f"the tokenizer in {str(src)!r} has no {EOT!r} token, which megatron_lite uses "
+                              f"to separate documents; add it as a special token (within the model's "
+                              f"vocabulary) to import it.")
+    if backend.get_vocab_size() > vocab_size:
+        raise CheckpointError(f"the tokenizer in {str(src)!r} has {backend.get_vocab_size()} tokens, more "
+                              f"than the model's vocab_size={vocab_size}; it does not belong to this model.")
+    return backend
+
+
+def _load(src: Path, what: str, fn):
+    """fn() (a transformers loader), its failure as one sentence instead of a traceback."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ...
+        raise CheckpointError(f"transformers cannot load the {what} in {str(src)!r} "
+                              f"({' '.join(str(e).split())[:200]}); pass a directory written by "
+                              f"save_pretrained.") from None
+
+
+def import_hf(src: str | Path, run: str | Path) -> Path:
+    """A step-0 checkpoint (serial layout; no optimizer state) and run/config.yaml from a transformers
+    model directory on disk; any layout trains on from it. Returns the checkpoint directory."""
+    src, run = Path(src), Path(run)
+    tf = _transformers()
+    if not (src / "config.json").is_file():
+        raise CheckpointError(f"{str(src)!r} holds no config.json; pass a directory written by transformers' "
+                              f"save_pretrained (or `megatron-lite checkpoint export`).")
+    hf_config = _load(src, "config", lambda: tf.AutoConfig.from_pretrained(str(src), local_files_only=True))
+    m = _model_config(hf_config, src)
+    m.validate()
+    backend = _read_tokenizer(tf, src, m.vocab_size)
+    cfg = Config(model=m, train=TrainConfig(out_dir=str(run.resolve()))).validate()
+    serial = {"tp": 1, "pp": 1, "dp": 1, "order": cfg.parallel.order, "virtual_stages": 1, "zero_stage": 0,
+              "zero_backend": "native", "make_vocab_divisible_by": cfg.parallel.make_vocab_divisible_by}
+    manager = CheckpointManager(run / "checkpoints", layout=serial)
+    if manager.committed():
+        raise CheckpointError(f"{str(run)!r} already holds checkpoints; choose an empty run directory.")
+    hf_model = _load(src, "model", lambda: tf.AutoModelForCausalLM.from_pretrained(str(src),
+                                                                                  local_files_only=True))
+    hf_model = hf_model.float()
+    ours = from_hf_state(hf_model.state_dict(), m, hf_config.model_type)
+    del hf_model
+    model = GPT(m, seed=None)
+    model.load_state_dict(ours, strict=True)
+    config_yaml = cfg.to_yaml()
+    with tempfile.TemporaryDirectory() as d:  # what a prepared data directory carries about its tokenizer
+        backend.save(str(Path(d) / "tokenizer.json"))
+        meta = {"tokenizer": {"type": "bpe", "file": "tokenizer.json"}, "eot_id": backend.token_to_id(EOT),
+                "vocab_size": backend.get_vocab_size(), "sources": [f"hf:{src}"]}
+        (Path(d) / "meta.json").write_text(json.dumps(meta, indent=2))
+        with torch.random.fork_rng(devices=[]):  # the stored RNG stream: the run's seed, not ours
+            torch.manual_seed(cfg.train.seed)
+            path = manager.save(0, model, None, TrainState(), config_yaml, data_dir=d)
+    (run / "config.yaml").write_text(config_yaml)
+    return path

@@ -1,0 +1,257 @@
+"""Hugging Face interop: `checkpoint export --format hf` and `checkpoint import`.
+
+Export reads a checkpoint of any layout (here tp2 x pp2, trained with 4 gloo ranks) into the serial
+model and writes what transformers' from_pretrained loads; import turns such a directory back into a
+step-0 checkpoint. Logits are compared in float32 with atol 1e-5 (rtol 0): both sides run the same
+math (same RoPE convention, 1/sqrt(head_dim) scaling, GELU tanh form, norm eps), so only summation
+order may differ between implementations (~1e-7 relative on logits of order 1; on this machine they
+come out bit-identical). The export -> import round trip itself does no arithmetic (transposes and
+splits), so its weights are compared bit for bit.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_lite.checkpoint import CheckpointManager, TrainState, load_model_weights, read_manifest, resolve
+from megatron_lite.cli import main
+from megatron_lite.config import Config
+from megatron_lite.data import ByteTokenizer, load_tokenizer
+from megatron_lite.data.tokenizer import EOT
+from megatron_lite.model import GPT, generate
+from tests.conftest import tiny_overrides
+from tests.dist.test_tp_train import torchrun
+
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-5
+SAMPLE = "def main(argv):\n    return {'é': 1, \"漢字\": [x ** 2 for x in argv]}  # done" + EOT + "\n\tclass"
+LLAMA = ["model.position_embedding=rope", "model.norm=rmsnorm", "model.activation=swiglu",
+         "model.num_kv_heads=2", "model.tie_embeddings=false", "model.bias=false", "model.rope_theta=5000"]
+ARCHS = {"gpt2": ([], "GPT2LMHeadModel"), "llama": (LLAMA, "LlamaForCausalLM")}
+
+
+def _serial(path: Path) -> GPT:
+    model = GPT(Config.from_yaml(path / "config.yaml").model, seed=None)
+    load_model_weights(path, model)
+    return model.eval()
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)[0] if isinstance(model, GPT) else model(ids).logits
+
+
+def _hf(directory: Path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True).eval()
+    model.generation_config.eos_token_id = None  # generate the full length, as ours does
+    return model, transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+
+def _checkpoint(directory: Path, data_dir: Path, *overrides: str) -> Path:
+    """A step-0 checkpoint of a randomly initialised tiny model, written in process."""
+    cfg = Config.from_yaml(None, tiny_overrides(data_dir, *overrides))
+    return CheckpointManager(directory / "checkpoints").save(0, GPT(cfg.model, seed=1), None, TrainState(),
+                                                            cfg.to_yaml(), data_dir=data_dir)
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def tp2pp2_run(request, corpus_dir, tmp_path_factory):
+    """A run trained 10 steps at tp2 x pp2 (4 gloo ranks): GPT-2-shaped, or Llama-shaped with GQA."""
+    run = tmp_path_factory.mktemp(f"hf_{request.param}") / "run"
+    torchrun(4, "-m", "megatron_lite.cli", "train", "--config", "configs/tiny.yaml",
+             *tiny_overrides(corpus_dir, "parallel.tp=2", "parallel.pp=2", "parallel.microbatches=2",
+                             "train.steps=10", "optim.warmup_steps=2", f"train.out_dir={run}",
+                             *ARCHS[request.param][0]))
+    return request.param, run
+
+
+@pytest.mark.slow
+def test_export_import_round_trip_from_tp2pp2(tp2pp2_run, corpus_dir, tmp_path, capsys):
+    arch, run = tp2pp2_run
+    src = resolve(run)
+    assert read_manifest(src)["layout"]["tp"] == 2 and read_manifest(src)["layout"]["pp"] == 2
+    out = tmp_path / "hf"
+    assert main(["checkpoint", "export", str(run), "--format", "hf", "--out", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= \
+        {p.name for p in out.iterdir()}
+    hf, hf_tok = _hf(out)
+    assert type(hf).__name__ == ARCHS[arch][1]
+    if arch == "llama":
+        assert (hf.config.num_attention_heads, hf.config.num_key_value_heads) == (4, 2)
+    ours, tok = _serial(src), load_tokenizer(src)
+
+    # The tokenizer: a fast tokenizer with our ids and our decoding.
+    assert isinstance(hf_tok, transformers.PreTrainedTokenizerFast)
+    assert hf_tok(SAMPLE)["input_ids"] == tok.encode(SAMPLE)
+    assert hf_tok.decode(tok.encode(SAMPLE), skip_special_tokens=True) == tok.decode(tok.encode(SAMPLE))
+
+    # Logits on real text, and greedy generation decoded by each side's own tokenizer.
+    text = Path(__file__).read_text()
+    ids = torch.tensor([tok.encode(text)[:32], tok.encode(text)[32:64]])
+    torch.testing.assert_close(_logits(hf, ids), _logits(ours, ids), atol=ATOL, rtol=0)
+    prompt = torch.tensor([tok.encode("def ")])
+    want = tok.decode(generate(ours, prompt, 24, temperature=0)[0].tolist())
+    got_ids = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False)
+    assert got_ids.shape[1] == prompt.shape[1] + 24
+    hf_text = hf_tok.decode(got_ids[0], skip_special_tokens=True)
+    assert hf_text == want
+
+    # Import it back: a verified step-0 checkpoint with the same weights, bit for bit.
+    back = tmp_path / "imported"
+    assert main(["checkpoint", "import", str(out), "--out", str(back)]) == 0
+    assert main(["checkpoint", "verify", str(back)]) == 0
+    imported = resolve(back)
+    assert imported.name == "step_00000000" and read_manifest(imported)["layout"]["tp"] == 1
+    assert Config.from_yaml(back / "config.yaml").model == Config.from_yaml(src / "config.yaml").model
+    mine = _serial(imported)
+    for (name, a), b in zip(ours.state_dict().items(), mine.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    torch.testing.assert_close(_logits(mine, ids), _logits(hf, ids), atol=ATOL, rtol=0)
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(back), "--prompt", "def ", "--max-new-tokens", "24",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == hf_text + "\n"
+
+    # Training goes on from the imported checkpoint: at tp=2 for Llama (GQA heads resharded), serially
+    # for GPT-2.
+    extra = [f"data.dir={corpus_dir}", "train.steps=2", "optim.warmup_steps=1", "train.eval_iters=1",
+             "train.device=cpu", "train.progress=false", "train.sample_tokens=0", "data.micro_batch_size=2"]
+    if arch == "llama":
+        r = torchrun(2, "-m", "megatron_lite.cli", "train", "--config", str(back / "config.yaml"), *extra,
+                     "parallel.tp=2")
+        assert "resumed from" in r.stdout + r.stderr and "resharded" in r.stdout + r.stderr
+    else:
+        from megatron_lite.train import Trainer
+        trainer = Trainer(Config.from_yaml(back / "config.yaml", extra))
+        assert trainer.resumed_from == imported and trainer.state.step == 0
+        assert len(trainer.fit()["train_loss"]) == 2
+    assert CheckpointManager(back / "checkpoints").latest().name == "step_00000002"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_import_a_model_written_by_transformers(arch, corpus_dir, tmp_path):
+    """A model transformers built and saved itself (GPT-2's default gelu_new; Llama with biases, tied
+    embeddings, GQA and another rope_theta) imports with equal logits and generates the same text."""
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(vocab_size=512, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                         bos_token_id=0, eos_token_id=0)
+    else:
+        config = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=48,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=32, rope_theta=20000.0, rms_norm_eps=1e-6,
+                                          attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+                                          bos_token_id=0, eos_token_id=0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a mapping mistake cannot hide
+        for name, p in hf.named_parameters():
+            if "norm" in name or "ln" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    hf_dir = tmp_path / "hf"
+    hf.save_pretrained(hf_dir)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(corpus_dir / "tokenizer.json"),
+                                               bos_token=EOT, eos_token=EOT)
+    tok.save_pretrained(hf_dir)
+
+    path = resolve(_import(hf_dir, tmp_path / "run"))
+    m = Config.from_yaml(path / "config.yaml").model
+    if arch == "gpt2":
+        assert (m.position_embedding, m.activation, m.tie_embeddings, m.bias) == \
+            ("learned", "gelu", True, True)
+    else:
+        assert (m.num_kv_heads, m.rope_theta, m.norm_eps, m.bias, m.intermediate_size, m.tie_embeddings) == \
+            (2, 20000.0, 1e-6, True, 48, True)
+    ours = _serial(path)
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(ours, ids), _logits(hf, ids), atol=ATOL, rtol=0)
+    hf.generation_config.eos_token_id = None
+    prompt = torch.tensor([[5, 6, 7]])
+    got = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False)
+    assert torch.equal(generate(ours, prompt, 20, temperature=0), got)
+    assert load_tokenizer(path).encode(SAMPLE) == tok(SAMPLE)["input_ids"]
+
+
+def _import(hf_dir: Path, run: Path) -> Path:
+    assert main(["checkpoint", "import", str(hf_dir), "--out", str(run)]) == 0
+    return run
+
+
+def test_bytes_tokenizer_exports_as_a_fast_tokenizer(tmp_path):
+    data = tmp_path / "bytes"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"tokenizer": {"type": "bytes"}}))
+    _checkpoint(tmp_path / "run", data, "model.vocab_size=257")
+    out = tmp_path / "hf"
+    assert main(["checkpoint", "export", str(tmp_path / "run"), "--out", str(out)]) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    ours = ByteTokenizer()
+    text = SAMPLE.replace(EOT, "")
+    assert hf_tok(text)["input_ids"] == ours.encode(text) and hf_tok.eos_token_id == ours.eot_id == 256
+    # The one difference: the literal text <|endoftext|> is the end-of-text token there (as in every HF
+    # tokenizer and our BPE ones); our bytes tokenizer spells it out in bytes.
+    assert hf_tok.encode(EOT) == [256]
+    ids = ours.encode(text)[:-3] + [256] + list(range(256))  # a cut UTF-8 sequence, EOT, every byte
+    assert hf_tok.decode(ids, skip_special_tokens=True) == ours.decode(ids)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.position_embedding=rope"], "model.norm=layernorm"),
+    (["model.activation=swiglu"], "model.activation=swiglu"),
+    (["model.position_embedding=rope", "model.norm=rmsnorm"], "model.activation=gelu"),
+    (["model.num_kv_heads=2"], "model.num_kv_heads=2"),
+])
+def test_a_model_transformers_cannot_express_is_refused(overrides, key, corpus_dir, tmp_path, capsys):
+    _checkpoint(tmp_path / "run", corpus_dir, *overrides)
+    assert main(["checkpoint", "export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and key in err and err.count("\n") == 1, err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_transformers_model_we_cannot_express_is_refused(corpus_dir, tmp_path, capsys):
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=32,
+                                      rope_scaling={"rope_type": "linear", "factor": 2.0})
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hf")
+    capsys.readouterr()  # transformers' progress bars
+    assert main(["checkpoint", "import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "rope scaling 'linear'" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_import_needs_a_tokenizer_with_an_end_of_text_token(tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+    config = transformers.GPT2Config(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hf")
+    word = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=word, unk_token="[UNK]")
+    hf_tok.save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert main(["checkpoint", "import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"has no {EOT!r} token" in err and err.count("\n") == 1, err
+
+
+def test_without_transformers_both_commands_name_the_extra(corpus_dir, tmp_path, monkeypatch, capsys):
+    _checkpoint(tmp_path / "run", corpus_dir)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    for argv in (["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")],
+                 ["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run2")]):
+        assert main(["checkpoint", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "pip install megatron_lite[hf]" in err and err.count("\n") == 1, err
+
+
+def test_export_refuses_a_non_empty_out_directory(corpus_dir, tmp_path, capsys):
+    _checkpoint(tmp_path / "run", corpus_dir)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep.txt").write_text("mine")
+    assert main(["checkpoint", "export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
+    assert "not empty" in capsys.readouterr().err and (tmp_path / "hf" / "keep.txt").read_text() == "mine"
+    shutil.rmtree(tmp_path / "hf")
