@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_zero.py
 	$(PY) benchmarks/bench_checkpoint.py
+	$(PY) benchmarks/bench_launch.py
 
 clean:
 	rm -rf runs data
