@@ -128,11 +128,15 @@ def is_peer_failure(e: BaseException) -> bool:
 
 
 def exit_process(code: int = 0) -> None:
-    """End a distributed process without C++ static destructors. After a clean run (process group
-    destroyed, output written), a native thread still joinable at interpreter teardown ends in
-    `terminate called without an active exception` and SIGABRT — seen on rank 1 of finished gloo
-    runs (with and without DeepSpeed) about once in twenty, which turns a good job into a failed
-    one. Python's own streams and logging are flushed first; nothing else is left to run."""
+    """End a distributed process without Python's interpreter shutdown. A gloo worker thread
+    (`pt_gloo_runloop`, ProcessGroupGloo::runLoop) that frees a finished work item whose tensor still
+    owns a Python object takes the GIL to decref it; if that happens while the interpreter finalizes,
+    Python ends the thread with pthread_exit, the forced unwind crosses the noexcept ~AsyncWork, and
+    libstdc++ aborts: `terminate called without an active exception`, SIGABRT, no Python frame (seen
+    on about 1 in 20 finished gloo ranks in CI; reproduced with a core dump: torch issue 190489).
+    destroy_process_group() does not stop those threads (live Python references keep the groups)
+    and a barrier does not help; skipping finalization does. Python's streams and logging are
+    flushed first; nothing else is left to run."""
     import logging
     import sys
     logging.shutdown()
