@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_zero.py
 	$(PY) benchmarks/bench_checkpoint.py
 	$(PY) benchmarks/bench_launch.py
+	$(PY) benchmarks/bench_plan.py
 
 clean:
 	rm -rf runs data
