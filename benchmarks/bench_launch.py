@@ -22,7 +22,6 @@ the signal up to a minute late).
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import statistics
 import sys
@@ -36,7 +35,16 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.report import write_json, write_section  # noqa: E402
 from megatron_lite.train.metrics import read_metrics  # noqa: E402
 from tests.conftest import tiny_overrides  # noqa: E402
-from tests.e2e.faults import alive, children, finish, start, torchrun_argv, train_argv, wait_step  # noqa: E402
+from tests.e2e.faults import (  # noqa: E402
+    alive,
+    children,
+    finish,
+    hurt_one_rank,
+    start,
+    torchrun_argv,
+    train_argv,
+    wait_step,
+)
 
 GPT2 = ["model.vocab_size=50257", "model.hidden_size=768", "model.num_layers=12",
         "model.num_attention_heads=12", "model.max_sequence_length=128", "model.position_embedding=learned",
@@ -82,19 +90,9 @@ def signal_to_checkpoint(tmp: Path, data: Path, model: str, launcher: str) -> di
 def failure(tmp: Path, data: Path, how: str, timeout: float) -> dict:
     out = tmp / f"fail-{how}"
     argv = torchrun_argv(*_ovr(data, out, "tiny", "parallel.dp=2", f"launch.collective_timeout_s={timeout}"))
-    proc = start(argv, tmp / f"fail-{how}.log")
-    wait_step(out, 10, proc)
-    rank0, rank1 = children(proc.pid)
-    t0 = time.monotonic()
-    os.kill(rank1, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
-    while alive(rank0):
-        time.sleep(0.01)
-    t_rank0 = time.monotonic() - t0
-    finish(proc, tmp / f"fail-{how}.log", timeout=timeout + 120)
-    while alive(rank1):
-        time.sleep(0.01)
-    return {"failure": how, "timeout_s": timeout, "other_rank_exit_s": t_rank0,
-            "job_exit_s": time.monotonic() - t0}
+    r = hurt_one_rank(argv, tmp / f"fail-{how}.log", out, how, timeout)
+    return {"failure": how, "timeout_s": timeout, "other_rank_exit_s": r["other_rank_exit_s"],
+            "job_exit_s": r["job_exit_s"]}
 
 
 def nodes(tmp: Path, data: Path, steps: int = 300) -> list[dict]:

@@ -94,3 +94,23 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def hurt_one_rank(argv: list[str], log_path: Path, out: Path, how: str, timeout: float) -> dict:
+    """Start a 2-rank torchrun job, SIGKILL ("kill") or SIGSTOP ("stall") rank 1 once rank 0 has
+    logged step 10; the exit status, the log, and the seconds until rank 0 had exited and until
+    every process had (the stalled one is the launcher's to kill)."""
+    proc = start(argv, log_path)
+    wait_step(out, 10, proc)
+    rank0, rank1 = children(proc.pid)
+    t0 = time.monotonic()
+    os.kill(rank1, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+    while alive(rank0):
+        time.sleep(0.01)
+        assert time.monotonic() - t0 < timeout + 60, "rank 0 still running"
+    rank0_s = time.monotonic() - t0
+    code, text = finish(proc, log_path, timeout=timeout + 120)
+    while alive(rank1) and time.monotonic() - t0 < timeout + 120:
+        time.sleep(0.01)
+    return {"code": code, "log": text, "other_rank_exit_s": rank0_s, "job_exit_s": time.monotonic() - t0,
+            "hurt_rank_alive": alive(rank1)}

@@ -21,6 +21,7 @@ from tests.e2e.faults import (
     alive,
     children,
     finish,
+    hurt_one_rank,
     losses,
     overrides,
     run,
@@ -122,17 +123,8 @@ def test_a_dead_or_stalled_rank_ends_every_rank_within_the_timeout(corpus_dir, t
     out = tmp_path / "run"
     ovr = overrides(corpus_dir, out, "train.steps=100000", "parallel.dp=2",
                     f"launch.collective_timeout_s={TIMEOUT}")
-    proc = start(torchrun_argv(*ovr), tmp_path / "a.log")
-    wait_step(out, 10, proc)
-    rank0, rank1 = children(proc.pid)
-    t0 = time.monotonic()
-    os.kill(rank1, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
-    while alive(rank0):
-        time.sleep(0.05)
-        assert time.monotonic() - t0 < TIMEOUT + 30, "rank 0 still running"
-    rank0_s = time.monotonic() - t0
-    code, text = finish(proc, tmp_path / "a.log", timeout=TIMEOUT + 60)
-    all_s = time.monotonic() - t0
+    r = hurt_one_rank(torchrun_argv(*ovr), tmp_path / "a.log", out, how, TIMEOUT)
+    code, text, rank0_s, all_s = r["code"], r["log"], r["other_rank_exit_s"], r["job_exit_s"]
     assert code == 1, text[-3000:]
     assert "error: rank 0: a collective failed" in text and "another rank died, stalled" in text
     if how == "stall":
@@ -140,7 +132,7 @@ def test_a_dead_or_stalled_rank_ends_every_rank_within_the_timeout(corpus_dir, t
     assert rank0_s < TIMEOUT + 5, rank0_s
     # The stalled rank cannot act: torchrun kills it after its fixed 30 s shutdown wait.
     assert all_s < TIMEOUT + 30 + 5, all_s
-    assert not alive(rank1)
+    assert not r["hurt_rank_alive"]
     print(f"{how}: rank 0 exited after {rank0_s:.1f} s, the job after {all_s:.1f} s (timeout {TIMEOUT} s)")
 
 
