@@ -56,6 +56,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_checkpoint.py
 	$(PY) benchmarks/bench_launch.py
 	$(PY) benchmarks/bench_plan.py
+	$(PY) benchmarks/bench_parity.py
+	$(PY) benchmarks/plots.py
 
 clean:
 	rm -rf runs data

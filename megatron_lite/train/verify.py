@@ -384,6 +384,7 @@ class Row:
     param: Diff
     seconds: float
     error: str = ""
+    losses: list[float] = field(default_factory=list)  # rank 0's training loss per step (for plots)
 
     @property
     def passed(self) -> bool:
@@ -394,6 +395,7 @@ class Row:
         for k in TOLERANCES:
             d = getattr(self, k)
             out[k] = {"max_abs_diff": d.abs, "worst_ratio_to_tolerance": d.ratio, "worst": d.where}
+        out["losses"] = self.losses
         if self.error:
             out["error"] = self.error
         return out
@@ -515,8 +517,10 @@ def _verify_one(v: Variant, env: RunEnv, world: int, steps: int, data_dir: Path,
                       model_overrides, device)
     error = ""
     result = None
+    losses: list[float] = []
     try:
         run = train_run(cfg, env, steps)
+        losses = list(run.losses)
         result = compare(run, ref, env.rank)
         del run
     except Exception as e:  # noqa: BLE001 - a layout that crashes is a failed layout; the others go on
@@ -545,4 +549,4 @@ def _verify_one(v: Variant, env: RunEnv, world: int, steps: int, data_dir: Path,
             errors.append(f"no rank compared the {kind} of {', '.join(missing[:3])}"
                           f"{' ...' if len(missing) > 3 else ''}")
     return Row(v.name, merged["loss"], merged["norm"], merged["grad"], merged["param"],
-               max(r["seconds"] for r in everyone), "; ".join(errors[:2]))
+               max(r["seconds"] for r in everyone), "; ".join(errors[:2]), losses)
