@@ -38,7 +38,7 @@ TORCHRUN_DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 
 
 @dataclass
-class Plan:
+class Job:
     """How many processes, where: the layout's world split over nodes."""
     config: Config
     world_size: int
@@ -46,7 +46,7 @@ class Plan:
     nproc_per_node: int
 
 
-def plan(config_path: str, overrides: list[str], nnodes: int, nproc_per_node: int | None) -> Plan:
+def size_job(config_path: str, overrides: list[str], nnodes: int, nproc_per_node: int | None) -> Job:
     """Load and check the config (everything a worker would refuse) for nnodes nodes."""
     from .train.trainer import preflight
     cfg = Config.from_yaml(config_path, overrides)
@@ -64,11 +64,11 @@ def plan(config_path: str, overrides: list[str], nnodes: int, nproc_per_node: in
                           f"{nproc_per_node * nnodes}, but parallel.tp={p.tp} x pp={p.pp} x dp={p.dp} = "
                           f"{world}; make them equal (or leave --nproc-per-node out to derive it).")
     preflight(cfg, world)
-    return Plan(cfg, world, nnodes, nproc_per_node)
+    return Job(cfg, world, nnodes, nproc_per_node)
 
 
 # ---- torchrun -------------------------------------------------------------------------------------
-def torchrun_argv(args, p: Plan) -> list[str]:
+def torchrun_argv(args, p: Job) -> list[str]:
     """torch.distributed.run's arguments for this job (the worker is `python -m megatron_lite.cli`)."""
     argv = ["--nnodes", str(p.nnodes), "--nproc-per-node", str(p.nproc_per_node),
             "--max-restarts", str(args.max_restarts)]
@@ -126,7 +126,7 @@ def cmd_torchrun(args) -> int:
     from .distributed.stop import requeue_marker
     from .logs import setup_logging
     setup_logging()
-    p = plan(args.config, args.overrides, args.nnodes, args.nproc_per_node)
+    p = size_job(args.config, args.overrides, args.nnodes, args.nproc_per_node)
     argv = torchrun_argv(args, p)
     os.environ.update(torchrun_env(p.config, args.grace))
     marker = requeue_marker(p.config.train.out_dir)
@@ -148,7 +148,7 @@ def cmd_torchrun(args) -> int:
 
 
 # ---- SLURM ----------------------------------------------------------------------------------------
-def sbatch_script(args, p: Plan) -> str:
+def sbatch_script(args, p: Job) -> str:
     """A complete batch script: one srun task per node running this package's torchrun launcher
     (mode torchrun) or one task per rank (mode srun), requeued on preemption."""
     cfg = p.config
@@ -221,7 +221,7 @@ def sbatch_script(args, p: Plan) -> str:
 
 def cmd_slurm(args) -> int:
     import subprocess
-    p = plan(args.config, args.overrides, args.nodes, args.nproc_per_node)
+    p = size_job(args.config, args.overrides, args.nodes, args.nproc_per_node)
     script = sbatch_script(args, p)
     if not args.submit:
         print(script, end="")

@@ -14,7 +14,7 @@ from megatron_lite.config import Config, ConfigError
 from megatron_lite.distributed.env import RunEnv
 from megatron_lite.distributed.stop import ORPHANED, StopRequests
 from megatron_lite.errors import LaunchError
-from megatron_lite.launcher import add_parsers, plan, sbatch_script, torchrun_argv, torchrun_env
+from megatron_lite.launcher import add_parsers, sbatch_script, size_job, torchrun_argv, torchrun_env
 from tests.conftest import tiny_overrides
 
 
@@ -30,26 +30,26 @@ def ovr(corpus_dir, tmp_path):
 
 
 def test_process_count_comes_from_the_layout_and_node_count(ovr):
-    p = plan("configs/tiny.yaml", [*ovr, "parallel.tp=2", "parallel.dp=2"], nnodes=2, nproc_per_node=None)
+    p = size_job("configs/tiny.yaml", [*ovr, "parallel.tp=2", "parallel.dp=2"], nnodes=2, nproc_per_node=None)
     assert (p.world_size, p.nnodes, p.nproc_per_node) == (4, 2, 2)
     with pytest.raises(LaunchError, match=r"4 processes do not split evenly over 3 nodes"):
-        plan("configs/tiny.yaml", [*ovr, "parallel.tp=2", "parallel.dp=2"], nnodes=3, nproc_per_node=None)
+        size_job("configs/tiny.yaml", [*ovr, "parallel.tp=2", "parallel.dp=2"], nnodes=3, nproc_per_node=None)
     with pytest.raises(LaunchError, match=r"2 nodes x 1 processes per node = 2, but .* = 4"):
-        plan("configs/tiny.yaml", [*ovr, "parallel.tp=2", "parallel.dp=2"], nnodes=2, nproc_per_node=1)
+        size_job("configs/tiny.yaml", [*ovr, "parallel.tp=2", "parallel.dp=2"], nnodes=2, nproc_per_node=1)
     # Everything a worker would refuse is refused here, once: the layout, the data directory.
     with pytest.raises(ConfigError, match="num_attention_heads"):
-        plan("configs/tiny.yaml", [*ovr, "parallel.tp=3"], nnodes=1, nproc_per_node=None)
+        size_job("configs/tiny.yaml", [*ovr, "parallel.tp=3"], nnodes=1, nproc_per_node=None)
     with pytest.raises(Exception, match="data.dir"):
-        plan("configs/tiny.yaml", [*ovr, "data.dir=/nonexistent/x"], nnodes=1, nproc_per_node=None)
+        size_job("configs/tiny.yaml", [*ovr, "data.dir=/nonexistent/x"], nnodes=1, nproc_per_node=None)
 
 
 def test_torchrun_arguments_single_node_c10d_and_static(ovr):
-    p = plan("configs/tiny.yaml", [*ovr, "parallel.dp=2"], nnodes=1, nproc_per_node=None)
+    p = size_job("configs/tiny.yaml", [*ovr, "parallel.dp=2"], nnodes=1, nproc_per_node=None)
     argv = torchrun_argv(_parse("torchrun", "--config", "configs/tiny.yaml", *ovr, "parallel.dp=2"), p)
     assert argv[:7] == ["--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "0", "--standalone"]
     assert argv[7:12] == ["-m", "megatron_lite.cli", "train", "--config", "configs/tiny.yaml"]
     assert argv[-1] == "parallel.dp=2"
-    p2 = plan("configs/tiny.yaml", [*ovr, "parallel.dp=4"], nnodes=2, nproc_per_node=None)
+    p2 = size_job("configs/tiny.yaml", [*ovr, "parallel.dp=4"], nnodes=2, nproc_per_node=None)
     c10d = torchrun_argv(_parse("torchrun", "--nnodes", "2", "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id",
                                 "job7", "--local-addr", "10.0.0.2", "--config", "c.yaml"), p2)
     assert c10d[6:14] == ["--rdzv-backend", "c10d", "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id", "job7",
@@ -77,7 +77,7 @@ def test_the_agent_forwards_every_stop_signal_and_waits_the_grace(ovr):
 def _slurm(ovr, *extra: str) -> str:
     args = _parse("slurm", "--nodes", "2", "--time", "0:30:00", "--config", "configs/tiny.yaml", *extra, *ovr,
                   "parallel.dp=4")
-    return sbatch_script(args, plan(args.config, args.overrides, args.nodes, args.nproc_per_node))
+    return sbatch_script(args, size_job(args.config, args.overrides, args.nodes, args.nproc_per_node))
 
 
 def test_sbatch_script_requeues_on_the_stop_status(ovr, tmp_path):
