@@ -176,3 +176,19 @@ def test_multi_node_torchrun_across_namespaces_equals_one_node(slurm_two_nodes, 
                      tmp_path / "single.log")
     assert code == 0, text[-3000:]
     assert losses(out) == losses(single)
+
+
+def test_verify_inside_a_slurm_allocation(slurm_one_node, tmp_path):
+    """`srun -n 2 megatron-lite verify`: one task per rank, the run environment read from SLURM_*;
+    the table covers every 2-rank layout and they all pass."""
+    out = tmp_path / "verify.json"
+    script = ("#!/bin/bash\n"
+              f"cd {ROOT}\n"
+              f"srun {sys.executable} -m megatron_lite.cli verify --steps 2 --json {out}\n")
+    job = slurm_one_node.sbatch(script, workdir=tmp_path, ntasks=2, output=str(tmp_path / "verify.out"))
+    state = slurm_one_node.wait(job, timeout=300)
+    text = (tmp_path / "verify.out").read_text()
+    assert state == "COMPLETED", text[-3000:]
+    table = json.loads(out.read_text())
+    assert table["world_size"] == 2 and table["passed"] and len(table["layouts"]) == 10
+    assert all(row["passed"] for row in table["layouts"]) and "FAIL" not in text
