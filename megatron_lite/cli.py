@@ -8,6 +8,7 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -26,49 +27,62 @@ def cmd_train(args) -> int:
     env = RunEnv.from_environ()
     # Only a launcher's worker watches its parent: a shell that exits must not stop a nohup'ed run.
     stops = StopRequests(cfg.launch.stop_signals, watch_parent=env.source in ("torchrun", "slurm")).install()
-    from .distributed import comm
     from .logs import setup_logging
-    from .train import Trainer
     setup_logging(env.rank)
     os.makedirs(cfg.train.out_dir, exist_ok=True)
     marker = requeue_marker(cfg.train.out_dir)
     if env.rank == 0:
         marker.unlink(missing_ok=True)  # a marker from an earlier stop is answered by this run
+    hint = (f"another rank died, stalled, or was slower than launch.collective_timeout_s="
+            f"{cfg.launch.collective_timeout_s:g}; a rerun resumes from the newest checkpoint in "
+            f"{cfg.train.out_dir}/checkpoints.")
+    with _process_group_session(env, hint):
+        try:
+            return _train(cfg, env, stops, marker)
+        finally:
+            stops.uninstall()
+
+
+def _train(cfg, env, stops, marker) -> int:
+    from .train import Trainer
+    trainer = Trainer(cfg, env, stop_hooks=(stops.hook,))
+    layout = trainer.layout
+    log.info(f"model: {serial_param_count(cfg.model) / 1e6:.2f}M parameters | device {trainer.device} | "
+             f"{cfg.train.precision} | {layout.describe()} | batch {cfg.data.micro_batch_size}x"
+             f"{layout.micro_batches}x{layout.dp} of {trainer.seq_len} tokens")
+    history = trainer.fit()
+    vals = history["val_loss"]
+    if vals:
+        log.info(f"validation loss: first {vals[0][1]:.4f} (step {vals[0][0]}) -> last {vals[-1][1]:.4f} "
+                 f"(step {vals[-1][0]})")
+    if stops.stopped_by:
+        return _stopped_early(cfg, env, trainer, stops.stopped_by, marker)
+    if cfg.train.sample_tokens > 0:
+        text = trainer.sample()  # every rank takes part: the model is split across them
+        if text is None:
+            log.info(f"(no sample under pipeline parallelism: run `megatron-lite generate --checkpoint "
+                     f"{cfg.train.out_dir}`)")
+        else:
+            log.info(f"---- sample ----\n{text}\n----------------")
+    return 0
+
+
+@contextlib.contextmanager
+def _process_group_session(env, hint: str):
+    """One command's time in the job's process group: a collective that failed or timed out becomes
+    one PeerFailure line (with `hint`); leaving waits for the other ranks only after success, since
+    a dead or stalled peer would hold that barrier for the whole collective timeout."""
+    from .distributed import comm
     clean = False
     try:
-        trainer = Trainer(cfg, env, stop_hooks=(stops.hook,))
-        layout = trainer.layout
-        log.info(f"model: {serial_param_count(cfg.model) / 1e6:.2f}M parameters | device {trainer.device} | "
-                 f"{cfg.train.precision} | {layout.describe()} | batch {cfg.data.micro_batch_size}x"
-                 f"{layout.micro_batches}x{layout.dp} of {trainer.seq_len} tokens")
-        history = trainer.fit()
-        vals = history["val_loss"]
-        if vals:
-            log.info(f"validation loss: first {vals[0][1]:.4f} (step {vals[0][0]}) -> last {vals[-1][1]:.4f} "
-                     f"(step {vals[-1][0]})")
-        if stops.stopped_by:
-            clean = True
-            return _stopped_early(cfg, env, trainer, stops.stopped_by, marker)
-        if cfg.train.sample_tokens > 0:
-            text = trainer.sample()  # every rank takes part: the model is split across them
-            if text is None:
-                log.info(f"(no sample under pipeline parallelism: run `megatron-lite generate --checkpoint "
-                         f"{cfg.train.out_dir}`)")
-            else:
-                log.info(f"---- sample ----\n{text}\n----------------")
+        yield
         clean = True
     except Exception as e:
         if env.distributed and comm.is_peer_failure(e):
-            from .errors import PeerFailure
-            raise PeerFailure(
-                f"rank {env.rank}: a collective failed ({_first_line(e)}): another rank died, stalled, or "
-                f"was slower than launch.collective_timeout_s={cfg.launch.collective_timeout_s:g}; a rerun "
-                f"resumes from the newest checkpoint in {cfg.train.out_dir}/checkpoints.") from None
+            raise PeerFailure(f"rank {env.rank}: a collective failed ({_first_line(e)}): {hint}") from None
         raise
     finally:
-        stops.uninstall()
         comm.destroy(barrier=clean)
-    return 0
 
 
 def _stopped_early(cfg, env, trainer, reason: str, marker) -> int:
@@ -215,25 +229,14 @@ def cmd_checkpoint_import(args) -> None:
 
 
 def cmd_verify(args) -> int:
-    from .distributed import comm
     from .distributed.env import RunEnv
     from .logs import setup_logging
     from .train.verify import verify
     env = RunEnv.from_environ()
     setup_logging(env.rank)
-    clean = False
-    try:
-        code = verify(env, steps=args.steps, patterns=args.layouts, model_overrides=args.overrides,
+    with _process_group_session(env, "another rank died or stalled during verify."):
+        return verify(env, steps=args.steps, patterns=args.layouts, model_overrides=args.overrides,
                       json_path=args.json, device=args.device)
-        clean = True
-        return code
-    except Exception as e:
-        if env.distributed and comm.is_peer_failure(e):
-            raise PeerFailure(f"rank {env.rank}: a collective failed ({_first_line(e)}): another rank died "
-                              f"or stalled during verify.") from None
-        raise
-    finally:
-        comm.destroy(barrier=clean)
 
 
 def build_parser() -> argparse.ArgumentParser:
