@@ -47,10 +47,28 @@ def wait_requeued(cluster, job: str, out: Path, timeout: float = 180) -> None:
     raise AssertionError(f"job {job} not requeued: {cluster.job(job)}\n{job_log(out, job)[-3000:]}")
 
 
-def release(cluster, job: str, *more: str) -> None:
+def release(cluster, job: str, out: Path, *more: str) -> None:
     """Let a requeued job start now: SLURM holds it 120 s, and only someone outside the job can
-    lift that (here root; on a real cluster the user, with the same command)."""
+    lift that (here root; on a real cluster the user, with the same command). Not before the first
+    run's processes are gone: slurmd refuses to launch a job whose previous incarnation it is still
+    tearing down ("Job credential revoked"), and the job fails."""
+    deadline = time.monotonic() + 60
+    while any(str(out) in cmd for cmd in _cmdlines()):
+        assert time.monotonic() < deadline, "the first run's processes are still running"
+        time.sleep(0.2)
+    time.sleep(3)  # slurmstepd reports the step done after its processes exit (~3 s here)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", *more)
+
+
+def _cmdlines() -> list[str]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                pass
+    return out
 
 
 def reference(corpus_dir, tmp_path, steps: int, *extra: str) -> list[float]:
@@ -88,8 +106,9 @@ def test_scancel_usr1_checkpoints_requeues_and_resumes_exactly(slurm_one_node, c
     wait_requeued(slurm_one_node, job, out)
     marker = json.loads((out / "requeue.json").read_text())
     assert (out / "checkpoints" / f"step_{marker['step']:08d}" / "manifest.json").is_file()
-    release(slurm_one_node, job)
-    assert slurm_one_node.wait(job, timeout=240) == "COMPLETED", job_log(out, job)[-3000:]
+    release(slurm_one_node, job, out)
+    assert slurm_one_node.wait(job, timeout=240) == "COMPLETED", \
+        f"{slurm_one_node.job(job)}\n{job_log(out, job)[-3000:]}"
     text = job_log(out, job)
     assert "SIGUSR1 received" in text and "stopped with a checkpoint: requeueing job" in text
     assert "(restart 1)" in text and "resumed from" in text
@@ -114,7 +133,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm_one_no
     assert "SIGUSR1 received" in first, first[-3000:]
     stopped = json.loads((out / "requeue.json").read_text())["step"]
     assert 0 < stopped < steps
-    release(slurm_one_node, job, "TimeLimit=10")
+    release(slurm_one_node, job, out, "TimeLimit=10")
     assert slurm_one_node.wait(job, timeout=400) == "COMPLETED", job_log(out, job)[-3000:]
     text = job_log(out, job)
     assert "(restart 1)" in text and f"resumed from {out / 'checkpoints' / f'step_{stopped:08d}'}" in text
