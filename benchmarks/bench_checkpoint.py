@@ -128,12 +128,11 @@ def parallel_worker(rank, world, store, name, kind, directory, out):
             opt2 = build_optimizer(sharded.model, OptimConfig())
             full = dict(model.named_parameters())
             for n, q in sharded.model.named_parameters():
-                src = "lm_head.weight" if n == "parallel_head.weight" else n
-                w = full.get(src, full.get("tok_emb.weight"))
+                w = full.get(n, full.get("tok_emb.weight"))
                 with torch.no_grad():
-                    q.copy_(sharded.sharder(src, w))
+                    q.copy_(sharded.sharder(n, w))
                 st = opt.state[w]
-                opt2.state[q] = {"step": st["step"].clone(), **{k: sharded.sharder(src, st[k]).clone()
+                opt2.state[q] = {"step": st["step"].clone(), **{k: sharded.sharder(n, st[k]).clone()
                                                                 for k in ("exp_avg", "exp_avg_sq")}}
             model, opt = sharded.model, opt2
         mgr = CheckpointManager(Path(directory), keep=1, rank=rank, group=dist.group.WORLD, layout=layout)

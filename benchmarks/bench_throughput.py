@@ -40,7 +40,7 @@ def shapes(args) -> ModelConfig:
 def build(kind: str, cfg: ModelConfig, device):
     if kind in ("ours", "ours_plain"):
         model = GPT(cfg, seed=0)
-        model.fused_loss = kind == "ours"  # ours_plain: lm_head + F.cross_entropy, for the ablation
+        model.lm_head.fused_loss = kind == "ours"  # ours_plain: lm_head + F.cross_entropy, for the ablation
         step_loss = lambda x, y: model(x, y)[1]  # noqa: E731
     else:
         from transformers import GPT2Config, GPT2LMHeadModel

@@ -34,9 +34,9 @@ from typing import Callable
 import torch
 
 from ..errors import CheckpointError
-from ..parallel.tensor_parallel import split_of
+from ..slicing import split_of
 from .integrity import HASH, STEP_DIR, describe_files, file_digest, pointer_target, read_manifest, verify
-from .store import Piece, ShardWriter, Store, merge_indexes, serial_name
+from .store import Piece, ShardWriter, Store, merge_indexes
 from .store import pieces as store_pieces
 
 __all__ = ["CheckpointError", "CheckpointManager", "Stateful", "TrainState", "describe_layout", "file_digest",
@@ -247,8 +247,7 @@ class CheckpointManager:
         model, cfg, c = pieces.model, pieces.model.config, self.coord
         tp = self.layout["tp"]
         inner = local_optimizer(pieces.optimizer) if pieces.optimizer is not None else None
-        for name, p in model.named_parameters():
-            n = serial_name(name)
+        for n, p in model.named_parameters():
             replicated = split_of(n, cfg) is None
             # get_* may be collective: called for every parameter on every rank, owner or not
             value = pieces.get_param(p) if pieces.get_param else p.detach()
@@ -340,8 +339,7 @@ class CheckpointManager:
         masters and ZeRO-3 partitions from these weights)."""
         _, store = self._open(path)
         cfg, tp, c = model.config, self.layout["tp"], self.coord
-        for name, p in model.named_parameters():
-            n = serial_name(name)
+        for n, p in model.named_parameters():
             src = "tok_emb.weight" if _is_tied_copy(model, n) else n  # read the one stored copy
             with torch.no_grad():
                 store.read_into(p, store_pieces("model/", src, tuple(p.shape), cfg, tp, c.tp))
@@ -356,8 +354,7 @@ class CheckpointManager:
         model, cfg, tp, c = pieces.model, pieces.model.config, self.layout["tp"], self.coord
         inner = local_optimizer(pieces.optimizer) if pieces.optimizer is not None else None
         held = {id(q) for g in inner.param_groups for q in g["params"]} if inner is not None else set()
-        for name, p in model.named_parameters():
-            n = serial_name(name)
+        for n, p in model.named_parameters():
             src = "tok_emb.weight" if _is_tied_copy(model, n) else n
 
             def region(prefix, p=p, src=src):

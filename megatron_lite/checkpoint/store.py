@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..parallel.tensor_parallel import Split, split_of
+from ..slicing import Split, split_of
 
 DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float32, torch.float64, torch.bfloat16,
                                                      torch.float16, torch.uint8, torch.int64, torch.int32)}
@@ -39,10 +39,6 @@ class Piece:
     @property
     def sizes(self) -> tuple[int, ...]:
         return tuple(s.stop - s.start for s in self.local)
-
-
-def serial_name(name: str) -> str:
-    return "lm_head.weight" if name == "parallel_head.weight" else name
 
 
 def pieces(key: str, name: str, local_shape: tuple[int, ...], model_cfg, tp: int,

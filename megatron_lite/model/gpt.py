@@ -159,6 +159,29 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class LMHead(nn.Module):
+    """Logits and the loss: (x (B, T, C), labels (B, T) | None) -> (logits | None, loss | None).
+    A module of its own so tensor parallelism can swap in its vocab-parallel head under the same
+    name (`lm_head.weight` stays the parameter's name in every layout)."""
+
+    def __init__(self, n_embd: int, vocab_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, n_embd))  # (V, C), initialised by init_weights
+        self.fused_loss = True  # see model/loss.py; False = plain logits + F.cross_entropy
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None):
+        if labels is not None and self.fused_loss and torch.is_grad_enabled():
+            # Training: loss and its gradient chunk by chunk; the (B, T, V) logits never exist.
+            return None, linear_cross_entropy(x.flatten(0, 1), self.weight, labels.flatten())
+        logits = F.linear(x, self.weight)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            # Loss in fp32 even under bf16 autocast; -100 marks positions to ignore.
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(wide.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return logits, loss
+
+
 class GPT(nn.Module):
     """The GPT, or the part of it one pipeline stage holds: `layers` (global block indices),
     `embed` (token/position embeddings) and `head` (final norm + LM head). Parameter names are the
@@ -181,12 +204,9 @@ class GPT(nn.Module):
         # A dict keyed by the global index, so a stage's blocks keep their global names.
         self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in self.layers})
         self.ln_f = make_norm(cfg) if head else None
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if head else None
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size) if head else None
         if head and embed and cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.fused_loss = True  # see model/loss.py; False = plain lm_head + F.cross_entropy
-        # Set by tensor parallelism: a module (x, labels) -> (logits | None, loss) replacing lm_head.
-        self.parallel_head: nn.Module | None = None
         self.recompute = "none"  # none | full (whole blocks) | selective (attention core only)
         self.recompute_context = noop_context_fn
         if seed is not None:
@@ -218,18 +238,7 @@ class GPT(nn.Module):
 
     def head(self, x: torch.Tensor, labels: torch.Tensor | None = None):
         x = self.ln_f(x)  # (B, T, C)
-        if self.parallel_head is not None:
-            return self.parallel_head(x, labels)
-        if labels is not None and self.fused_loss and torch.is_grad_enabled():
-            # Training: loss and its gradient chunk by chunk; the (B, T, V) logits never exist.
-            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, labels.flatten())
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = None
-        if labels is not None:
-            # Loss in fp32 even under bf16 autocast; -100 marks positions to ignore.
-            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            loss = F.cross_entropy(wide.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return logits, loss
+        return self.lm_head(x, labels)
 
     def run_block(self, i: int, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         block = self.blocks[str(i)]

@@ -117,7 +117,7 @@ def tied_embedding_copy(model) -> torch.Tensor | None:
     if model.has_embed:
         return model.tok_emb.weight
     if model.has_head:
-        return model.parallel_head.weight if model.parallel_head is not None else model.lm_head.weight
+        return model.lm_head.weight
     return None
 
 

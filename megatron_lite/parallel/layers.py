@@ -98,12 +98,6 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp(out, self.group)
 
 
-def padded_vocab(vocab_size: int, tp: int, divisible_by: int) -> int:
-    """Smallest multiple of tp * divisible_by holding the vocabulary (Megatron's padding)."""
-    m = tp * divisible_by
-    return -(-vocab_size // m) * m
-
-
 def tp_shard(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     """This rank's contiguous slice of t along dim."""
     return t.chunk(comm.size(group), dim=dim)[comm.rank(group)].contiguous()

@@ -14,8 +14,9 @@ embeddings are scattered, column-parallel layers all-gather their input, row-par
 reduce-scatter their output, and norm weights / row biases (which then see only a shard) get
 their gradients all-reduced over tp by sync_sequence_parallel_grads().
 
-slicing_table() is the single slicing rule, by global parameter name: TPSharder applies it to
-serial weights (parallelize) and gradients (tests), consolidate() inverts it (checkpoints, generate).
+The slicing itself (which rows or columns of which parameter a rank holds) is pure arithmetic in
+megatron_lite/slicing.py, shared with checkpoints, verify, plan and the tests. The head is
+installed as `lm_head`, so a tensor-parallel model's parameters keep their serial names.
 """
 
 from __future__ import annotations
@@ -28,91 +29,11 @@ import torch.nn.functional as F
 
 from ..distributed import comm
 from ..model.gpt import GPT
+from ..slicing import TPSharder
 from .cross_entropy import vocab_parallel_cross_entropy
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, mark, padded_vocab
+from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, mark
 from .mappings import copy_to_tp, gather_from_sp, gather_from_tp, scatter_to_sp
 from .random import RNGTracker
-
-
-@dataclass(frozen=True)
-class Split:
-    """How tensor parallelism divides one parameter: along `dim`, each fused block (sizes in the
-    full tensor, e.g. q | k | v) split separately so every rank keeps a slice of each; `vocab` rows
-    are first padded to the padded vocabulary (and trimmed again when consolidating)."""
-    dim: int = 0
-    blocks: tuple[int, ...] = ()  # () = one block, the whole dimension
-    vocab: bool = False
-    labels: tuple[str, ...] = ()  # names of the blocks (checkpoints store each block on its own)
-
-
-def slicing_table(cfg) -> list[tuple[tuple[str, ...], Split]]:
-    """The one slicing table, keyed by (suffixes of) global parameter names; used to shard the
-    serial weights (parallelize, tests) and to consolidate shards back (checkpoints, generate).
-    Parameters it does not name (norms, pos_emb, row-parallel biases) are replicated."""
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    width = cfg.intermediate_size
-    return [
-        (("tok_emb.weight", "lm_head.weight"), Split(0, vocab=True)),  # VocabParallelEmbedding / head
-        (("attn.qkv.weight", "attn.qkv.bias"), Split(0, (q, kv, kv), labels=("q", "k", "v"))),  # fused
-        (("mlp.fc1.weight", "mlp.fc1.bias"),
-         Split(0, (width, width), labels=("gate", "up")) if cfg.activation == "swiglu" else Split(0)),
-        (("attn.proj.weight", "mlp.fc2.weight"), Split(1)),  # row-parallel: input columns
-    ]
-
-
-def split_of(name: str, cfg) -> Split | None:
-    """The table's entry for global parameter `name`; None if it is replicated."""
-    name = "lm_head.weight" if name == "parallel_head.weight" else name
-    for suffixes, split in slicing_table(cfg):
-        if any(name == s or name.endswith("." + s) for s in suffixes):
-            return split
-    return None
-
-
-def shard_tensor(t: torch.Tensor, split: Split, rank: int, tp: int, padded: int) -> torch.Tensor:
-    """Rank `rank`'s slice of the full tensor t."""
-    if split.vocab and padded > t.shape[0]:
-        t = torch.cat([t, t.new_zeros((padded - t.shape[0],) + t.shape[1:])])  # padded rows: never used
-    blocks = t.split(list(split.blocks), split.dim) if split.blocks else (t,)
-    return torch.cat([b.chunk(tp, split.dim)[rank] for b in blocks], split.dim).contiguous()
-
-
-def unshard_tensor(parts: list[torch.Tensor], split: Split, vocab_size: int) -> torch.Tensor:
-    """The full tensor from every rank's slice (rank order): the inverse of shard_tensor."""
-    tp = len(parts)
-    local = [b // tp for b in split.blocks] if split.blocks else [parts[0].shape[split.dim]]
-    per_rank = [p.split(local, split.dim) for p in parts]
-    t = torch.cat([torch.cat([r[i] for r in per_rank], split.dim) for i in range(len(local))], split.dim)
-    return t[:vocab_size] if split.vocab else t
-
-
-class TPSharder:
-    """Slices full (serial) tensors into one tp rank's shard, by global parameter name."""
-
-    def __init__(self, model_cfg, tp: int, rank: int, make_vocab_divisible_by: int = 128):
-        self.cfg = model_cfg
-        self.tp, self.rank = tp, rank
-        self.vocab = model_cfg.vocab_size
-        self.padded_vocab = padded_vocab(self.vocab, tp, make_vocab_divisible_by)
-        self.vocab_start = rank * self.padded_vocab // tp
-
-    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """The shard of global parameter `name` (replicated parameters come back whole)."""
-        split = split_of(name, self.cfg)
-        return t if split is None else shard_tensor(t, split, self.rank, self.tp, self.padded_vocab)
-
-
-def consolidate(shards: list[dict[str, torch.Tensor]], model_cfg) -> dict:
-    """The serial state dict from the tp ranks' shards (rank order), by the same slicing table."""
-    out = {}
-    for name, first in shards[0].items():
-        serial = "lm_head.weight" if name == "parallel_head.weight" else name
-        split = split_of(serial, model_cfg)
-        out[serial] = first if split is None else \
-            unshard_tensor([s[name] for s in shards], split, model_cfg.vocab_size)
-    if model_cfg.tie_embeddings and "tok_emb.weight" in out:
-        out["lm_head.weight"] = out["tok_emb.weight"]
-    return out
 
 
 class ForkedDropout(nn.Dropout):
@@ -194,9 +115,7 @@ def parallelize(model: GPT, group, sequence_parallel: bool = False, make_vocab_d
         tied_here = cfg.tie_embeddings and emb is not None
         head_weight = emb.weight if tied_here else \
             mark(nn.Parameter(sharder("lm_head.weight", full["lm_head.weight"])), tensor_parallel=True)
-        model.lm_head = None
-        model.parallel_head = VocabParallelHead(head_weight, sharder, group, sp)
-    model.fused_loss = False
+        model.lm_head = VocabParallelHead(head_weight, sharder, group, sp)  # same name, same signature
 
     def linear(kind, prefix, **kw):
         w = sharder(prefix + ".weight", full[prefix + ".weight"])

@@ -359,18 +359,17 @@ def compare(run: Run, ref: Run, rank: int) -> dict:
     compared: dict[str, set[str]] = {"grad": set(), "param": set()}
     for kind, mine, serial in (("grad", run.grads, ref.grads), ("param", run.params, ref.params)):
         for name, t in mine.items():
-            serial_name = "lm_head.weight" if name == "parallel_head.weight" else name
             # a pipeline's last stage holds its own copy of a tied embedding; the serial model one
-            full = serial[serial_name if serial_name in serial else "tok_emb.weight"]
-            want = tp.sharder(serial_name, full) if tp is not None else full
-            where = f"{kind} {serial_name} (rank {rank})"
+            full = serial[name if name in serial else "tok_emb.weight"]
+            want = tp.sharder(name, full) if tp is not None else full
+            where = f"{kind} {name} (rank {rank})"
             if want.shape != t.shape:
                 out[kind].add(math.inf, 1.0, 1.0, f"{where}: shape {tuple(t.shape)} not {tuple(want.shape)}")
                 continue
             diff = (t - want).abs().max().item() if t.numel() else 0.0
             scale = full.abs().max().item() if kind == "grad" else movement
             out[kind].add(diff, scale, TOLERANCES[kind], where)
-            compared[kind].add(serial_name)
+            compared[kind].add(name)
     return {"diffs": out, "compared": compared}
 
 

@@ -55,9 +55,8 @@ def _check(rank, world, data_dir, out, layouts):
             gather = deepspeed.zero.GatheredParameters(list(trainer.model.parameters()))
         with gather:
             for name, p in trainer.model.named_parameters():
-                full = serial_params["lm_head.weight" if name == "parallel_head.weight" else name]
-                serial_name = name if name != "parallel_head.weight" else "lm_head.weight"
-                want_p = trainer.tp.sharder(serial_name, full) if trainer.tp is not None else full
+                full = serial_params[name]
+                want_p = trainer.tp.sharder(name, full) if trainer.tp is not None else full
                 torch.testing.assert_close(p.detach(), want_p.detach(), rtol=1e-4, atol=1e-5,
                                            msg=lambda e: f"{where} {name} {e}")
 

@@ -63,8 +63,7 @@ def _case(rank, world, pp, tp, schedule, v, m, sp=False, variant="gpt2"):
         if step == 0:
             sg = dict(serial.named_parameters(remove_duplicate=False))
             for name, p in stage.named_parameters():
-                serial_name = "lm_head.weight" if name == "parallel_head.weight" else name
-                torch.testing.assert_close(p.grad, shard(serial_name, sg[serial_name].grad), **TOL,
+                torch.testing.assert_close(p.grad, shard(name, sg[name].grad), **TOL,
                                            msg=lambda e: f"grad {name} {where} {e}")
         ns = torch.nn.utils.clip_grad_norm_(serial.parameters(), 0.05).item()
         npp = sync.clip(stage, 0.05)
@@ -73,8 +72,7 @@ def _case(rank, world, pp, tp, schedule, v, m, sp=False, variant="gpt2"):
         opt_p.step()
     sp_ = dict(serial.named_parameters(remove_duplicate=False))
     for name, p in stage.named_parameters():
-        serial_name = "lm_head.weight" if name == "parallel_head.weight" else name
-        torch.testing.assert_close(p, shard(serial_name, sp_[serial_name]), **TOL,
+        torch.testing.assert_close(p, shard(name, sp_[name]), **TOL,
                                    msg=lambda e: f"weight {name} {where} {e}")
     if copy_w is not None:  # the first and last stage copies of the tied embedding are identical
         mine = copy_w.detach().clone()

@@ -75,8 +75,8 @@ def _layers(rank, world):
     import torch.distributed as dist
 
     from megatron_lite.parallel.cross_entropy import vocab_parallel_cross_entropy
-    from megatron_lite.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                               padded_vocab, tp_shard)
+    from megatron_lite.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, tp_shard
+    from megatron_lite.slicing import padded_vocab
     group = dist.group.WORLD
     g = torch.Generator().manual_seed(1)
     B, T, C, O, V = 2, 4 * world, 6, 4 * world, 23  # V=23: not divisible by tp

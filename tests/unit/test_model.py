@@ -190,7 +190,7 @@ def test_fused_linear_cross_entropy_equals_the_plain_head(variant):
     grads = {}
     for fused in (True, False):
         model = GPT(cfg, seed=5).double()
-        model.fused_loss = fused
+        model.lm_head.fused_loss = fused
         _, loss = model(ids, labels)
         (3.0 * loss).backward()  # a non-unit upstream gradient must be honoured
         grads[fused] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})

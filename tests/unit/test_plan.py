@@ -34,7 +34,7 @@ from megatron_lite.config import Config, ModelConfig
 from megatron_lite.errors import LayoutError
 from megatron_lite.layout import Layout
 from megatron_lite.model import GPT
-from megatron_lite.parallel.tensor_parallel import TPSharder
+from megatron_lite.slicing import TPSharder
 
 ROOT = Path(__file__).resolve().parents[2]
 
