@@ -51,13 +51,8 @@ class Layout:
             _check_deepspeed(cfg)
         if p.pp > 1 or p.pp_layers:
             stage_chunks(cfg.model, p.pp, 0, p.virtual_stages, p.partition, p.pp_layers)
-            build_schedule(p.schedule, p.pp, m, p.virtual_stages)  # e.g. interleaving needs m % pp == 0
-            try:  # evaluation runs train.eval_iters micro-batches through the same schedule
-                build_schedule(p.schedule, p.pp, cfg.train.eval_iters, p.virtual_stages)
-            except LayoutError:
-                raise LayoutError(f"train.eval_iters={cfg.train.eval_iters} micro-batches cannot run through "
-                                  f"the {p.schedule} schedule at parallel.pp={p.pp}; use a multiple of "
-                                  f"{p.pp}.") from None
+            # e.g. interleaving needs m % pp == 0 (evaluation's forward-only lists take any train.eval_iters)
+            build_schedule(p.schedule, p.pp, m, p.virtual_stages)
         if world_size is not None:
             topology.check_world(world_size)
         backend = "deepspeed" if deepspeed else "pipeline" if p.pp > 1 else "local"

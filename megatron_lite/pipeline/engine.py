@@ -7,6 +7,7 @@ receive ahead (so it arrives during the compute before it) and waited for when i
 Only that wait blocks, so a schedule whose simulation completes (pipeline/schedules.py) cannot
 deadlock here. Every message
 has the shape agreed up front: (micro-batch, sequence [/ tp under sequence parallelism], hidden).
+Evaluation (forward_only) runs the forward-only lists instead, which take any number of micro-batches.
 
 Each micro-batch's loss is scaled by 1/m before its backward, so the accumulated gradient is the
 gradient of the mean loss — exactly what serial gradient accumulation over the same micro-batches
@@ -24,7 +25,7 @@ import torch
 from ..distributed import comm
 from ..parallel.grads import nan_if_nonfinite
 from .partition import Chunk
-from .schedules import Action, build, message
+from .schedules import Action, build, build_forward_only, message
 
 
 @dataclass
@@ -65,9 +66,8 @@ class PipelineEngine:
             forward_only: bool = False) -> torch.Tensor:
         """Run one step over the micro-batches; returns the mean loss (on every stage)."""
         m = len(batches)
-        actions = build(self.schedule, self.pp, m, self.v)[self.stage]
-        if forward_only:
-            actions = [a for a in actions if a.kind in ("F", "RECV_F", "SEND_F")]
+        actions = (build_forward_only(self.pp, m, self.v) if forward_only
+                   else build(self.schedule, self.pp, m, self.v))[self.stage]
         inbox: dict[tuple, torch.Tensor] = {}
         inputs: dict[tuple, torch.Tensor] = {}
         outputs: dict[tuple, torch.Tensor] = {}

@@ -124,6 +124,13 @@ def interleaved(pp: int, m: int, v: int) -> list[list[Action]]:
     return lists
 
 
+def build_forward_only(pp: int, m: int, v: int = 1) -> list[list[Action]]:
+    """Evaluation: every micro-batch through chunk 0 of each stage, then chunk 1, and so on. With no
+    backward to interleave there is nothing to group by pp, so any m runs (for every schedule)."""
+    return [_with_comm([("F", mb, chunk) for chunk in range(v) for mb in range(m)], s, pp, v)
+            for s in range(pp)]
+
+
 def build(name: str, pp: int, m: int, v: int = 1) -> list[list[Action]]:
     if name == "gpipe":
         return gpipe(pp, m)

@@ -97,3 +97,19 @@ def _world4(rank, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_pipeline_matches_serial_gradient_accumulation(world):
     run_ranks(_world2 if world == 2 else _world4, world)
+
+
+def _evaluate(rank, world, data_dir, out):
+    from megatron_lite.train import Trainer
+    from tests.dist.test_data_parallel import _config, _env
+    extra = ("train.eval_iters=3", "parallel.microbatches=2")
+    serial = Trainer(_config(data_dir, f"{out}/serial{rank}", *extra)).evaluate()
+    pp = Trainer(_config(data_dir, f"{out}/pp", *extra, "parallel.pp=2", "parallel.schedule=interleaved",
+                         "parallel.virtual_stages=2"), _env(rank, world)).evaluate()
+    # the same three batches, summed in the same order by the last stage: the same mean, bit for bit
+    assert pp == serial, (rank, pp, serial)
+
+
+def test_interleaved_evaluation_takes_any_number_of_batches(corpus_dir, tmp_path):
+    """eval_iters=3 at pp=2 interleaved (no multiple of pp): the mean over exactly those 3 batches."""
+    run_ranks(_evaluate, 2, str(corpus_dir), str(tmp_path))

@@ -4,7 +4,7 @@ coverage, deadlock-freedom (by simulation) and the bubble each one leaves."""
 import pytest
 
 from megatron_lite.config import ConfigError
-from megatron_lite.pipeline.schedules import Action, build, message, simulate
+from megatron_lite.pipeline.schedules import Action, build, build_forward_only, message, simulate
 
 CASES = [("gpipe", pp, m, 1) for pp in (2, 4) for m in (1, 3, 4, 8)] + \
         [("1f1b", pp, m, 1) for pp in (2, 4) for m in (1, 3, 4, 8)] + \
@@ -42,6 +42,18 @@ def test_schedule_invariants(name, pp, m, v):
         assert peak[0] == m  # GPipe keeps every micro-batch's activations
     if name == "1f1b":
         assert peak[0] == min(pp, m)  # 1F1B never holds more than pp on stage 0
+
+
+@pytest.mark.parametrize("pp, m, v", [(pp, m, v) for pp in (2, 4) for m in (1, 3, 5) for v in (1, 2, 3)])
+def test_forward_only_lists_take_any_number_of_micro_batches(pp, m, v):
+    lists = build_forward_only(pp, m, v)
+    for actions in lists:
+        assert sorted((a.mb, a.chunk) for a in actions if a.kind == "F") == \
+            sorted((mb, c) for mb in range(m) for c in range(v))
+        assert not any(a.kind in ("B", "RECV_B", "SEND_B") for a in actions)
+    # the last virtual stage meets the micro-batches in order: the loss sums as serial evaluation does
+    assert [a.mb for a in lists[pp - 1] if a.kind == "F" and a.chunk == v - 1] == list(range(m))
+    simulate(lists)  # runs to completion: no deadlock
 
 
 def test_chunks_are_visited_in_order_for_interleaving():
