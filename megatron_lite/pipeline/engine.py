@@ -2,11 +2,14 @@
 
 Activations go forward and gradients backward between neighbouring stages with point-to-point
 messages tagged by what they carry (F|B, micro-batch, virtual stage), so no two can be confused.
-Sends are non-blocking and only waited for at the end of the step; each receive is posted one
-receive ahead (so it arrives during the compute before it) and waited for when its action comes.
-Only that wait blocks, so a schedule whose simulation completes (pipeline/schedules.py) cannot
-deadlock here. Every message
-has the shape agreed up front: (micro-batch, sequence [/ tp under sequence parallelism], hidden).
+Sends are non-blocking; each is waited for (and its buffer let go) at the first action after
+which the schedule proves its receiver has taken it (schedules.send_releases), so the messages a
+stage holds are bounded by the schedule's depth, not by the number of micro-batches; the few that
+nothing proves are waited for at the end of the step. Each receive is posted one receive ahead
+(so it arrives during the compute before it) and waited for when its action comes. Only that wait
+blocks, so a schedule whose simulation completes (pipeline/schedules.py) cannot deadlock here.
+Every message has the shape agreed up front: (micro-batch, sequence [/ tp under sequence
+parallelism], hidden).
 Evaluation (forward_only) runs the forward-only lists instead, which take any number of micro-batches.
 
 Each micro-batch's loss is scaled by 1/m before its backward, so the accumulated gradient is the
@@ -25,15 +28,17 @@ import torch
 from ..distributed import comm
 from ..parallel.grads import nan_if_nonfinite
 from .partition import Chunk
-from .schedules import Action, build, build_forward_only, message
+from .schedules import Action, build, build_forward_only, message, send_releases
 
 
 @dataclass
 class StepTrace:
-    """What one run did: per-action (kind, start, end) times and the peak number of micro-batches
-    whose activations were held at once (for the bubble / memory benchmarks)."""
+    """What one run did: per-action (kind, start, end) times, the peak number of micro-batches
+    whose activations were held at once, and the peak bytes of messages the engine held (sent and
+    not yet released, received and not yet consumed) (for the bubble / memory benchmarks)."""
     events: list[tuple[str, float, float]] = field(default_factory=list)
     peak_inflight: int = 0
+    peak_message_bytes: int = 0
 
 
 class PipelineEngine:
@@ -66,13 +71,14 @@ class PipelineEngine:
             forward_only: bool = False) -> torch.Tensor:
         """Run one step over the micro-batches; returns the mean loss (on every stage)."""
         m = len(batches)
-        actions = (build_forward_only(self.pp, m, self.v) if forward_only
-                   else build(self.schedule, self.pp, m, self.v))[self.stage]
+        lists = (build_forward_only(self.pp, m, self.v) if forward_only
+                 else build(self.schedule, self.pp, m, self.v))
+        actions, releases = lists[self.stage], send_releases(lists)[self.stage]
         inbox: dict[tuple, torch.Tensor] = {}
         inputs: dict[tuple, torch.Tensor] = {}
         outputs: dict[tuple, torch.Tensor] = {}
         grads: dict[tuple, torch.Tensor] = {}
-        sends = []
+        sends: dict[int, tuple] = {}  # action index -> (work, tensor) until the send is known done
         loss_sum = torch.zeros((), device=self.device, dtype=self.dtype)
         inflight = 0
         self.trace = StepTrace()
@@ -124,7 +130,7 @@ class PipelineEngine:
                 if forward_only:
                     del outputs[key], inputs[key]
                     inflight -= 1
-                sends.append((comm.isend(t, self.pp_ranks[a.peer], self.group, self._tag(a)), t))
+                sends[i] = (comm.isend(t, self.pp_ranks[a.peer], self.group, self._tag(a)), t)
             elif a.kind == "B":
                 inp, out = inputs.pop(key), outputs.pop(key)
                 if chunk.last:
@@ -136,9 +142,14 @@ class PipelineEngine:
                 inflight -= 1
             elif a.kind == "SEND_B":
                 g = grads.pop(key)
-                sends.append((comm.isend(g, self.pp_ranks[a.peer], self.group, self._tag(a)), g))
+                sends[i] = (comm.isend(g, self.pp_ranks[a.peer], self.group, self._tag(a)), g)
             self.trace.events.append((a.kind, t0, time.perf_counter()))
-        for work, _ in sends:
+            held = sum(t.numel() * t.element_size() for d in (inbox, grads) for t in d.values()) + \
+                sum(t.numel() * t.element_size() for _, t in sends.values())
+            self.trace.peak_message_bytes = max(self.trace.peak_message_bytes, held)
+            for j in releases.get(i, ()):  # its receiver has taken it: the wait returns at once
+                sends.pop(j)[0].wait()
+        for work, _ in sends.values():
             work.wait()
         if forward_only:  # a forward-only run leaves the last chunk's outputs unconsumed
             inputs.clear()

@@ -178,3 +178,44 @@ def simulate(lists: list[list[Action]], f_time: float = 1.0, b_time: float = 2.0
     if sent:
         raise RuntimeError(f"sends never received: {sorted(sent)[:4]}")
     return max(clock), busy, peak
+
+
+def send_releases(lists: list[list[Action]]) -> list[dict[int, tuple[int, ...]]]:
+    """When each send can be let go: per stage, {action index i: indices of this stage's sends that
+    are certainly complete once action i is done}. A send is complete when its receiver has taken
+    it; a stage learns that only from messages the receiver (or anyone who heard from it) sent
+    after that receive, so this runs the lists once with vector clocks. The executor waits on those
+    sends right there (never blocking: they are done) and frees their buffers, so held messages stay
+    bounded by the schedule's depth, not by the number of micro-batches. Sends never known complete
+    (the last ones of a step) are left out: the executor waits for them at the step's end."""
+    pp = len(lists)
+    receiver = {message(a, s, pp): (s, i) for s, acts in enumerate(lists)
+                for i, a in enumerate(acts) if a.kind.startswith("RECV")}
+    pos = [0] * pp
+    known = [[0] * pp for _ in range(pp)]  # known[s][q]: how many of q's actions s knows are done
+    stamps: dict[tuple, list[int]] = {}  # message -> its sender's clock at the send
+    pending: list[list[tuple[int, int, int]]] = [[] for _ in range(pp)]  # (send index, receiver, its index)
+    releases: list[dict[int, tuple[int, ...]]] = [{} for _ in range(pp)]
+    while any(pos[s] < len(lists[s]) for s in range(pp)):
+        progressed = False
+        for s in range(pp):
+            while pos[s] < len(lists[s]):
+                i, a = pos[s], lists[s][pos[s]]
+                if a.kind.startswith("RECV"):
+                    stamp = stamps.pop(message(a, s, pp), None)
+                    if stamp is None:
+                        break  # its send has not happened yet: another stage goes first
+                    known[s] = [max(x, y) for x, y in zip(known[s], stamp, strict=True)]
+                known[s][s] = i + 1
+                if a.kind.startswith("SEND"):
+                    stamps[message(a, s, pp)] = list(known[s])
+                    pending[s].append((i, *receiver[message(a, s, pp)]))
+                done = [p for p in pending[s] if known[s][p[1]] > p[2]]
+                if done:
+                    releases[s][i] = tuple(p[0] for p in done)
+                    pending[s] = [p for p in pending[s] if p not in done]
+                pos[s] += 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError("deadlock while ordering sends (simulate() names the stuck actions)")
+    return releases

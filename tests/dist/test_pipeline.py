@@ -81,10 +81,37 @@ def _case(rank, world, pp, tp, schedule, v, m, sp=False, variant="gpt2"):
         assert torch.equal(other[0], other[1]), where
 
 
+def _held_messages(rank, world):
+    """Messages a stage holds (sent and not yet released, received and not yet used) do not grow
+    with the number of micro-batches under 1F1B; under GPipe they do (every micro-batch is in
+    flight at once), which shows the measure can see growth."""
+    from megatron_lite.config import ModelConfig
+    from megatron_lite.distributed.topology import Topology
+    from megatron_lite.model import GPT
+    from megatron_lite.pipeline.engine import PipelineEngine
+    from megatron_lite.pipeline.partition import stage_chunks
+    groups = Topology(pp=world).build(rank)
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_attention_heads=2,
+                      max_sequence_length=8)
+    chunks = stage_chunks(cfg, world, rank, 1)
+    stage = GPT(cfg, seed=0, layers=chunks[0].layers, embed=chunks[0].first, head=chunks[0].last)
+    peaks = {}
+    for schedule in ("1f1b", "gpipe"):
+        engine = PipelineEngine(stage, chunks, rank, groups.pp_ranks, groups.pp, schedule, (2, 8, 16),
+                                torch.device("cpu"))
+        for m in (4, 16):
+            engine.run([(torch.randint(0, 64, (2, 8)),) * 2 for _ in range(m)])
+            peaks[schedule, m] = engine.trace.peak_message_bytes
+    message = 2 * 8 * 16 * 4  # one (micro-batch, sequence, hidden) fp32 tensor
+    assert peaks["1f1b", 16] == peaks["1f1b", 4] <= 2 * world * message, peaks
+    assert peaks["gpipe", 16] > 3 * peaks["gpipe", 4] > 0, peaks  # m + 1 messages at its peak
+
+
 def _world2(rank, world):
     for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
         _case(rank, world, 2, 1, schedule, v, 4)
     _case(rank, world, 2, 1, "1f1b", 1, 3, variant="llama")  # m not a multiple of pp: fine for 1F1B
+    _held_messages(rank, world)
 
 
 def _world4(rank, world):
