@@ -8,7 +8,6 @@ no traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -36,7 +35,8 @@ def cmd_train(args) -> int:
     hint = (f"another rank died, stalled, or was slower than launch.collective_timeout_s="
             f"{cfg.launch.collective_timeout_s:g}; a rerun resumes from the newest checkpoint in "
             f"{cfg.train.out_dir}/checkpoints.")
-    with _process_group_session(env, hint):
+    from .distributed import comm
+    with comm.session(env, hint):
         try:
             return _train(cfg, env, stops, marker)
         finally:
@@ -67,24 +67,6 @@ def _train(cfg, env, stops, marker) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _process_group_session(env, hint: str):
-    """One command's time in the job's process group: a collective that failed or timed out becomes
-    one PeerFailure line (with `hint`); leaving waits for the other ranks only after success, since
-    a dead or stalled peer would hold that barrier for the whole collective timeout."""
-    from .distributed import comm
-    clean = False
-    try:
-        yield
-        clean = True
-    except Exception as e:
-        if env.distributed and comm.is_peer_failure(e):
-            raise PeerFailure(f"rank {env.rank}: a collective failed ({_first_line(e)}): {hint}") from None
-        raise
-    finally:
-        comm.destroy(barrier=clean)
-
-
 def _stopped_early(cfg, env, trainer, reason: str, marker) -> int:
     from .distributed.stop import write_requeue_marker
     if env.rank == 0:
@@ -94,11 +76,6 @@ def _stopped_early(cfg, env, trainer, reason: str, marker) -> int:
     log.info(f"stopped at step {trainer.state.step} ({reason}) with a checkpoint; rerun (or requeue) "
              f"to resume; exit status {code}")
     return code
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
 
 
 def serial_param_count(model_cfg) -> int:
@@ -228,17 +205,6 @@ def cmd_checkpoint_import(args) -> None:
           f"with --tokenizer {path / 'tokenizer.json'})")
 
 
-def cmd_verify(args) -> int:
-    from .distributed.env import RunEnv
-    from .logs import setup_logging
-    from .train.verify import verify
-    env = RunEnv.from_environ()
-    setup_logging(env.rank)
-    with _process_group_session(env, "another rank died or stalled during verify."):
-        return verify(env, steps=args.steps, patterns=args.layouts, model_overrides=args.overrides,
-                      json_path=args.json, device=args.device)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-lite", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -334,17 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="a new run directory (train.out_dir)")
     m.set_defaults(func=cmd_checkpoint_import)
 
-    r = sub.add_parser("verify", help="train a tiny GPT at every layout that fits this job (run it under "
-                                      "torchrun or srun), compare with the serial model; exit 1 on mismatch")
-    r.add_argument("--layouts", nargs="+", metavar="PATTERN",
-                   help="only the layouts whose name contains one of these globs, from every valid "
-                        "combination (e.g. 'ds-zero' 'tp2+sp.pp2:*'); default: a set using every variant")
-    r.add_argument("--steps", type=int, default=3, help="AdamW steps per layout")
-    r.add_argument("--json", metavar="OUT", help="also write the table (and tolerances) to this JSON file")
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    r.add_argument("overrides", nargs="*",
-                   help="model.* overrides of the tiny model, e.g. model.activation=swiglu")
-    r.set_defaults(func=cmd_verify)
+    from .verify.cli import add_parser as add_verify_parser
+    add_verify_parser(sub)
 
     from .launcher import add_parsers as add_launch_parsers
     add_launch_parsers(sub)

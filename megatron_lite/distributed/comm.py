@@ -9,7 +9,10 @@ logical operation moves, per kind, into a CommStats the caller holds:
         ...train step...
     stats.bytes["all_reduce"]
 
-Every function takes its process group explicitly.
+Every function takes its process group explicitly. A collective or transfer that was started and
+then failed (a peer died, closed the connection or stalled past the timeout) raises
+CollectiveFailure, so a caller tells a peer's failure from a bug by the exception's type
+(is_peer_failure); `session` turns one into a PeerFailure line.
 """
 
 from __future__ import annotations
@@ -23,6 +26,40 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from ..errors import PeerFailure
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective or point-to-point transfer this process had started did not complete: a peer
+    died, closed the connection or stalled past the group's timeout (its arguments were checked
+    when it was issued, so its failure is not this process's doing)."""
+
+
+@contextmanager
+def _started():
+    """Around the wait of a started collective: gloo raises a plain RuntimeError there."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, (CollectiveFailure, dist.DistError)):
+            raise
+        raise CollectiveFailure(str(e)) from e
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A started point-to-point transfer (isend / irecv); wait() raises CollectiveFailure when its
+    peer fails."""
+    work: object
+
+    def wait(self) -> None:
+        _wait(self.work)
+
+
+def _wait(work) -> None:
+    with _started():
+        work.wait()
 
 
 @dataclass
@@ -113,18 +150,53 @@ def destroy(barrier: bool = True) -> None:
         dist.destroy_process_group()
 
 
-# What gloo and NCCL say when a peer is gone or a collective timed out (their exception types vary
-# across torch versions: RuntimeError, DistBackendError, DistNetworkError).
-_PEER_FAILURE = ("connection closed by peer", "connection reset by peer", "timed out", "timeout",
-                 "broken pipe", "socket closed", "nccl", "watchdog", "connection refused")
-
-
 def is_peer_failure(e: BaseException) -> bool:
-    """Did this exception come from a collective whose peer died or stalled?"""
-    dist_error = getattr(dist, "DistError", None)
-    if dist_error is not None and isinstance(e, dist_error):
-        return True
-    return isinstance(e, RuntimeError) and any(p in str(e).lower() for p in _PEER_FAILURE)
+    """Did this exception (or one it was raised from) come from a collective whose peer died or
+    stalled? Decided by type: CollectiveFailure (our collectives and transfers, whatever the
+    backend), torch's DistError (NCCL's watchdog, the store, the network); and by the group's state
+    where its backend keeps one (NCCL records a timeout or a remote error: get_error())."""
+    if not is_initialized():
+        return False
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (CollectiveFailure, dist.DistError)):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return _group_failed()
+
+
+def _group_failed() -> bool:
+    """The default group's recorded error, for backends that keep one (NCCL; gloo keeps none)."""
+    group = dist.group.WORLD
+    for device_type in getattr(group, "_device_types", ()):
+        backend = group._get_backend(torch.device(device_type))
+        get_error = getattr(backend, "get_error", None)
+        if get_error is not None and get_error().name != "SUCCESS":
+            return True
+    return False
+
+
+@contextmanager
+def session(env, hint: str):
+    """One command's time in the job's process group: a collective that failed or timed out becomes
+    one PeerFailure line (with `hint`); leaving waits for the other ranks only after success, since
+    a dead or stalled peer would hold that barrier for the whole collective timeout."""
+    clean = False
+    try:
+        yield
+        clean = True
+    except Exception as e:
+        if env.distributed and is_peer_failure(e):
+            raise PeerFailure(f"rank {env.rank}: a collective failed ({_first_line(e)}): {hint}") from None
+        raise
+    finally:
+        destroy(barrier=clean)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
 
 
 def exit_process(code: int = 0) -> None:
@@ -157,7 +229,8 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
     if size(group) == 1:
         return t
     _count("all_reduce", t)
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=group)
+    _wait(dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=group,
+                          async_op=True))
     return t
 
 
@@ -170,9 +243,9 @@ def all_gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     out = torch.empty((n * t.shape[0],) + t.shape[1:], dtype=t.dtype, device=t.device)
     _count("all_gather", out)
     if hasattr(dist, "all_gather_into_tensor") and dist.get_backend(group) != "gloo":
-        dist.all_gather_into_tensor(out, t, group=group)
+        _wait(dist.all_gather_into_tensor(out, t, group=group, async_op=True))
     else:
-        dist.all_gather(list(out.chunk(n)), t, group=group)
+        _wait(dist.all_gather(list(out.chunk(n)), t, group=group, async_op=True))
     out = out.view((n,) + t.shape)  # (n, *t.shape): rank-major
     return torch.cat(out.unbind(0), dim=dim) if dim != 0 else out.flatten(0, 1)
 
@@ -187,10 +260,10 @@ def reduce_scatter(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     out = torch.empty_like(chunks[0])
     if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter: reduce, then keep ours
         full = torch.stack(chunks)
-        dist.all_reduce(full, group=group)
+        _wait(dist.all_reduce(full, group=group, async_op=True))
         out.copy_(full[rank(group)])
     else:
-        dist.reduce_scatter(out, chunks, group=group)
+        _wait(dist.reduce_scatter(out, chunks, group=group, async_op=True))
     return out
 
 
@@ -199,26 +272,27 @@ def all_gather_object(obj, group) -> list:
     if size(group) == 1:
         return [obj]
     out = [None] * size(group)
-    dist.all_gather_object(out, obj, group=group)
+    with _started():  # no async form; its own RuntimeErrors come from its collectives
+        dist.all_gather_object(out, obj, group=group)
     return out
 
 
 def broadcast(t: torch.Tensor, src_global_rank: int, group) -> torch.Tensor:
     if size(group) > 1:
         _count("broadcast", t)
-        dist.broadcast(t, src_global_rank, group=group)
+        _wait(dist.broadcast(t, src_global_rank, group=group, async_op=True))
     return t
 
 
-def isend(t: torch.Tensor, dst: int, group, tag: int):
-    """Non-blocking send to global rank dst; returns the work handle (keep t alive until done)."""
+def isend(t: torch.Tensor, dst: int, group, tag: int) -> Transfer:
+    """Non-blocking send to global rank dst; wait() on the returned Transfer (keep t alive until done)."""
     _count("p2p", t)
-    return dist.isend(t.contiguous(), dst, group=group, tag=tag)
+    return Transfer(dist.isend(t.contiguous(), dst, group=group, tag=tag))
 
 
-def irecv(t: torch.Tensor, src: int, group, tag: int):
-    """Non-blocking receive from global rank src into t; wait() on the returned work."""
-    return dist.irecv(t, src, group=group, tag=tag)
+def irecv(t: torch.Tensor, src: int, group, tag: int) -> Transfer:
+    """Non-blocking receive from global rank src into t; wait() on the returned Transfer."""
+    return Transfer(dist.irecv(t, src, group=group, tag=tag))
 
 
 def world():
@@ -228,4 +302,4 @@ def world():
 
 def barrier(group) -> None:
     if is_initialized() and size(group) > 1:
-        dist.barrier(group=group)
+        _wait(dist.barrier(group=group, async_op=True))

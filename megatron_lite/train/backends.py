@@ -5,6 +5,7 @@ one forward-backward signature whether or not pipelining is on).
     out = backend.step(lr, loss)                                  # finish, clip, check, apply
     loss = backend.forward_backward(batches, forward_only=True)  # evaluation
     pieces = backend.stateful()                                   # what a checkpoint saves
+    handle = backend.on_grads_finished(hook)   # hook(name, grad) each step, before clipping
 
 Three implementations, picked by build_backend() from the Layout:
     LocalBackend      serial, tensor-parallel, data-parallel, native ZeRO-1: micro-batches in a loop
@@ -23,9 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from ..checkpoint import Stateful
 from ..distributed import comm
@@ -35,6 +39,8 @@ from ..parallel.grads import GradSync, nan_if_nonfinite, sync_tied_embeddings
 from ..pipeline.engine import PipelineEngine
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
+# Called with (global parameter name, this rank's finished gradient of it) once per step.
+GradHook = Callable[[str, torch.Tensor], None]
 
 
 @dataclass
@@ -53,6 +59,7 @@ class Backend:
         self.autocast = autocast
         self.rng_tracker = rng_tracker
         self.grad_owner = grad_owner or optimizer  # the torch optimizer over the model's own .grad
+        self._grad_hooks: OrderedDict[int, GradHook] = OrderedDict()  # RemovableHandle holds a weakref
 
     def forward_backward(self, batches: Batches, forward_only: bool = False) -> float:
         """Run this rank's micro-batches of one global batch (forward and backward, or forward
@@ -77,6 +84,28 @@ class Backend:
     def stateful(self) -> Stateful:
         return Stateful(self.model, self.optimizer, self.rng_tracker)
 
+    def on_grads_finished(self, hook: GradHook) -> RemovableHandle:
+        """Call hook(global parameter name, gradient) for every parameter of this rank's model in
+        each step(), once the gradients are finished (data-parallel mean, sequence-parallel and
+        tied-embedding sums) and before they are clipped and applied. The gradient is this rank's
+        (tensor-parallel) slice, zeros for a parameter that got none. Every rank must register the
+        same hooks: DeepSpeed gathers each gradient over the data-parallel group. `.remove()` on
+        the returned handle unregisters the hook."""
+        handle = RemovableHandle(self._grad_hooks)
+        self._grad_hooks[handle.id] = hook
+        return handle
+
+    def _call_grad_hooks(self) -> None:
+        if not self._grad_hooks:
+            return
+        for name, p in self.model.named_parameters():
+            grad = self._finished_grad(p)
+            for hook in list(self._grad_hooks.values()):
+                hook(name, grad)
+
+    def _finished_grad(self, p: torch.nn.Parameter) -> torch.Tensor:
+        return p.grad if p.grad is not None else torch.zeros_like(p)
+
 
 def _accumulate(model, batches: Batches, forward_only: bool, autocast, backward) -> torch.Tensor:
     """Mean loss of the micro-batches; each loss is handed to `backward` (unless forward only)."""
@@ -96,10 +125,20 @@ class LocalBackend(Backend):
     micro-batches, then one GradSync (dp mean, sequence-parallel sums), clip and optimizer step."""
 
     def __init__(self, model, optimizer, grad_sync: GradSync, grad_clip: float, dp_group, autocast,
-                 rng_tracker=None):
+                 rng_tracker=None, zero1: bool = False):
         super().__init__(model, optimizer, dp_group, autocast, rng_tracker)
         self.grad_sync = grad_sync
         self.grad_clip = grad_clip
+        self.zero1 = zero1  # optimizer is torch's ZeroRedundancyOptimizer: AdamW state sharded over dp
+
+    def stateful(self) -> Stateful:
+        """Under native ZeRO-1 each dp rank holds the AdamW state of its share of the parameters in
+        the ZeroRedundancyOptimizer's local optimizer, and writes it."""
+        if not self.zero1:
+            return super().stateful()
+        s = Stateful(self.model, self.optimizer.optim, self.rng_tracker)
+        s.state_owner = s.holds_state()
+        return s
 
     def _run(self, batches, forward_only):
         m = len(batches)
@@ -108,7 +147,9 @@ class LocalBackend(Backend):
 
     def step(self, lr: float, loss: float) -> StepOutcome:
         set_lr(self.optimizer, lr)
-        norm = self.grad_sync.finish_and_clip(self.model, self.grad_clip)
+        self.grad_sync.finish(self.model)
+        self._call_grad_hooks()
+        norm = self.grad_sync.clip(self.model, self.grad_clip)
         skipped = not (math.isfinite(loss) and math.isfinite(norm))
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -163,10 +204,18 @@ class DeepSpeedBackend(Backend):
     def step(self, lr: float, loss: float) -> StepOutcome:
         set_lr(self.client_optimizer, lr)
         set_lr(self.ds.optimizer, lr)
+        self._call_grad_hooks()  # reduced by its last backward (or reduce_gradients); step clips
         self.ds.step()  # skips (weights, moments untouched) when its gradient norm is not finite
         norm = self.ds.get_global_grad_norm()
         norm = float(norm) if norm is not None else math.nan
         return StepOutcome(norm, not (math.isfinite(loss) and math.isfinite(norm)))
+
+    def _finished_grad(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """The whole gradient of this rank's parameter from DeepSpeed's partitions (a collective
+        over the data-parallel group), through its own per-parameter API."""
+        from deepspeed.utils import safe_get_full_grad
+        grad = safe_get_full_grad(p)
+        return grad if grad is not None else torch.zeros(getattr(p, "ds_shape", p.shape), device=p.device)
 
     def stateful(self) -> Stateful:
         """DeepSpeed's fp32 masters and AdamW moments, per parameter, through its tensor-fragment
@@ -238,4 +287,7 @@ def build_backend(layout: Layout, model, groups, device: torch.device, autocast,
     sync = GradSync(dp_group=dp_group, tp_group=tp_group, pp_group=pp_group,
                     embed_group=groups.embed if pp_group is not None else None)
     args = (model, optimizer, sync, cfg.optim.grad_clip, dp_group, autocast, rng_tracker)
-    return PipelineBackend(engine, *args) if engine is not None else LocalBackend(*args)
+    zero1 = cfg.optim.zero.stage == 1 and dp_group is not None  # build_optimizer's condition (native)
+    if engine is not None:
+        return PipelineBackend(engine, *args, zero1=zero1)
+    return LocalBackend(*args, zero1=zero1)

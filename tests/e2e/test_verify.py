@@ -121,7 +121,7 @@ def test_verify_needs_several_processes_and_valid_arguments():
 
 
 def test_default_selection_covers_every_variant():
-    from megatron_lite.train.verify import SCHEDULES, ZERO, candidates, default_selection
+    from megatron_lite.verify.select import SCHEDULES, ZERO, candidates, default_selection
     for world in (2, 4, 8):
         cands, unfit = candidates(world, [])
         chosen = default_selection(cands)
