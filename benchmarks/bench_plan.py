@@ -2,10 +2,10 @@
 its memory model against the measured peak memory of real CPU training runs.
 
 Throughput: every row of Narayanan et al. 2021, Table 1 (GPT 1.7B-1T on up to 3072 A100s; data and
-source in tests/unit/test_plan.py) with the paper's setup (tp, pp, dp = GPUs/(tp x pp), the global
+source in megatron_lite/plan/calibration.py) with the paper's setup (tp, pp, dp = GPUs/(tp x pp), the global
 batch, interleaving with scatter/gather when pp > 1, activation recompute, bf16), the MEGATRON_2021
 profile, micro-batch 1 and the best v. The one calibrated constant, GEMM_EFFICIENCY, is fitted on
-row 1 alone (plan.fit_gemm_efficiency) and checked against the constant in plan.py; the other nine
+row 1 alone (plan.fit_gemm_efficiency) and checked against the constant in plan/timing.py; the other nine
 rows are predictions.
 
 Memory: a GPT (8 layers x 512, vocab 8192, seq 256, micro-batch 4, 2 micro-batches, fp32, AdamW)
@@ -41,7 +41,7 @@ from benchmarks.report import write_json, write_section  # noqa: E402
 from megatron_lite import plan  # noqa: E402
 from megatron_lite.config import Config  # noqa: E402
 from megatron_lite.layout import Layout  # noqa: E402
-from tests.unit.test_plan import (  # noqa: E402
+from megatron_lite.plan.calibration import (  # noqa: E402
     NARAYANAN_2021_TABLE1,
     TABLE1_SOURCE,
     table1_prediction,
@@ -142,7 +142,7 @@ def memory(steps: int) -> dict:
 
 INTRO = """## Layout planner accuracy (`benchmarks/bench_plan.py`)
 
-`megatron-lite plan` (megatron_lite/plan.py) predicts, for every layout `Layout.build` accepts, the
+`megatron-lite plan` (megatron_lite/plan/) predicts, for every layout `Layout.build` accepts, the
 peak memory of each rank and the step time on a GPU cluster. Step time: GEMM FLOPs at
 `GEMM_EFFICIENCY` x peak, plus the memory-bound element-wise kernels at HBM bandwidth, plus tensor-
 and sequence-parallel collectives (ring, intra-node), pipeline point-to-point and the bubble from

@@ -1,4 +1,4 @@
-"""Peak memory of one rank of a real training run, for checking megatron_lite/plan.py's memory model.
+"""Peak memory of one rank of a real training run, for checking megatron_lite/plan/memory.py's model.
 
 Run it like the trainer (one process, or under torch.distributed.run with gloo):
 
@@ -16,7 +16,7 @@ training steps (train_step: no evaluation, no checkpoint) and writes DIR/rank_N.
                  group, the opened data
   peak_hwm       VmHWM after the steps
   measured       peak_hwm - baseline_rss: what the model, its gradients, optimizer state and the
-                 steps' activations made the process hold (compared with plan.memory(...).total)
+                 steps' activations made the process hold (compared with plan.peak_memory(...).total)
   ru_maxrss      what the trainer logs as train/memory_gb (lifetime peak, baseline included)
 With --idle it only imports torch and reports that process's RSS (the bare baseline); --idle --warm
 also imports the trainer and runs the warm-up (the baseline of a single `megatron-lite train`).

@@ -283,18 +283,6 @@ class GPT(nn.Module):
                                                 if self.pos_emb is not None else 0)
         return n
 
-    def flops_per_token(self, seq_len: int) -> float:
-        return flops_per_token(self.config, seq_len)
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token of the whole model: 6 per weight (fwd+bwd) plus attention scores
-    (PaLM appendix B); the LM head counts even when tied (it is a real GEMM)."""
-    with torch.device("meta"):
-        full = GPT(cfg, seed=None)
-    n = full.num_params(exclude_embeddings=True) + cfg.vocab_size * cfg.hidden_size * cfg.tie_embeddings
-    return 6.0 * n + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
-
 
 @torch.no_grad()
 def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

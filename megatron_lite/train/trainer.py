@@ -38,6 +38,7 @@ from ..distributed.env import RunEnv
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..layout import Layout
 from ..model import GPT, generate
+from ..model.counts import flops_per_token
 from ..optim import lr_at
 from ..parallel.random import RNGTracker, recompute_context_fn
 from ..parallel.tensor_parallel import TensorParallel, parallelize, set_sequence_parallel
@@ -177,7 +178,8 @@ class Trainer:
                          f"now {describe_layout(self.layout.as_dict())}")
             log.info(f"resumed from {self.resumed_from} (step {self.state.step}, sample {self.state.cursor})")
         self._start_step = self.state.step  # where this process's run began (for exit_interval)
-        self.flops_per_token = self.model.flops_per_token(self.seq_len)
+        # model FLOPs (model/counts.py: the matmuls, no recompute), the same count plan's MFU uses
+        self.flops_per_token = flops_per_token(cfg.model, self.seq_len)
         # MFU over the whole job: every process contributes its device's peak.
         self.peak = peak_flops(self.device, cfg.train.peak_tflops) * self.layout.world_size
 

@@ -1,0 +1,99 @@
+"""What one rank of a layout holds and how its pipeline schedule runs, taken from the code itself:
+parameter shapes from a meta-device GPT of the stage's pieces sliced by the TP slicing table (what
+parallelize() gives that rank), in-flight micro-batches from the schedule simulator."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..config import ModelConfig
+from ..layout import Layout
+from ..model.gpt import GPT
+from ..pipeline.schedules import build as build_schedule
+from ..pipeline.schedules import simulate
+from ..slicing import TPSharder
+
+
+@dataclass(frozen=True)
+class RankParams:
+    """The parameters one tp rank of a stage holds, in module order (a tied weight once)."""
+    sizes: tuple[int, ...]  # numel of each
+    matrix: tuple[bool, ...]  # >= 2-D: AdamW's decay group (ZeroRedundancyOptimizer partitions per group)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def matrices(self) -> int:
+        return sum(n for n, m in zip(self.sizes, self.matrix, strict=True) if m)
+
+
+def stage_params(mc: ModelConfig, layers: int, embed: bool, head: bool, tp: int = 1,
+                 make_vocab_divisible_by: int = 128) -> RankParams:
+    """One tp rank's parameters of a stage with `layers` blocks, the embedding, the head (cached per
+    distinct shape: a plan asks for few)."""
+    return _stage_params(tuple(sorted(vars(mc).items())), layers, embed, head, tp, make_vocab_divisible_by)
+
+
+@lru_cache(maxsize=1024)
+def _stage_params(model_items: tuple, layers: int, embed: bool, head: bool, tp: int,
+                  divisible_by: int) -> RankParams:
+    mc = ModelConfig(**dict(model_items))
+    with torch.device("meta"):
+        model = GPT(mc, seed=None, layers=range(layers), embed=embed, head=head)
+    # at tp = 1 the table slices nothing and pads nothing, like the serial model the trainer keeps
+    shard = TPSharder(mc, tp, 0, divisible_by)
+    shapes = [shard(name, p).shape for name, p in model.named_parameters()]
+    return RankParams(tuple(math.prod(s) for s in shapes), tuple(len(s) >= 2 for s in shapes))
+
+
+def rank_params(layout: Layout, stage: int) -> RankParams:
+    """What a rank at pipeline stage `stage` of `layout` holds (all its virtual-stage chunks)."""
+    chunks = layout.chunks(stage)
+    layers = sum(len(c.layers) for c in chunks)
+    embed, head = any(c.first for c in chunks), any(c.last for c in chunks)
+    return stage_params(layout.config.model, layers, embed, head, layout.tp,
+                        layout.config.parallel.make_vocab_divisible_by)
+
+
+def block_linear_params(mc: ModelConfig, tp: int) -> int:
+    """Weights of one block's linear layers on one tp rank: what autocast keeps bf16 copies of
+    (biases are cast too, but the backward does not keep them)."""
+    return stage_params(mc, 1, False, False, tp).matrices
+
+
+# ---- the schedule, simulated once per shape ------------------------------------------------------
+@dataclass(frozen=True)
+class ScheduleFacts:
+    finish: float  # step time in units of one chunk's forward
+    bubble: float  # idle fraction of the busiest stage
+    peak: tuple[int, ...]  # per stage: chunk-micro-batches in flight at most (the simulator's count)
+    peak_after_backward: tuple[int, ...]  # the same, counted only once a backward has run (grads exist)
+    sends: tuple[int, ...]  # per stage: SEND_F + SEND_B actions (their tensors live until step end)
+
+
+@lru_cache(maxsize=256)
+def schedule_facts(name: str, pp: int, m: int, v: int, b_over_f: float) -> ScheduleFacts:
+    lists = build_schedule(name, pp, m, v)
+    finish, busy, peak = simulate(lists, 1.0, b_over_f)
+    sends = tuple(sum(a.kind.startswith("SEND") for a in lst) for lst in lists)
+    after = []
+    for lst in lists:  # gradients are allocated by a stage's first backward: what is in flight then
+        inflight, seen_b, most = 0, False, 0
+        for a in lst:
+            if a.kind == "F":
+                inflight += 1
+            elif a.kind == "B":
+                if seen_b:
+                    most = max(most, inflight)
+                seen_b = True
+                inflight -= 1
+            if seen_b:
+                most = max(most, inflight)
+        after.append(most)
+    return ScheduleFacts(finish, 1.0 - max(busy) / finish, tuple(peak), tuple(after), sends)

@@ -1,0 +1,257 @@
+"""Predicted time of one optimizer step (seconds) on a cluster (bf16 peak, HBM bandwidth, NVLink and
+InfiniBand), as the sum of four terms, each its own function:
+
+  compute     GEMM FLOPs per chunk per micro-batch / (peak x GEMM_EFFICIENCY), attention included,
+              backward = 2 x forward, full recompute adds the blocks' forward again; plus the
+              memory-bound element-wise kernels (norms, residual adds, activation functions, casts,
+              softmax or flash attention, cross-entropy) as bytes / HBM bandwidth, counted per
+              implementation profile (OURS: this code, what the planner ranks with; MEGATRON_2021:
+              Megatron-LM's fused kernels and scatter/gather, for checking against its paper)
+  tp / sp     the all-reduces (or all-gathers + reduce-scatters) of every layer, embedding and
+              vocab-parallel loss, ring time at the group's bandwidth (intra-node when tp fits a node)
+  pp          point-to-point per action; the bubble from simulate() with those chunk times
+  dp / zero   the gradient all-reduce after backward (not overlapped, like GradSync), ZeRO-1's
+              parameter broadcast, DeepSpeed's reduce-scatter + all-gather (stage 3: per micro-batch),
+              the tied embedding's sync between first and last stage; then the AdamW step as
+              memory traffic
+
+TFLOP/s per GPU are hardware FLOPs (recompute included: what Narayanan et al. report), MFU model
+FLOPs (model/counts.py, the trainer's definition). The one calibrated constant is GEMM_EFFICIENCY.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..config import ModelConfig
+from ..layout import Layout
+from ..model.counts import layer_flops, model_flops
+from ..slicing import padded_vocab
+from .cluster import GB, MEGATRON_2021, OURS, Cluster, Profile, collective_time, p2p_time
+from .stage import rank_params, schedule_facts
+
+# The one calibrated constant: the fraction of the bf16 tensor-core peak a transformer GEMM reaches.
+# Fitted on row 1 of Narayanan et al. 2021, Table 1 (1.7B, tp=pp=1, 32 A100s: 137 TFLOP/s per GPU)
+# with the MEGATRON_2021 profile, then checked on every other row (plan/calibration.py).
+GEMM_EFFICIENCY = 0.61
+
+
+@dataclass
+class Timing:
+    step_s: float
+    compute_s: float  # GEMMs + element-wise kernels on the busiest stage (recompute included)
+    comm_s: float  # exposed communication: tp/sp, p2p, dp/zero, tied-embedding sync
+    bubble: float  # idle fraction of the busiest stage (simulator)
+    optimizer_s: float
+    tokens_per_s: float
+    tflops_per_gpu: float  # hardware FLOPs (recompute included) per GPU per second
+    mfu: float  # model FLOPs / (step x GPUs x peak)
+
+    @property
+    def comm_share(self) -> float:
+        return self.comm_s / self.step_s if self.step_s else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "comm_share": self.comm_share}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One micro-batch of `layout` on `cluster`: the shape and rates every term reads."""
+    layout: Layout
+    cluster: Cluster
+    profile: Profile
+    peak: float  # achievable GEMM FLOP/s
+    e: int  # bytes of the compute dtype
+    vocab: int  # this tp rank's vocabulary slice
+
+    @classmethod
+    def of(cls, layout: Layout, cluster: Cluster, profile: Profile, gemm_efficiency: float) -> "Step":
+        cfg = layout.config
+        mega = profile is MEGATRON_2021
+        vocab = cfg.model.vocab_size // layout.tp if mega else \
+            padded_vocab(cfg.model.vocab_size, layout.tp, cfg.parallel.make_vocab_divisible_by) // layout.tp
+        return cls(layout, cluster, profile, cluster.peak_tflops * 1e12 * gemm_efficiency,
+                   2 if cfg.train.precision == "bf16" or mega else 4, vocab)
+
+    @property
+    def mc(self) -> ModelConfig:
+        return self.layout.config.model
+
+    @property
+    def b(self) -> int:
+        return self.layout.config.data.micro_batch_size
+
+    @property
+    def s(self) -> int:
+        return self.layout.config.seq_length
+
+    @property
+    def recompute(self) -> str:
+        return self.layout.config.train.recompute
+
+    @property
+    def hbm(self) -> float:
+        return self.cluster.hbm_gbps * GB
+
+    def ranks(self, dim: str) -> list[int]:
+        """The first group of parallel dimension `dim` (tp, pp or dp): placement by rank id."""
+        return self.layout.topology.group_ranks((dim,))[0]
+
+
+def _elementwise_bytes(mc: ModelConfig, tp: int, sp: bool, b: int, s: int, e: int, prof: Profile) -> float:
+    """Forward memory traffic of one block's non-GEMM kernels on one tp rank (backward: 2x)."""
+    h = mc.hidden_size
+    N = b * s
+    a = mc.num_attention_heads // tp
+    q, kv = a * mc.head_dim, mc.num_kv_heads // tp * mc.head_dim
+    inter = mc.intermediate_size // tp
+    ts = tp if sp else 1
+    if prof.fused_elementwise:  # Megatron: 2 layer norms, 2 bias-dropout-adds, bias-GeLU, softmax
+        per_token = (2 * 2 * h + 2 * 3.5 * h) / ts + 2 * inter
+        attn = 0.0 if prof.flash_attention else 4.5 * b * a * s * s
+        return (N * per_token + attn) * e
+    # this code: every op is its own kernel; the residual stream and norms run in fp32
+    norms = 2 * 8 * h / ts  # read + write fp32
+    casts = 2 * (4 + 2) * h if e == 2 else 0  # autocast's bf16 copies of the norm outputs
+    adds = 2 * (4 + e + 4) * h / ts  # residual adds (fp32 += compute dtype)
+    rope = 6 * (q + kv) * e if mc.position_embedding == "rope" else 0
+    copy_out = 2 * q * e if mc.position_embedding == "rope" else 0  # SDPA output to (B, T, H*D)
+    act = (5 if mc.activation == "swiglu" else 2) * inter * e
+    tp_extra = 0.0
+    if tp > 1:
+        tp_extra = 2 * 2 * h * e  # the clone before each all-reduce (or the reduce-scatter's output)
+        if mc.bias:
+            tp_extra += 2 * 2 * h * e / ts  # row-parallel bias added after the reduction
+    attn = 0.0 if prof.flash_attention else 4.5 * b * a * s * s * e
+    return N * (norms + casts + adds + rope + copy_out + act + tp_extra) + attn
+
+
+def compute_term(st: Step) -> tuple[float, float, float, float]:
+    """Seconds of (block forward, block backward, head forward, head backward) for one micro-batch on
+    one tp rank, without communication; the block's backward includes what recompute repeats."""
+    mc, b, s, tp = st.mc, st.b, st.s, st.layout.tp
+    flash = st.profile.flash_attention
+    gemm = layer_flops(mc, b, s, causal_half=flash) / tp / st.peak
+    elem = _elementwise_bytes(mc, tp, st.layout.sequence_parallel, b, s, st.e, st.profile) / st.hbm
+    fwd, bwd = gemm + elem, 2 * gemm + 2 * elem
+    if st.recompute == "full":
+        bwd += fwd
+    elif st.recompute == "selective":  # the attention core again
+        bwd += 4 * b * s * s * mc.num_attention_heads * mc.head_dim / tp / st.peak * (0.5 if flash else 1.0)
+    N, h, vocab = b * s, mc.hidden_size, st.vocab
+    head_gemm = 2 * N * h * vocab / st.peak
+    ce_bytes = 12 * N * vocab * 4 + 2 * vocab * h * 4  # softmax passes + the embedding's dense gradient
+    return fwd, bwd, head_gemm + ce_bytes / 3 / st.hbm, 2 * head_gemm + 2 * ce_bytes / 3 / st.hbm
+
+
+def tp_term(st: Step) -> tuple[float, float, float]:
+    """Seconds of one micro-batch's tensor-parallel collectives on one rank: (a block's forward, a
+    block's backward including what full recompute repeats, the embedding + vocab-parallel loss)."""
+    tp = st.layout.tp
+    if tp == 1:
+        return 0.0, 0.0, 0.0
+    ranks, c = st.ranks("tp"), st.cluster
+    N, h, e = st.b * st.s, st.mc.hidden_size, st.e
+    wide = N * h * (e if st.profile is MEGATRON_2021 else 4)  # our norms' outputs are fp32
+    if st.layout.sequence_parallel:  # per layer: 2 all-gathers + 2 reduce-scatters
+        fwd = bwd = 2 * collective_time(wide, ranks, c, "gather") + 2 * collective_time(N * h * e, ranks, c,
+                                                                                         "gather")
+    else:
+        fwd = 2 * collective_time(N * h * e, ranks, c)
+        bwd = 2 * collective_time(wide, ranks, c)
+    if st.recompute == "full":
+        bwd += fwd
+    head = 3 * collective_time(N * 4, ranks, c)  # vocab-parallel CE
+    head += 2 * collective_time(N * h * 4, ranks, c)  # embedding fwd, head input bwd
+    return fwd, bwd, head
+
+
+@dataclass(frozen=True)
+class Pipe:
+    time: float  # seconds of all micro-batch chunks on the busiest stage, bubble included
+    bubble: float
+    chunks: int  # chunk-micro-batches each stage runs
+    p2p: float  # seconds of one point-to-point action as exposed
+
+
+def pp_term(st: Step, f_chunk: float, b_chunk: float) -> Pipe:
+    """The pipeline around chunks taking f_chunk / b_chunk seconds (communication-free here): p2p per
+    action, the schedule's bubble from the simulator."""
+    layout, c, profile = st.layout, st.cluster, st.profile
+    pp, m, v = layout.pp, layout.micro_batches, layout.config.parallel.virtual_stages
+    if pp == 1:
+        return Pipe(m * (f_chunk + b_chunk), 0.0, m, 0.0)
+    tp, sp = layout.tp, layout.sequence_parallel
+    msg = st.b * (st.s // tp if sp else st.s) * st.mc.hidden_size * (st.e if profile is MEGATRON_2021 else 4)
+    ranks = st.ranks("pp")
+    p2p = max(p2p_time(msg, ranks[i], ranks[i + 1], c, tp, profile.scatter_gather) for i in range(pp - 1))
+    if profile.p2p_overlap:  # the receive was posted one action ahead: only its latency shows
+        latency = c.inter_latency_us if c.nodes > 1 else c.intra_latency_us
+        p2p = min(p2p, latency * 1e-6)
+    f_chunk += p2p
+    b_chunk += p2p
+    ratio = max(0.25, round(b_chunk / f_chunk * 4) / 4)  # a few shapes to simulate, cached
+    facts = schedule_facts(layout.config.parallel.schedule, pp, m, v, ratio)
+    busy = m * v * (f_chunk + b_chunk)
+    return Pipe(max(busy, facts.finish * (f_chunk + b_chunk) / (1 + ratio)), facts.bubble, m * v, p2p)
+
+
+def dp_term(st: Step, n_rank: int) -> float:
+    """Seconds of the synchronisation after the pipeline: the data-parallel gradient reduction and
+    ZeRO's parameter traffic over `n_rank` parameters, the tied embedding between first and last stage."""
+    layout, c = st.layout, st.cluster
+    zero = layout.config.optim.zero.stage
+    ranks = st.ranks("dp")
+    grad_bytes = 4 * n_rank
+    t = 0.0
+    if layout.dp > 1:
+        if layout.backend == "deepspeed":
+            t += 1.5 * collective_time(grad_bytes, ranks, c)  # reduce-scatter + all-gather
+            if zero == 3:  # gather parameters for every forward and backward, no prefetch
+                gathers = layout.micro_batches * (3 if st.recompute == "full" else 2)
+                t += gathers * collective_time(n_rank * st.e, ranks, c, "gather")
+        else:
+            t += collective_time(grad_bytes, ranks, c)
+            if zero == 1:  # ZeroRedundancyOptimizer broadcasts every parameter from its owner
+                t += collective_time(4 * n_rank, ranks, c, "gather")
+    if layout.pp > 1 and st.mc.tie_embeddings:
+        pp_ranks = st.ranks("pp")
+        t += collective_time(st.vocab * st.mc.hidden_size * 4, [pp_ranks[0], pp_ranks[-1]], c)
+    return t
+
+
+def optimizer_term(st: Step, n_rank: int) -> float:
+    """Seconds of the AdamW step (and clipping, bucketing) as memory traffic."""
+    zero, dp = st.layout.config.optim.zero.stage, st.layout.dp
+    t = st.profile.optimizer_bytes_per_param * n_rank / (dp if zero >= 1 else 1) / st.hbm
+    if zero >= 1:
+        t += 16 * n_rank / st.hbm  # clipping and bucketing still touch every gradient
+    return t
+
+
+def step_time(layout: Layout, cluster: Cluster, profile: Profile = OURS,
+              gemm_efficiency: float = GEMM_EFFICIENCY) -> Timing:
+    """Predicted time of one optimizer step of `layout` on `cluster`."""
+    st = Step.of(layout, cluster, profile, gemm_efficiency)
+    f, b, head_f, head_b = compute_term(st)
+    tp_f, tp_b, head_comm = tp_term(st)
+    # per chunk (the slowest stage decides); the stage holding the head runs it once per
+    # micro-batch, spread over its v chunks
+    v = layout.config.parallel.virtual_stages
+    chunk_layers = max(len(c.layers) for s in range(layout.pp) for c in layout.chunks(s))
+    f_chunk = chunk_layers * (f + tp_f) + (head_f + head_comm / 2) / v
+    b_chunk = chunk_layers * (b + tp_b) + (head_b + head_comm / 2) / v
+    pipe = pp_term(st, f_chunk, b_chunk)
+    comm = (tp_f + tp_b) * chunk_layers + head_comm / v + 2 * pipe.p2p
+    n_rank = max(rank_params(layout, s).total for s in range(layout.pp))
+    after = dp_term(st, n_rank)
+    opt = optimizer_term(st, n_rank)
+    step = pipe.time + after + opt
+    tokens = layout.global_batch_size * st.s
+    world = layout.world_size
+    hw = model_flops(st.mc, layout.global_batch_size, st.s, recompute=st.recompute == "full")
+    mf = model_flops(st.mc, layout.global_batch_size, st.s)
+    compute = pipe.chunks * (f_chunk + b_chunk + 2 * pipe.p2p) - comm
+    return Timing(step, compute, comm * pipe.chunks + after, pipe.bubble, opt, tokens / step,
+                  hw / step / world / 1e12, mf / step / world / (cluster.peak_tflops * 1e12))
