@@ -93,7 +93,8 @@ class ParallelConfig:
     order: str = "tp-dp-pp"  # rank layout, fastest-varying axis first
     schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"  # pipeline schedule (pp > 1)
     virtual_stages: int = 1  # model chunks per pipeline stage (interleaved schedule)
-    microbatches: Optional[int] = None  # micro-batches per step; sets train.grad_accum when given
+    # micro-batches per step and dp rank; another name for train.grad_accum (set one: Layout checks)
+    microbatches: Optional[int] = None
     partition: Literal["even", "params"] = "even"  # how blocks are split into pipeline pieces
     pp_layers: Optional[list[int]] = None  # explicit blocks per pipeline piece (overrides partition)
 

@@ -1,9 +1,10 @@
 """Data parallelism: average gradients over the data-parallel group, in buckets, once per step.
 
-Each dp rank runs its own micro-batches (the sampler hands rank r the r-th slice of every
-micro-batch round, see Trainer.step_batches) and accumulates their gradients locally; this one
-all-reduce per optimizer step — not per micro-batch — then makes the gradient the mean over the
-whole global batch, exactly as serial accumulation over all its micro-batches would.
+Each dp rank runs its own micro-batches (rank r takes the r-th slice of every micro-batch round:
+data.dataset.rank_micro_batch_starts, called by Trainer.next_batches) and accumulates their
+gradients locally; this one all-reduce per optimizer step — not per micro-batch — then makes the
+gradient the mean over the whole global batch, exactly as serial accumulation over all its
+micro-batches would.
 """
 
 from __future__ import annotations
