@@ -10,6 +10,13 @@ Peak activation memory per stage: the most micro-batches whose activations the s
 (peak in-flight), times the bytes autograd saves for one micro-batch through one piece (measured
 with saved-tensor hooks). 1F1B should hold at most p micro-batches on stage 0, GPipe m.
 
+Peak memory against m (stage 0, 1F1B and GPipe, m = 4..32): the process's resident-set high-water
+mark over one step above its level before the step (VmHWM after resetting it, glibc's mmap
+threshold fixed at 64 KiB so every tensor is returned to the system when freed and RSS follows
+the live tensors), and the bytes of messages the engine held at its peak (PipelineEngine.trace).
+1F1B's should be flat in m (at most pp micro-batches in flight, sends released as soon as the
+schedule proves them received); GPipe's grows with m.
+
 On this 2-core machine, pp ranks share the cores: compute times stretch, so the absolute bubble
 numbers carry that noise; the ratios to theory are what to read.
 
@@ -31,10 +38,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.plan_memory_probe import reset_peak, status_kib  # noqa: E402
 from benchmarks.report import spawn, write_json, write_section  # noqa: E402
 
 SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2))
 MICROBATCHES = (4, 8, 16)
+MEMORY_MICROBATCHES = (4, 8, 16, 32)
 
 
 def theory(pp: int, m: int, v: int) -> float:
@@ -58,7 +67,7 @@ def worker(rank, world, store, a, out):
         cfg = ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers,
                           num_attention_heads=4, max_sequence_length=a.seq, tie_embeddings=False)
         results = []
-        for schedule, v in SCHEDULES:
+        for schedule, v in SCHEDULES if not a.memory_only else ():
             chunks = stage_chunks(cfg, world, rank, v)
             model = GPT(cfg, seed=0, layers=[i for c in chunks for i in c.layers],
                         embed=any(c.first for c in chunks), head=any(c.last for c in chunks))
@@ -90,12 +99,43 @@ def worker(rank, world, store, a, out):
                                 "idle_no_prefetch": statistics.median(idle[False]),
                                 "theory": theory(world, m, v),
                                 "peak_inflight": peak, "activation_bytes_per_mb": act_bytes})
+        results += memory_rows(cfg, topo, groups, rank, world, a)
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
         if rank == 0:
             Path(out).write_text(json.dumps([r for rs in gathered for r in rs]))
     finally:
         dist.destroy_process_group()
+
+
+def memory_rows(cfg, topo, groups, rank, world, a) -> list[dict]:
+    """Stage peak memory of one training step against m, for 1F1B and GPipe."""
+    import torch.distributed as dist
+
+    from megatron_lite.model import GPT
+    from megatron_lite.pipeline.engine import PipelineEngine
+    from megatron_lite.pipeline.partition import stage_chunks
+    chunks = stage_chunks(cfg, world, rank, 1)
+    model = GPT(cfg, seed=0, layers=chunks[0].layers, embed=chunks[0].first, head=chunks[0].last)
+    rows = []
+    for schedule in ("1f1b", "gpipe"):
+        engine = PipelineEngine(model, chunks, rank, groups.pp_ranks, groups.pp, schedule,
+                                (a.micro, a.seq, a.hidden), torch.device("cpu"))
+        for m in MEMORY_MICROBATCHES:
+            g = torch.Generator().manual_seed(0)
+            batches = [(torch.randint(0, a.vocab, (a.micro, a.seq), generator=g),) * 2 for _ in range(m)]
+            engine.run(batches)  # warm-up: gradients allocated, lazily loaded code in place
+            dist.barrier()
+            before = status_kib("VmRSS")
+            reset_peak()
+            engine.run(batches)
+            peak = status_kib("VmHWM")
+            rows.append({"memory": schedule, "pp": world, "m": m, "stage": rank,
+                         "peak_mib": (peak - before) / 1024,
+                         "message_mib": engine.trace.peak_message_bytes / 2**20,
+                         "peak_inflight": engine.trace.peak_inflight})
+            dist.barrier()
+    return rows
 
 
 def activation_bytes(model, chunk, a) -> int:
@@ -121,10 +161,26 @@ def main() -> None:
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the peak memory against m (keeps the bubble results already written)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/pipeline.json"))
     a = p.parse_args()
+    # Every tensor of 64 KiB or more gets its own mapping, returned to the system when freed: the
+    # resident-set peak then follows the live tensors (glibc's adaptive threshold would keep freed
+    # activations in the heap after the first step and hide a later step's growth).
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     rows = spawn(worker, 2, a) + spawn(worker, 4, a)
-    write_json(a.out, {"shape": vars(a), "torch": torch.__version__, "rows": rows})
+    memory = [r for r in rows if "memory" in r]
+    rows = [r for r in rows if "memory" not in r]
+    if a.memory_only:
+        old = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
+        rows = old.get("rows", [])
+    write_json(a.out, {"shape": vars(a), "torch": torch.__version__, "rows": rows, "memory": memory})
+    mem = memory_table(memory, a)
+    write_section(ROOT / "docs/benchmarks.md", "pipeline_memory", mem)
+    print(mem)
+    if a.memory_only:
+        return
     table = [
         f"Model: {a.layers} layers x {a.hidden} wide, seq {a.seq}, micro-batch {a.micro}, "
         f"vocab {a.vocab}; gloo on this 2-core CPU (pp ranks share the cores); median of {a.steps} steps, "
@@ -150,6 +206,26 @@ def main() -> None:
                              f"{s0['peak_inflight']} | {mib / 2**20:.1f} |")
     write_section(ROOT / "docs/benchmarks.md", "pipeline", "\n".join(table))
     print("\n".join(table))
+
+
+def memory_table(memory: list[dict], a) -> str:
+    table = [
+        f"Stage 0 of the same model, one training step after a warm-up step; peak = resident-set "
+        f"high-water mark above the level before the step (MiB), messages = the engine's peak bytes "
+        f"of held messages (MiB); ratio = peak / peak at m = {MEMORY_MICROBATCHES[0]}.",
+        "",
+        "| schedule | pp | " + " | ".join(f"m={m}: peak / messages / ratio"
+                                         for m in MEMORY_MICROBATCHES) + " |",
+        "|---|---|" + "---|" * len(MEMORY_MICROBATCHES),
+    ]
+    for schedule in ("1f1b", "gpipe"):
+        for pp in (2, 4):
+            rs = {r["m"]: r for r in memory if r["memory"] == schedule and r["pp"] == pp and r["stage"] == 0}
+            first = rs[MEMORY_MICROBATCHES[0]]["peak_mib"]
+            cells = [f"{rs[m]['peak_mib']:.1f} / {rs[m]['message_mib']:.2f} / {rs[m]['peak_mib'] / first:.2f}"
+                     for m in MEMORY_MICROBATCHES]
+            table.append(f"| {schedule} | {pp} | " + " | ".join(cells) + " |")
+    return "\n".join(table)
 
 
 if __name__ == "__main__":

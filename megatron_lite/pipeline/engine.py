@@ -63,6 +63,16 @@ class PipelineEngine:
         self.poison_nonfinite = poison_nonfinite
         self.trace = StepTrace()
 
+    def _message_bytes(self, *holders) -> int:
+        """Bytes of the distinct message-sized buffers the holders reference (a sent output and
+        the output kept for its backward are one buffer)."""
+        storages = {}
+        for held in holders:
+            for t in held:
+                if tuple(t.shape) == tuple(self.act_shape):
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values())
+
     def _tag(self, a: Action) -> int:
         kind, mb, vs = message(a, self.stage, self.pp)
         return (mb * self.pp * self.v + vs) * 2 + (kind == "B")
@@ -144,8 +154,8 @@ class PipelineEngine:
                 g = grads.pop(key)
                 sends[i] = (comm.isend(g, self.pp_ranks[a.peer], self.group, self._tag(a)), g)
             self.trace.events.append((a.kind, t0, time.perf_counter()))
-            held = sum(t.numel() * t.element_size() for d in (inbox, grads) for t in d.values()) + \
-                sum(t.numel() * t.element_size() for _, t in sends.values())
+            held = self._message_bytes(outputs.values(), inbox.values(), grads.values(),
+                                       (t for _, t in sends.values()), (b for _, b in posted.values()))
             self.trace.peak_message_bytes = max(self.trace.peak_message_bytes, held)
             for j in releases.get(i, ()):  # its receiver has taken it: the wait returns at once
                 sends.pop(j)[0].wait()

@@ -219,3 +219,73 @@ def send_releases(lists: list[list[Action]]) -> list[dict[int, tuple[int, ...]]]
         if not progressed:
             raise RuntimeError("deadlock while ordering sends (simulate() names the stuck actions)")
     return releases
+
+
+def held_messages(lists: list[list[Action]], stage: int, prefetch: bool = True) -> int:
+    """The most message-sized buffers the executor holds at once on `stage` (activations sent
+    or about to be, received gradients, gradients to send, posted receive buffers), walking its
+    list the way pipeline/engine.py keeps them: a chunk's output lives until its backward and
+    until its send is released; a receive buffer from its posting (one receive ahead with
+    prefetch) until the forward or backward that uses it (a forward's input is then an
+    activation, not a message); a gradient for the previous stage from its backward until its
+    send is released. plan's pipeline memory term is this count times the message size, and the
+    engine's measured peak (StepTrace.peak_message_bytes) is checked against it."""
+    pp = len(lists)
+    acts = lists[stage]
+    v = max(a.chunk for a in acts) + 1
+    last_vs = pp * v - 1
+    releases = send_releases(lists)[stage]
+    receives = [i for i, a in enumerate(acts) if a.kind.startswith("RECV")]
+    holders: dict[tuple, set] = {}  # buffer -> what holds it (a buffer lives while anything does)
+
+    def hold(buf, by):
+        holders.setdefault(buf, set()).add(by)
+
+    def drop(buf, by):
+        holders.get(buf, set()).discard(by)
+        if buf in holders and not holders[buf]:
+            del holders[buf]
+
+    def post(k):
+        if k < len(receives):
+            a = acts[receives[k]]
+            hold((a.kind, a.mb, a.chunk), "posted")
+
+    sent_by: dict[int, tuple] = {}
+    forward_only = not any(a.kind == "B" for a in acts)  # evaluation: outputs go once sent
+    if prefetch:
+        post(0)
+    most, k = 0, 0
+    for i, a in enumerate(acts):
+        vs = a.chunk * pp + stage
+        key = (a.mb, a.chunk)
+        if a.kind.startswith("RECV"):
+            if not prefetch:
+                post(k)
+            k += 1
+            if prefetch:
+                post(k)
+        elif a.kind == "F":
+            if vs > 0:
+                drop(("RECV_F", *key), "posted")
+            if vs < last_vs:
+                hold(("out", *key), "outputs")
+        elif a.kind == "SEND_F":
+            hold(("out", *key), i)
+            sent_by[i] = ("out", *key)
+            if forward_only:
+                drop(("out", *key), "outputs")
+        elif a.kind == "B":
+            if vs < last_vs:
+                drop(("out", *key), "outputs")
+                drop(("RECV_B", *key), "posted")
+            if vs > 0:
+                hold(("grad", *key), "grads")
+        elif a.kind == "SEND_B":
+            hold(("grad", *key), i)
+            drop(("grad", *key), "grads")
+            sent_by[i] = ("grad", *key)
+        most = max(most, len(holders))
+        for j in releases.get(i, ()):
+            drop(sent_by.pop(j), j)
+    return most

@@ -82,29 +82,39 @@ def _case(rank, world, pp, tp, schedule, v, m, sp=False, variant="gpt2"):
 
 
 def _held_messages(rank, world):
-    """Messages a stage holds (sent and not yet released, received and not yet used) do not grow
-    with the number of micro-batches under 1F1B; under GPipe they do (every micro-batch is in
-    flight at once), which shows the measure can see growth."""
+    """The message buffers a stage holds (sent and not yet released, received and not yet used,
+    outputs awaiting their backward) are what schedules.held_messages predicts (plan's pipeline
+    term), for every schedule and m, forward-only too; under 1F1B they do not grow with m, under
+    GPipe they do (every micro-batch is in flight at once)."""
     from megatron_lite.config import ModelConfig
     from megatron_lite.distributed.topology import Topology
     from megatron_lite.model import GPT
     from megatron_lite.pipeline.engine import PipelineEngine
     from megatron_lite.pipeline.partition import stage_chunks
+    from megatron_lite.pipeline.schedules import build, build_forward_only, held_messages
     groups = Topology(pp=world).build(rank)
-    cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_attention_heads=2,
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=2 * world, num_attention_heads=2,
                       max_sequence_length=8)
-    chunks = stage_chunks(cfg, world, rank, 1)
-    stage = GPT(cfg, seed=0, layers=chunks[0].layers, embed=chunks[0].first, head=chunks[0].last)
+    message = 2 * 8 * 16 * 4  # one (micro-batch, sequence, hidden) fp32 tensor
     peaks = {}
-    for schedule in ("1f1b", "gpipe"):
+    for schedule, v in (("1f1b", 1), ("gpipe", 1), ("interleaved", 2)):
+        chunks = stage_chunks(cfg, world, rank, v)
+        stage = GPT(cfg, seed=0, layers=[i for c in chunks for i in c.layers],
+                    embed=any(c.first for c in chunks), head=any(c.last for c in chunks))
         engine = PipelineEngine(stage, chunks, rank, groups.pp_ranks, groups.pp, schedule, (2, 8, 16),
                                 torch.device("cpu"))
         for m in (4, 16):
-            engine.run([(torch.randint(0, 64, (2, 8)),) * 2 for _ in range(m)])
-            peaks[schedule, m] = engine.trace.peak_message_bytes
-    message = 2 * 8 * 16 * 4  # one (micro-batch, sequence, hidden) fp32 tensor
+            for forward_only in (False, True):
+                engine.run([(torch.randint(0, 64, (2, 8)),) * 2 for _ in range(m)], forward_only)
+                lists = build_forward_only(world, m, v) if forward_only else build(schedule, world, m, v)
+                want = held_messages(lists, rank) * message
+                assert engine.trace.peak_message_bytes == want, (schedule, m, forward_only, rank,
+                                                                  engine.trace.peak_message_bytes, want)
+                if not forward_only:
+                    peaks[schedule, m] = want
     assert peaks["1f1b", 16] == peaks["1f1b", 4] <= 2 * world * message, peaks
-    assert peaks["gpipe", 16] > 3 * peaks["gpipe", 4] > 0, peaks  # m + 1 messages at its peak
+    assert peaks["gpipe", 16] >= 3 * peaks["gpipe", 4] > 0, peaks  # m + 2 messages at its peak
+    assert peaks["interleaved", 16] == peaks["interleaved", 4], peaks
 
 
 def _world2(rank, world):
