@@ -262,7 +262,8 @@ def entry() -> None:
     """The `megatron-lite` console script: a distributed run ends without native teardown
     (comm.exit_process), which can abort a process that has finished its work."""
     code = main()
-    if int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1) > 1:
+    from .distributed.env import launched_world_size
+    if launched_world_size() > 1:
         from .distributed import comm
         comm.exit_process(code)
     sys.exit(code)

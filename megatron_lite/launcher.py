@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
+from .distributed.env import export as export_env
+from .distributed.env import slurm_node_name
 from .errors import LaunchError
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ def torchrun_argv(args, p: Job) -> list[str]:
         raise LaunchError(f"--nnodes={p.nnodes} needs a rendezvous: --rdzv-endpoint HOST:PORT (c10d, the "
                           f"same on every node) or --master-addr HOST --node-rank R (static).")
     if args.local_addr == "slurm":  # this node's NodeAddr: its hostname may resolve to loopback
-        args.local_addr = slurm_node_addr(os.environ.get("SLURMD_NODENAME", ""))
+        args.local_addr = slurm_node_addr(slurm_node_name())
     if args.local_addr:
         argv += ["--local-addr", args.local_addr]
         if args.rdzv_endpoint and args.rdzv_endpoint.rsplit(":", 1)[0] == args.local_addr:
@@ -128,7 +130,7 @@ def cmd_torchrun(args) -> int:
     setup_logging()
     p = size_job(args.config, args.overrides, args.nnodes, args.nproc_per_node)
     argv = torchrun_argv(args, p)
-    os.environ.update(torchrun_env(p.config, args.grace))
+    export_env(torchrun_env(p.config, args.grace))  # read by the agent torchrun_main starts in-process
     marker = requeue_marker(p.config.train.out_dir)
     if args.node_rank in (None, 0):
         marker.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..distributed.env import export as export_env
 from .tokenizer import BPETokenizer, ByteTokenizer, DataError, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,7 @@ def _cap(files: list[Path], max_bytes: int | None) -> list[Path]:
 
 def _hf_datasets():
     # Everything is local: never let datasets reach for the Hub.
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    export_env({"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}, overwrite=False)
     import datasets
     datasets.disable_progress_bars()
     return datasets

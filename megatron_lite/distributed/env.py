@@ -4,7 +4,9 @@
     env = RunEnv(rank=1, world_size=2, init_method="file:///tmp/store")   # tests build their own
 
 The trainer is handed a RunEnv and never reads os.environ itself, so a test (or a launcher) states
-the environment instead of patching it.
+the environment instead of patching it. The few other reads (the launcher's world size at exit, the
+SLURM node name) and every write (`export`: what DeepSpeed, HF datasets and the torchrun agent read
+from the environment; listed in docs/architecture.md) are the functions at the end of this module.
 
 Sources, in order:
   torchrun   RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR/PORT; the process
@@ -112,3 +114,27 @@ def first_host(nodelist: str) -> str:
     if not ranges:
         return prefix
     return prefix + ranges.split(",")[0].split("-")[0]
+
+
+# ---- the rest of the process environment: the package's other reads and its only writes ----------
+def launched_world_size(environ: Mapping[str, str] | None = None) -> int:
+    """The world size a launcher announced (torchrun's WORLD_SIZE, srun's SLURM_NTASKS), else 1.
+    Never raises: the console script reads it on its way out, after any error."""
+    env = os.environ if environ is None else environ
+    value = env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or "1"
+    return int(value) if value.isdigit() else 1
+
+
+def slurm_node_name() -> str:
+    """This node's name inside a SLURM job ('' outside one)."""
+    return os.environ.get("SLURMD_NODENAME", "")
+
+
+def export(values: Mapping[str, str], overwrite: bool = True) -> None:
+    """Write `values` into this process's environment, for libraries that read it themselves (and the
+    processes they start); with overwrite=False a variable the user set wins."""
+    for key, value in values.items():
+        if overwrite:
+            os.environ[key] = value
+        else:
+            os.environ.setdefault(key, value)

@@ -19,10 +19,9 @@ DeepSpeed gets:
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ..distributed.env import export as export_env
 from ..layout import Layout
 from ..parallel.grads import tied_embedding_copy
 
@@ -104,9 +103,9 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, layout:
                local_rank: int = 0):
     """Wrap model + optimizer in a DeepSpeed engine partitioning over the dp group."""
     # DeepSpeed reads these from the environment itself (it insists on LOCAL_RANK even when the
-    # process group exists): the one place our run environment is written back into os.environ.
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if next(model.parameters()).is_cuda else "cpu")
-    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    # process group exists): our run environment written back for it.
+    export_env({"DS_ACCELERATOR": "cuda" if next(model.parameters()).is_cuda else "cpu",
+                "LOCAL_RANK": str(local_rank)}, overwrite=False)
     import deepspeed
     for p in model.parameters():
         if getattr(p, "tensor_parallel", False):

@@ -7,7 +7,6 @@ import gc
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -21,6 +20,7 @@ import torch
 from ..config import Config
 from ..distributed import comm
 from ..distributed.env import RunEnv
+from ..distributed.env import export as export_env
 from ..train.trainer import Trainer, resolve_device
 from .compare import TOLERANCES, Diff, Row, compare
 from .report import format_header, format_row, header, print_now, report
@@ -82,7 +82,7 @@ def _join(env: RunEnv, sel: Selection) -> torch.device:
     comm.init(dev, env, sel.probe.launch.collective_timeout_s)
     if any(v.zero and v.zero.startswith("ds-") for v in sel.layouts):
         if dev.type == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            export_env({"DS_ACCELERATOR": "cpu"}, overwrite=False)
         import deepspeed  # noqa: F401 - now, so that its per-rank info lines can be turned down
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         # DeepSpeed 0.19 calls collectives torch 2.13 deprecates: one warning per call and rank.

@@ -1,11 +1,13 @@
 """The run environment (read from a launcher's variables in one place) and the Layout (every
 layout rule, checked before any process group): both built here without starting anything."""
 
+import os
+
 import pytest
 import torch.distributed as dist
 
 from megatron_lite.config import Config
-from megatron_lite.distributed.env import RunEnv, first_host
+from megatron_lite.distributed.env import RunEnv, export, first_host, launched_world_size
 from megatron_lite.errors import ConfigError, DataError, LaunchError, LayoutError, UserError
 from megatron_lite.layout import Layout
 
@@ -113,3 +115,19 @@ def test_only_rank_zero_logs_unless_a_record_is_for_all_ranks(capsys, restore_pa
         log.warning("stalled peer", extra={"all_ranks": True})
     out = capsys.readouterr().out.splitlines()
     assert out == ["hello from 0", "stalled peer", "[rank 1] stalled peer"]
+
+
+def test_launched_world_size_never_raises():
+    assert launched_world_size({}) == 1
+    assert launched_world_size({"WORLD_SIZE": "4"}) == 4
+    assert launched_world_size({"SLURM_NTASKS": "8"}) == 8
+    assert launched_world_size({"WORLD_SIZE": "four"}) == 1  # the exit path reads it after any error
+
+
+def test_export_keeps_what_the_user_set_unless_told(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    export({"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "3"}, overwrite=False)
+    assert os.environ["DS_ACCELERATOR"] == "cuda" and os.environ["LOCAL_RANK"] == "3"
+    export({"DS_ACCELERATOR": "cpu"})
+    assert os.environ["DS_ACCELERATOR"] == "cpu"

@@ -1,4 +1,5 @@
-"""No import cycles between megatron_lite modules, found by parsing the source with `ast` (nothing imported).
+"""No import cycles between megatron_lite modules, and no import against the documented layer order
+(docs/architecture.md), found by parsing the source with `ast` (nothing imported).
 
 Lazy imports (inside a function) count. A lazy import that closes a loop still means two modules depend on
 each other; it only works because of call order, and the first refactor that hoists it to module level turns
@@ -91,6 +92,61 @@ def find_cycles(graph: dict[str, set[str]]) -> list[str]:
             i = loop.index(min(loop))
             loops.add(tuple(loop[i:] + loop[:i]))
     return [" -> ".join(loop + loop[:1]) for loop in sorted(loops)]
+
+
+# The documented order, lowest first: a module may import its own layer and the ones below it. A key
+# is a module or package under megatron_lite (the longest matching prefix decides).
+LAYERS = [
+    ("errors", "logs"),
+    ("config", "slicing", "distributed.env"),  # slicing imports only torch; RunEnv only reads os.environ
+    ("model", "data"),
+    ("parallel", "distributed"),
+    ("pipeline",),
+    ("layout",),
+    ("optim", "checkpoint"),
+    ("train",),
+    ("plan", "verify", "launcher"),  # command modules, each with its own sub-parser
+    ("cli", "testing"),
+]
+
+
+def layer_of(module: str, layers=LAYERS) -> int | None:
+    """The layer index of a dotted module name (without the package name), None if unplaced."""
+    table = {key: i for i, keys in enumerate(layers) for key in keys}
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in table:
+            return table[".".join(parts[:n])]
+    return None
+
+
+def upward_imports(graph: dict[str, set[str]], package: str, layers=LAYERS) -> list[str]:
+    """Every import of a higher layer by a lower one, and every module the table does not place."""
+    rel = lambda mod: mod.removeprefix(package).lstrip(".")
+    out = [f"{m}: not in the layer table" for m in sorted(graph)
+           if m != package and layer_of(rel(m), layers) is None]
+    for mod in sorted(graph):
+        low = layer_of(rel(mod), layers)
+        for target in sorted(graph[mod]):
+            high = layer_of(rel(target), layers)
+            if low is not None and high is not None and high > low:
+                out.append(f"{mod} (layer {low}) imports {target} (layer {high})")
+    return out
+
+
+def test_imports_follow_the_documented_layers():
+    wrong = upward_imports(import_graph(ROOT, "megatron_lite"), "megatron_lite")
+    assert not wrong, "imports against the order in docs/architecture.md:\n  " + "\n  ".join(wrong)
+
+
+def test_layer_checker_finds_an_upward_import_and_an_unplaced_module(tmp_path):
+    _make_package(tmp_path, "lay", {"__init__.py": "", "low.py": "def f():\n    from .high import x\n",
+                                    "high.py": "from .low import f\n", "extra.py": ""})
+    layers = [("low",), ("high",)]
+    assert upward_imports(import_graph(tmp_path, "lay"), "lay", layers) == [
+        "lay.extra: not in the layer table", "lay.low (layer 0) imports lay.high (layer 1)"]
+    assert upward_imports(import_graph(tmp_path, "lay"), "lay", [("low", "extra"), ("high",)]) == [
+        "lay.low (layer 0) imports lay.high (layer 1)"]
 
 
 def test_package_has_no_import_cycles():
