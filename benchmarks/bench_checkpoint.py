@@ -153,11 +153,11 @@ def parallel_worker(rank, world, store, name, kind, directory, out):
 def measure_parallel(name: str, work: Path, serial_path: Path) -> list[dict]:
     """tp=2 and dp=2 saves of `name`; then loading the tp=2 checkpoint into a serial model
     (resharded) against loading the serial one (same layout), in this process."""
-    from benchmarks.report import spawn
+    from megatron_lite.testing import spawn_json
     cfg = ModelConfig(**MODELS[name])
     rows = []
     for kind in ("dp", "tp"):
-        res = spawn(parallel_worker, 2, name, kind, str(work / kind))
+        res = spawn_json(parallel_worker, 2, name, kind, str(work / kind))
         row = {"model": name, "layout": f"{kind}=2", "save_s": res["save_s"],
                "bytes_per_rank": res["bytes_per_rank"]}
         if kind == "tp":

@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_json, write_section  # noqa: E402
+from megatron_lite.testing import tiny_overrides  # noqa: E402
 from megatron_lite.train.metrics import read_metrics  # noqa: E402
-from tests.conftest import tiny_overrides  # noqa: E402
 from tests.e2e.faults import (  # noqa: E402
     alive,
     children,

@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.plan_memory_probe import reset_peak, status_kib  # noqa: E402
-from benchmarks.report import spawn, write_json, write_section  # noqa: E402
+from benchmarks.report import write_json, write_section  # noqa: E402
+from megatron_lite.testing import spawn_json  # noqa: E402
 
 SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2))
 MICROBATCHES = (4, 8, 16)
@@ -169,7 +170,7 @@ def main() -> None:
     # resident-set peak then follows the live tensors (glibc's adaptive threshold would keep freed
     # activations in the heap after the first step and hide a later step's growth).
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    rows = spawn(worker, 2, a) + spawn(worker, 4, a)
+    rows = spawn_json(worker, 2, a) + spawn_json(worker, 4, a)
     memory = [r for r in rows if "memory" in r]
     rows = [r for r in rows if "memory" not in r]
     if a.memory_only:

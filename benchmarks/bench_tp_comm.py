@@ -38,9 +38,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import spawn, write_json, write_section  # noqa: E402
+from benchmarks.report import write_json, write_section  # noqa: E402
 from megatron_lite.config import ModelConfig  # noqa: E402
 from megatron_lite.model import GPT  # noqa: E402
+from megatron_lite.testing import spawn_json  # noqa: E402
 
 
 def model_cfg(a) -> ModelConfig:
@@ -138,7 +139,7 @@ def main() -> None:
     results["runs"]["tp1"] = {"step_s": statistics.median(serial_times)}
     rows = []
     for sp in (False, True):
-        r = spawn(worker, a.tp, a, sp)
+        r = spawn_json(worker, a.tp, a, sp)
         want = analytic(a, sp, r["p_sp"])
         got = {k: r["bytes"].get(k, 0) for k in set(want) | set(r["bytes"])}
         ratio = {k: (got[k] / want[k] if want.get(k) else float("inf")) for k in got}

@@ -28,7 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import spawn, write_json, write_section  # noqa: E402
+from benchmarks.report import write_json, write_section  # noqa: E402
+from megatron_lite.testing import spawn_json  # noqa: E402
 
 VARIANTS = [("stage 0 (AdamW)", 0, "native"), ("stage 1 native", 1, "native"),
             ("stage 1 DeepSpeed", 1, "deepspeed"), ("stage 2 DeepSpeed", 2, "deepspeed"),
@@ -147,7 +148,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/zero.json"))
     a = p.parse_args()
-    rows = spawn(worker, 2, a) + spawn(worker, 4, a)
+    rows = spawn_json(worker, 2, a) + spawn_json(worker, 4, a)
     write_json(a.out, {"shape": vars(a), "torch": torch.__version__, "rows": rows})
     n = rows[0]["params"]
     table = [f"Model: {a.layers} layers x {a.hidden} wide, vocab {a.vocab} ({n / 1e6:.2f}M params, fp32); "

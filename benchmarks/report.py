@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 HEADER = ("# Benchmarks\n\nEach section is written by the script named in it; the raw numbers are in "
@@ -29,12 +27,3 @@ def write_section(path: Path, name: str, body: str) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
 
-
-def spawn(worker, world: int, *args):
-    """Run worker(rank, world, store_path, *args, out_path) on `world` processes (file-store
-    rendezvous) and return the JSON rank 0 wrote to out_path."""
-    import torch.multiprocessing as mp
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "out.json")
-        mp.spawn(worker, args=(world, os.path.join(d, "store"), *args, out), nprocs=world, join=True)
-        return json.loads(Path(out).read_text())

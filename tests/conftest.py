@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_lite.testing import tiny_overrides  # shared with the benchmarks; also used below
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # DeepSpeed on CPU, reusing the ops `make warm` compiled (the same defaults as the Makefile's).
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -18,17 +20,6 @@ def corpus_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "stdlib_small"
     prepare(["stdlib"], out, tokenizer="bpe", vocab_size=512, max_bytes=400_000)
     return out
-
-
-def tiny_overrides(data_dir, *extra: str) -> list[str]:
-    """Dotted overrides for a tiny, fast model on the small corpus (later entries win)."""
-    return [
-        "model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=4",
-        "model.max_sequence_length=32", f"data.dir={data_dir}", "data.micro_batch_size=4",
-        "train.steps=20", "train.eval_interval=10", "train.eval_iters=2", "train.progress=false",
-        "train.sample_tokens=0", "train.device=cpu", "optim.warmup_steps=5", "optim.lr=3e-3",
-        "checkpoint.interval=100", "log.interval=5", "parallel.make_vocab_divisible_by=8", *extra,
-    ]
 
 
 @pytest.fixture

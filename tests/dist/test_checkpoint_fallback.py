@@ -1,7 +1,7 @@
 """Ranks agree on the checkpoint to resume: when only rank 1's shard of the newest checkpoint is
 damaged, rank 1 names the file and *both* ranks fall back to the previous one (tp=2, gloo)."""
 
-from tests.dist.harness import run_ranks
+from megatron_lite.testing import run_ranks
 
 
 def _fallback(rank, world, data_dir, out):

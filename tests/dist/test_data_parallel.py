@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 import torch
 
-from tests.dist.harness import run_ranks
+from megatron_lite.testing import run_ranks
 
 STEPS = 5
 

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("deepspeed")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from tests.dist.harness import run_ranks  # noqa: E402
+from megatron_lite.testing import run_ranks  # noqa: E402
 from tests.dist.test_data_parallel import _check  # noqa: E402
 
 DS = "optim.zero.backend=deepspeed"

@@ -5,7 +5,7 @@ weights, tp=2 on gloo. fairscale is a test-only extra; its RNG tracker needs CUD
 import pytest
 import torch
 
-from tests.dist.harness import run_ranks
+from megatron_lite.testing import run_ranks
 
 fairscale = pytest.importorskip("fairscale")
 TOL = dict(rtol=1e-12, atol=1e-12)

@@ -7,7 +7,7 @@ parallelism. float64, so differences are summation-order rounding only (1e-9 rel
 import pytest
 import torch
 
-from tests.dist.harness import run_ranks
+from megatron_lite.testing import run_ranks
 
 TOL = dict(rtol=1e-9, atol=1e-11)
 

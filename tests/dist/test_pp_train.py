@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from tests.conftest import cli, tiny_overrides
+from megatron_lite.testing import tiny_overrides
+from tests.conftest import cli
 from tests.dist.test_tp_train import train
 
 

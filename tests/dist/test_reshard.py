@@ -14,7 +14,8 @@ import torch
 
 from megatron_lite.checkpoint import CheckpointManager, read_manifest
 from megatron_lite.checkpoint.store import Store
-from tests.conftest import cli, tiny_overrides
+from megatron_lite.testing import tiny_overrides
+from tests.conftest import cli
 from tests.dist.test_tp_train import train
 
 DS = "optim.zero.backend=deepspeed"

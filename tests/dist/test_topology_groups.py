@@ -2,7 +2,7 @@
 
 import torch
 
-from tests.dist.harness import run_ranks
+from megatron_lite.testing import run_ranks
 
 
 def _groups(rank, world):

@@ -4,7 +4,7 @@ replicated regions, and a fixed seed reproduces a run exactly (2 gloo ranks)."""
 import torch
 import torch.nn.functional as F
 
-from tests.dist.harness import run_ranks
+from megatron_lite.testing import run_ranks
 
 
 def _gather(t, group):

@@ -15,7 +15,7 @@ import torch
 
 from megatron_lite.config import ModelConfig
 from megatron_lite.model import GPT
-from tests.dist.harness import run_ranks
+from megatron_lite.testing import run_ranks
 
 VARIANTS = {
     # GPT-2 style, vocab 101 divisible by neither tp=2 nor tp=4 (padding must be invisible)

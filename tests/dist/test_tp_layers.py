@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.dist.harness import run_ranks
+from megatron_lite.testing import run_ranks
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 

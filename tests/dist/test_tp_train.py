@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli, tiny_overrides
+from megatron_lite.testing import tiny_overrides
+from tests.conftest import ROOT, cli
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

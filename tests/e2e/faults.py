@@ -11,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_lite.testing import tiny_overrides
 from megatron_lite.train.metrics import read_metrics
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT
 
 
 def overrides(data_dir, out_dir, *extra: str) -> list[str]:

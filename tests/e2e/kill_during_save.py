@@ -8,8 +8,8 @@ from pathlib import Path
 
 from megatron_lite.checkpoint.store import ShardWriter
 from megatron_lite.config import Config
+from megatron_lite.testing import tiny_overrides
 from megatron_lite.train import Trainer
-from tests.conftest import tiny_overrides
 
 if __name__ == "__main__":
     ready, out, data, mode = sys.argv[1:5]

@@ -328,7 +328,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_chosen(corpus_dir,
     assert CheckpointManager(ckpts).latest().name == "step_00000002"
     assert cli("checkpoint", "verify", str(out)).returncode == 0
     from megatron_lite.config import Config
-    from tests.conftest import tiny_overrides
+    from megatron_lite.testing import tiny_overrides
     again = Trainer(Config.from_yaml(None, tiny_overrides(corpus_dir, f"train.out_dir={out}",
                                                           "train.steps=8", "checkpoint.interval=2",
                                                           "optim.warmup_steps=1")))

@@ -15,7 +15,7 @@ from megatron_lite.distributed.env import RunEnv
 from megatron_lite.distributed.stop import ORPHANED, StopRequests
 from megatron_lite.errors import LaunchError
 from megatron_lite.launcher import add_parsers, sbatch_script, size_job, torchrun_argv, torchrun_env
-from tests.conftest import tiny_overrides
+from megatron_lite.testing import tiny_overrides
 
 
 def _parse(*argv: str):
