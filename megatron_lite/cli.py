@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -82,6 +83,10 @@ def _stopped_early(cfg, env, trainer, reason: str, marker) -> int:
 def cmd_prepare(args) -> None:
     from .data import prepare
     from .logs import setup_logging
+    if args.seed < 0:  # numpy's generators take non-negative seeds only
+        raise UsageError(f"--seed={args.seed} must be >= 0.")
+    if args.max_bytes < 0:
+        raise UsageError(f"--max-bytes={args.max_bytes} must be >= 0 (0 = the whole corpus).")
     setup_logging()
     prepare(args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
             val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
@@ -96,12 +101,7 @@ def cmd_generate(args) -> None:
     from .data import load_tokenizer
     from .model import GPT, generate
     from .train.trainer import resolve_device
-    if args.temperature < 0:
-        raise UsageError(f"--temperature={args.temperature} must be >= 0 (0 = greedy decoding).")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k={args.top_k} must be >= 0 (0 = no top-k filtering).")
-    if args.max_new_tokens < 0:
-        raise UsageError(f"--max-new-tokens={args.max_new_tokens} must be >= 0.")
+    _check_sampling(args)
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as lone surrogates
@@ -123,6 +123,24 @@ def cmd_generate(args) -> None:
     out = generate(model, x, args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k or None, generator=g)
     print(tok.decode(out[0].tolist()))
+
+
+SEED_MAX = 2**63 - 1  # torch's generators take a signed 64-bit seed
+MAX_NEW_TOKENS = 1_000_000  # the sampled ids stay in memory; more would run for days, not fail
+
+
+def _check_sampling(args) -> None:
+    """Sampling arguments in the ranges torch accepts, each refused in one sentence (nan and inf
+    compare false with every bound, so they are named before the range checks)."""
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UsageError(f"--temperature={args.temperature} must be a finite number >= 0 (0 = greedy "
+                         f"decoding).")
+    if args.top_k < 0:  # any larger value keeps the whole vocabulary
+        raise UsageError(f"--top-k={args.top_k} must be >= 0 (0 = no top-k filtering).")
+    if not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise UsageError(f"--max-new-tokens={args.max_new_tokens} must be between 0 and {MAX_NEW_TOKENS:,}.")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise UsageError(f"--seed={args.seed} must be between 0 and 2**63-1 = {SEED_MAX}.")
 
 
 def cmd_checkpoint_verify(args) -> None:
@@ -248,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if _speaks():
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except PeerFailure as e:
         print(f"error: {e}", file=sys.stderr)
@@ -256,6 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _speaks() -> bool:
+    """Whether this process prints a user error. Under a launcher every rank runs the same checks
+    and fails with the same sentence: the first process of each node says it, so a plain torchrun
+    job prints it once, not once per rank."""
+    from .distributed.env import RunEnv
+    try:
+        return RunEnv.from_environ().local_rank == 0
+    except UserError:
+        return True  # the launcher's environment is itself broken: every process says so
 
 
 def entry() -> None:

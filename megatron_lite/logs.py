@@ -4,8 +4,9 @@
     log.info("...")                           # shown on rank 0 only
     log.warning("...", extra={"all_ranks": True})   # shown by every rank (prefixed with it)
 
-Lines go through tqdm.write, so a progress bar on the same terminal is redrawn below them
-instead of being torn.
+Information goes to stdout; warnings and errors (a damaged checkpoint named, a fallback) to
+stderr, where the CLI's `error:` lines go too. Lines go through tqdm.write, so a progress bar on the
+same terminal is redrawn below them instead of being torn.
 """
 
 from __future__ import annotations
@@ -41,14 +42,20 @@ class TqdmHandler(logging.StreamHandler):
 
 
 def setup_logging(rank: int = 0, level: int = logging.INFO) -> logging.Logger:
-    """Route the package's log records to stdout through one rank-filtered handler."""
+    """Route the package's log records through two rank-filtered handlers: below WARNING to
+    stdout, WARNING and above to stderr."""
     logger = logging.getLogger("megatron_lite")
     for h in [h for h in logger.handlers if isinstance(h, TqdmHandler)]:
         logger.removeHandler(h)
-    handler = TqdmHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.addFilter(RankZeroFilter(rank))
-    logger.addHandler(handler)
+    for stream, low, high in ((sys.stdout, logging.NOTSET, logging.WARNING),
+                              (sys.stderr, logging.WARNING, None)):
+        handler = TqdmHandler(stream)
+        handler.setLevel(low)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        if high is not None:
+            handler.addFilter(lambda record, high=high: record.levelno < high)
+        handler.addFilter(RankZeroFilter(rank))
+        logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
     return logger

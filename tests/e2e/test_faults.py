@@ -118,6 +118,18 @@ def test_a_bad_config_is_one_sentence_before_any_worker_starts(corpus_dir, tmp_p
     assert "1 nodes x 3 processes per node = 3, but parallel.tp=1 x pp=1 x dp=2 = 2" in text
 
 
+def test_a_bad_config_under_plain_torchrun_is_said_once(corpus_dir, tmp_path):
+    """The user's own torchrun (no launcher preflight): both ranks fail the same check, exit 2, and
+    the first process of the node alone prints the sentence."""
+    torchrun = ["torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                *train_argv(*overrides(corpus_dir, tmp_path / "run", "parallel.dp=2", "optim.lr=-1"))]
+    code, text = run(torchrun, tmp_path / "a.log", timeout=180)
+    assert code != 0
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert errors == ["error: optim.lr=-1.0 must be positive."], text
+    assert "exitcode  : 2" in text and "]: Traceback" not in text, text
+
+
 @pytest.mark.parametrize("how", ["kill", "stall"])
 def test_a_dead_or_stalled_rank_ends_every_rank_within_the_timeout(corpus_dir, tmp_path, how):
     out = tmp_path / "run"

@@ -76,6 +76,13 @@ def test_cli_reports_user_errors_in_one_line_without_traceback(tmp_path):
         ["train", "--config", str(ROOT / "configs/tiny.yaml"), "optim.lr=1e39"],
         ["generate", "--checkpoint", str(tmp_path), "--temperature", "-1"],
         ["generate", "--checkpoint", str(tmp_path), "--top-k", "-5"],
+        ["generate", "--checkpoint", str(tmp_path), "--temperature", "nan"],
+        ["generate", "--checkpoint", str(tmp_path), "--temperature", "inf"],
+        ["generate", "--checkpoint", str(tmp_path), "--seed", str(2**63)],
+        ["generate", "--checkpoint", str(tmp_path), "--seed", "-1"],
+        ["generate", "--checkpoint", str(tmp_path), "--max-new-tokens", str(10**12)],
+        ["prepare-data", "--out", str(tmp_path / "o"), "--seed", "-1"],
+        ["prepare-data", "--out", str(tmp_path / "o"), "--max-bytes", "-1"],
         ["generate", "--checkpoint", str(tmp_path), "--prompt", os.fsdecode(b"def \xff(")],  # not UTF-8
     ]
     for args in cases:
@@ -84,6 +91,14 @@ def test_cli_reports_user_errors_in_one_line_without_traceback(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
         assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()  # nothing written
+    # Under a launcher only the first process of each node says it (every rank runs the same checks).
+    bad = ["train", "--config", str(ROOT / "configs/tiny.yaml"), "optim.lr=-1"]
+    second = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    r = cli(*bad, env=second)
+    assert r.returncode == 2 and r.stderr == "" and r.stdout == "", r.stderr
+    r = cli(*bad, env=dict(second, RANK="0", LOCAL_RANK="0"))
+    assert r.returncode == 2 and r.stderr == "error: optim.lr=-1.0 must be positive.\n", r.stderr
 
 
 @pytest.mark.parametrize("override, words", [
