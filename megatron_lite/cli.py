@@ -16,6 +16,9 @@ import sys
 from .errors import PeerFailure, UsageError, UserError
 
 log = logging.getLogger("megatron_lite.cli")
+SEPARATOR_HELP = ("the token that ends every document with a loaded tokenizer: eos, bos or a token, e.g. "
+                  "'<|end_of_text|>' (default: the one recorded with it, else its eos, else its bos, else "
+                  "<|endoftext|>)")
 
 
 def cmd_train(args) -> int:
@@ -90,7 +93,7 @@ def cmd_prepare(args) -> None:
     setup_logging()
     prepare(args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
             val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
-            max_bytes=args.max_bytes or None, force=args.force)
+            max_bytes=args.max_bytes or None, force=args.force, separator=args.separator)
 
 
 def cmd_generate(args) -> None:
@@ -181,7 +184,9 @@ def cmd_checkpoint_export(args) -> None:
 
 def cmd_checkpoint_import(args) -> None:
     from .checkpoint.hf import import_hf
-    path = import_hf(args.dir, args.out)
+    from .logs import setup_logging
+    setup_logging()  # says which document separator it chose
+    path = import_hf(args.dir, args.out, separator=args.separator)
     print(f"wrote {path} (step 0) and {os.path.join(args.out, 'config.yaml')}; train on with `megatron-lite "
           f"train --config {os.path.join(args.out, 'config.yaml')} data.dir=DIR` at any layout (prepare DIR "
           f"with --tokenizer {path / 'tokenizer.json'})")
@@ -210,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on the stdlib corpus size in bytes (0 = all of it)")
     d.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
     d.add_argument("--force", action="store_true", help="rebuild even if --out is already prepared")
+    d.add_argument("--separator", help=SEPARATOR_HELP)
     d.set_defaults(func=cmd_prepare)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint (KV-cached decoding)")
@@ -251,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("dir", help="a directory written by save_pretrained (config.json, safetensors, tokenizer)")
     m.add_argument("--format", choices=["hf"], default="hf", help="hf: GPT-2 or Llama models")
     m.add_argument("--out", required=True, help="a new run directory (train.out_dir)")
+    m.add_argument("--separator", help=SEPARATOR_HELP)
     m.set_defaults(func=cmd_checkpoint_import)
 
     from .verify.cli import add_parser as add_verify_parser

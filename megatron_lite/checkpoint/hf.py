@@ -18,22 +18,35 @@ rotate-half convention with inv_freq = theta^(-2i/D), the one HF's Llama impleme
 need no permutation. Attention scales by 1/sqrt(head_dim) in all three. A model without biases
 exports to GPT-2 with zero biases (exact: adding 0.0 changes nothing).
 
+Import reads the weights itself (safetensors, sharded or not, or pytorch_model.bin) and takes every
+tensor the model needs from them: the names and shapes are checked against what the config needs
+before anything is read, so a missing, extra or misshapen tensor is refused by name (transformers'
+from_pretrained would fill a missing one with random values). The tokenizer must encode text within
+the model's vocabulary; its document separator (eos, else bos, else <|endoftext|>, or --separator)
+is recorded with it, and export makes it transformers' bos and eos token.
+
 transformers is optional (the `hf` extra): it is imported here, lazily, and only by these two
 functions; without it they raise one sentence naming the extra.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
+from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..config import Config, ModelConfig, TrainConfig
-from ..data import ByteTokenizer, load_tokenizer
+from ..data import BPETokenizer, ByteTokenizer, load_tokenizer
 from ..data.tokenizer import EOT
 from ..errors import CheckpointError, ConfigError, UsageError
 from ..model import GPT
@@ -254,14 +267,15 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _write_tokenizer(src: Path, out: Path, max_len: int) -> int | None:
-    """tokenizer.json (+ config, special tokens) of the checkpoint's tokenizer; its end-of-text id,
-    or None when the checkpoint carries no tokenizer."""
+    """tokenizer.json (+ config, special tokens) of the checkpoint's tokenizer, whose document
+    separator becomes transformers' bos and eos token; its id, or None when the checkpoint carries no
+    tokenizer."""
     if not (src / "meta.json").is_file():
         return None
     tok = load_tokenizer(src)
     backend = _byte_tokenizer() if isinstance(tok, ByteTokenizer) else tok.tok
     backend.save(str(out / "tokenizer.json"))
-    special = {"bos_token": EOT, "eos_token": EOT}
+    special = {"bos_token": tok.separator, "eos_token": tok.separator}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": max_len,
@@ -304,10 +318,42 @@ def export_hf(src: str | Path, out: str | Path) -> dict:
 
 
 # ---- import -----------------------------------------------------------------------------------------
-def _read_tokenizer(tf, src: Path, vocab_size: int):
-    """The HF tokenizer of `src` as an HF `tokenizers` Tokenizer our data pipeline can use."""
+WEIGHTS = (("model.safetensors", "model.safetensors.index.json"),
+           ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+PREFIX = {GPT2: "transformer.", LLAMA: "model."}  # what a base model saved alone lacks
+LAYERS = {GPT2: "n_layer", LLAMA: "num_hidden_layers"}
+# Buffers older transformers versions saved with the weights (GPT-2's causal mask, Llama's RoPE
+# frequencies): recomputed, never learned, so they are skipped when present.
+BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$|\.rotary_emb\.inv_freq$")
+LAYER = re.compile(r"^(.*?\.(?:h|layers)\.(\d+)\.)")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
+@contextlib.contextmanager
+def _quiet(tf):
+    """transformers' own log lines and warnings (advice on the config, tokenizer conversion notes)
+    would print before, or instead of, our one sentence: silenced while it reads config and tokenizer.
+    (Its load report never prints: the weights are read by _Weights, not by from_pretrained.)"""
+    level = tf.utils.logging.get_verbosity()
+    tf.utils.logging.set_verbosity_error()
     try:
-        hf_tok = tf.AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        tf.utils.logging.set_verbosity(level)
+
+
+def _read_tokenizer(tf, src: Path, vocab_size: int, separator: str | None) -> BPETokenizer:
+    """The HF tokenizer of `src`, with its document separator (see data/tokenizer.py), refused unless
+    it encodes text within the model's vocabulary."""
+    if not any((src / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{str(src)!r} holds no tokenizer (no tokenizer.json or "
+                              f"tokenizer_config.json); add the model's tokenizer (its save_pretrained "
+                              f"files) to import it.")
+    try:
+        with _quiet(tf):
+            hf_tok = tf.AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a missing/odd tokenizer
         raise CheckpointError(f"{str(src)!r} holds no tokenizer transformers can load as a fast tokenizer "
                               f"({' '.join(str(e).split())[:160]}); add its tokenizer.json.") from None
@@ -315,59 +361,202 @@ def _read_tokenizer(tf, src: Path, vocab_size: int):
     if backend is None:
         raise CheckpointError(f"{str(src)!r} holds only a slow (Python) tokenizer; add its tokenizer.json "
                               f"(a fast tokenizer) to import it.")
-    if backend.token_to_id(EOT) is None:
-        raise CheckpointError(f"the tokenizer in {str(src)!r} has no {EOT!r} token, which megatron_lite uses "
-                              f"to separate documents; add it as a special token (within the model's "
-                              f"vocabulary) to import it.")
-    if backend.get_vocab_size() > vocab_size:
-        raise CheckpointError(f"the tokenizer in {str(src)!r} has {backend.get_vocab_size()} tokens, more "
-                              f"than the model's vocab_size={vocab_size}; it does not belong to this model.")
-    return backend
+    named = {"eos": getattr(hf_tok, "eos_token", None), "bos": getattr(hf_tok, "bos_token", None)}
+    tok = BPETokenizer.choosing(backend, separator, named, f"the tokenizer in {str(src)!r}")
+    if tok.vocab_size > vocab_size:
+        raise CheckpointError(f"the tokenizer in {str(src)!r} has {tok.vocab_size} tokens, more than the "
+                              f"model's vocab_size={vocab_size}; it does not belong to this model.")
+    return tok
 
 
-def _load(src: Path, what: str, fn):
-    """fn() (a transformers loader), its failure as one sentence instead of a traceback."""
+def _load_config(tf, src: Path):
+    """transformers' config of `src`, its failure as one sentence instead of a traceback."""
     try:
-        return fn()
+        with _quiet(tf):
+            return tf.AutoConfig.from_pretrained(str(src), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ...
-        raise CheckpointError(f"transformers cannot load the {what} in {str(src)!r} "
+        raise CheckpointError(f"transformers cannot load the config in {str(src)!r} "
                               f"({' '.join(str(e).split())[:200]}); pass a directory written by "
                               f"save_pretrained.") from None
 
 
-def import_hf(src: str | Path, run: str | Path) -> Path:
+class _Weights:
+    """The tensors of a transformers model directory by name, read by us (never by transformers, which
+    fills what is missing with random values): shapes from the file headers first, values on demand.
+    safetensors (one file, or the shards model.safetensors.index.json lists), else pytorch_model.bin
+    (weights_only: nothing but tensors is unpickled)."""
+
+    def __init__(self, src: Path, arch: str):
+        self.src = src
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._get: dict[str, Callable[[], torch.Tensor]] = {}
+        for file in self._files():
+            self._open(file)
+        prefix = PREFIX[arch]
+        if not any(n.startswith(prefix) for n in self.shapes):  # a base model saved alone
+            rename = {n: n if n.startswith("lm_head.") else prefix + n for n in self.shapes}
+            self.shapes = {rename[n]: s for n, s in self.shapes.items()}
+            self._get = {rename[n]: g for n, g in self._get.items()}
+        for n in [n for n in self.shapes if BUFFERS.search(n)]:
+            del self.shapes[n], self._get[n]
+
+    def _files(self) -> list[Path]:
+        for single, index in WEIGHTS:
+            if (self.src / single).is_file():
+                return [self.src / single]
+            if (self.src / index).is_file():
+                return self._shards(index)
+        raise CheckpointError(f"{str(self.src)!r} holds no model weights (model.safetensors, "
+                              f"pytorch_model.bin or a sharded index of either); pass a directory written by "
+                              f"save_pretrained.")
+
+    def _shards(self, index: str) -> list[Path]:
+        try:
+            shards = json.loads((self.src / index).read_text())["weight_map"].values()
+            names = sorted({str(n) for n in shards})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{str(self.src / index)!r} is corrupt (no weight_map of tensor names to "
+                                  f"files); save the model again with save_pretrained.") from None
+        # A shard must be a plain file beside the index: a path leading elsewhere is not followed.
+        bad = [n for n in names if Path(n).name != n or not (self.src / n).is_file()]
+        if bad:
+            raise CheckpointError(f"{str(self.src / index)!r} lists the shard {bad[0]!r}, which is not a "
+                                  f"file in that directory; copy every shard next to it.")
+        return [self.src / n for n in names]
+
+    def _open(self, file: Path) -> None:
+        try:
+            if file.name.endswith(".safetensors"):
+                from safetensors import safe_open
+                handle = safe_open(str(file), "pt")
+                for n in handle.keys():
+                    self.shapes[n] = tuple(handle.get_slice(n).get_shape())
+                    self._get[n] = functools.partial(handle.get_tensor, n)
+            else:
+                sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                for n, t in sd.items():
+                    self.shapes[n], self._get[n] = tuple(t.shape), functools.partial(sd.__getitem__, n)
+        except Exception as e:  # noqa: BLE001 - safetensors and torch.load raise many kinds
+            raise CheckpointError(f"cannot read the weights file {str(file)!r} "
+                                  f"({' '.join(str(e).split())[:160]}); save the model again with "
+                                  f"save_pretrained.") from None
+
+    def check(self, want: dict[str, tuple[int, ...]], layers: str, n_layers: int, optional=()) -> None:
+        """Exactly the tensors `want` names, with its shapes (`optional` ones may be present too)."""
+        where = f"the weights in {str(self.src)!r}"
+        extra = _natural(set(self.shapes) - set(want) - set(optional))
+        beyond = sorted({i for n in extra if (i := _layer(n)) is not None and i >= n_layers})
+        if beyond:
+            raise CheckpointError(f"{where} hold layers {_spans(beyond)} beyond config.json's "
+                                  f"{layers}={n_layers}, which importing would drop; set {layers}="
+                                  f"{beyond[-1] + 1} in config.json (or remove those layers' tensors).")
+        missing = _natural(set(want) - set(self.shapes))
+        if missing:
+            raise CheckpointError(f"{where} lack {len(missing)} tensors config.json's model needs "
+                                  f"({_names(missing, want)}); pass the complete weights (every shard), or "
+                                  f"the config.json they belong to.")
+        if extra:
+            raise CheckpointError(f"{where} hold {len(extra)} tensors config.json's model does not have "
+                                  f"({_names(extra, self.shapes)}); remove them, or pass the config.json "
+                                  f"they belong to.")
+        wrong = [f"{n} {list(self.shapes[n])} (needs {list(need)})" for n, need in want.items()
+                 if self.shapes[n] != need]
+        if wrong:
+            more = f", and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+            raise CheckpointError(f"{where} do not have the shapes config.json's model needs: "
+                                  f"{', '.join(wrong[:3])}{more}; pass the config.json they belong to.")
+
+    def read(self, name: str) -> torch.Tensor:
+        t = self._get[name]()
+        if not t.is_floating_point():
+            raise CheckpointError(f"{name} in {str(self.src)!r} has dtype {t.dtype} (quantized weights?); "
+                                  f"import float weights (float32, bfloat16 or float16).")
+        return t.float()
+
+
+def _natural(names) -> list[str]:
+    """Sorted with numbers by value (layer 10 after layer 9)."""
+    return sorted(names, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)])
+
+
+def _names(names: list[str], universe, limit: int = 6) -> str:
+    """`names` for a message, a layer all of whose tensors (in `universe`) are among them as
+    'model.layers.3.*'; at most `limit` items."""
+    def prefix(n):
+        m = LAYER.match(n)
+        return m.group(1) if m else None
+    listed, everywhere = Counter(map(prefix, names)), Counter(map(prefix, universe))
+    items: list[str] = []
+    for n in names:
+        p = prefix(n)
+        item = p + "*" if p is not None and listed[p] == everywhere[p] else n
+        if item not in items:
+            items.append(item)
+    more = f", and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _layer(name: str) -> int | None:
+    m = LAYER.match(name)
+    return int(m.group(2)) if m else None
+
+
+def _spans(ids: list[int]) -> str:
+    """'2', '2-5' (a run) or '2, 4, 7'."""
+    if len(ids) > 1 and ids == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}-{ids[-1]}"
+    return ", ".join(map(str, ids))
+
+
+def _hf_weights(src: Path, m: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """Every tensor the model needs, from the files: names and shapes checked before anything is read.
+    A tied model may carry lm_head.weight too, if it is the embedding."""
+    weights = _Weights(src, arch)
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in to_hf_state(GPT(m, seed=None).state_dict(), m, arch).items()}
+    tied = ("lm_head.weight",) if m.tie_embeddings else ()
+    weights.check(want, LAYERS[arch], m.num_layers, optional=tied)
+    tensors = {n: weights.read(n) for n in want}
+    embedding = next(n for n in want if n.endswith(("wte.weight", "embed_tokens.weight")))
+    if tied and "lm_head.weight" in weights.shapes and not torch.equal(weights.read("lm_head.weight"),
+                                                                        tensors[embedding]):
+        raise CheckpointError(f"the weights in {str(src)!r} hold an lm_head.weight that differs from "
+                              f"{embedding}, but config.json ties them; set tie_word_embeddings=false in "
+                              f"config.json.")
+    return tensors
+
+
+def import_hf(src: str | Path, run: str | Path, separator: str | None = None) -> Path:
     """A step-0 checkpoint (serial layout; no optimizer state) and run/config.yaml from a transformers
-    model directory on disk; any layout trains on from it. Returns the checkpoint directory."""
+    model directory on disk; any layout trains on from it. `separator` as in prepare-data (default: the
+    tokenizer's eos token, else its bos token, else <|endoftext|>). Returns the checkpoint directory."""
     src, run = Path(src), Path(run)
     tf = _transformers()
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{str(src)!r} holds no config.json; pass a directory written by transformers' "
                               f"save_pretrained (or `megatron-lite checkpoint export`).")
-    hf_config = _load(src, "config", lambda: tf.AutoConfig.from_pretrained(str(src), local_files_only=True))
+    hf_config = _load_config(tf, src)
     m = _model_config(hf_config, src)
     m.validate()
-    backend = _read_tokenizer(tf, src, m.vocab_size)
+    tok = _read_tokenizer(tf, src, m.vocab_size, separator)
     cfg = Config(model=m, train=TrainConfig(out_dir=str(run.resolve()))).validate()
     serial = {"tp": 1, "pp": 1, "dp": 1, "order": cfg.parallel.order, "virtual_stages": 1, "zero_stage": 0,
               "zero_backend": "native", "make_vocab_divisible_by": cfg.parallel.make_vocab_divisible_by}
     manager = CheckpointManager(run / "checkpoints", layout=serial)
     if manager.committed():
         raise CheckpointError(f"{str(run)!r} already holds checkpoints; choose an empty run directory.")
-    hf_model = _load(src, "model", lambda: tf.AutoModelForCausalLM.from_pretrained(str(src),
-                                                                                  local_files_only=True))
-    hf_model = hf_model.float()
-    ours = from_hf_state(hf_model.state_dict(), m, hf_config.model_type)
-    del hf_model
+    tensors = _hf_weights(src, m, hf_config.model_type)
     model = GPT(m, seed=None)
-    model.load_state_dict(ours, strict=True)
+    model.load_state_dict(from_hf_state(tensors, m, hf_config.model_type), strict=True)
+    del tensors
     config_yaml = cfg.to_yaml()
     with tempfile.TemporaryDirectory() as d:  # what a prepared data directory carries about its tokenizer
-        backend.save(str(Path(d) / "tokenizer.json"))
-        meta = {"tokenizer": {"type": "bpe", "file": "tokenizer.json"}, "eot_id": backend.token_to_id(EOT),
-                "vocab_size": backend.get_vocab_size(), "sources": [f"hf:{src}"]}
+        meta = {"tokenizer": tok.save(Path(d)), "eot_id": tok.eot_id, "vocab_size": tok.vocab_size,
+                "sources": [f"hf:{src}"]}
         (Path(d) / "meta.json").write_text(json.dumps(meta, indent=2))
         with torch.random.fork_rng(devices=[]):  # the stored RNG stream: the run's seed, not ours
             torch.manual_seed(cfg.train.seed)
             path = manager.save(0, model, None, TrainState(), config_yaml, data_dir=d)
     (run / "config.yaml").write_text(config_yaml)
+    tok.log_separator()
     return path

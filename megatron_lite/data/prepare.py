@@ -3,9 +3,10 @@ token files with a document index and metadata, split into train and validation.
 
 Output directory layout (written to a temporary sibling and renamed into place when complete,
 so a half-written directory never looks prepared):
-    meta.json            tokenizer spec, vocab size, eot id, dtype, per-split token/document counts
+    meta.json            tokenizer spec (type, file, separator), vocab size, separator (eot) id, dtype,
+                         per-split token/document counts
     tokenizer.json       (bpe only) the HF tokenizers file
-    {train,val}.bin      token ids, documents joined by the end-of-text id
+    {train,val}.bin      token ids, each document followed by the separator id (meta.json names it)
     {train,val}.idx.npy  int64 start offset of every document in the .bin
 """
 
@@ -24,7 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from ..distributed.env import export as export_env
-from .tokenizer import BPETokenizer, ByteTokenizer, DataError, Tokenizer
+from .tokenizer import EOT, BPETokenizer, ByteTokenizer, DataError, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +166,30 @@ def _write_split(path: Path, tok: Tokenizer, ds, indices: np.ndarray, dtype) -> 
     return {"tokens": n, "documents": len(starts), "starts": np.asarray(starts, dtype=np.int64)}
 
 
+def _given_tokenizer(tokenizer: str, separator: str | None) -> Tokenizer | None:
+    """--tokenizer bytes, or a tokenizer.json (or a directory holding one: a checkpoint's, an HF
+    model's); None for 'bpe' (trained on the documents). --separator only applies to a loaded one."""
+    if tokenizer == "bytes" or tokenizer == "bpe":
+        if separator not in (None, EOT):
+            raise DataError(f"--separator {separator!r} applies to a loaded tokenizer (--tokenizer FILE); "
+                            f"--tokenizer {tokenizer} always ends documents with {EOT!r}.")
+        return ByteTokenizer() if tokenizer == "bytes" else None
+    path = Path(tokenizer)
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"--tokenizer {tokenizer!r} is neither 'bpe', 'bytes' nor an existing tokenizer.json "
+                        f"file (or a directory holding one).")
+    tok = BPETokenizer.from_file(path, separator)
+    tok.log_separator()
+    return tok
+
+
 def prepare(sources: list[str], out: str | Path, tokenizer: str = "bpe", vocab_size: int = 4096,
             val_fraction: float = 0.05, seed: int = 1234, text_field: str = "text",
-            max_bytes: int | None = 8_000_000, force: bool = False) -> Path:
-    """Prepare `sources` into `out`; returns out. An already prepared `out` is kept unless force."""
+            max_bytes: int | None = 8_000_000, force: bool = False, separator: str | None = None) -> Path:
+    """Prepare `sources` into `out`; returns out. An already prepared `out` is kept unless force.
+    `separator` (a token, or eos / bos) ends documents with a loaded tokenizer (see data/tokenizer.py)."""
     out = Path(out)
     if (out / "meta.json").is_file() and not force:
         log.info(f"data already prepared in {out} (pass --force to rebuild)")
@@ -180,6 +201,7 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str = "bpe", vocab_s
         raise DataError(f"--val-fraction {val_fraction} must be between 0 and 1 (exclusive).")
     if tokenizer == "bpe" and not 256 + 1 < vocab_size <= 2**31:
         raise DataError(f"--vocab-size {vocab_size} must exceed 257 (the byte alphabet plus end-of-text).")
+    given = _given_tokenizer(tokenizer, separator)  # before reading any source: a bad one costs nothing
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -191,17 +213,11 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str = "bpe", vocab_s
         splits = {"val": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
         log.info(f"loaded {len(ds)} documents ({len(splits['train'])} train, {n_val} val)")
 
-        if tokenizer == "bytes":
-            tok: Tokenizer = ByteTokenizer()
-        elif tokenizer == "bpe":
+        tok = given
+        if tok is None:
             # The tokenizer learns from the training split only: validation stays unseen.
             texts = (t for batch in _batches(ds, splits["train"]) for t in batch)
             tok = BPETokenizer.train(texts, vocab_size)
-        elif Path(tokenizer).is_file():
-            tok = BPETokenizer.from_file(tokenizer)
-        else:
-            raise DataError(f"--tokenizer {tokenizer!r} is neither 'bpe', 'bytes' nor an existing "
-                            f"tokenizer.json file.")
         dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
         meta = {"format": FORMAT_VERSION, "tokenizer": tok.save(tmp), "vocab_size": tok.vocab_size,
                 "eot_id": tok.eot_id, "dtype": np.dtype(dtype).name, "sources": sources,

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ..checkpoint import CheckpointManager, TrainState, describe_layout, verify
 from ..config import Config
-from ..data import Sampler, TokenStore, load_tokenizer
+from ..data import Sampler, TokenStore, check_same_tokenizer, load_tokenizer
 from ..data.dataset import rank_micro_batch_starts
 from ..distributed import comm
 from ..distributed.env import RunEnv
@@ -110,7 +110,8 @@ def newest_resumable(cfg: Config) -> Path | None:
 
 
 def check_resumable(cfg: Config, path: Path) -> None:
-    """A checkpoint must hold this model (at any layout: it is resharded on load)."""
+    """A checkpoint must hold this model (at any layout: it is resharded on load), trained on tokens
+    of data.dir's tokenizer."""
     saved_yaml = path / "config.yaml"
     if saved_yaml.is_file():
         saved = Config.from_yaml(saved_yaml).model
@@ -120,6 +121,7 @@ def check_resumable(cfg: Config, path: Path) -> None:
                 f"train.out_dir {cfg.train.out_dir!r} holds a checkpoint of a different model "
                 f"({', '.join(diff)} changed); restore those settings to resume, or choose a new "
                 f"train.out_dir.")
+    check_same_tokenizer(cfg.data.dir, path)
 
 
 def preflight(cfg: Config, world_size: int) -> Layout:

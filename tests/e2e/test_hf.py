@@ -23,8 +23,9 @@ from megatron_lite.config import Config
 from megatron_lite.data import ByteTokenizer, load_tokenizer
 from megatron_lite.data.tokenizer import EOT
 from megatron_lite.model import GPT, generate
-from tests.conftest import tiny_overrides
+from tests.conftest import cli, tiny_overrides
 from tests.dist.test_tp_train import torchrun
+from tests.e2e.test_tokenizers import refused
 
 transformers = pytest.importorskip("transformers")
 
@@ -225,17 +226,95 @@ def test_a_transformers_model_we_cannot_express_is_refused(corpus_dir, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
-def test_import_needs_a_tokenizer_with_an_end_of_text_token(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def hf_dirs(corpus_dir, tmp_path_factory) -> dict[str, Path]:
+    """A tiny GPT-2 and a tiny Llama (GQA, untied) written by transformers, with the corpus tokenizer."""
+    root = tmp_path_factory.mktemp("hf_dirs")
+    small = dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    llama = dict(intermediate_size=48, num_key_value_heads=2, max_position_embeddings=32,
+                 tie_word_embeddings=False)
+    configs = {"gpt2": transformers.GPT2Config(n_positions=32, **small),
+               "llama": transformers.LlamaConfig(**llama, **small)}
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(corpus_dir / "tokenizer.json"),
+                                               eos_token=EOT)
+    for arch, config in configs.items():
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / arch)
+        tok.save_pretrained(root / arch)
+    return {arch: root / arch for arch in configs}
+
+
+def _edit_weights(directory: Path, drop: str = "", add: str = "") -> None:
+    from safetensors.torch import load_file, save_file
+    sd = load_file(directory / "model.safetensors")
+    sd = {k: v for k, v in sd.items() if not (drop and k.startswith(drop))}
+    if add:
+        sd[add] = torch.zeros(4)
+    save_file(sd, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def _tokenizer(directory: Path, kind: str) -> None:
+    """No tokenizer files at all, or one whose only known token is <|endoftext|>."""
     from tokenizers import Tokenizer, models
-    config = transformers.GPT2Config(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=2)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hf")
-    word = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=word, unk_token="[UNK]")
-    hf_tok.save_pretrained(tmp_path / "hf")
-    capsys.readouterr()
-    assert main(["checkpoint", "import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err
-    assert f"has no {EOT!r} token" in err and err.count("\n") == 1, err
+    for p in directory.glob("*token*"):
+        p.unlink()
+    if kind == "none":
+        return
+    model = models.BPE() if kind == "empty" else models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")
+    tok = Tokenizer(model)
+    tok.add_special_tokens([EOT])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT).save_pretrained(directory)
+
+
+BAD_IMPORTS = {  # what is wrong -> (architecture, how to break it, what the one sentence names)
+    "no tokenizer": ("gpt2", lambda d: _tokenizer(d, "none"), ["holds no tokenizer"]),
+    "a tokenizer encoding text to nothing": (
+        "gpt2", lambda d: _tokenizer(d, "empty"), ["cannot encode text", "becomes nothing"]),
+    "a tokenizer encoding text to unknowns": (
+        "gpt2", lambda d: _tokenizer(d, "unknown"), ["cannot encode text", "becomes unknown tokens only"]),
+    "a tokenizer larger than the model": (
+        "gpt2", lambda d: _edit_config(d, vocab_size=500),
+        ["has 512 tokens, more than the model's vocab_size=500"]),
+    "a layer missing": (
+        "gpt2", lambda d: _edit_weights(d, drop="transformer.h.1."),
+        ["lack 12 tensors", "(transformer.h.1.*)"]),
+    "k_proj removed": (
+        "llama", lambda d: _edit_weights(d, drop="model.layers.0.self_attn.k_proj"),
+        ["lack 1 tensors", "(model.layers.0.self_attn.k_proj.weight)"]),
+    "ln_f removed": (
+        "gpt2", lambda d: _edit_weights(d, drop="transformer.ln_f"),
+        ["(transformer.ln_f.bias, transformer.ln_f.weight)"]),
+    "config n_layer larger than the weights": (
+        "gpt2", lambda d: _edit_config(d, n_layer=4),
+        ["lack 24 tensors", "(transformer.h.2.*, transformer.h.3.*)"]),
+    "config n_layer smaller than the weights": (
+        "llama", lambda d: _edit_config(d, num_hidden_layers=1),
+        ["hold layers 1 beyond config.json's num_hidden_layers=1", "set num_hidden_layers=2"]),
+    "an extra tensor": (
+        "gpt2", lambda d: _edit_weights(d, add="transformer.h.0.attn.rotary.weight"),
+        ["hold 1 tensors config.json's model does not have (transformer.h.0.attn.rotary.weight)"]),
+    "a shape mismatch": (
+        "llama", lambda d: _edit_config(d, intermediate_size=40),
+        ["do not have the shapes", "model.layers.0.mlp.gate_proj.weight [48, 32] (needs [40, 32])",
+         "and 3 more"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_IMPORTS))
+def test_import_refuses_in_one_sentence(case, hf_dirs, tmp_path):
+    """Only our sentence is printed (transformers' own warnings and load report never are), and nothing
+    is written: every tensor comes from the files, none from transformers' random initialisation."""
+    arch, breaks, needles = BAD_IMPORTS[case]
+    src = tmp_path / "hf"
+    shutil.copytree(hf_dirs[arch], src)
+    breaks(src)
+    r = cli("checkpoint", "import", str(src), "--out", str(tmp_path / "run"))
+    refused(r, *needles)
+    assert r.stdout == "" and not (tmp_path / "run").exists()
 
 
 def test_without_transformers_both_commands_name_the_extra(corpus_dir, tmp_path, monkeypatch, capsys):
