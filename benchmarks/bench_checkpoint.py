@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_json, write_section  # noqa: E402
-from megatron_lite.checkpoint import CheckpointManager, TrainState  # noqa: E402
+from megatron_lite.checkpoint import CheckpointManager, Stateful, TrainState  # noqa: E402
 from megatron_lite.checkpoint.integrity import file_digest  # noqa: E402
 from megatron_lite.config import ModelConfig, OptimConfig  # noqa: E402
 from megatron_lite.model import GPT  # noqa: E402
@@ -81,7 +81,7 @@ def measure(name: str, rounds: int, work: Path) -> dict:
         shutil.rmtree(work, ignore_errors=True)
         mgr = CheckpointManager(work / "ck", keep=1)
         t0 = time.perf_counter()
-        path = mgr.save(r + 1, model, opt, TrainState(step=r + 1), "model: {}\n")
+        path = mgr.save(r + 1, Stateful(model, opt), TrainState(step=r + 1), "model: {}\n")
         times["save"].append(time.perf_counter() - t0)
         files = [p for p in path.rglob("*") if p.is_file()]
         nbytes = sum(p.stat().st_size for p in files)
@@ -92,7 +92,7 @@ def measure(name: str, rounds: int, work: Path) -> dict:
         times["checksum"].append(time.perf_counter() - t0)
         bg = CheckpointManager(work / "bg", keep=1)
         t0 = time.perf_counter()
-        bg.save(r + 1, model, opt, TrainState(step=r + 1), "model: {}\n", background=True)
+        bg.save(r + 1, Stateful(model, opt), TrainState(step=r + 1), "model: {}\n", background=True)
         snapshot = time.perf_counter() - t0
         times["snapshot"].append(snapshot)
         time.sleep(3 * times["save"][-1])  # training goes on
@@ -101,7 +101,7 @@ def measure(name: str, rounds: int, work: Path) -> dict:
         times["async_blocked"].append(snapshot + time.perf_counter() - t0)
         fresh, fresh_opt = trained(cfg)
         t0 = time.perf_counter()
-        mgr.load(path, fresh, fresh_opt, TrainState())
+        mgr.load(path, Stateful(fresh, fresh_opt), TrainState())
         times["load"].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": name, "params": model.num_params(), "bytes": nbytes, "median_s": med,
@@ -138,7 +138,7 @@ def parallel_worker(rank, world, store, name, kind, directory, out):
         mgr = CheckpointManager(Path(directory), keep=1, rank=rank, group=dist.group.WORLD, layout=layout)
         dist.barrier()
         t0 = time.perf_counter()
-        path = mgr.save(1, model, opt, TrainState(step=1), "model: {}\n")
+        path = mgr.save(1, Stateful(model, opt), TrainState(step=1), "model: {}\n")
         seconds = time.perf_counter() - t0
         mine = path / f"rank_{rank:05d}.safetensors"
         sizes = [torch.zeros(1) for _ in range(world)]
@@ -166,7 +166,7 @@ def measure_parallel(name: str, work: Path, serial_path: Path) -> list[dict]:
                 for which, path in (("same", serial_path), ("resharded", Path(res["path"]))):
                     fresh, fresh_opt = trained(cfg)
                     t0 = time.perf_counter()
-                    CheckpointManager(path.parent).load(path, fresh, fresh_opt, TrainState())
+                    CheckpointManager(path.parent).load(path, Stateful(fresh, fresh_opt), TrainState())
                     loads[which].append(time.perf_counter() - t0)
             row.update(load_same_s=statistics.median(loads["same"]),
                        load_resharded_s=statistics.median(loads["resharded"]))
@@ -185,7 +185,7 @@ def main() -> None:
         rows = [measure(m, a.rounds, Path(d) / m) for m in a.models]
         serial = CheckpointManager(Path(d) / "serial", keep=1)
         model, opt = trained(ModelConfig(**MODELS[a.models[-1]]))
-        serial_path = serial.save(1, model, opt, TrainState(step=1), "model: {}\n")
+        serial_path = serial.save(1, Stateful(model, opt), TrainState(step=1), "model: {}\n")
         del model, opt
         par = measure_parallel(a.models[-1], Path(d) / "par", serial_path)
     write_json(a.out, {"torch": torch.__version__, "rounds": a.rounds, "rows": rows, "parallel": par})

@@ -23,9 +23,9 @@ import torch
 
 from ..errors import CheckpointError
 from ..slicing import Split, split_of
+from .integrity import DTYPE_CODES, chunk_name
 
-DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float32, torch.float64, torch.bfloat16,
-                                                     torch.float16, torch.uint8, torch.int64, torch.int32)}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_CODES}  # the manifest's dtype names
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,17 @@ class ShardWriter:
         if ptr in self._storages or (self.copy and ptr == local.untyped_storage().data_ptr()):
             chunk = chunk.clone()
         self._storages.add(chunk.untyped_storage().data_ptr())
-        name = f"{piece.key}@{','.join(map(str, piece.offsets))}"
+        name = chunk_name(piece.key, piece.offsets)
         self.tensors[name] = chunk
         dtype = str(chunk.dtype).replace("torch.", "")
         entry = self.index.setdefault(piece.key, {"shape": list(piece.shape), "dtype": dtype, "chunks": []})
         entry["chunks"].append({"file": self.file, "name": name, "offsets": list(piece.offsets),
                                 "sizes": list(chunk.shape)})
+
+    @property
+    def nbytes(self) -> int:
+        """What the tensors take on disk (the header aside)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def write(self, directory: Path) -> Path | None:
         if not self.tensors:

@@ -6,8 +6,9 @@
 Everything that can fail because of the user — the layout (megatron_lite/layout.py), the data
 directory, the tokenizer's vocabulary against the model, a checkpoint of another model or layout —
 is checked before this process joins a process group, so a mistake costs one sentence, not a hung
-job. The trainer never asks which parallelism it runs: a Backend (train/backends.py) runs the
-micro-batches and applies (or skips) the update.
+job. So is a second training on the same train.out_dir: rank 0 holds the run directory's lock
+(checkpoint/lock.py) from construction until fit() ends. The trainer never asks which parallelism
+it runs: a Backend (train/backends.py) runs the micro-batches and applies (or skips) the update.
 
 One optimizer step = layout.micro_batches micro-batches of data.micro_batch_size sequences per
 data-parallel rank; the loss is their mean, exactly as one big batch would average it. A step whose
@@ -21,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointManager, TrainState, describe_layout, verify
+from ..checkpoint import CheckpointManager, RunLock, TrainState, describe_layout, verify
 from ..config import Config
 from ..data import Sampler, TokenStore, check_same_tokenizer, load_tokenizer
 from ..data.dataset import rank_micro_batch_starts
@@ -128,9 +131,28 @@ def preflight(cfg: Config, world_size: int) -> Layout:
     """Every check a user's mistake can fail, without starting anything: what a launcher runs once
     before it starts workers (each worker's Trainer runs the same checks again)."""
     layout = Layout.build(cfg.validate(), world_size)
+    RunLock(cfg.train.out_dir).check_free()  # no worker of ours exists yet: any holder is another run
     open_data(cfg)
     newest_resumable(cfg)
     return layout
+
+
+def job_name(env: RunEnv) -> str:
+    """A name every rank of this job shares and no other running job does: the address its
+    processes meet at (only one job can listen there), or this process alone."""
+    if not env.distributed:
+        return f"pid {os.getpid()} on {socket.gethostname()}"
+    return f"{env.source} {env.url} {env.master_addr}:{env.master_port}"
+
+
+def claim_run_dir(out_dir: Path, env: RunEnv) -> RunLock | None:
+    """Rank 0, which commits the checkpoints, takes the run directory's lock; every other rank
+    checks that no other job holds it, so each refuses a busy directory before any group exists."""
+    lock = RunLock(out_dir, job=job_name(env))
+    if env.rank == 0:
+        return lock.acquire()
+    lock.check_free()
+    return None
 
 
 class Trainer:
@@ -141,6 +163,23 @@ class Trainer:
         # ---- checks: nothing here talks to another process --------------------------------------
         self.layout = Layout.build(cfg, self.env.world_size)
         self.out_dir = Path(cfg.train.out_dir)
+        self._lock = claim_run_dir(self.out_dir, self.env)  # before anything reads the run directory
+        try:
+            self._open_inputs()
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory (fit() does when it ends; a trainer never fit holds it until
+        close() or the end of the process)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _open_inputs(self) -> None:
+        """The data, the newest resumable checkpoint and the device: still no process group."""
+        cfg = self.cfg
         self.store = open_data(cfg)
         self.seq_len = cfg.seq_length
         self.train_data = Sampler(self.store.split("train"), self.seq_len, cfg.data.seed)
@@ -148,7 +187,9 @@ class Trainer:
         self.resumed_from = newest_resumable(cfg)
         self.device = resolve_device(cfg.train.device, local_rank=self.env.local_rank)
 
-        # ---- the job's process groups, then this rank's model and backend -----------------------
+    def _build(self) -> None:
+        """The job's process groups, then this rank's model and backend, resumed."""
+        cfg = self.cfg
         self.groups = None
         if self.env.distributed:
             timeout = cfg.launch.collective_timeout_s
@@ -248,9 +289,8 @@ class Trainer:
         return self.backend.forward_backward(batches, forward_only=True)
 
     def save(self, background: bool = False) -> Path:
-        return self.checkpoints.save(self.state.step, self.model, None, self.state, self.cfg.to_yaml(),
-                                     data_dir=self.cfg.data.dir, pieces=self.backend.stateful(),
-                                     background=background)
+        return self.checkpoints.save(self.state.step, self.backend.stateful(), self.state, self.cfg.to_yaml(),
+                                     data_dir=self.cfg.data.dir, background=background)
 
     def sample(self, prompt: str = "def ", max_new_tokens: int | None = None) -> str | None:
         """Generate from the model in memory; None under pipelining (no single rank holds the
@@ -287,6 +327,8 @@ class Trainer:
         return None
 
     def fit(self) -> dict:
+        if self._lock is not None and not self._lock.held:  # a second fit() of this trainer
+            self._lock.acquire()
         self._start_step = self.state.step
         self._scalars = ScalarLog(self.out_dir, self.is_main, self.cfg.log.tensorboard)
         self._history: dict = {"train_loss": [], "val_loss": [], "skipped": []}
@@ -315,6 +357,7 @@ class Trainer:
         finally:
             bar.close()
             self._scalars.close()
+            self.close()
         self._history["step"] = self.state.step
         return self._history
 

@@ -24,8 +24,7 @@ if __name__ == "__main__":
         if copy_to:
             copy = CheckpointManager(f"{copy_to}/checkpoints", rank=trainer.rank, group=trainer.checkpoints.group,
                                      layout=trainer.layout.as_dict())
-            copy.save(trainer.state.step, trainer.model, None, trainer.state, trainer.cfg.to_yaml(),
-                      pieces=trainer.backend.stateful())
+            copy.save(trainer.state.step, trainer.backend.stateful(), trainer.state, trainer.cfg.to_yaml())
         start = {"step": trainer.state.step, "cursor": trainer.state.cursor}
         hist = trainer.fit()
         if trainer.is_main:

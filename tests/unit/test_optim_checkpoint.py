@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_lite.checkpoint import CheckpointError, CheckpointManager, TrainState, resolve, verify
+from megatron_lite.checkpoint import CheckpointError, CheckpointManager, Stateful, TrainState, resolve, verify
 from megatron_lite.config import ModelConfig, OptimConfig
 from megatron_lite.model import GPT
 from megatron_lite.optim import build_optimizer, lr_at
@@ -45,12 +45,12 @@ def test_save_load_round_trip_and_prune(tmp_path):
     model, opt = _setup()
     mgr = CheckpointManager(tmp_path / "ck", keep=2)
     for step in (1, 2, 3):
-        mgr.save(step, model, opt, TrainState(step=step, cursor=10 * step), "model: {}\n")
+        mgr.save(step, Stateful(model, opt), TrainState(step=step, cursor=10 * step), "model: {}\n")
     assert [p.name for p in mgr.committed()] == ["step_00000002", "step_00000003"]
     assert mgr.latest().name == "step_00000003" and resolve(tmp_path / "ck") == mgr.latest()
     other, other_opt = _setup(seed=9)
     state = TrainState()
-    mgr.load(mgr.latest(), other, other_opt, state)
+    mgr.load(mgr.latest(), Stateful(other, other_opt), state)
     assert state.step == 3 and state.cursor == 30
     for a, b in zip(model.parameters(), other.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -62,14 +62,14 @@ def test_save_load_round_trip_and_prune(tmp_path):
 def test_a_crash_mid_save_never_replaces_the_good_checkpoint(tmp_path, monkeypatch):
     model, opt = _setup()
     mgr = CheckpointManager(tmp_path / "ck")
-    good = mgr.save(5, model, opt, TrainState(step=5), "x: 1\n")
+    good = mgr.save(5, Stateful(model, opt), TrainState(step=5), "x: 1\n")
     import safetensors.torch
 
     def exploding_save(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(safetensors.torch, "save_file", exploding_save)
     with pytest.raises(OSError, match="disk full"):
-        mgr.save(6, model, opt, TrainState(step=6), "x: 1\n")
+        mgr.save(6, Stateful(model, opt), TrainState(step=6), "x: 1\n")
     assert mgr.latest() == good
     # No temporary directory is left behind either.
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["latest", "step_00000005"]
@@ -78,7 +78,7 @@ def test_a_crash_mid_save_never_replaces_the_good_checkpoint(tmp_path, monkeypat
 def test_corruption_is_reported_in_one_sentence(tmp_path):
     model, opt = _setup()
     mgr = CheckpointManager(tmp_path / "ck")
-    path = mgr.save(1, model, opt, TrainState(step=1), "x: 1\n")
+    path = mgr.save(1, Stateful(model, opt), TrainState(step=1), "x: 1\n")
     shard = next(path.glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-7])
     with pytest.raises(CheckpointError, match="wrong size.*delete"):
@@ -91,10 +91,10 @@ def test_cpu_checkpoint_resumes_where_cuda_rng_exists(tmp_path, monkeypatch):
     """A checkpoint saved without CUDA loads into a process that has CUDA RNG state."""
     model, opt = _setup()
     mgr = CheckpointManager(tmp_path / "ck")
-    path = mgr.save(4, model, opt, TrainState(step=4, cursor=8), "x: 1\n")
+    path = mgr.save(4, Stateful(model, opt), TrainState(step=4, cursor=8), "x: 1\n")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.zeros(16, dtype=torch.uint8))
     state = TrainState()
-    mgr.load(path, model, opt, state)
+    mgr.load(path, Stateful(model, opt), state)
     assert (state.step, state.cursor) == (4, 8)
