@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 
 import pytest
 
+from megatron_lite.checkpoint import CheckpointManager
+from tests.conftest import ROOT
 from tests.e2e.faults import (
     alive,
     children,
@@ -183,4 +186,55 @@ def test_workers_of_a_dead_launcher_stop_with_a_checkpoint(corpus_dir, tmp_path)
     assert "is gone: stopping with a checkpoint" in text, text[-3000:]
     stopped = json.loads((out / "requeue.json").read_text())["step"]
     assert "its launcher died" in json.loads((out / "requeue.json").read_text())["reason"]
+    assert (out / "checkpoints" / f"step_{stopped:08d}" / "manifest.json").is_file()
+
+
+def _one_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def test_a_second_training_on_one_out_dir_is_refused_and_a_killed_ones_lock_is_free(corpus_dir, tmp_path):
+    """Single processes: the second `train` on a busy train.out_dir is one sentence naming the first
+    (pid, host), exit 2, before it reads anything; the first trains on alone. Killed, the first
+    leaves no stale lock: the next run takes it at once and resumes from its newest checkpoint."""
+    out = tmp_path / "run"
+    ovr = overrides(corpus_dir, out, "train.steps=100000", "checkpoint.interval=20")
+    first = start(train_argv(*ovr), tmp_path / "a.log")
+    wait_step(out, 5, first)
+    code, text = run(train_argv(*ovr), tmp_path / "b.log", timeout=120)
+    assert code == 2, text
+    assert _one_line(text).startswith(f"error: run directory {str(out)!r} is in use by another training "
+                                      f"(pid {first.pid} on {socket.gethostname()}, since ")
+    wait_step(out, wait_step(out, 5, first) + 30, first)  # still training, alone
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert json.loads((out / "run.lock").read_text())["pid"] == first.pid  # the file stays, the lock is gone
+    newest = int(CheckpointManager(out / "checkpoints").latest().name.split("_")[1])
+    code, text = run(train_argv(*overrides(corpus_dir, out, f"train.steps={newest + 5}",
+                                           "checkpoint.interval=20")), tmp_path / "c.log")
+    assert code == 0 and f"resumed from {out / 'checkpoints' / f'step_{newest:08d}'}" in text, text[-3000:]
+    assert len(losses(out)) >= newest + 5  # every step logged, in order (the killed run's beyond step_N too)
+
+
+def test_a_second_torchrun_job_on_one_out_dir_is_refused_and_the_first_goes_on(corpus_dir, tmp_path):
+    """2 ranks: our launcher refuses before it starts a worker (one sentence); under plain torchrun
+    the second job's workers refuse before any process group; the first job trains on untouched."""
+    out = tmp_path / "run"
+    ovr = overrides(corpus_dir, out, "train.steps=100000", "parallel.dp=2")
+    first = start(torchrun_argv(*ovr), tmp_path / "a.log")
+    wait_step(out, 5, first)
+    code, text = run(torchrun_argv(*ovr), tmp_path / "b.log", timeout=120)
+    assert code == 2 and _one_line(text).startswith(f"error: run directory {str(out)!r} is in use"), text
+    plain = ["torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", *train_argv(*ovr)]
+    code, text = run(plain, tmp_path / "c.log", timeout=180)
+    assert code != 0 and f"error: run directory {str(out)!r} is in use by another training (pid " in text
+    assert f'File "{ROOT / "megatron_lite"}' not in text, text  # torchrun's own report aside: no traceback
+    reached = wait_step(out, wait_step(out, 5, first) + 30, first)
+    first.send_signal(signal.SIGTERM)
+    code, text = finish(first, tmp_path / "a.log")
+    assert code == 75, text[-3000:]
+    stopped = json.loads((out / "requeue.json").read_text())["step"]
+    assert stopped >= reached and len(losses(out)) == stopped  # one run's steps, in order
     assert (out / "checkpoints" / f"step_{stopped:08d}" / "manifest.json").is_file()

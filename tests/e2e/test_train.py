@@ -9,6 +9,7 @@ import torch
 from megatron_lite.checkpoint import CheckpointError, CheckpointManager
 from megatron_lite.train import Trainer, TrainingError
 from tests.conftest import cli
+from tests.unit.test_checkpoint_integrity import rewrite_manifest
 
 
 def test_resume_is_bit_exact(tiny_config, tmp_path):
@@ -117,13 +118,10 @@ def test_resuming_a_different_model_is_refused_in_one_sentence(tiny_config):
         Trainer(tiny_config("train.steps=10", "model.hidden_size=64"))
     # Even past that check (config.yaml gone), DCP's own error becomes one sentence.
     trainer = Trainer(tiny_config("train.steps=10"))
+    trainer.close()  # it holds the run directory until then
     ckpt = trainer.checkpoints.latest()
     (ckpt / "config.yaml").unlink()
-    manifest = ckpt / "manifest.json"
-    import json
-    m = json.loads(manifest.read_text())
-    del m["files"]["config.yaml"]
-    manifest.write_text(json.dumps(m))
+    rewrite_manifest(ckpt, lambda m: m["files"].pop("config.yaml"))
     with pytest.raises(CheckpointError, match="does not fit this model"):
         Trainer(tiny_config("train.steps=10", "model.hidden_size=64"))
 
@@ -230,10 +228,9 @@ def test_nothing_in_a_checkpoint_runs_code_when_loaded(tiny_config, tmp_path, ca
         evil = (f"!!python/object/apply:os.system ['touch {marker}']\n".encode() if name == "config.yaml"
                 else pickle.dumps(_Payload(marker)))
         (ck / name).write_bytes(evil)
-        if name != "manifest.json":  # the attacker also makes the checksum match
-            manifest = json.loads((ck / "manifest.json").read_text())
-            manifest["files"][name] = {"size": len(evil), "xxh3_64": file_digest(ck / name)}
-            (ck / "manifest.json").write_text(json.dumps(manifest))
+        if name != "manifest.json":  # the attacker also makes the checksums match
+            entry = {"size": len(evil), "xxh3_64": file_digest(ck / name)}
+            rewrite_manifest(ck, lambda m, name=name, entry=entry: m["files"].update({name: entry}))
         try:
             Trainer(tiny_config("train.steps=4", "optim.warmup_steps=1", f"train.out_dir={run}")).fit()
         except UserError:
@@ -336,3 +333,103 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_chosen(corpus_dir,
     again.fit()
     assert not (ckpts / ".step_00000004.tmp").exists()
     assert CheckpointManager(ckpts).latest().name == "step_00000008"
+
+
+@pytest.fixture(scope="module")
+def run_with_two_checkpoints(corpus_dir, tmp_path_factory):
+    """A run directory trained through the CLI: step_10 and step_20."""
+    from tests.e2e.faults import overrides, run, train_argv
+    out = tmp_path_factory.mktemp("fallback") / "run"
+    argv = train_argv(*overrides(corpus_dir, out, "train.steps=20", "checkpoint.interval=10"))
+    code, text = run(argv, out.parent / "train.log")
+    assert code == 0, text[-3000:]
+    return out, argv
+
+
+def _flip_manifest(ck):  # the fault run's flipped byte: `qkv.weight` became `qkvnweight`
+    text = (ck / "manifest.json").read_text()
+    (ck / "manifest.json").write_text(text.replace("qkv.weight", "qkvnweight", 1))
+    return ck / "manifest.json"
+
+
+def _chunk_elsewhere(ck):  # a chunk read from the previous checkpoint's file
+    def change(m):
+        m["tensors"]["model/tok_emb.weight"]["chunks"][0]["file"] = "../step_00000010/rank_00000.safetensors"
+    rewrite_manifest(ck, change)
+    return ck / "manifest.json"
+
+
+def _tokenizer_elsewhere(ck):  # meta.json's tokenizer file outside the checkpoint, checksums fixed
+    import json
+
+    from megatron_lite.checkpoint.integrity import file_digest
+    meta = json.loads((ck / "meta.json").read_text())
+    meta["tokenizer"]["file"] = "../step_00000010/tokenizer.json"
+    (ck / "meta.json").write_text(json.dumps(meta))
+    entry = {"size": (ck / "meta.json").stat().st_size, "xxh3_64": file_digest(ck / "meta.json")}
+    rewrite_manifest(ck, lambda m: m["files"].update({"meta.json": entry}))
+    return ck / "meta.json"
+
+
+def _unknown_dtype(ck):
+    rewrite_manifest(ck, lambda m: m["tensors"]["model/tok_emb.weight"].update(dtype="float8_e4m3"))
+    return ck / "manifest.json"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [_flip_manifest, _chunk_elsewhere, _tokenizer_elsewhere, _unknown_dtype],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_a_checkpoint_naming_files_elsewhere_or_with_a_bad_manifest_is_refused_and_resume_falls_back(
+        run_with_two_checkpoints, tmp_path, damage):
+    """4a/4b through the CLI: `checkpoint verify` and `generate` refuse in one sentence naming the
+    file (no traceback, nothing read from another checkpoint); `train` warns naming it and resumes
+    from the previous good checkpoint."""
+    import shutil
+
+    from tests.e2e.faults import run
+    src, argv = run_with_two_checkpoints
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    argv = [a if not a.startswith("train.out_dir=") else f"train.out_dir={out}" for a in argv]
+    named = damage(out / "checkpoints" / "step_00000020")
+    for args in (("checkpoint", "verify", str(out)), ("generate", "--checkpoint", str(out))):
+        r = cli(*args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+        assert str(named) in r.stderr and "Traceback" not in r.stderr + r.stdout
+    code, text = run(argv, tmp_path / "resume.log")
+    assert code == 0 and "Traceback" not in text, text[-3000:]
+    assert any(line.startswith("warning: ") and str(named) in line for line in text.splitlines()), text
+    assert f"resumed from {out / 'checkpoints' / 'step_00000010'}" in text
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_in_one_sentence_and_keeps_the_previous_checkpoint(run_with_two_checkpoints,
+                                                                                      tmp_path):
+    """train.out_dir on a tmpfs with room for one checkpoint (root only): step 10 is saved, step 20
+    does not fit; one sentence says so and how much space is missing, step_10 stays the one chosen."""
+    import os
+    import subprocess
+
+    from tests.e2e.faults import run
+    src, argv = run_with_two_checkpoints
+    size = sum(f.stat().st_size for f in (src / "checkpoints" / "step_00000010").iterdir())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2 + 2**17}",
+                                            "tmpfs", str(disk)], capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        out = disk / "run"
+        argv = [a if not a.startswith("train.out_dir=") else f"train.out_dir={out}" for a in argv]
+        code, text = run(argv, tmp_path / "full.log")
+        errors = [line for line in text.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
+        ckpts = out / "checkpoints"
+        error = errors[0]
+        assert error.startswith(f"error: the disk of {str(ckpts)!r} is full: checkpoint step 20 needs about ")
+        assert f"the previous checkpoint {str(ckpts / 'step_00000010')!r} is intact and stays" in error
+        assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000010"]
+        assert cli("checkpoint", "verify", str(out)).returncode == 0
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
