@@ -17,14 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lite.checkpoint import (
-    CheckpointManager,
-    Stateful,
-    TrainState,
-    load_model_weights,
-    read_manifest,
-    resolve,
-)
+from megatron_lite.checkpoint import CheckpointManager, TrainState, load_model_weights, read_manifest, resolve
 from megatron_lite.cli import main
 from megatron_lite.config import Config
 from megatron_lite.data import ByteTokenizer, load_tokenizer
@@ -32,7 +25,7 @@ from megatron_lite.data.tokenizer import EOT
 from megatron_lite.model import GPT, generate
 from tests.conftest import cli, tiny_overrides
 from tests.dist.test_tp_train import torchrun
-from tests.e2e.test_tokenizers import refused
+from tests.e2e.test_tokenizers import BOT, EOS, llama3_tokenizer, refused
 
 transformers = pytest.importorskip("transformers")
 
@@ -63,9 +56,8 @@ def _hf(directory: Path):
 def _checkpoint(directory: Path, data_dir: Path, *overrides: str) -> Path:
     """A step-0 checkpoint of a randomly initialised tiny model, written in process."""
     cfg = Config.from_yaml(None, tiny_overrides(data_dir, *overrides))
-    model = Stateful(GPT(cfg.model, seed=1))
-    return CheckpointManager(directory / "checkpoints").save(0, model, TrainState(), cfg.to_yaml(),
-                                                            data_dir=data_dir)
+    return CheckpointManager(directory / "checkpoints").save(0, GPT(cfg.model, seed=1), None, TrainState(),
+                                                            cfg.to_yaml(), data_dir=data_dir)
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
@@ -140,6 +132,47 @@ def test_export_import_round_trip_from_tp2pp2(tp2pp2_run, corpus_dir, tmp_path, 
         assert trainer.resumed_from == imported and trainer.state.step == 0
         assert len(trainer.fit()["train_loss"]) == 2
     assert CheckpointManager(back / "checkpoints").latest().name == "step_00000002"
+
+
+@pytest.mark.slow
+def test_a_llama3_tokenizer_imports_trains_at_tp2_and_exports(tmp_path):
+    """A Llama checkpoint with a Llama-3-style tokenizer (no <|endoftext|>; its vocabulary is the
+    model's): import takes its eos token as the document separator, prepare-data takes it from the
+    imported tokenizer, 3 steps train at tp=2, and the export's logits in transformers equal ours."""
+    tok = llama3_tokenizer(384)
+    hf_dir, run, data, out = (tmp_path / name for name in ("hf", "run", "data", "exported"))
+    bos, eos = tok.token_to_id(BOT), tok.token_to_id(EOS)
+    config = transformers.LlamaConfig(vocab_size=384, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=32, tie_word_embeddings=False, bos_token_id=bos,
+                                      eos_token_id=eos)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOT, eos_token=EOS)
+    hf_tok.save_pretrained(hf_dir)
+
+    r = cli("checkpoint", "import", str(hf_dir), "--out", str(run))
+    assert r.returncode == 0, r.stderr
+    assert f"document separator: '{EOS}' (id {eos}; its eos token)" in r.stdout
+    r = cli("prepare-data", "--source", "stdlib", "--max-bytes", "200000", "--tokenizer",
+            str(resolve(run) / "tokenizer.json"), "--out", str(data))
+    assert r.returncode == 0 and "recorded with the tokenizer" in r.stdout, r.stderr
+    assert json.loads((data / "meta.json").read_text())["eot_id"] == eos
+    torchrun(2, "-m", "megatron_lite.cli", "train", "--config", str(run / "config.yaml"), f"data.dir={data}",
+             "parallel.tp=2", "train.steps=3", "optim.warmup_steps=1", "train.eval_iters=1",
+             "train.device=cpu", "train.progress=false", "train.sample_tokens=0", "data.micro_batch_size=2")
+    trained = resolve(run)
+    assert trained.name == "step_00000003" and load_tokenizer(trained).separator == EOS
+
+    assert cli("checkpoint", "export", str(run), "--out", str(out)).returncode == 0
+    hf, hf_tok = _hf(out)
+    ours, text = _serial(trained), Path(__file__).read_text()
+    ids = load_tokenizer(trained).encode(text)
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids and hf_tok.eos_token_id == eos
+    ids = torch.tensor([ids[:32], ids[32:64]])
+    torch.testing.assert_close(_logits(hf, ids), _logits(ours, ids), atol=ATOL, rtol=0)
+    before = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True)
+    assert not torch.equal(before.lm_head.weight, hf.lm_head.weight)  # the 3 steps trained it
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
