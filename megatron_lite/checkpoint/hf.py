@@ -50,7 +50,7 @@ from ..data import BPETokenizer, ByteTokenizer, load_tokenizer
 from ..data.tokenizer import EOT
 from ..errors import CheckpointError, ConfigError, UsageError
 from ..model import GPT
-from . import CheckpointManager, TrainState, load_model_weights
+from . import CheckpointManager, TrainState, load_model_weights, serial_tensors, write_single
 
 __all__ = ["export_hf", "import_hf", "hf_architecture"]
 
@@ -556,7 +556,8 @@ def import_hf(src: str | Path, run: str | Path, separator: str | None = None) ->
         (Path(d) / "meta.json").write_text(json.dumps(meta, indent=2))
         with torch.random.fork_rng(devices=[]):  # the stored RNG stream: the run's seed, not ours
             torch.manual_seed(cfg.train.seed)
-            path = manager.save(0, model, None, TrainState(), config_yaml, data_dir=d)
+            path = write_single(run, 0, serial_tensors(model), TrainState(), config_yaml, data_dir=d,
+                                layout=serial)
     (run / "config.yaml").write_text(config_yaml)
     tok.log_separator()
     return path

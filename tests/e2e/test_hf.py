@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lite.checkpoint import CheckpointManager, TrainState, load_model_weights, read_manifest, resolve
+from megatron_lite.checkpoint import (
+    CheckpointManager,
+    Stateful,
+    TrainState,
+    load_model_weights,
+    read_manifest,
+    resolve,
+)
 from megatron_lite.cli import main
 from megatron_lite.config import Config
 from megatron_lite.data import ByteTokenizer, load_tokenizer
@@ -56,8 +63,9 @@ def _hf(directory: Path):
 def _checkpoint(directory: Path, data_dir: Path, *overrides: str) -> Path:
     """A step-0 checkpoint of a randomly initialised tiny model, written in process."""
     cfg = Config.from_yaml(None, tiny_overrides(data_dir, *overrides))
-    return CheckpointManager(directory / "checkpoints").save(0, GPT(cfg.model, seed=1), None, TrainState(),
-                                                            cfg.to_yaml(), data_dir=data_dir)
+    model = Stateful(GPT(cfg.model, seed=1))
+    return CheckpointManager(directory / "checkpoints").save(0, model, TrainState(), cfg.to_yaml(),
+                                                            data_dir=data_dir)
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
