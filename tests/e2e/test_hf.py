@@ -306,6 +306,13 @@ def _edit_config(directory: Path, **changes) -> None:
     (directory / "config.json").write_text(json.dumps({**config, **changes}))
 
 
+def _shard_outside(directory: Path) -> None:
+    """An index naming a shard outside the model directory (it is not followed)."""
+    (directory / "model.safetensors").rename(directory.parent / "elsewhere.safetensors")
+    weight_map = {"transformer.wte.weight": "../elsewhere.safetensors"}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
 def _tokenizer(directory: Path, kind: str) -> None:
     """No tokenizer files at all, or one whose only known token is <|endoftext|>."""
     from tokenizers import Tokenizer, models
@@ -346,6 +353,8 @@ BAD_IMPORTS = {  # what is wrong -> (architecture, how to break it, what the one
     "an extra tensor": (
         "gpt2", lambda d: _edit_weights(d, add="transformer.h.0.attn.rotary.weight"),
         ["hold 1 tensors config.json's model does not have (transformer.h.0.attn.rotary.weight)"]),
+    "a shard outside the directory": (
+        "gpt2", _shard_outside, ["lists the shard '../elsewhere.safetensors', which is not a file in that"]),
     "a shape mismatch": (
         "llama", lambda d: _edit_config(d, intermediate_size=40),
         ["do not have the shapes", "model.layers.0.mlp.gate_proj.weight [48, 32] (needs [40, 32])",
@@ -364,6 +373,29 @@ def test_import_refuses_in_one_sentence(case, hf_dirs, tmp_path):
     r = cli("checkpoint", "import", str(src), "--out", str(tmp_path / "run"))
     refused(r, *needles)
     assert r.stdout == "" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("files", ["shards", "old bin"])
+def test_import_reads_sharded_safetensors_and_old_bin_files(files, hf_dirs, tmp_path):
+    """Weights in several safetensors shards, or an older GPT-2 pytorch_model.bin (names without the
+    `transformer.` prefix, its causal-mask buffers, a copy of the tied lm_head), import with logits equal
+    to transformers'."""
+    src = tmp_path / "hf"
+    shutil.copytree(hf_dirs["gpt2"], src)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True).eval()
+    (src / "model.safetensors").unlink()
+    if files == "shards":
+        hf.save_pretrained(src, max_shard_size="40KB")
+        index = json.loads((src / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1
+    else:
+        sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
+        assert "lm_head.weight" in sd
+        torch.save({**sd, **{f"h.{i}.attn.bias": torch.ones(1, 1, 32, 32).tril() for i in range(2)}},
+                   src / "pytorch_model.bin")
+    ours = _serial(resolve(_import(src, tmp_path / "run")))
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(ours, ids), _logits(hf, ids), atol=ATOL, rtol=0)
 
 
 def test_without_transformers_both_commands_name_the_extra(corpus_dir, tmp_path, monkeypatch, capsys):

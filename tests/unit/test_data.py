@@ -139,3 +139,18 @@ def test_data_parallel_ranks_cover_the_global_batch_exactly_once(dp, m, mb):
     assert sorted(taken) == list(range(cursor, cursor + mb * m * dp))  # none twice, none skipped
     # and serial accumulation's order: micro-batch j of rank r is global micro-batch j * dp + r
     assert rank_micro_batch_starts(cursor, mb, m, dp, dp - 1)[0] == cursor + (dp - 1) * mb
+
+
+def test_tokenizer_identity_is_what_decides_the_ids(corpus_dir):
+    """Equal for a tokenizer whose decoding or special-token template differs (transformers rewrites its
+    post-processor on load); different for other ids or another separator."""
+    from tokenizers import Tokenizer, processors
+
+    from megatron_lite.data import BPETokenizer
+    ours = load_tokenizer(corpus_dir)
+    copy = Tokenizer.from_str(ours.tok.to_str())
+    copy.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    assert BPETokenizer(copy).identity == ours.identity
+    copy.add_special_tokens(["<|sep|>"])
+    assert BPETokenizer(copy, "<|sep|>").identity != BPETokenizer(copy).identity != ours.identity
+    assert load_tokenizer(corpus_dir).describe() == ours.describe()
