@@ -16,8 +16,10 @@ the peak of the fullest rank, before the first backward of a step (no gradients 
               is recomputed; under bf16 autocast the bf16 weight copies each in-flight forward keeps;
               the head (fused linear+CE at tp=1 keeps grad_w (V x h) per micro-batch; at tp>1 the
               fp32 softmax over the padded vocabulary slice)
-  pipeline    the engine holds every sent activation and gradient until the end of the step
-              (sends are waited for last): (#SEND_F + #SEND_B) x b x s x h x 4 on a stage
+  pipeline    the message buffers the engine holds at once (chunk outputs until their backward
+              and their send's release, posted receives, gradients until their send is released;
+              pipeline/schedules.held_messages walks the stage's list as the engine keeps them:
+              flat in m for 1F1B and interleaving, m + 2 for GPipe) x b x s x h x 4
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class Memory:
     grads: float
     optimizer: float
     activations: float  # saved tensors of the in-flight micro-batches (+ autocast weight copies)
-    pipeline: float  # sent activations/gradients the engine holds until the step ends
+    pipeline: float  # message buffers the engine holds at its peak (schedules.held_messages)
     transient: float  # the largest short-lived buffer at the peak (logits, recompute, optimizer)
     total: float
 
@@ -166,7 +168,7 @@ def memory_of(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cuda"
     else:
         head_saved = head_inflight = 0
     transient = max(transient, transient_copies)
-    pipeline = facts.sends[stage] * b * (s // tp if sp else s) * h * 4 if facts else 0.0
+    pipeline = facts.held[stage] * b * (s // tp if sp else s) * h * 4 if facts else 0.0
     # before the first backward no gradient exists; after it, all of them (accumulated in place)
     before = inflight * per_mb + head_inflight * head_saved
     after = inflight_g * per_mb + min(head_inflight, max(inflight_g, 1)) * head_saved + grads

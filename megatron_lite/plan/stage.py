@@ -14,7 +14,7 @@ from ..config import ModelConfig
 from ..layout import Layout
 from ..model.gpt import GPT
 from ..pipeline.schedules import build as build_schedule
-from ..pipeline.schedules import simulate
+from ..pipeline.schedules import held_messages, simulate
 from ..slicing import TPSharder
 
 
@@ -74,14 +74,14 @@ class ScheduleFacts:
     bubble: float  # idle fraction of the busiest stage
     peak: tuple[int, ...]  # per stage: chunk-micro-batches in flight at most (the simulator's count)
     peak_after_backward: tuple[int, ...]  # the same, counted only once a backward has run (grads exist)
-    sends: tuple[int, ...]  # per stage: SEND_F + SEND_B actions (their tensors live until step end)
+    held: tuple[int, ...]  # per stage: the most message buffers the engine holds at once
 
 
 @lru_cache(maxsize=256)
 def schedule_facts(name: str, pp: int, m: int, v: int, b_over_f: float) -> ScheduleFacts:
     lists = build_schedule(name, pp, m, v)
     finish, busy, peak = simulate(lists, 1.0, b_over_f)
-    sends = tuple(sum(a.kind.startswith("SEND") for a in lst) for lst in lists)
+    held = tuple(held_messages(lists, s) for s in range(pp))
     after = []
     for lst in lists:  # gradients are allocated by a stage's first backward: what is in flight then
         inflight, seen_b, most = 0, False, 0
@@ -96,4 +96,4 @@ def schedule_facts(name: str, pp: int, m: int, v: int, b_over_f: float) -> Sched
             if seen_b:
                 most = max(most, inflight)
         after.append(most)
-    return ScheduleFacts(finish, 1.0 - max(busy) / finish, tuple(peak), tuple(after), sends)
+    return ScheduleFacts(finish, 1.0 - max(busy) / finish, tuple(peak), tuple(after), held)

@@ -127,7 +127,9 @@ def test_schedule_facts_come_from_the_simulator():
     assert f.peak == (4, 3, 2, 1)  # 1F1B: p micro-batches in flight on the first stage
     assert f.peak_after_backward[0] == 4 and f.peak_after_backward[-1] == 1
     assert abs(f.bubble - 3 / 11) < 1e-9  # (p - 1) / (m + p - 1) for uniform stages
-    assert f.sends == (8, 16, 16, 8)  # first and last stage send one way, the middle ones both
+    # messages held: bounded by the schedule's depth under 1F1B, whatever m; m + 2 under GPipe
+    assert f.held == (6, 6, 5, 4) == plan.schedule_facts("1f1b", 4, 32, 1, 2.0).held
+    assert plan.schedule_facts("gpipe", 4, 8, 1, 2.0).held[0] == 10
     g = plan.schedule_facts("gpipe", 4, 8, 1, 2.0)
     assert g.peak == (8, 8, 8, 8) and g.peak_after_backward[0] == 7
     assert plan.schedule_facts("1f1b", 2, 2, 1, 2.0).peak_after_backward == (1, 1)
