@@ -20,12 +20,13 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterator
 
 from ..distributed.env import export as export_env
 from .tokenizer import EOT, BPETokenizer, ByteTokenizer, DataError, Tokenizer
+
+if TYPE_CHECKING:
+    import numpy as np  # loaded when preparing: `megatron-lite --help` imports this module
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ def _batches(ds, indices: np.ndarray, size: int = 512) -> Iterator[list[str]]:
 
 
 def _write_split(path: Path, tok: Tokenizer, ds, indices: np.ndarray, dtype) -> dict:
+    import numpy as np
     starts, n = [], 0
     with open(path / "bin.tmp", "wb") as f:
         for texts in _batches(ds, indices):
@@ -190,6 +192,7 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str = "bpe", vocab_s
             max_bytes: int | None = 8_000_000, force: bool = False, separator: str | None = None) -> Path:
     """Prepare `sources` into `out`; returns out. An already prepared `out` is kept unless force.
     `separator` (a token, or eos / bos) ends documents with a loaded tokenizer (see data/tokenizer.py)."""
+    import numpy as np
     out = Path(out)
     if (out / "meta.json").is_file() and not force:
         log.info(f"data already prepared in {out} (pass --force to rebuild)")

@@ -38,6 +38,7 @@ from ..data import Sampler, TokenStore, check_same_tokenizer, load_tokenizer
 from ..data.dataset import rank_micro_batch_starts
 from ..distributed import comm
 from ..distributed.env import RunEnv
+from ..distributed.stop import requeue_marker
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..layout import Layout
 from ..model import GPT, generate
@@ -147,10 +148,14 @@ def job_name(env: RunEnv) -> str:
 
 def claim_run_dir(out_dir: Path, env: RunEnv) -> RunLock | None:
     """Rank 0, which commits the checkpoints, takes the run directory's lock; every other rank
-    checks that no other job holds it, so each refuses a busy directory before any group exists."""
+    checks that no other job holds it, so each refuses a busy directory before any group exists.
+    Holding it, rank 0 removes an earlier stop's requeue marker (this run answers it); a refused
+    run leaves the holder's marker alone."""
     lock = RunLock(out_dir, job=job_name(env))
     if env.rank == 0:
-        return lock.acquire()
+        lock.acquire()
+        requeue_marker(out_dir).unlink(missing_ok=True)
+        return lock
     lock.check_free()
     return None
 

@@ -97,7 +97,7 @@ def find_cycles(graph: dict[str, set[str]]) -> list[str]:
 # The documented order, lowest first: a module may import its own layer and the ones below it. A key
 # is a module or package under megatron_lite (the longest matching prefix decides).
 LAYERS = [
-    ("errors", "logs"),
+    ("errors", "logs", "lazy"),
     ("config", "slicing", "distributed.env"),  # slicing imports only torch; RunEnv only reads os.environ
     ("model", "data"),
     ("parallel", "distributed"),
@@ -105,7 +105,7 @@ LAYERS = [
     ("layout",),
     ("optim", "checkpoint"),
     ("train",),
-    ("plan", "verify", "launcher"),  # command modules, each with its own sub-parser
+    ("plan", "verify", "launcher", "generate"),  # command modules, each with its own sub-parser
     ("cli", "testing"),
 ]
 

@@ -93,3 +93,23 @@ def test_a_second_trainer_is_refused_before_any_process_group(tiny_config, tmp_p
     assert time.monotonic() - t0 < 10
     first.fit()  # releases the run directory when it ends
     assert Trainer(tiny_config(*short)).fit()["train_loss"] == []  # resumed at its last step
+
+
+def test_a_refused_train_leaves_the_holders_requeue_marker_and_the_holder_answers_it(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """`train` on a busy run directory exits 2 without touching the first run's requeue.json; the
+    run that takes the lock removes the marker (it answers that stop)."""
+    from megatron_lite.cli import main
+    from megatron_lite.train.trainer import claim_run_dir
+    monkeypatch.setattr(lock_module, "ACQUIRE_S", 0.1)
+    out = tmp_path / "run"
+    out.mkdir()
+    marker = out / "requeue.json"
+    marker.write_text('{"step": 7, "reason": "SIGUSR1", "checkpoint": "step_00000007"}\n')
+    held = RunLock(out, job="first").acquire()
+    code = main(["train", "--config", str(ROOT / "configs" / "tiny.yaml"), f"train.out_dir={out}"])
+    assert code == 2 and "is in use by another training" in capsys.readouterr().err
+    assert marker.read_text().startswith('{"step": 7')
+    held.release()
+    claim_run_dir(out, RunEnv()).release()
+    assert not marker.exists()
