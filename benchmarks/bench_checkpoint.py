@@ -38,6 +38,7 @@ from megatron_lite.checkpoint import CheckpointManager, Stateful, TrainState  # 
 from megatron_lite.checkpoint.integrity import file_digest  # noqa: E402
 from megatron_lite.config import ModelConfig, OptimConfig  # noqa: E402
 from megatron_lite.model import GPT  # noqa: E402
+from megatron_lite.model.counts import param_count  # noqa: E402
 from megatron_lite.optim import build_optimizer  # noqa: E402
 
 MODELS = {
@@ -104,7 +105,7 @@ def measure(name: str, rounds: int, work: Path) -> dict:
         mgr.load(path, Stateful(fresh, fresh_opt), TrainState())
         times["load"].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": name, "params": model.num_params(), "bytes": nbytes, "median_s": med,
+    return {"model": name, "params": param_count(cfg), "bytes": nbytes, "median_s": med,
             "save_over_raw": med["save"] / med["raw"],
             "checksum_share_of_save": med["checksum"] / med["save"],
             "async_blocked_over_save": med["async_blocked"] / med["save"],

@@ -33,18 +33,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import write_json, write_section  # noqa: E402
-from megatron_lite.testing import tiny_overrides  # noqa: E402
-from megatron_lite.train.metrics import read_metrics  # noqa: E402
-from tests.e2e.faults import (  # noqa: E402
+from megatron_lite.testing.faults import (  # noqa: E402
     alive,
     children,
     finish,
     hurt_one_rank,
+    overrides,
     start,
     torchrun_argv,
     train_argv,
     wait_step,
 )
+from megatron_lite.train.metrics import read_metrics  # noqa: E402
 
 GPT2 = ["model.vocab_size=50257", "model.hidden_size=768", "model.num_layers=12",
         "model.num_attention_heads=12", "model.max_sequence_length=128", "model.position_embedding=learned",
@@ -58,9 +58,7 @@ def prepare(data: Path) -> None:
 
 
 def _ovr(data: Path, out: Path, model: str, *extra: str) -> list[str]:
-    return tiny_overrides(data, f"train.out_dir={out}", "log.interval=1", "train.eval_interval=100000",
-                          "checkpoint.interval=100000", "log.tensorboard=false", "train.steps=100000",
-                          *(GPT2 if model == "gpt2-125m" else []), *extra)
+    return overrides(data, out, "train.steps=100000", *(GPT2 if model == "gpt2-125m" else []), *extra)
 
 
 def signal_to_checkpoint(tmp: Path, data: Path, model: str, launcher: str) -> dict:
@@ -97,7 +95,7 @@ def failure(tmp: Path, data: Path, how: str, timeout: float) -> dict:
 
 def nodes(tmp: Path, data: Path, steps: int = 300) -> list[dict]:
     """Median step time of one tp2 x dp2 job on one node vs across the two namespace nodes."""
-    from tests.e2e.cluster import ClusterManager, skip_reason
+    from megatron_lite.testing.cluster import ClusterManager, skip_reason
     if skip_reason():
         return []
     manager = ClusterManager()

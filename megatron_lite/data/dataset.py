@@ -41,7 +41,7 @@ class TokenStore:
                 expected = int(info["tokens"]) * dtype.itemsize
             except (KeyError, TypeError, ValueError):
                 raise DataError(f"{str(meta_path)!r} is corrupt (split {split!r} has no token count); "
-                                f"prepare the data again with `megatron-lite prepare-data --force`.") from None
+                                "prepare the data again with `megatron-lite prepare-data --force`.") from None
             if not path.is_file() or path.stat().st_size != expected:
                 raise DataError(f"{str(path)!r} is missing or truncated (expected {expected} bytes); "
                                 f"prepare the data again with `megatron-lite prepare-data --force`.")
@@ -90,7 +90,8 @@ class Sampler:
         return xy[:, :-1], xy[:, 1:]
 
 
-def rank_micro_batch_starts(cursor: int, micro_batch: int, microbatches: int, dp: int, dp_rank: int) -> list[int]:
+def rank_micro_batch_starts(cursor: int, micro_batch: int, microbatches: int, dp: int,
+                            dp_rank: int) -> list[int]:
     """First global sample of each micro-batch data-parallel rank `dp_rank` takes from the global
     batch [cursor, cursor + micro_batch * microbatches * dp): micro-batch j is slice j * dp + rank,
     so the ranks together take every sample exactly once, in serial accumulation's order."""

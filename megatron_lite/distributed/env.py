@@ -5,8 +5,9 @@
 
 The trainer is handed a RunEnv and never reads os.environ itself, so a test (or a launcher) states
 the environment instead of patching it. The few other reads (the launcher's world size at exit, the
-SLURM node name) and every write (`export`: what DeepSpeed, HF datasets and the torchrun agent read
-from the environment; listed in docs/architecture.md) are the functions at the end of this module.
+SLURM node name, the copy a child process is given) and every write (`export`: what DeepSpeed, HF
+datasets and the torchrun agent read from the environment; listed in docs/architecture.md) are the
+functions at the end of this module.
 
 Sources, in order:
   torchrun   RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR/PORT; the process
@@ -128,6 +129,11 @@ def launched_world_size(environ: Mapping[str, str] | None = None) -> int:
 def slurm_node_name() -> str:
     """This node's name inside a SLURM job ('' outside one)."""
     return os.environ.get("SLURMD_NODENAME", "")
+
+
+def child_environ(**extra: str) -> dict[str, str]:
+    """A copy of this process's environment with `extra` on top, for a process started from this one."""
+    return {**os.environ, **extra}
 
 
 def export(values: Mapping[str, str], overwrite: bool = True) -> None:

@@ -23,7 +23,7 @@ from .gpt import GPT
 def param_count(mc: ModelConfig) -> int:
     """Parameters of the whole (serial) model, counted without allocating it."""
     with torch.device("meta"):
-        return GPT(mc, seed=None).num_params()
+        return sum(p.numel() for p in GPT(mc, seed=None).parameters())
 
 
 def layer_flops(mc: ModelConfig, b: int, s: int, causal_half: bool = False) -> float:

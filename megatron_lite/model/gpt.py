@@ -276,13 +276,6 @@ class GPT(nn.Module):
             cache.length += T
         return self.head(x, labels)
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings and self.tok_emb is not None:
-            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel()
-                                                if self.pos_emb is not None else 0)
-        return n
-
 
 @torch.no_grad()
 def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -41,11 +41,11 @@ TABLE1_SOURCE = "Narayanan et al. 2021, arXiv:2104.04473, Table 1 (A100, seq 204
 
 
 def table1_config(row) -> Config:
-    _, heads, hidden, layers, _, pp, *_ = row
+    _, heads, hidden, layers, *_ = row
     return Config.from_dict({
         "model": {"vocab_size": 51200, "hidden_size": hidden, "num_layers": layers,
                   "num_attention_heads": heads, "max_sequence_length": 2048},
-        "train": {"precision": "bf16", "recompute": "full", "eval_iters": pp},
+        "train": {"precision": "bf16", "recompute": "full"},
     }).validate()
 
 

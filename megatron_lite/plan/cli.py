@@ -38,7 +38,7 @@ def add_parser(subparsers) -> None:
                    choices=["none", "selective", "full"])
     n.add_argument("--headroom", type=float, default=0.1,
                    help="fraction of GPU memory kept free (CUDA context, allocator fragmentation)")
-    n.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.eval_iters=64")
+    n.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.num_layers=40")
     n.set_defaults(func=cmd_plan)
 
 

@@ -1,7 +1,9 @@
-"""What the tests and the benchmarks share: the tiny model's overrides and spawning gloo ranks.
+"""What the tests and the benchmarks share: the tiny model's overrides and spawning gloo ranks here;
+running the CLI as a launcher would and hurting its ranks in `faults`, the local SLURM clusters in
+`cluster`.
 
-Plain functions (no test framework), importable wherever the package is, so neither the
-benchmarks nor the tests reach into each other (no sys.path inserts, no `import tests`)."""
+Plain functions (no test framework), so neither the benchmarks nor the tests reach into each other
+(no `import tests`). For tests and benchmarks only: no module of the package imports it."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
+# The source checkout the tests and benchmarks run from (configs/, launch/).
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_overrides(data_dir, *extra: str) -> list[str]:
@@ -34,7 +39,7 @@ def _in_group(rank: int, world: int, store: str, fn, args) -> None:
     import torch
     import torch.distributed as dist
 
-    from .distributed.env import export
+    from ..distributed.env import export
     export({"OMP_NUM_THREADS": "1"})  # for whatever this rank starts (DeepSpeed's ops, subprocesses)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -43,7 +48,7 @@ def _in_group(rank: int, world: int, store: str, fn, args) -> None:
     finally:
         dist.destroy_process_group()
     # Success: end without native teardown, which can abort a finished rank (comm.exit_process).
-    from .distributed import comm
+    from ..distributed import comm
     comm.exit_process(0)
 
 

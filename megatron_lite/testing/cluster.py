@@ -1,13 +1,11 @@
-"""Real local SLURM clusters (``launch/local-cluster.sh``) as pytest fixtures.
-
-``slurm_one_node`` / ``slurm_two_nodes`` bring the wanted cluster up (the script is idempotent: a
-no-op when that cluster is already up, down-then-up when the other one is) and return a
-:class:`Cluster`. Only one cluster can be up at a time (they share ports and the state directory),
-so these fixtures are function-scoped and cheap (an ``up`` of a healthy cluster is a health check);
-the session-scoped ``local_cluster`` manager brings whatever is up down at the end of the session.
+"""Real local SLURM clusters (``launch/local-cluster.sh`` of the source checkout): bring one up or down
+(:class:`ClusterManager`) and drive it (:class:`Cluster`). Only one cluster can be up at a time (they
+share ports and the state directory); ``up`` is idempotent (a no-op when that cluster is already up,
+down-then-up when the other one is), so an ``up`` of a healthy cluster is a health check. The pytest
+fixtures are in tests/e2e/conftest.py.
 
 Needs root (daemons, network namespaces) and slurm-wlm + munge (installed with apt by the script
-when missing); without them the tests skip with the reason.
+when missing); :func:`skip_reason` says what is missing.
 
 Slurm facts measured on this cluster (Debian bookworm's Slurm 22.05.8; re-checked by
 tests/e2e/test_local_cluster.py), which the launchers rely on:
@@ -50,12 +48,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import ROOT
+from ..distributed.env import child_environ
+from . import ROOT
 
 SCRIPT = ROOT / "launch" / "local-cluster.sh"
-STATE_DIR = Path(os.environ.get("LOCAL_CLUSTER_DIR", "/tmp/megatron-lite-cluster"))
+# The script's state directory (it reads LOCAL_CLUSTER_DIR itself; run_script passes ours on).
+STATE_DIR = Path(child_environ().get("LOCAL_CLUSTER_DIR", "/tmp/megatron-lite-cluster"))
 # Job states after which a job never runs again (no accounting: read with `scontrol show job`,
 # which keeps a finished job for MinJobAge=120 s).
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -78,7 +76,7 @@ def skip_reason() -> str | None:
 
 
 def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, LOCAL_CLUSTER_DIR=str(STATE_DIR))
+    env = child_environ(LOCAL_CLUSTER_DIR=str(STATE_DIR))
     return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -178,7 +176,7 @@ class ClusterManager:
                                  + _logs_tail())
         self.up_nodes = nodes
         facts = read_env_sh(STATE_DIR / "env.sh")
-        env = dict(os.environ, **facts)
+        env = child_environ(**facts)
         return Cluster(nodes=facts["MLITE_NODES"].split(), addrs=facts["MLITE_NODE_ADDRS"].split(),
                        ifname=facts["MLITE_IFNAME"], env=env)
 
@@ -198,26 +196,3 @@ def _logs_tail(n: int = 30) -> str:
         out.append(f"--- {log}\n" + "\n".join(lines))
     return "\n".join(out)
 
-
-@pytest.fixture(scope="session")
-def local_cluster():
-    """The session's ClusterManager; whatever is up at the end is brought down."""
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    manager = ClusterManager()
-    yield manager
-    manager.down()
-
-
-@pytest.fixture
-def slurm_one_node(local_cluster) -> Cluster:
-    """A one-node cluster (the host, 127.0.0.1; >= 4 CPUs declared)."""
-    return local_cluster.up(1)
-
-
-@pytest.fixture
-def slurm_two_nodes(local_cluster) -> Cluster:
-    """A two-node cluster: nodes mlite-n1/mlite-n2 in network namespaces (addresses in .addrs,
-    interface .ifname = eth0)."""
-    return local_cluster.up(2)

@@ -19,20 +19,19 @@ import time
 import pytest
 
 from megatron_lite.checkpoint import CheckpointManager
-from tests.conftest import ROOT
-from tests.e2e.faults import (
+from megatron_lite.testing.faults import (
     alive,
     children,
     finish,
     hurt_one_rank,
-    losses,
     overrides,
-    run,
     start,
     torchrun_argv,
     train_argv,
     wait_step,
 )
+from tests.conftest import ROOT
+from tests.e2e.faults import losses, run
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 8  # launch.collective_timeout_s of the failure tests

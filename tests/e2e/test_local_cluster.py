@@ -1,5 +1,6 @@
 """launch/local-cluster.sh: real one- and two-node SLURM clusters on this machine, and the Slurm
-behaviour the launchers rely on (requeue, signals; the facts are written up in tests/e2e/cluster.py).
+behaviour the launchers rely on (requeue, signals; the facts are written up in
+megatron_lite/testing/cluster.py).
 
 Needs root; skips otherwise (and when slurm cannot be installed). Ordered to switch clusters
 rarely: one-node tests, then two-node tests, then `down`.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.cluster import STATE_DIR, run_script, skip_reason
+from megatron_lite.testing.cluster import STATE_DIR, run_script, skip_reason
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))]
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from megatron_lite.testing.cluster import skip_reason
+from megatron_lite.testing.faults import finish, overrides, start, torchrun_argv
 from tests.conftest import ROOT
-from tests.e2e.cluster import skip_reason
-from tests.e2e.faults import finish, losses, overrides, run, start, torchrun_argv
+from tests.e2e.faults import losses, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))]
 

@@ -338,7 +338,8 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_chosen(corpus_dir,
 @pytest.fixture(scope="module")
 def run_with_two_checkpoints(corpus_dir, tmp_path_factory):
     """A run directory trained through the CLI: step_10 and step_20."""
-    from tests.e2e.faults import overrides, run, train_argv
+    from megatron_lite.testing.faults import overrides, train_argv
+    from tests.e2e.faults import run
     out = tmp_path_factory.mktemp("fallback") / "run"
     argv = train_argv(*overrides(corpus_dir, out, "train.steps=20", "checkpoint.interval=10"))
     code, text = run(argv, out.parent / "train.log")

@@ -112,9 +112,12 @@ def test_only_rank_zero_logs_unless_a_record_is_for_all_ranks(capsys, restore_pa
     for rank in (0, 1):
         setup_logging(rank)  # replaces the previous handler: one per process
         log.info("hello from %d", rank)
+        log.warning("fallback on %d", rank)
         log.warning("stalled peer", extra={"all_ranks": True})
-    out = capsys.readouterr().out.splitlines()
-    assert out == ["hello from 0", "stalled peer", "[rank 1] stalled peer"]
+    got = capsys.readouterr()
+    # information on stdout, warnings on stderr (with the CLI's errors); other ranks only all_ranks ones
+    assert got.out.splitlines() == ["hello from 0"]
+    assert got.err.splitlines() == ["fallback on 0", "stalled peer", "[rank 1] stalled peer"]
 
 
 def test_launched_world_size_never_raises():

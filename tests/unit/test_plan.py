@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # ---- parameters -----------------------------------------------------------------------------------
 def test_param_count_is_the_allocated_models():
     cfg = Config.from_yaml(ROOT / "configs" / "tiny.yaml")
-    assert param_count(cfg.model) == GPT(cfg.model, seed=None).num_params()
+    assert param_count(cfg.model) == sum(p.numel() for p in GPT(cfg.model, seed=None).parameters())
     gpt2 = Config.from_yaml(ROOT / "configs" / "gpt2-125m.yaml").model
     assert param_count(gpt2) == 124_439_808  # GPT-2 small
 
