@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -81,9 +82,7 @@ class PipelineEngine:
             forward_only: bool = False) -> torch.Tensor:
         """Run one step over the micro-batches; returns the mean loss (on every stage)."""
         m = len(batches)
-        lists = (build_forward_only(self.pp, m, self.v) if forward_only
-                 else build(self.schedule, self.pp, m, self.v))
-        actions, releases = lists[self.stage], send_releases(lists)[self.stage]
+        actions, releases = _stage_plan(self.schedule, self.pp, m, self.v, forward_only, self.stage)
         inbox: dict[tuple, torch.Tensor] = {}
         inputs: dict[tuple, torch.Tensor] = {}
         outputs: dict[tuple, torch.Tensor] = {}
@@ -168,3 +167,12 @@ class PipelineEngine:
         mean = loss_sum / m
         comm.all_reduce(mean, self.group)
         return mean
+
+
+@lru_cache(maxsize=64)
+def _stage_plan(schedule: str, pp: int, m: int, v: int, forward_only: bool, stage: int):
+    """This stage's action list and send releases: the same every step of a run, so built once
+    (the vector-clock pass over every stage's list is not per-step work)."""
+    lists = build_forward_only(pp, m, v) if forward_only else build(schedule, pp, m, v)
+    return lists[stage], send_releases(lists)[stage]
+
