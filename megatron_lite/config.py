@@ -95,8 +95,12 @@ class ParallelConfig:
     virtual_stages: int = 1  # model chunks per pipeline stage (interleaved schedule)
     # micro-batches per step and dp rank; another name for train.grad_accum (set one: Layout checks)
     microbatches: Optional[int] = None
-    partition: Literal["even", "params"] = "even"  # how blocks are split into pipeline pieces
-    pp_layers: Optional[list[int]] = None  # explicit blocks per pipeline piece (overrides partition)
+    # how blocks are split into the pp x virtual_stages pipeline pieces (pipeline/partition.py);
+    # balanced counts the embedding and the LM head as one block each
+    partition: Literal["even", "params", "balanced"] = "even"
+    # explicit blocks per pipeline piece, pp x virtual_stages of them in virtual-stage order (overrides
+    # partition); 0 only for the first piece (embedding alone) or the last (final norm + head alone)
+    pp_layers: Optional[list[int]] = None
 
     def validate(self) -> None:
         for key in ("tp", "pp", "dp"):
@@ -118,6 +122,9 @@ class ParallelConfig:
         if self.make_vocab_divisible_by < 1:
             raise ConfigError(f"parallel.make_vocab_divisible_by={self.make_vocab_divisible_by} "
                               f"must be >= 1.")
+        if self.pp_layers is not None and (not self.pp_layers or min(self.pp_layers) < 0):
+            raise ConfigError(f"parallel.pp_layers={self.pp_layers} must list a block count >= 0 for each "
+                              f"pipeline piece (or be null to use parallel.partition).")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from functools import cached_property
 from .config import Config
 from .distributed.topology import Topology
 from .errors import LayoutError
-from .pipeline.partition import Chunk, stage_chunks
+from .pipeline.partition import Chunk, piece_sizes, stage_chunks
 from .pipeline.schedules import Action
 from .pipeline.schedules import build as build_schedule
 
@@ -99,6 +99,13 @@ class Layout:
         """The model pieces pipeline stage `stage` holds (all blocks, embedding and head when pp = 1)."""
         p = self.config.parallel
         return stage_chunks(self.config.model, p.pp, stage, p.virtual_stages, p.partition, p.pp_layers)
+
+    @property
+    def pieces(self) -> list[int]:
+        """Blocks of each of the pp x virtual_stages pipeline pieces, in virtual-stage order (0 for a
+        piece holding only the embedding or only the final norm + head)."""
+        p = self.config.parallel
+        return piece_sizes(self.config.model, p.pp, p.virtual_stages, p.partition, p.pp_layers)
 
     @cached_property
     def schedule(self) -> list[list[Action]]:

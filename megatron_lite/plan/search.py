@@ -14,6 +14,7 @@ from ..config import Config, apply_override
 from ..errors import ConfigError, UsageError
 from ..layout import Layout
 from ..model.counts import param_count
+from ..pipeline.partition import equal_load
 from .cluster import GB, OURS, Cluster, Profile
 from .memory import Memory, peak_memory
 from .timing import Timing, step_time
@@ -69,7 +70,7 @@ def candidate_overrides(cfg: Config, cluster: Cluster, global_batch: int, micro_
                         sequence_parallel: str = "auto", tp_values=None, pp_values=None):
     """Every (tp, pp, dp, sp, schedule, v, micro-batch, ZeRO) to try, as config overrides."""
     world = cluster.world_size
-    L = cfg.model.num_layers
+    L, par = cfg.model.num_layers, cfg.parallel
     for tp in tp_values or [t for t in _divisors(cluster.gpus_per_node) if world % t == 0]:
         for pp in pp_values or [q for q in _divisors(world // tp) if q <= L]:
             dp = world // (tp * pp)
@@ -82,8 +83,9 @@ def candidate_overrides(cfg: Config, cluster: Cluster, global_batch: int, micro_
             if pp > 1:
                 for name in schedules:
                     if name == "interleaved":
+                        # only where every piece gets the same load: the slowest chunk paces them all
                         scheds += [("interleaved", v) for v in range(2, max_virtual_stages + 1)
-                                   if L % (pp * v) == 0]
+                                   if equal_load(cfg.model, pp * v, par.partition, par.pp_layers)]
                     else:
                         scheds.append((name, 1))
             for b in micro_batch_sizes:

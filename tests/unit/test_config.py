@@ -101,6 +101,10 @@ def test_cli_reports_user_errors_in_one_line_without_traceback(tmp_path):
     assert r.returncode == 2 and r.stderr == "error: optim.lr=-1.0 must be positive.\n", r.stderr
 
 
+INTERLEAVED = ["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=2",
+               "parallel.microbatches=2"]
+
+
 @pytest.mark.parametrize("override, words", [
     (["optim.zero.stage=2"], ["optim.zero.stage=2", "backend=deepspeed"]),
     (["optim.zero.stage=4"], ["optim.zero.stage=4"]),
@@ -114,8 +118,16 @@ def test_cli_reports_user_errors_in_one_line_without_traceback(tmp_path):
     (["parallel.pp=8"], ["parallel.pp=8", "model.num_layers=4"]),
     (["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=2",
       "parallel.microbatches=3"], ["micro-batches (3)", "multiple of parallel.pp=2"]),
-    (["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=3", "model.num_layers=8",
-      "parallel.microbatches=2"], ["virtual_stages=3", "divisible"]),
+    ([*INTERLEAVED, "parallel.pp_layers=[1,0,2,1]"],
+     ["parallel.pp_layers=[1, 0, 2, 1]", "piece 1 with no blocks", "move a block into piece 1"]),
+    ([*INTERLEAVED, "parallel.pp_layers=[2,2]"], ["parallel.pp_layers=[2, 2]", "4 block counts"]),
+    ([*INTERLEAVED, "parallel.pp=4", "parallel.microbatches=4"],
+     ["parallel.pp=4 x parallel.virtual_stages=2 = 8 pipeline pieces", "model.num_layers=4",
+      "parallel.partition=balanced"]),
+    ([*INTERLEAVED, "parallel.pp=4", "parallel.microbatches=4", "parallel.partition=balanced",
+      "model.num_layers=5"], ["8 pipeline pieces exceed model.num_layers + 2 = 7"]),
+    (["parallel.pp_layers=[2,-1]"], ["parallel.pp_layers=[2, -1]", ">= 0"]),
+    (["parallel.pp_layers=[]"], ["parallel.pp_layers=[]", "null"]),
     (["data.global_batch_size=20", "parallel.microbatches=2"], ["global_batch_size=20", "= 32"]),
 ])
 def test_impossible_layouts_fail_in_one_sentence_before_any_process_group(override, words):
@@ -125,6 +137,22 @@ def test_impossible_layouts_fail_in_one_sentence_before_any_process_group(overri
     for w in words:
         assert w in str(e.value), str(e.value)
     assert "\n" not in str(e.value) and not dist.is_initialized()
+
+
+def test_uneven_interleaved_layouts_are_accepted():
+    """Interleaving no longer needs num_layers divisible by pp x v; explicit counts may leave the end
+    pieces to the embedding alone and the head alone; balanced counts both as a block each."""
+    tiny = ROOT / "configs/tiny.yaml"
+    inter = ["parallel.pp=2", "parallel.schedule=interleaved", "parallel.microbatches=2"]
+    assert Layout.build(Config.from_yaml(tiny, [*inter, "parallel.virtual_stages=3", "model.num_layers=8"])
+                        ).pieces == [2, 2, 1, 1, 1, 1]
+    layout = Layout.build(Config.from_yaml(tiny, [*inter, "parallel.virtual_stages=2",
+                                                  "parallel.pp_layers=[0,2,2,0]"]))
+    assert [c.layers for c in layout.chunks(0)] == [(), (2, 3)] and layout.chunks(0)[0].first
+    assert [c.layers for c in layout.chunks(1)] == [(0, 1), ()] and layout.chunks(1)[1].last
+    balanced = [*inter, "parallel.virtual_stages=3", "parallel.partition=balanced"]
+    # 4 blocks + the embedding + the head = 6 units: one per piece
+    assert Layout.build(Config.from_yaml(tiny, balanced)).pieces == [0, 1, 1, 1, 1, 0]
 
 
 def test_the_lr_bound_is_where_adamw_really_overflows():

@@ -59,6 +59,7 @@ def test_layout_facts_for_a_3d_run():
     assert layout.micro_batches == 4 and layout.global_batch_size == 2 * 4 * 2
     assert layout.act_shape == (2, 32, 64)  # the sequence-parallel shard travels between stages
     assert [c.layers for c in layout.chunks(1)] == [(2, 3)] and layout.chunks(0)[0].first
+    assert layout.pieces == [2, 2]
     assert len(layout.schedule) == 2 and layout.backend == "pipeline"
     assert layout.as_dict()["tp"] == 2 and "tp 2 +sp pp 2 (1f1b) dp 2" in layout.describe()
     assert Layout.build(_cfg("parallel.dp=2", "optim.zero.stage=1", "optim.zero.backend=deepspeed")).backend \

@@ -1,9 +1,12 @@
 """Pipeline schedules as pure action lists: ordering, matching sends/receives, in-flight limits,
-coverage, deadlock-freedom (by simulation) and the bubble each one leaves."""
+coverage, deadlock-freedom (by simulation) and the bubble each one leaves; and the partition of the
+blocks into pipeline pieces (uneven, interleaved, embedding- or head-only end pieces)."""
 
 import pytest
 
-from megatron_lite.config import ConfigError
+from megatron_lite.config import ConfigError, ModelConfig
+from megatron_lite.errors import LayoutError
+from megatron_lite.pipeline.partition import equal_load, piece_sizes, stage_chunks
 from megatron_lite.pipeline.schedules import Action, build, build_forward_only, message, simulate
 
 CASES = [("gpipe", pp, m, 1) for pp in (2, 4) for m in (1, 3, 4, 8)] + \
@@ -119,3 +122,87 @@ def test_send_releases_are_sound_and_bounded(name, pp, m, v):
         assert max(held) <= pp, held
     if name == "interleaved":
         assert max(held) <= 2 * pp * v, held
+
+
+# ---- the partition ------------------------------------------------------------------------------
+LLAMA3_405B = ModelConfig(vocab_size=128256, hidden_size=16384, num_layers=126, num_attention_heads=128,
+                          num_kv_heads=8, intermediate_size=53248, max_sequence_length=8192,
+                          position_embedding="rope", norm="rmsnorm", activation="swiglu",
+                          tie_embeddings=False, bias=False)
+
+
+def _covered(cfg, pp, v, method="even", sizes=None):
+    """Every stage's chunks, checked to hold each block once, in piece order, the embedding on
+    piece 0 and the head on the last piece; returns {stage: [blocks per chunk]}."""
+    pieces = {}
+    for stage in range(pp):
+        chunks = stage_chunks(cfg, pp, stage, v, method, sizes)
+        assert [c.virtual_stage for c in chunks] == [c * pp + stage for c in range(v)]
+        for c in chunks:
+            pieces[c.virtual_stage] = c
+    ordered = [pieces[k] for k in range(pp * v)]
+    assert [i for c in ordered for i in c.layers] == list(range(cfg.num_layers))
+    assert [c.first for c in ordered] == [True] + [False] * (pp * v - 1)
+    assert [c.last for c in ordered] == [False] * (pp * v - 1) + [True]
+    # a piece without blocks still holds the embedding or the head
+    assert all(c.layers or c.first or c.last for c in ordered)
+    return {s: [len(pieces[c * pp + s].layers) for c in range(v)] for s in range(pp)}
+
+
+@pytest.mark.parametrize("v, ends, middle", [(1, 7, 8), (2, 3, 4), (4, 1, 2), (8, 0, 1)])
+def test_balanced_partition_runs_llama3_405b_on_pp16_interleaved(v, ends, middle):
+    """126 blocks + the embedding + the head = 128 units = 16 x 8: every piece one equal share, the
+    end pieces one block short (v = 8: the embedding alone, the head alone, as Llama 3 ran it)."""
+    sizes = piece_sizes(LLAMA3_405B, 16, v, "balanced")
+    assert sizes == [ends] + [middle] * (16 * v - 2) + [ends]
+    per_stage = _covered(LLAMA3_405B, 16, v, "balanced")
+    assert [sum(c) for c in per_stage.values()] == [7] + [8] * 14 + [7]  # every stage 8 units
+    assert equal_load(LLAMA3_405B, 16 * v, "balanced") and not equal_load(LLAMA3_405B, 16 * v, "even")
+    if v == 8:
+        first, last = stage_chunks(LLAMA3_405B, 16, 0, 8, "balanced")[0], \
+            stage_chunks(LLAMA3_405B, 16, 15, 8, "balanced")[-1]
+        assert first.layers == () and first.first and last.layers == () and last.last
+
+
+def test_balanced_spreads_a_remainder_after_the_first_piece():
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=9, num_attention_heads=2)
+    assert piece_sizes(cfg, 2, 2, "balanced") == [1, 3, 3, 2]  # 11 units: 2 3 3 3, less the two ends
+    assert piece_sizes(cfg, 1, 1, "balanced") == [9]  # one piece holds everything
+    assert piece_sizes(cfg, 11, 1, "balanced") == [0] + [1] * 9 + [0]
+    _covered(cfg, 2, 2, "balanced")
+
+
+def test_uneven_interleaving_even_params_and_explicit():
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=5, num_attention_heads=2)
+    # no longer needs num_layers divisible by pp x v: the first pieces take the remainder
+    assert _covered(cfg, 2, 2) == {0: [2, 1], 1: [1, 1]}
+    assert sum(piece_sizes(cfg, 2, 2, "params")) == 5 and min(piece_sizes(cfg, 2, 2, "params")) >= 1
+    # explicit: one count per virtual stage, in virtual-stage order (piece k on stage k % pp)
+    assert _covered(cfg, 2, 2, sizes=[1, 2, 1, 1]) == {0: [1, 1], 1: [2, 1]}
+    assert [c.layers for c in stage_chunks(cfg, 2, 1, 2, sizes=[1, 2, 1, 1])] == [(1, 2), (4,)]
+    # empty end pieces: the embedding alone on stage 0's first chunk, the head alone on stage 1's last
+    assert _covered(cfg, 2, 2, sizes=[0, 3, 2, 0]) == {0: [0, 2], 1: [3, 0]}
+    assert _covered(cfg, 2, 1, sizes=[0, 5]) == {0: [0], 1: [5]}  # without interleaving too
+    assert equal_load(cfg, 4, sizes=[0, 3, 2, 0]) and not equal_load(cfg, 4)
+
+
+@pytest.mark.parametrize("pp, v, method, sizes, words", [
+    (2, 2, "even", [1, 0, 3, 1], ["parallel.pp_layers=[1, 0, 3, 1]", "piece 1 with no blocks",
+                                  "move a block into piece 1"]),
+    (2, 2, "even", [0, 0, 4, 1], ["piece 1 with no blocks"]),
+    (2, 2, "even", [2, 3], ["parallel.pp_layers=[2, 3]", "4 block counts", "virtual_stages=2"]),
+    (2, 2, "even", [1, 1, 1, 1], ["summing to model.num_layers=5"]),
+    (2, 2, "even", [2, -1, 3, 1], ["each >= 0"]),
+    (4, 2, "even", None, ["parallel.pp=4 x parallel.virtual_stages=2 = 8", "model.num_layers=5",
+                          "parallel.partition=balanced"]),
+    (4, 2, "params", None, ["model.num_layers=5"]),
+    (4, 2, "balanced", None, ["= 8 pipeline pieces exceed model.num_layers + 2 = 7"]),
+    (2, 1, "zigzag", None, ["parallel.partition='zigzag'", "balanced"]),
+])
+def test_partition_refusals_are_one_sentence(pp, v, method, sizes, words):
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, num_layers=5, num_attention_heads=2)
+    with pytest.raises(LayoutError) as e:
+        stage_chunks(cfg, pp, 0, v, method, sizes)
+    msg = str(e.value)
+    assert all(w in msg for w in words), msg
+    assert "\n" not in msg and msg.endswith(".") and msg.count(". ") == 0, msg
