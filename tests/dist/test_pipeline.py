@@ -1,7 +1,9 @@
 """Pipeline parallelism against the serial model with gradient accumulation over the same
 micro-batches: loss, every gradient, three optimizer steps with clipping, tied embeddings kept
-identical — for GPipe, 1F1B and interleaved at pp=2 and pp=4, and tp=2 x pp=2 with sequence
-parallelism. float64, so differences are summation-order rounding only (1e-9 relative)."""
+identical — for GPipe, 1F1B and interleaved at pp=2 and pp=4, tp=2 x pp=2 with sequence
+parallelism, and uneven pieces (interleaved chunks of different sizes, an embedding-only first and a
+head-only last piece, the balanced partition's Llama-3-like split). float64, so differences are
+summation-order rounding only (1e-9 relative)."""
 
 
 import pytest
@@ -12,7 +14,8 @@ from megatron_lite.testing import run_ranks
 TOL = dict(rtol=1e-9, atol=1e-11)
 
 
-def _case(rank, world, pp, tp, schedule, v, m, sp=False, variant="gpt2"):
+def _case(rank, world, pp, tp, schedule, v, m, sp=False, variant="gpt2", sizes=None, partition="even",
+          num_layers=None):
     import torch.distributed as dist
 
     from megatron_lite.config import ModelConfig
@@ -22,19 +25,20 @@ def _case(rank, world, pp, tp, schedule, v, m, sp=False, variant="gpt2"):
     from megatron_lite.parallel.tensor_parallel import parallelize
     from megatron_lite.pipeline.engine import PipelineEngine
     from megatron_lite.pipeline.partition import stage_chunks
-    where = f"[{schedule} pp={pp} tp={tp} v={v} m={m} sp={sp} {variant} rank={rank}]"
+    where = f"[{schedule} pp={pp} tp={tp} v={v} m={m} sp={sp} {variant} {sizes or partition} rank={rank}]"
     topo = Topology(tp=tp, pp=pp, dp=1)
     groups = topo.build(rank)
     coord = groups.coord
     extra = dict(position_embedding="rope", activation="swiglu", norm="rmsnorm", bias=False,
                  tie_embeddings=False) if variant == "llama" else {}
-    cfg = ModelConfig(vocab_size=101, hidden_size=32, num_layers=pp * v * (2 if pp == 2 else 1),
+    layers = num_layers or (sum(sizes) if sizes else pp * v * (2 if pp == 2 else 1))
+    cfg = ModelConfig(vocab_size=101, hidden_size=32, num_layers=layers,
                       num_attention_heads=4, intermediate_size=64, max_sequence_length=16, **extra)
     serial = GPT(cfg, seed=21).double()
     g = torch.Generator().manual_seed(8)
     batches = [(torch.randint(0, 101, (2, 16), generator=g), torch.randint(0, 101, (2, 16), generator=g))
                for _ in range(m)]
-    chunks = stage_chunks(cfg, pp, coord.pp, v)
+    chunks = stage_chunks(cfg, pp, coord.pp, v, partition, sizes)
     layers = [i for c in chunks for i in c.layers]
     stage = GPT(cfg, seed=21, layers=layers, embed=any(c.first for c in chunks),
                 head=any(c.last for c in chunks)).double()
@@ -58,13 +62,13 @@ def _case(rank, world, pp, tp, schedule, v, m, sp=False, variant="gpt2"):
             (loss / m).backward()
             ref += loss.detach() / m
         got = engine.run(batches)
-        torch.testing.assert_close(got, ref, **TOL, msg=lambda e: f"loss step {step} {where} {e}")
+        torch.testing.assert_close(got, ref, **TOL, msg=lambda e, step=step: f"loss step {step} {where} {e}")
         sync.finish(stage)  # sequence-parallel sums, tied-embedding copies
         if step == 0:
             sg = dict(serial.named_parameters(remove_duplicate=False))
             for name, p in stage.named_parameters():
                 torch.testing.assert_close(p.grad, shard(name, sg[name].grad), **TOL,
-                                           msg=lambda e: f"grad {name} {where} {e}")
+                                           msg=lambda e, name=name: f"grad {name} {where} {e}")
         ns = torch.nn.utils.clip_grad_norm_(serial.parameters(), 0.05).item()
         npp = sync.clip(stage, 0.05)
         assert ns > 0.05 and abs(npp - ns) < 1e-9 * ns, (npp, ns, where)
@@ -73,7 +77,7 @@ def _case(rank, world, pp, tp, schedule, v, m, sp=False, variant="gpt2"):
     sp_ = dict(serial.named_parameters(remove_duplicate=False))
     for name, p in stage.named_parameters():
         torch.testing.assert_close(p, shard(name, sp_[name]), **TOL,
-                                   msg=lambda e: f"weight {name} {where} {e}")
+                                   msg=lambda e, name=name: f"weight {name} {where} {e}")
     if copy_w is not None:  # the first and last stage copies of the tied embedding are identical
         mine = copy_w.detach().clone()
         other = [torch.empty_like(mine) for _ in groups.embed_ranks]
@@ -121,6 +125,11 @@ def _world2(rank, world):
     for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
         _case(rank, world, 2, 1, schedule, v, 4)
     _case(rank, world, 2, 1, "1f1b", 1, 3, variant="llama")  # m not a multiple of pp: fine for 1F1B
+    # uneven interleaved chunks: stage 0 holds blocks (0,) and (3,), stage 1 (1, 2) and (4,)
+    _case(rank, world, 2, 1, "interleaved", 2, 4, sizes=[1, 2, 1, 1])
+    # an embedding-only first piece and a head-only last one (tied: the copies on stages 0 and 1)
+    _case(rank, world, 2, 1, "interleaved", 2, 2, sizes=[0, 2, 2, 0])
+    _case(rank, world, 2, 1, "1f1b", 1, 2, variant="llama", sizes=[0, 3])  # stage 0: the embedding alone
     _held_messages(rank, world)
 
 
@@ -129,6 +138,9 @@ def _world4(rank, world):
         _case(rank, world, 4, 1, schedule, v, 4)
     _case(rank, world, 2, 2, "1f1b", 1, 4, sp=True)
     _case(rank, world, 2, 2, "interleaved", 2, 2, variant="llama")
+    # Llama 3 405B's split in small: 6 blocks + embedding + head = 8 pieces of one unit, so the
+    # embedding and the head are alone on stage 0's and stage 3's chunk
+    _case(rank, world, 4, 1, "interleaved", 2, 4, variant="llama", partition="balanced", num_layers=6)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -140,13 +152,26 @@ def _evaluate(rank, world, data_dir, out):
     from megatron_lite.train import Trainer
     from tests.dist.test_data_parallel import _config, _env
     extra = ("train.eval_iters=3", "parallel.microbatches=2")
-    serial = Trainer(_config(data_dir, f"{out}/serial{rank}", *extra)).evaluate()
-    pp = Trainer(_config(data_dir, f"{out}/pp", *extra, "parallel.pp=2", "parallel.schedule=interleaved",
-                         "parallel.virtual_stages=2"), _env(rank, world)).evaluate()
+    serial_trainer = Trainer(_config(data_dir, f"{out}/serial{rank}", *extra))
+    serial = serial_trainer.evaluate()
+    inter = (*extra, "parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=2")
+    pp = Trainer(_config(data_dir, f"{out}/pp", *inter), _env(rank, world)).evaluate()
     # the same three batches, summed in the same order by the last stage: the same mean, bit for bit
     assert pp == serial, (rank, pp, serial)
+    # The trainer's own stage models with an embedding-only first piece and a head-only last one
+    # (stage 0: embedding + blocks 2, 3; stage 1: blocks 0, 1 + the tied head copy): the same
+    # forward, then one training step (tied-embedding sum, clipping) and the loss after it.
+    uneven = Trainer(_config(data_dir, f"{out}/uneven", *inter, "parallel.pp_layers=[0,2,2,0]"),
+                     _env(rank, world))
+    assert [c.layers for c in uneven.layout.chunks(rank)] == ([(), (2, 3)] if rank == 0 else [(0, 1), ()])
+    assert uneven.evaluate() == serial, rank
+    s, u = serial_trainer.train_step(), uneven.train_step()
+    assert float(u.loss) == pytest.approx(float(s.loss), rel=1e-6), (rank, u, s)
+    assert float(u.grad_norm) == pytest.approx(float(s.grad_norm), rel=1e-5), (rank, u, s)
+    assert uneven.evaluate() == pytest.approx(serial_trainer.evaluate(), rel=1e-5), rank
 
 
 def test_interleaved_evaluation_takes_any_number_of_batches(corpus_dir, tmp_path):
-    """eval_iters=3 at pp=2 interleaved (no multiple of pp): the mean over exactly those 3 batches."""
+    """eval_iters=3 at pp=2 interleaved (no multiple of pp): the mean over exactly those 3 batches;
+    and the trainer with an embedding-only first and a head-only last piece."""
     run_ranks(_evaluate, 2, str(corpus_dir), str(tmp_path))
