@@ -130,14 +130,19 @@ class ParallelConfig:
 @dataclass
 class ZeroConfig:
     stage: int = 0  # 0: none; 1: optimizer state sharded over dp; 2: + gradients; 3: + parameters
-    backend: Literal["native", "deepspeed"] = "native"  # native: torch's ZeroRedundancyOptimizer (stage <= 1)
+    # native: our distributed optimizer (optim/distributed.py, stages 0-2); deepspeed: DeepSpeed ZeRO 1-3
+    backend: Literal["native", "deepspeed"] = "native"
+    bucket_elements: int = 40_000_000  # native: parameters reduced / gathered together (Megatron's default)
 
     def validate(self) -> None:
         if self.stage not in (0, 1, 2, 3):
             raise ConfigError(f"optim.zero.stage={self.stage} must be 0, 1, 2 or 3.")
-        if self.backend == "native" and self.stage > 1:
+        if self.backend == "native" and self.stage > 2:
             raise ConfigError(f"optim.zero.stage={self.stage} needs optim.zero.backend=deepspeed (the native "
-                              f"backend shards optimizer state only, stage 1).")
+                              f"distributed optimizer shards optimizer state and gradients, stages 1-2).")
+        if self.bucket_elements < 1:
+            raise ConfigError(f"optim.zero.bucket_elements={self.bucket_elements} must be >= 1 "
+                              f"(parameters per gradient bucket; Megatron uses 40000000).")
 
 
 @dataclass
@@ -199,7 +204,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 1234  # init seed and dropout RNG seed
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; weights and grads stay fp32
+    # bf16: weights, activations and messages in bf16; fp32 main grads, masters and AdamW moments
+    precision: Literal["fp32", "bf16"] = "fp32"
     eval_interval: int = 100
     eval_iters: int = 10
     max_skipped_steps: int = 5  # consecutive non-finite steps tolerated before the run stops

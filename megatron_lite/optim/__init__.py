@@ -23,22 +23,58 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, dp_group=None) -> torch.optim.Optimizer:
-    """AdamW; with optim.zero.stage=1 (native backend) and a data-parallel group, torch's
-    ZeroRedundancyOptimizer: each dp rank keeps the AdamW state of its share of the parameters,
-    steps those, and broadcasts them to the others."""
-    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.zero.stage == 1 and cfg.zero.backend == "native" and dp_group is not None:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-        groups = [g for g in groups if g["params"]]
-        zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
-                                       process_group=dp_group, weight_decay=groups[0]["weight_decay"],
-                                       **kwargs)
-        for g in groups[1:]:
-            zero.add_param_group(g)
-        return zero
-    return torch.optim.AdamW(groups, **kwargs)
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """torch's AdamW over the whole model (decay groups as above)."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps)
+
+
+class PlainAdamW:
+    """fp32 weights with their gradients in .grad, GradSync's data-parallel mean and sums, and
+    torch's AdamW over the whole model on every rank: train.precision=fp32 without ZeRO, the
+    reference every other layout is compared with. The same interface as DistributedOptimizer:
+        zero_grad()  finish()  clip(max_norm) -> norm  step()  param_groups  finished_grad(p)
+        checkpoint_view() -> what the checkpoint's Stateful needs besides the model"""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, sync):
+        self.model = model
+        self.sync = sync  # parallel.grads.GradSync
+        self.adamw = build_optimizer(model, cfg)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.adamw.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def finish(self) -> None:
+        self.sync.finish(self.model)
+
+    def clip(self, max_norm: float) -> float:
+        return self.sync.clip(self.model, max_norm)
+
+    def step(self) -> None:
+        self.adamw.step()
+
+    def finished_grad(self, p: torch.nn.Parameter) -> torch.Tensor:
+        return p.grad if p.grad is not None else torch.zeros_like(p)
+
+    def checkpoint_view(self) -> dict:
+        return {"optimizer": self.adamw}
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, precision: str, sync):
+    """The optimizer of the native backends: PlainAdamW for fp32 without ZeRO (exactly the serial
+    reference), else the distributed optimizer (bf16 weights with fp32 main gradients and masters,
+    and/or ZeRO-1/2 sharding over sync.dp_group). `sync` is the layout's GradSync (its groups)."""
+    if precision == "fp32" and cfg.zero.stage == 0:
+        return PlainAdamW(model, cfg, sync)
+    from .distributed import DistributedOptimizer
+    return DistributedOptimizer(model, cfg, dp_group=sync.dp_group, tp_group=sync.tp_group,
+                                pp_group=sync.pp_group, embed_group=sync.embed_group,
+                                dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+                                stage=cfg.zero.stage, bucket_elements=cfg.zero.bucket_elements)
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -71,10 +71,11 @@ class GradSync:
 
 
 def global_norm(params: list[torch.Tensor], tp_group, pp_group=None,
-                duplicates: tuple[torch.Tensor, ...] = ()) -> float:
+                duplicates: tuple[torch.Tensor, ...] = (), shard_group=None) -> float:
     """L2 norm of the grads of `params`: tp-sharded ones (tagged tensor_parallel) summed over tp,
     replicated ones counted once, every pipeline stage's share summed over pp; `duplicates` (e.g.
-    the last stage's copy of a tied embedding) not counted."""
+    the last stage's copy of a tied embedding) not counted. shard_group: the params are disjoint
+    shards over this group (the distributed optimizer's data-parallel shards): summed over it."""
     device = params[0].grad.device if params else torch.device("cpu")
     acc = torch.promote_types(params[0].grad.dtype if params else torch.float32,
                               torch.float32)  # fp64 in tests
@@ -92,6 +93,8 @@ def global_norm(params: list[torch.Tensor], tp_group, pp_group=None,
     if tp_group is not None:
         comm.all_reduce(sharded, tp_group)
     total = sharded + replicated
+    if shard_group is not None:
+        comm.all_reduce(total, shard_group)
     if pp_group is not None:
         comm.all_reduce(total, pp_group)
     return math.sqrt(total.item())

@@ -8,7 +8,7 @@ one forward-backward signature whether or not pipelining is on).
     handle = backend.on_grads_finished(hook)   # hook(name, grad) each step, before clipping
 
 Three implementations, picked by build_backend() from the Layout:
-    LocalBackend      serial, tensor-parallel, data-parallel, native ZeRO-1: micro-batches in a loop
+    LocalBackend      serial, tensor-parallel, data-parallel, bf16, native ZeRO 1-2: micro-batches in a loop
     PipelineBackend   the same optimizer step; the micro-batches run through the pipeline schedule
     DeepSpeedBackend  DeepSpeed ZeRO 1-3 owns reduction, clipping and the update (with or without
                       our pipeline engine)
@@ -34,7 +34,7 @@ from torch.utils.hooks import RemovableHandle
 from ..checkpoint import Stateful
 from ..distributed import comm
 from ..layout import Layout
-from ..optim import build_optimizer, set_lr
+from ..optim import build_optimizer, make_optimizer, set_lr
 from ..parallel.grads import GradSync, nan_if_nonfinite, sync_tied_embeddings
 from ..pipeline.engine import PipelineEngine
 
@@ -121,24 +121,17 @@ def _accumulate(model, batches: Batches, forward_only: bool, autocast, backward)
 
 
 class LocalBackend(Backend):
-    """Serial / tensor / data parallelism and native ZeRO-1: gradient accumulation over the
-    micro-batches, then one GradSync (dp mean, sequence-parallel sums), clip and optimizer step."""
+    """Serial / tensor / data parallelism, bf16 and native ZeRO 1-2: gradient accumulation over the
+    micro-batches, then the optimizer (optim.PlainAdamW or optim.distributed.DistributedOptimizer)
+    finishes the gradients (dp mean, sequence-parallel and tied-embedding sums), clips and steps."""
 
-    def __init__(self, model, optimizer, grad_sync: GradSync, grad_clip: float, dp_group, autocast,
-                 rng_tracker=None, zero1: bool = False):
+    def __init__(self, model, optimizer, grad_clip: float, dp_group, autocast, rng_tracker=None):
         super().__init__(model, optimizer, dp_group, autocast, rng_tracker)
-        self.grad_sync = grad_sync
         self.grad_clip = grad_clip
-        self.zero1 = zero1  # optimizer is torch's ZeroRedundancyOptimizer: AdamW state sharded over dp
 
     def stateful(self) -> Stateful:
-        """Under native ZeRO-1 each dp rank holds the AdamW state of its share of the parameters in
-        the ZeroRedundancyOptimizer's local optimizer, and writes it."""
-        if not self.zero1:
-            return super().stateful()
-        s = Stateful(self.model, self.optimizer.optim, self.rng_tracker)
-        s.state_owner = s.holds_state()
-        return s
+        """The weights, and the AdamW state (and fp32 masters) as the optimizer exposes them."""
+        return Stateful(self.model, rng_tracker=self.rng_tracker, **self.optimizer.checkpoint_view())
 
     def _run(self, batches, forward_only):
         m = len(batches)
@@ -147,15 +140,18 @@ class LocalBackend(Backend):
 
     def step(self, lr: float, loss: float) -> StepOutcome:
         set_lr(self.optimizer, lr)
-        self.grad_sync.finish(self.model)
+        self.optimizer.finish()
         self._call_grad_hooks()
-        norm = self.grad_sync.clip(self.model, self.grad_clip)
+        norm = self.optimizer.clip(self.grad_clip)
         skipped = not (math.isfinite(loss) and math.isfinite(norm))
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
         return StepOutcome(norm, skipped)
+
+    def _finished_grad(self, p: torch.nn.Parameter) -> torch.Tensor:
+        return self.optimizer.finished_grad(p)
 
 
 class PipelineBackend(LocalBackend):
@@ -269,25 +265,30 @@ class DeepSpeedBackend(Backend):
 
 def build_backend(layout: Layout, model, groups, device: torch.device, autocast, rng_tracker=None,
                   local_rank: int = 0) -> Backend:
-    """The backend for this layout, around this rank's (already parallelized) model."""
+    """The backend for this layout, around this rank's (already parallelized) model. Under the
+    native backends with train.precision=bf16 the optimizer turns the model's weights to bf16, and
+    pipeline messages travel in bf16."""
     cfg = layout.config
     tp_group = groups.tp if groups is not None and layout.tp > 1 else None
     pp_group = groups.pp if groups is not None and layout.pp > 1 else None
     dp_group = groups.dp if groups is not None and layout.dp > 1 else None
+    ds = layout.backend == "deepspeed"
     engine = None
     if pp_group is not None:
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" and not ds else torch.float32
         engine = PipelineEngine(model, layout.chunks(groups.coord.pp), groups.coord.pp, groups.pp_ranks,
                                 pp_group, cfg.parallel.schedule, layout.act_shape, device, autocast=autocast,
-                                poison_nonfinite=layout.backend == "deepspeed")
-    optimizer = build_optimizer(model, cfg.optim, dp_group=dp_group)
-    if layout.backend == "deepspeed":
+                                dtype=dtype, poison_nonfinite=ds)
+    if ds:
         from ..optim.deepspeed import initialize
-        ds = initialize(model, optimizer, layout, groups, local_rank)
-        return DeepSpeedBackend(ds, optimizer, model, dp_group, autocast, engine, groups.embed, rng_tracker)
+        optimizer = build_optimizer(model, cfg.optim)
+        wrapped = initialize(model, optimizer, layout, groups, local_rank)
+        return DeepSpeedBackend(wrapped, optimizer, model, dp_group, autocast, engine, groups.embed,
+                                rng_tracker)
     sync = GradSync(dp_group=dp_group, tp_group=tp_group, pp_group=pp_group,
                     embed_group=groups.embed if pp_group is not None else None)
-    args = (model, optimizer, sync, cfg.optim.grad_clip, dp_group, autocast, rng_tracker)
-    zero1 = cfg.optim.zero.stage == 1 and dp_group is not None  # build_optimizer's condition (native)
+    optimizer = make_optimizer(model, cfg.optim, cfg.train.precision, sync)
+    args = (model, optimizer, cfg.optim.grad_clip, dp_group, autocast, rng_tracker)
     if engine is not None:
-        return PipelineBackend(engine, *args, zero1=zero1)
-    return LocalBackend(*args, zero1=zero1)
+        return PipelineBackend(engine, *args)
+    return LocalBackend(*args)

@@ -258,7 +258,8 @@ class Trainer:
         return model, tp
 
     def autocast(self):
-        if self.cfg.train.precision == "bf16":
+        """torch.autocast for DeepSpeed's bf16 (the native backends hold bf16 weights instead)."""
+        if self.cfg.train.precision == "bf16" and self.layout.backend == "deepspeed":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

@@ -106,7 +106,7 @@ INTERLEAVED = ["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtu
 
 
 @pytest.mark.parametrize("override, words", [
-    (["optim.zero.stage=2"], ["optim.zero.stage=2", "backend=deepspeed"]),
+    (["optim.zero.stage=3"], ["optim.zero.stage=3", "backend=deepspeed"]),
     (["optim.zero.stage=4"], ["optim.zero.stage=4"]),
     (["optim.zero.backend=deepspeed", "optim.zero.stage=1"], ["parallel.dp=1", "dp >= 2"]),
     (["optim.zero.backend=deepspeed", "optim.zero.stage=2", "parallel.dp=2", "parallel.pp=2"],

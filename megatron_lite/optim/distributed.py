@@ -1,0 +1,307 @@
+"""Mixed precision and the distributed optimizer (Megatron-LM's layout, ZeRO-1 and ZeRO-2).
+
+The model's weights live in flat per-bucket buffers of the compute dtype (bf16 under
+train.precision=bf16): activations, pipeline messages and tensor-parallel collectives are 16-bit.
+Gradients are accumulated across micro-batches in fp32 "main gradients" (a hook on every parameter
+adds its bf16 .grad in and drops it), reduced over the data-parallel group, and an fp32 master
+copy of the weights with its AdamW moments takes the step; the updated masters are cast back into
+the weight buffers. Sharding over the data-parallel group (d ranks), per bucket:
+
+    optim.zero.stage  main grads                       masters + moments   bytes/param (bf16)
+    0                 full, all-reduced                full                2 + 4 + 12     = 18
+    1  (distributed)  full, reduce-scattered           this rank's 1/d     2 + 4 + 12/d
+    2                 this rank's 1/d only: each bucket is reduce-scattered during backward as
+                      soon as its last gradient arrives, and the fp32 bucket let go      2 + 16/d
+
+Each bucket (a run of parameters in backward order, padded to a multiple of d) is cut into d equal
+shards; rank r owns shard r of every bucket, so one parameter may be split between ranks. After the
+step each rank's updated shard is all-gathered into every rank's weights. Under fp32 the master is
+the weight buffer's shard itself (no copy).
+
+Finishing the gradients (the same sums GradSync does for the plain path, applied to this rank's
+shard: they are all linear, so they commute with the data-parallel reduction):
+  1. mean over the data-parallel group (all-reduce, or reduce-scatter),
+  2. sequence parallelism: sum over tp of replicated parameters that saw a sequence shard,
+  3. pipelining with tied embeddings: sum of the first and last stage's copies (the copy gets a
+     bucket of its own, so both stages cut it into the same shards);
+the global norm sums the shards' squares over dp (disjoint) as well as over tp and pp.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..distributed import comm
+from ..parallel.grads import global_norm, tied_embedding_copy
+
+# Like Megatron-LM's default DDP bucket (40M elements): few collectives, bounded extra memory.
+BUCKET_ELEMENTS = 40_000_000
+
+
+@dataclass
+class Fragment:
+    """The part [lo, hi) of a parameter's flattened elements that lies in this rank's shard of its
+    bucket, at [shard_lo, shard_hi) of the shard."""
+    param: torch.nn.Parameter
+    bucket: "Bucket"
+    lo: int
+    hi: int
+    shard_lo: int
+    shard_hi: int
+    master: torch.nn.Parameter  # fp32 view into the bucket's master shard; what AdamW steps
+
+
+class Bucket:
+    """A run of parameters sharing one flat weight buffer, reduced and gathered together."""
+
+    def __init__(self, params: list[torch.nn.Parameter], shards: int, index: int, dtype: torch.dtype,
+                 full_grads: bool):
+        device = params[0].device
+        self.params = params
+        self.offsets, n = [], 0
+        for p in params:
+            self.offsets.append(n)
+            n += p.numel()
+        self.numel = -(-n // shards) * shards  # padded so the shards are equal
+        self.shard_size = self.numel // shards
+        self.lo = index * self.shard_size  # this rank's shard: [lo, lo + shard_size)
+        # The fp32 values as they are now (initialised or loaded), for the master copy.
+        fp32 = torch.zeros(self.numel, dtype=torch.float32, device=device)  # (numel,)
+        for p, o in zip(params, self.offsets, strict=True):
+            fp32[o:o + p.numel()] = p.detach().reshape(-1)
+        # (numel,) what the model computes with
+        self.weights = fp32.to(dtype) if dtype != torch.float32 else fp32
+        for p, o in zip(params, self.offsets, strict=True):
+            p.data = self.weights[o:o + p.numel()].view_as(p)  # the parameter becomes a view of the bucket
+        shard = slice(self.lo, self.lo + self.shard_size)
+        # fp32 weights are their own master; bf16 ones get an fp32 copy of this rank's shard.
+        self.master = self.weights[shard] if dtype == torch.float32 else fp32[shard].clone()  # (numel/d,)
+        del fp32
+        # Stages 0-1: the full fp32 main-gradient buffer, this rank's shard a view of it. Stage 2:
+        # only the shard; a backward's gradients pass through a transient fp32 staging bucket.
+        self.grad = torch.zeros(self.numel, dtype=torch.float32, device=device) if full_grads else None
+        self.grad_shard = self.grad[shard] if full_grads else \
+            torch.zeros(self.shard_size, dtype=torch.float32, device=device)  # (numel/d,)
+        self.staging: torch.Tensor | None = None
+        self.arrived = 0  # gradients added to staging since it was last reduced (stage 2)
+
+
+class DistributedOptimizer:
+    """AdamW over fp32 masters with fp32 main gradients, sharded over `dp_group` for stage >= 1
+    (module docstring). The interface the trainer's backends drive, like PlainAdamW's:
+        zero_grad()  finish()  clip(max_norm) -> norm  step()  param_groups  finished_grad(p)
+        accessors() -> get_param/set_param/get_state/set_state for the checkpoint"""
+
+    def __init__(self, model: torch.nn.Module, cfg, dp_group=None, tp_group=None, pp_group=None,
+                 embed_group=None, dtype: torch.dtype = torch.bfloat16, stage: int = 1,
+                 bucket_elements: int = BUCKET_ELEMENTS):
+        if stage not in (0, 1, 2):
+            raise ValueError(f"stage {stage}")
+        self.model = model
+        self.dp_group, self.tp_group = dp_group, tp_group
+        self.pp_group, self.embed_group = pp_group, embed_group
+        self.dp = comm.size(dp_group) if dp_group is not None else 1
+        self.stage = stage if self.dp > 1 else 0  # one replica: nothing to shard
+        self.dtype = dtype
+        shards = self.dp if self.stage >= 1 else 1
+        index = comm.rank(dp_group) if shards > 1 else 0
+        # reversed: about the order in which backward finishes them
+        params = [p for p in model.parameters() if p.requires_grad][::-1]
+        tied = tied_embedding_copy(model) if pp_group is not None else None
+        runs, run, size = [], [], 0
+        for p in params:
+            if p is tied:
+                continue
+            if run and size + p.numel() > bucket_elements:
+                runs.append(run)
+                run, size = [], 0
+            run.append(p)
+            size += p.numel()
+        runs += [run] if run else []
+        if tied is not None:  # a bucket of its own: the first and last stage shard it identically
+            runs.append([tied])
+        self.buckets = [Bucket(r, shards, index, dtype, full_grads=self.stage < 2) for r in runs]
+        self.bucket_of = {id(p): (b, o) for b in self.buckets
+                          for p, o in zip(b.params, b.offsets, strict=True)}
+        self.fragments: list[Fragment] = []
+        for b in self.buckets:
+            for p, o in zip(b.params, b.offsets, strict=True):
+                lo, hi = max(o, b.lo), min(o + p.numel(), b.lo + b.shard_size)
+                if lo >= hi:
+                    continue
+                master = torch.nn.Parameter(b.master[lo - b.lo:hi - b.lo], requires_grad=False)
+                master.grad = b.grad_shard[lo - b.lo:hi - b.lo]  # persistent view: AdamW reads it
+                master.tensor_parallel = getattr(p, "tensor_parallel", False)  # for global_norm
+                self.fragments.append(Fragment(p, b, lo - o, hi - o, lo - b.lo, hi - b.lo, master))
+        self.by_param: dict[int, list[Fragment]] = {}
+        for f in self.fragments:
+            self.by_param.setdefault(id(f.param), []).append(f)
+        decay = [f.master for f in self.fragments if f.param.dim() >= 2]  # as optim.param_groups decides
+        no_decay = [f.master for f in self.fragments if f.param.dim() < 2]
+        self.adamw = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        self._tied = tied
+        self._sp = [f for f in self.fragments if getattr(f.param, "sequence_parallel", False)]
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad)
+                       for b in self.buckets for p in b.params]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.adamw.param_groups
+
+    # ---- gradients ------------------------------------------------------------------------
+    def _on_grad(self, p: torch.nn.Parameter) -> None:
+        """p's gradient of one backward is complete: add it into the fp32 main gradients."""
+        b, o = self.bucket_of[id(p)]
+        g = p.grad.reshape(-1)  # (n,) in the weights' dtype
+        p.grad = None
+        if b.grad is not None:
+            b.grad[o:o + g.numel()].add_(g)
+            return
+        if b.staging is None:
+            b.staging = torch.zeros(b.numel, dtype=torch.float32, device=g.device)  # (numel,)
+        b.staging[o:o + g.numel()].add_(g)
+        b.arrived += 1
+        # Every rank runs the same backward, so every rank reduces this bucket at the same point.
+        # A parameter that got no gradient this time only delays the reduction: sums are linear.
+        if b.arrived == len(b.params):
+            self._reduce_staging(b)
+
+    def _reduce_staging(self, b: Bucket) -> None:
+        b.grad_shard.add_(comm.reduce_scatter(b.staging, self.dp_group, dim=0))  # (numel/d,)
+        b.staging, b.arrived = None, 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for b in self.buckets:
+            (b.grad if b.grad is not None else b.grad_shard).zero_()
+            b.staging, b.arrived = None, 0
+            for p in b.params:
+                p.grad = None
+
+    def finish(self) -> None:
+        """Steps 1-3 of the module docstring, on this rank's shard of the main gradients."""
+        for b in self.buckets:
+            if self.stage == 2:
+                if b.staging is not None:  # the part of the last backward still in staging
+                    self._reduce_staging(b)
+            elif self.stage == 1:
+                b.grad_shard.copy_(comm.reduce_scatter(b.grad, self.dp_group, dim=0))
+            elif self.dp > 1:
+                comm.all_reduce(b.grad, self.dp_group)
+            if self.dp > 1:
+                b.grad_shard.div_(self.dp)
+        if self.tp_group is not None:
+            _sum_views([f.master.grad for f in self._sp], self.tp_group)
+        if self._tied is not None and self.embed_group is not None:
+            _sum_views([f.master.grad for f in self.by_param.get(id(self._tied), [])], self.embed_group)
+
+    def clip(self, max_norm: float) -> float:
+        """Scale the finished gradients so the global norm is at most max_norm (0: no clipping);
+        returns the norm before clipping; a non-finite norm leaves them unscaled."""
+        masters = [f.master for f in self.fragments]
+        copies = tuple(f.master for f in self.by_param.get(id(self._tied), [])) \
+            if self._tied is not None and not self.model.has_embed else ()
+        norm = global_norm(masters, self.tp_group, self.pp_group, copies,
+                           shard_group=self.dp_group if self.stage >= 1 else None)
+        if max_norm > 0 and math.isfinite(norm):
+            coef = max_norm / (norm + 1e-6)
+            if coef < 1.0:
+                for b in self.buckets:
+                    b.grad_shard.mul_(coef)
+        return norm
+
+    def checkpoint_view(self) -> dict:
+        """The checkpoint reads and writes fp32 masters and moments through these accessors
+        (collective over dp when sharded), so it stores whole tensors like every backend."""
+        return {"get_param": self.get_param, "set_param": self.set_param, "get_state": self.get_state,
+                "set_state": self.set_state}
+
+    def finished_grad(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """p's whole finished gradient (fp32) on this rank; collective over dp when sharded."""
+        return self._gather(p, lambda f: f.master.grad).view(p.shape)
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self) -> None:
+        """AdamW on this rank's masters, then every rank's updated shard into everyone's weights."""
+        self.adamw.step()
+        for b in self.buckets:
+            shard = b.weights[b.lo:b.lo + b.shard_size]  # (numel/d,)
+            if b.weights.dtype != torch.float32:
+                shard.copy_(b.master)  # round the fp32 master to the compute dtype
+            if self.stage >= 1:
+                b.weights.copy_(comm.all_gather(shard, self.dp_group, dim=0))
+
+    # ---- checkpoint accessors ---------------------------------------------------------------
+    def _gather(self, p: torch.nn.Parameter, part) -> torch.Tensor:
+        """A whole fp32 tensor of p from every rank's fragments (part(f) each), flat."""
+        out = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)  # (n,)
+        for f in self.by_param.get(id(p), []):
+            out[f.lo:f.hi] = part(f)
+        if self.stage >= 1:
+            comm.all_reduce(out, self.dp_group)  # the fragments are disjoint: the sum assembles them
+        return out
+
+    def get_param(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """p's fp32 master (collective over dp when sharded)."""
+        return self._gather(p, lambda f: f.master.detach()).view(p.shape)
+
+    def set_param(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+        flat = value.reshape(-1).to(device=p.device, dtype=torch.float32)
+        with torch.no_grad():
+            p.copy_(value.to(p.device))
+            for f in self.by_param.get(id(p), []):
+                f.master.copy_(flat[f.lo:f.hi])
+
+    def get_state(self, p: torch.nn.Parameter) -> dict | None:
+        """p's AdamW moments (and step) assembled from the fragments; None before the first step."""
+        steps = [self.adamw.state[f.master]["step"] for f in self.by_param.get(id(p), [])
+                 if "step" in self.adamw.state.get(f.master, {})]
+        n = p.numel()
+        # exp_avg | exp_avg_sq | step | holders
+        flat = torch.zeros(2 * n + 2, dtype=torch.float32, device=p.device)
+        for f in self.by_param.get(id(p), []):
+            st = self.adamw.state.get(f.master)
+            if st:
+                flat[f.lo:f.hi] = st["exp_avg"]
+                flat[n + f.lo:n + f.hi] = st["exp_avg_sq"]
+        if steps:
+            flat[2 * n] = float(steps[0])
+            flat[2 * n + 1] = 1.0
+        if self.stage >= 1:
+            comm.all_reduce(flat, self.dp_group)
+        if flat[2 * n + 1] == 0:
+            return None
+        step = (flat[2 * n] / flat[2 * n + 1]).cpu()  # every holder steps together: the same count
+        return {"exp_avg": flat[:n].view(p.shape), "exp_avg_sq": flat[n:2 * n].view(p.shape), "step": step}
+
+    def set_state(self, p: torch.nn.Parameter, st: dict) -> None:
+        avg, sq = st["exp_avg"].reshape(-1), st["exp_avg_sq"].reshape(-1)
+        for f in self.by_param.get(id(p), []):
+            self.adamw.state[f.master] = {
+                "step": torch.as_tensor(st["step"], dtype=torch.float32).clone().reshape(()),
+                "exp_avg": avg[f.lo:f.hi].to(f.master.device).clone(),
+                "exp_avg_sq": sq[f.lo:f.hi].to(f.master.device).clone()}
+
+    # ---- accounting (benchmarks, tests) ------------------------------------------------------
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for the model state, by kind (distinct storages, padding included)."""
+        weights = sum(b.weights.numel() * b.weights.element_size() for b in self.buckets)
+        grads = sum((b.grad if b.grad is not None else b.grad_shard).numel() * 4 for b in self.buckets)
+        master = sum(b.master.numel() * 4 for b in self.buckets if b.weights.dtype != torch.float32)
+        moments = sum(t.numel() * t.element_size() for st in self.adamw.state.values()
+                      for k, t in st.items() if k != "step")
+        return {"weights": weights, "grads": grads, "master": master, "moments": moments}
+
+
+def _sum_views(views: list[torch.Tensor], group) -> None:
+    """All-reduce several views in one flat message, written back in place."""
+    if not views or comm.size(group) == 1:
+        return
+    flat = torch.cat([v.reshape(-1) for v in views])
+    comm.all_reduce(flat, group)
+    for v, new in zip(views, flat.split([v.numel() for v in views]), strict=True):
+        v.copy_(new.view_as(v))
