@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from ..config import ModelConfig
+from .activations import Dropout, Recomputed
 from .init import init_weights, master_init
 from .loss import linear_cross_entropy
 
@@ -44,6 +45,43 @@ class RotaryEmbedding(nn.Module):
         sin = self.sin[start:start + T].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def rotate_qkv_(self, qkv: torch.Tensor, heads: int, start: int) -> torch.Tensor:
+        """Rotate the first `heads` heads (q's and k's) of the fused (B, T, (H + 2K) D) projection
+        in place: q, k, v stay views of one tensor, so attention keeps (H + 2K) D per token instead
+        of that plus rotated copies of q and k."""
+        T = qkv.shape[1]
+        cos = self.cos[start:start + T, None].to(qkv.dtype)  # (T, 1, D/2)
+        sin = self.sin[start:start + T, None].to(qkv.dtype)
+        return _RotateInPlace.apply(qkv, heads, cos, sin)
+
+
+class _RotateInPlace(torch.autograd.Function):
+    """RoPE on heads [0, heads) of qkv, in place (the GEMM that made qkv does not save it). The
+    rotation is linear, so backward rotates the gradient back and saves nothing; its products
+    and sums are the ones autograd forms for RotaryEmbedding.forward."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads: int, cos, sin):
+        B, T, _ = qkv.shape
+        D = cos.shape[-1] * 2
+        x = qkv.view(B, T, -1, D)[:, :, :heads]  # (B, T, heads, D)
+        x1, x2 = x.chunk(2, dim=-1)  # (B, T, heads, D/2) each
+        x.copy_(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
+        ctx.mark_dirty(qkv)
+        ctx.heads, ctx.cos, ctx.sin = heads, cos, sin  # buffers' slices, not activations
+        return qkv
+
+    @staticmethod
+    def backward(ctx, grad):
+        B, T, _ = grad.shape
+        cos, sin = ctx.cos, ctx.sin
+        out = grad.clone()  # (B, T, (H + 2K) D): v's heads pass through
+        g = grad.view(B, T, -1, cos.shape[-1] * 2)[:, :, :ctx.heads]  # (B, T, heads, D)
+        g1, g2 = g.chunk(2, dim=-1)  # (B, T, heads, D/2) each
+        out.view(B, T, -1, cos.shape[-1] * 2)[:, :, :ctx.heads] = torch.cat(
+            (g1 * cos + g2 * sin, g2 * cos - g1 * sin), dim=-1)
+        return out, None, None, None
 
 
 class KVCache:
@@ -83,31 +121,33 @@ class CausalSelfAttention(nn.Module):
         # Fused [q | k | v] projection: one GEMM; TP slices each of the three blocks by heads.
         self.qkv = nn.Linear(cfg.hidden_size, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.bias)
-        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.resid_drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: KVCache | None = None):
         H, K, D = self.n_head, self.n_kv, self.head_dim
         qkv = self.qkv(x)  # (B, T, (H + 2K) D); T is the full sequence even if x is a shard (SP)
         B, T, _ = qkv.shape
+        start = cache.length if cache is not None else 0
+        if rope is not None:
+            qkv = rope.rotate_qkv_(qkv, H + K, start)  # (B, T, (H + 2K) D), q and k rotated
         q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        start = cache.length if cache is not None else 0
-        if rope is not None:
-            q, k = rope(q, start), rope(k, start)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D), S = start + T
-        if K != H:  # grouped-query attention: each kv head serves H/K consecutive query heads
-            k = k.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(H // K, dim=1)
         S = k.shape[2]
         mask, causal = None, False
         if S == T:
             causal = True
         elif T > 1:  # chunked prefill after a cached prefix: query i sees keys <= start + i
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-        if self.recompute_core and self.training and torch.is_grad_enabled():
+        # Selective recompute reruns the core only where SDPA keeps (B, H, T, T) tensors: attention
+        # dropout off CUDA takes the math path (probabilities and mask saved); the flash and
+        # memory-efficient kernels keep q, k, v, the output and the log-sum-exp, so recomputing
+        # them would buy back only the (B, H, T) log-sum-exp for a second attention forward.
+        core_keeps_scores = self.dropout > 0 and q.device.type != "cuda"
+        if self.recompute_core and core_keeps_scores and self.training and torch.is_grad_enabled():
             y = checkpoint(self.core, q, k, v, mask, causal, use_reentrant=False,
                            context_fn=self.recompute_context)
         else:
@@ -116,10 +156,13 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.proj(y))  # (B, T, C)
 
     def core(self, q, k, v, mask, causal):
-        """softmax(q k^T / sqrt(D)) v with dropout: (B, H, T, D) -> (B, H, T, D)."""
+        """softmax(q k^T / sqrt(D)) v with dropout: q (B, H, T, D), k, v (B, K, S, D) -> (B, H, T, D).
+        Grouped-query attention: each kv head serves H/K consecutive query heads; SDPA reads them
+        in place (enable_gqa), so no repeated (B, H, S, D) copies of k and v are made or saved."""
         with self.core_rng():
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                  dropout_p=self.dropout if self.training else 0.0)
+                                                  dropout_p=self.dropout if self.training else 0.0,
+                                                  enable_gqa=k.shape[1] != q.shape[1])
 
 
 class MLP(nn.Module):
@@ -132,16 +175,26 @@ class MLP(nn.Module):
         # SwiGLU fuses [gate | up] into one GEMM; TP slices both halves the same way.
         self.fc1 = nn.Linear(cfg.hidden_size, inter * (2 if self.swiglu else 1), bias=cfg.bias)
         self.fc2 = nn.Linear(inter, cfg.hidden_size, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
+        self.recompute_act = False  # selective recompute: keep fc1's output only (GPT.set_recompute)
+
+    def act(self, h: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)  # (B, T, I) each
+            return F.silu(gate) * up  # (B, T, I)
+        return F.gelu(h, approximate=self.gelu_approximate)  # (B, T, I)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)  # (B, T, I) or (B, T, 2I)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+        if self.recompute_act and self.training and torch.is_grad_enabled():
+            # fc2 saves act's output; it is freed once saved and recomputed from h (which the
+            # activation's backward needs anyway) just before fc2's backward: I fewer per token.
+            act = Recomputed(self.act)
+            y = self.fc2(act(h))  # (B, T, C)
+            act.discard(y)
         else:
-            h = F.gelu(h, approximate=self.gelu_approximate)  # (B, T, I)
-        return self.drop(self.fc2(h))  # (B, T, C)
+            y = self.fc2(self.act(h))  # (B, T, C)
+        return self.drop(y)  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -153,10 +206,22 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg, layer_idx)
         self.ln2 = make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.recompute_norms = False  # selective recompute: keep the norms' inputs only (GPT.set_recompute)
 
     def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.ln1(x), rope, cache)
-        return x + self.mlp(self.ln2(x))
+        if not (self.recompute_norms and cache is None and self.training and torch.is_grad_enabled()):
+            x = x + self.attn(self.ln1(x), rope, cache)  # (B, T, C)
+            return x + self.mlp(self.ln2(x))  # (B, T, C)
+        # Each norm's output is what the next GEMM (qkv, fc1) saves; it is freed after the sub-block's
+        # forward and recomputed from the norm's input (kept as the residual anyway) in its backward.
+        n1 = Recomputed(self.ln1, self.ln1)
+        a = self.attn(n1(x), rope, cache)  # (B, T, C)
+        n1.discard(a)
+        x = x + a  # (B, T, C)
+        n2 = Recomputed(self.ln2, self.ln2)
+        m = self.mlp(n2(x))  # (B, T, C)
+        n2.discard(m)
+        return x + m  # (B, T, C)
 
 
 class LMHead(nn.Module):
@@ -200,14 +265,14 @@ class GPT(nn.Module):
             if embed and cfg.position_embedding == "learned" else None
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_sequence_length, cfg.rope_theta) \
             if cfg.position_embedding == "rope" else None
-        self.drop = nn.Dropout(cfg.dropout) if embed else None
+        self.drop = Dropout(cfg.dropout) if embed else None
         # A dict keyed by the global index, so a stage's blocks keep their global names.
         self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in self.layers})
         self.ln_f = make_norm(cfg) if head else None
         self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size) if head else None
         if head and embed and cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.recompute = "none"  # none | full (whole blocks) | selective (attention core only)
+        self.recompute = "none"  # none | full (whole blocks) | selective (see set_recompute)
         self.recompute_context = noop_context_fn
         if seed is not None:
             init_weights(self, cfg, seed)
@@ -217,13 +282,23 @@ class GPT(nn.Module):
                                                           cfg, seed))
 
     def set_recompute(self, mode: str, context_fn=None) -> None:
-        """Activation checkpointing: 'full' recomputes each block in backward, 'selective' only the
-        attention core (its (B, H, T, T) scores are the big activations). context_fn (torch
-        checkpoint's) lets tensor parallelism replay its dropout RNG stream on recompute."""
+        """Activation checkpointing (what each mode keeps per block: model/activations.py saved_terms).
+
+        'full' keeps each block's input and recomputes the whole block in backward.
+        'selective' recomputes the cheap ops whose outputs a GEMM saves, never a GEMM: the two norms
+        (their outputs, the qkv and fc1 inputs, and their statistics; each norm's input is kept)
+        and the MLP activation (its output, fc2's input; fc1's output is kept). In bf16 that is
+        2 x 2sbh + 8sbh of Korthikanti's 34sbh per layer. The attention core is recomputed only
+        where SDPA would keep (B, H, T, T) scores (attention dropout off CUDA): with the flash
+        kernels it keeps q, k, v, its output (proj's input anyway) and a (B, H, T) log-sum-exp, so
+        Megatron's original "core_attn" recompute would buy almost nothing in a flash world.
+        context_fn (torch checkpoint's) lets tensor parallelism replay its dropout RNG stream on
+        recompute."""
         if mode not in ("none", "full", "selective"):
             raise ValueError(f"recompute mode {mode!r}")
         self.recompute = mode
         for block in self.blocks.values():
+            block.recompute_norms = block.mlp.recompute_act = mode == "selective"
             block.attn.recompute_core = mode == "selective"
             block.attn.recompute_context = context_fn or noop_context_fn
         self.recompute_context = context_fn or noop_context_fn

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from ..distributed import comm
 from .mappings import (
+    SEQ_DIM,
     copy_to_tp,
-    gather_from_sp,
     gather_from_tp,
     reduce_from_tp,
     reduce_scatter_to_sp,
@@ -29,11 +29,62 @@ def mark(p: torch.Tensor, **attrs) -> torch.Tensor:
     return p
 
 
+class _GatherLinear(torch.autograd.Function):
+    """y = all_gather_seq(x) W^T + b that saves only the sequence shard x (Megatron's
+    ColumnParallelLinear under sequence parallelism): backward all-gathers x again for the weight
+    gradient and reduce-scatters the input gradient. Keeping the gathered input instead would hold
+    tp times the bytes for every column-parallel GEMM (the QKV and FC1 inputs: 2 x 2sbh in bf16).
+
+    The GEMMs are the ones autograd runs for F.linear (grad_x = g W, grad_W = g^T x, grad_b = sum
+    g), so the numbers are the same as gather_from_sp followed by F.linear. Under autocast the
+    operands are cast as F.linear's autocast would cast them (before the gather, which commutes
+    with a cast), and the weight is cast again in backward instead of keeping a copy."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        # x (B, T / tp, in) this rank's shard; weight (out / tp, in)
+        dev = x.device.type
+        cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        with torch.autocast(dev, enabled=False):
+            if cast is not None:
+                x = x.to(cast)  # (B, T / tp, in)
+            w = weight if cast is None else weight.to(cast)  # (out / tp, in)
+            b = bias if bias is None or cast is None else bias.to(cast)
+            total = comm.all_gather(x, group, dim=SEQ_DIM)  # (B, T, in)
+            y = F.linear(total, w, b)  # (B, T, out / tp)
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.cast, ctx.has_bias = group, cast, bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        w = weight if ctx.cast is None else weight.to(ctx.cast)  # (out / tp, in)
+        g = grad_y.reshape(-1, grad_y.shape[-1])  # (B T, out / tp)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_total = g.mm(w).view(*grad_y.shape[:-1], w.shape[1])  # (B, T, in)
+            grad_x = comm.reduce_scatter(grad_total, ctx.group, dim=SEQ_DIM)  # (B, T / tp, in)
+        if ctx.needs_input_grad[1]:
+            total = comm.all_gather(x, ctx.group, dim=SEQ_DIM)  # (B, T, in): the shard, gathered again
+            grad_w = g.t().mm(total.reshape(-1, total.shape[-1])).to(weight.dtype)  # (out / tp, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0).to(ctx.bias_dtype)  # (out / tp,)
+        return grad_x, grad_w, grad_b, None
+
+
+def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group) -> torch.Tensor:
+    """all_gather_seq(x) W^T + b keeping only the shard x for backward: x (B, T / tp, in) -> (B, T, out)."""
+    return _GatherLinear.apply(x, weight, bias, group)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A's output rows split over tp: rank r computes its slice of y.
 
     Input: full activations (or, with sequence_parallel, a sequence shard that is all-gathered
-    first). Output: the local slice of the last dim, or the full y with gather_output=True.
+    first; only the shard is kept for backward, see _GatherLinear). Output: the local slice of the
+    last dim, or the full y with gather_output=True.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, gather_output: bool = False,
@@ -49,8 +100,10 @@ class ColumnParallelLinear(nn.Module):
             mark(self.bias, tensor_parallel=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
-        y = F.linear(x, self.weight, self.bias)  # (B, T, out / tp)
+        if self.sequence_parallel:
+            y = gather_linear(x, self.weight, self.bias, self.group)  # (B, T, out / tp)
+        else:
+            y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)  # (B, T, out / tp)
         return gather_from_tp(y, self.group) if self.gather_output else y
 
 

@@ -28,15 +28,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..distributed import comm
+from ..model.activations import Dropout
 from ..model.gpt import GPT
 from ..slicing import TPSharder
 from .cross_entropy import vocab_parallel_cross_entropy
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, mark
-from .mappings import copy_to_tp, gather_from_sp, gather_from_tp, scatter_to_sp
+from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, gather_linear, mark
+from .mappings import copy_to_tp, gather_from_tp, scatter_to_sp
 from .random import RNGTracker
 
 
-class ForkedDropout(nn.Dropout):
+class ForkedDropout(Dropout):
     """Dropout drawn from the tensor-parallel RNG stream (activations that differ per tp rank)."""
 
     def __init__(self, p: float, tracker: RNGTracker):
@@ -74,8 +75,10 @@ class VocabParallelHead(nn.Module):
         self.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None):
-        x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
-        logits = F.linear(x, self.weight)  # (B, T, padded_vocab / tp)
+        if self.sequence_parallel:  # keeps only the sequence shard of x for backward
+            logits = gather_linear(x, self.weight, None, self.group)  # (B, T, padded_vocab / tp)
+        else:
+            logits = F.linear(copy_to_tp(x, self.group), self.weight)  # (B, T, padded_vocab / tp)
         if labels is not None:
             loss = vocab_parallel_cross_entropy(logits.flatten(0, 1), labels.flatten(), self.vocab_start,
                                                 self.vocab_size, self.group)

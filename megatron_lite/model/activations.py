@@ -1,0 +1,171 @@
+"""What a transformer block keeps for backward, and the two tools that keep it at (or under)
+Korthikanti et al.'s count (arXiv 2205.05198, 16-bit activations, flash attention: 34·sbh per layer,
+sbh·(10 + 24/t) with tensor parallelism t, 34·sbh/t with sequence parallelism).
+
+    Dropout         saves no mask: it keeps the RNG state it drew from (a few bytes on CUDA, one
+                    5 KB generator state on CPU) and draws the same mask again in backward. Megatron
+                    counts one byte per element for each of the two residual masks (2·sbh).
+    Recomputed      runs a cheap op (a norm, the MLP activation) without a graph, keeps only its
+                    input, frees its output once the next GEMM has saved it, and refills that
+                    storage by running the op again just before that GEMM's backward (Megatron's
+                    CheckpointWithoutOutput): selective recompute for a flash-attention world.
+    saved_terms     the bytes one block keeps, term by term, for this code (tests/dist/
+                    test_activation_memory.py checks the sum against saved_tensors_hooks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _draw_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)  # keep mask, x's shape
+
+
+class _ReplayDropout(torch.autograd.Function):
+    """y = x * mask / (1 - p), the mask drawn from the current default generator (so the tensor-
+    parallel tracker's fork and a recompute's RNG replay govern it like any dropout); backward swaps
+    the state back in, draws the same mask and swaps the caller's state back."""
+
+    @staticmethod
+    def forward(ctx, x, p: float):
+        ctx.state = _rng_state(x.device)  # before the draw: replaying it redraws this mask
+        ctx.p = p
+        mask = _draw_mask(x, p)  # x's shape, bool
+        return x * mask * (1.0 / (1.0 - p))  # x's shape
+
+    @staticmethod
+    def backward(ctx, grad):
+        outer = _rng_state(grad.device)
+        _set_rng_state(ctx.state, grad.device)
+        try:
+            mask = _draw_mask(grad, ctx.p)  # the forward's mask
+        finally:
+            _set_rng_state(outer, grad.device)  # backward leaves every stream where it was
+        return grad * mask * (1.0 / (1.0 - ctx.p)), None
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout that keeps no mask for backward (see _ReplayDropout)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return _ReplayDropout.apply(x, self.p)
+
+
+class _Recomputed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, owner, n_args: int, *tensors):
+        args = tensors[:n_args]  # fn's inputs; the rest are fn's parameters (so the output requires grad)
+        with torch.no_grad():
+            out = fn(*args)
+        ctx.owner, ctx.recomputed = owner, None
+        ctx.save_for_backward(*args)
+        owner.ctx = ctx
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.recomputed is None:  # no consumer registered the refill: recompute here
+            ctx.owner.refill(None)
+        out, inputs, params = ctx.recomputed  # filled by Recomputed.refill before this node runs
+        ctx.recomputed = ctx.owner = None
+        wanted = [t for t in (*inputs, *params) if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        return (None, None, None, *[next(grads) if t.requires_grad else None for t in (*inputs, *params)])
+
+
+class Recomputed:
+    """out = Recomputed(fn, module)(x) keeps only x; after the consumer GEMM has saved out,
+    discard(consumer_output) frees out's storage and registers its recompute on consumer_output's
+    grad_fn, which autograd runs before the consumer's own backward (it is downstream of it)."""
+
+    def __init__(self, fn, module: nn.Module | None = None):
+        self.fn = fn
+        self.params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+        self.ctx = None
+        self.out = None
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        self.out = _Recomputed.apply(self.fn, self, len(args), *args, *self.params)
+        self.nbytes = self.out.untyped_storage().nbytes()
+        return self.out
+
+    def discard(self, consumer_output: torch.Tensor) -> None:
+        if consumer_output.grad_fn is None or self.ctx is None:
+            return
+        self.out.untyped_storage().resize_(0)  # the consumer's saved reference now holds no bytes
+        consumer_output.grad_fn.register_prehook(self.refill)
+
+    def refill(self, grad_outputs):
+        ctx = self.ctx
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            out = self.fn(*inputs)  # same op, same inputs: the same values
+        storage = self.out.untyped_storage()
+        storage.resize_(self.nbytes)
+        with torch.no_grad():
+            storage.copy_(out.untyped_storage())  # the consumer's saved tensor sees its values again
+        ctx.recomputed = (out, inputs, self.params)
+        self.ctx = self.out = None  # one backward per forward
+
+
+def saved_terms(mc: ModelConfig, b: int, s: int, tp: int = 1, sp: bool = False, e: int = 2,
+                recompute: str = "none", device: str = "cpu", dropout: bool = True) -> dict[str, int]:
+    """Bytes one block keeps for backward on one tp rank, term by term, for this code: the model in
+    one dtype of e bytes (no autocast), attention through SDPA's flash kernel (no dropout inside
+    attention), `dropout` the residual dropouts on. Parameters are not activations."""
+    h, D = mc.hidden_size, mc.head_dim
+    N = b * s  # tokens of the micro-batch
+    Ns = N // tp if sp else N  # tokens of this rank's residual stream
+    H, K = mc.num_attention_heads // tp, mc.num_kv_heads // tp
+    inter = mc.intermediate_size // tp
+    stats = e if device == "cpu" else 4  # norm statistics: the input's dtype on CPU, fp32 on CUDA
+    if recompute == "full":
+        return {"block input (kept by the checkpoint)": Ns * h * e}
+    selective = recompute == "selective"
+    rms = mc.norm == "rmsnorm" and not selective
+    terms = {
+        # torch's RMSNorm is composite: it keeps the fp32 upcast of its input instead of the input
+        "norm inputs (ln1, ln2)": 2 * Ns * h * (4 if rms else e),
+        # RMSNorm keeps 1/rms (fp32); LayerNorm the mean and 1/std (recomputed under selective)
+        "norm statistics": 0 if selective else 2 * Ns * (4 if rms else 2 * stats),
+        # ... and the fp32 normalised input, for its weight's gradient
+        "RMSNorm fp32 x/rms": 2 * Ns * h * 4 if rms else 0,
+        # the inputs of the QKV and FC1 GEMMs (sequence shards under SP; recomputed under selective)
+        "norm outputs (qkv, fc1 inputs)": 0 if selective else 2 * Ns * h * e,
+        "q, k, v (the fused qkv output)": N * (H + 2 * K) * D * e,
+        "attention output (proj input)": N * H * D * e,
+        "softmax log-sum-exp (fp32)": b * H * s * 4,
+        "fc1 output (activation input)": N * inter * (2 if mc.activation == "swiglu" else 1) * e,
+        "activation output (fc2 input)": 0 if selective else N * inter * e,
+        # SwiGLU's product saves silu(gate) for the up half's gradient (recomputed under selective)
+        "silu(gate) (SwiGLU)": N * inter * e if mc.activation == "swiglu" and not selective else 0,
+        "dropout masks": 0,  # replayed from the RNG state (Dropout)
+    }
+    return terms
+
+
+def korthikanti_bytes(b: int, s: int, h: int, tp: int = 1, sp: bool = False, recompute: str = "none") -> int:
+    """Activation bytes per layer from Korthikanti et al., 16-bit, without the 5as/h attention
+    term (flash attention): full recompute keeps the layer input (2sbh, a shard of it under SP),
+    selective and none keep 34sbh/t with SP, sbh(10 + 24/t) without."""
+    sbh = s * b * h
+    if recompute == "full":
+        return 2 * sbh // (tp if sp else 1)
+    return 34 * sbh // tp if sp else 10 * sbh + 24 * sbh // tp
