@@ -209,6 +209,40 @@ def test_memory_budget_filters_and_headroom():
     assert small.too_big and all(c.memory.total > 24e9 * 0.9 for c in small.too_big)
 
 
+def test_llama3_405b_interleaved_on_tp8_pp16_dp128_with_embedding_and_head_pieces():
+    """Llama 3 405B's layout (126 blocks, TP8 PP16 DP128, interleaved): parallel.partition=balanced
+    (configs/llama3-405b.yaml) counts the embedding and the head as a block each, so 128 units cut
+    into 16 x v equal pieces; the planner proposes exactly the v whose pieces are equal (2, 4, 8),
+    accepts them all, and each rank's parameters and memory follow its real chunks."""
+    cfg = Config.from_yaml(ROOT / "configs" / "llama3-405b.yaml")
+    mc = cfg.model
+    assert (mc.num_layers, mc.hidden_size, mc.num_attention_heads, mc.num_kv_heads, mc.intermediate_size,
+            mc.vocab_size, cfg.seq_length) == (126, 16384, 128, 8, 53248, 128256, 8192)
+    assert param_count(mc) / 1e9 == pytest.approx(405.85, abs=0.01)
+    cluster = plan.Cluster.preset("h100", nodes=2048)  # 16384 GPUs
+    result = plan.plan(cfg, cluster, global_batch=2048, tp_values=[8], pp_values=[16], micro_batch_sizes=(1,),
+                       schedules=("interleaved",), max_virtual_stages=8, zero=((1, "native"),),
+                       recompute=("full",))
+    found = {c.layout.config.parallel.virtual_stages: c for c in result.ranked + result.too_big}
+    assert sorted(found) == [2, 4, 8] and not result.rejected, (sorted(found), result.rejected)
+    block = plan.stage_params(mc, 1, False, False, 8).total  # one block on one tp rank
+    emb = padded_vocab(mc.vocab_size, 8, 128) // 8 * mc.hidden_size  # the vocabulary slice
+    for v, cand in found.items():
+        layout = cand.layout
+        assert (layout.tp, layout.pp, layout.dp, layout.micro_batches) == (8, 16, 128, 16)
+        ends, middle = {2: (3, 4), 4: (1, 2), 8: (0, 1)}[v]
+        assert layout.pieces == [ends] + [middle] * (16 * v - 2) + [ends]
+        totals = [plan.rank_params(layout, stage).total for stage in range(16)]
+        # stage 0: the embedding + 7 blocks; stage 15: 7 blocks + the final RMSNorm + LM head
+        assert totals[1:15] == [8 * block] * 14
+        assert totals[0] == emb + 7 * block and totals[15] == emb + mc.hidden_size + 7 * block
+        mems = [plan.memory_of(layout, stage) for stage in range(16)]
+        assert [m.stage for m in mems] == list(range(16)) and all(m.total > 0 for m in mems)
+        per_param = mems[1].weights / totals[1]
+        assert [m.weights for m in mems] == pytest.approx([per_param * n for n in totals], rel=1e-12)
+        assert cand.memory.total >= max(m.total for m in mems)  # the fullest rank, over every dp rank too
+
+
 # ---- throughput against published figures ----------------------------------------------------------
 def test_gemm_efficiency_is_fitted_on_table1_row1():
     row = NARAYANAN_2021_TABLE1[0]
