@@ -88,7 +88,8 @@ class PipelineEngine:
         outputs: dict[tuple, torch.Tensor] = {}
         grads: dict[tuple, torch.Tensor] = {}
         sends: dict[int, tuple] = {}  # action index -> (work, tensor) until the send is known done
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)  # losses are fp32 also under bf16
+        # losses are summed in fp32 also under bf16 (and in fp64 for an fp64 model, as its serial run)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.promote_types(self.dtype, torch.float32))
         inflight = 0
         self.trace = StepTrace()
         grad_ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
