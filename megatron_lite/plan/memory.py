@@ -1,25 +1,39 @@
-"""Peak memory per rank (bytes): what THIS code holds, fp32 weights and grads whatever the precision;
-the peak of the fullest rank, before the first backward of a step (no gradients yet) or after it.
+"""Peak memory per rank (bytes): what THIS code holds, term by term; the peak of the fullest rank
+over three moments: building the model, the forward/backward of a step (before the first backward
+of a step, or after it: gradients exist), and the optimizer step.
 
   weights     this rank's parameters (stage.rank_params: a meta-device GPT of the stage's pieces,
               sliced by the TP table, so the vocabulary is padded exactly when parallelize() pads it
-              and the last stage holds its copy of a tied embedding); x4 bytes (DeepSpeed bf16 holds
-              the module in bf16: x2)
-  grads       x4 bytes (fp32, also under bf16 autocast); DeepSpeed stage 2/3 keep their partition
-  optimizer   AdamW exp_avg + exp_avg_sq (8 bytes/param); native ZeRO-1: the parameters
-              ZeroRedundancyOptimizer's greedy partition gives the fullest rank; DeepSpeed: its fp32
+              and the last stage holds its copy of a tied embedding) in the compute dtype: the
+              native backends keep them in the distributed optimizer's flat buckets (bf16 under
+              train.precision=bf16, padded to a multiple of dp when sharded); DeepSpeed bf16 holds
+              the module in bf16 (x2), fp32 otherwise (x4)
+  grads       fp32 main gradients: the whole buckets (ZeRO 0 and 1), this rank's 1/dp shard of each
+              (ZeRO-2); fp32 without ZeRO (PlainAdamW) param.grad; DeepSpeed stage 2/3 keep their
+              partition and a reduce bucket
+  optimizer   AdamW exp_avg + exp_avg_sq (8 bytes per element this rank steps) + the fp32 master
+              weights under bf16 (4 bytes; fp32 weights are their own master): all of the buckets
+              without ZeRO, this rank's 1/dp shard of each with ZeRO-1/2; DeepSpeed: its fp32
               master partition (4/dp) + moments (8/dp)
-  activations what autograd saves per block (counted tensor by tensor, see _block_saved), times
-              the peak number of micro-batch chunks in flight on the stage, taken from the schedule
-              simulator (pipeline/schedules.simulate: 1F1B p on stage 0, GPipe m, interleaved its own
-              count); full recompute keeps each block's input plus one block's activations while it
-              is recomputed; under bf16 autocast the bf16 weight copies each in-flight forward keeps;
-              the head (fused linear+CE at tp=1 keeps grad_w (V x h) per micro-batch; at tp>1 the
-              fp32 softmax over the padded vocabulary slice)
+  activations what autograd saves per block, model/activations.saved_terms (the one count, equal to
+              saved_tensors_hooks in tests), times the peak number of micro-batch chunks in flight
+              on the stage from the schedule simulator (pipeline/schedules.simulate: 1F1B p on stage
+              0, GPipe m, interleaved its own count); full recompute keeps each block's input plus one
+              block's whole set while it is recomputed; the head (final norm as saved_terms counts a
+              block's norm; at tp=1 the fused linear + cross-entropy keeps grad_x and grad_w; at tp>1
+              the linear's input, a sequence shard under SP, and the fp32 softmax over the padded
+              vocabulary slice)
   pipeline    the message buffers the engine holds at once (chunk outputs until their backward
               and their send's release, posted receives, gradients until their send is released;
               pipeline/schedules.held_messages walks the stage's list as the engine keeps them:
-              flat in m for 1F1B and interleaving, m + 2 for GPipe) x b x s x h x 4
+              flat in m for 1F1B and interleaving, m + 2 for GPipe) x b x s (/tp under SP) x h x the
+              engine's message dtype (the compute dtype; fp32 under DeepSpeed)
+  transient   the largest short-lived buffer at the peak: a chunk of logits (fused CE) or the
+              vocab-parallel logits and their fp32 copy, the block recomputed under full recompute,
+              ZeRO-2's fp32 staging bucket (alive during backward), the optimizer step's temporaries
+              (the reduce-scatter input copy on gloo, AdamW's per-tensor temporaries, the weight
+              all-gather's output), or what building the model holds (the serial stage in fp32
+              before tensor parallelism slices it; the distributed optimizer's fp32 copy of a bucket)
 """
 
 from __future__ import annotations
@@ -28,8 +42,12 @@ from dataclasses import asdict, dataclass
 
 from ..config import Config, ModelConfig
 from ..layout import Layout
+from ..model.activations import saved_terms
 from ..slicing import padded_vocab
-from .stage import block_linear_params, rank_params, schedule_facts
+from .stage import rank_params, schedule_facts, stage_params
+
+# The three norm terms of saved_terms (a block has two norms: ln1, ln2; the head has one, ln_f).
+NORM_TERMS = ("norm inputs (ln1, ln2)", "norm statistics", "RMSNorm fp32 x/rms")
 
 
 @dataclass
@@ -37,90 +55,164 @@ class Memory:
     """Peak bytes on the fullest rank, by kind."""
     stage: int
     weights: float
-    grads: float
-    optimizer: float
-    activations: float  # saved tensors of the in-flight micro-batches (+ autocast weight copies)
+    grads: float  # fp32 main gradients (or their shard), at the moment of the peak (0 before a backward)
+    optimizer: float  # fp32 masters (bf16) + AdamW moments
+    activations: float  # saved tensors of the in-flight micro-batches (saved_terms x schedule)
     pipeline: float  # message buffers the engine holds at its peak (schedules.held_messages)
-    transient: float  # the largest short-lived buffer at the peak (logits, recompute, optimizer)
+    transient: float  # the largest short-lived buffer at the peak (logits, recompute, staging, step, build)
     total: float
+    phase: str = "step"  # where the peak is: "build", "forward" (before a backward), "backward", "step"
 
     def as_dict(self) -> dict:
         return {k: (round(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
 def dtype_bytes(cfg: Config) -> int:
+    """Bytes of the compute dtype (weights, activations, pipeline messages, TP collectives)."""
     return 2 if cfg.train.precision == "bf16" else 4
 
 
-def zero1_partition(sizes, decay, dp: int) -> list[int]:
-    """Parameters per rank under torch's ZeroRedundancyOptimizer: per parameter group (decayed
-    matrices, then vectors), largest first, each to the rank with the fewest so far."""
-    totals = [0] * dp
-    for group in (True, False):
-        for n in sorted((s for s, d in zip(sizes, decay, strict=True) if d == group), reverse=True):
-            i = totals.index(min(totals))
-            totals[i] += n
-    return totals
+def block_activations(mc: ModelConfig, tp: int, sp: bool, b: int, s: int, e: int, device: str,
+                      recompute: str) -> tuple[int, int]:
+    """(bytes one block keeps per micro-batch on one tp rank under `recompute`, bytes of its whole set
+    without recompute): model/activations.saved_terms, summed."""
+    kept = sum(saved_terms(mc, b, s, tp, sp, e=e, recompute=recompute, device=device).values())
+    whole = sum(saved_terms(mc, b, s, tp, sp, e=e, recompute="none", device=device).values())
+    return kept, whole
 
 
-def _block_saved(mc: ModelConfig, tp: int, sp: bool, b: int, s: int, e: int, device: str,
-                 recompute: str) -> tuple[float, float]:
-    """(bytes autograd keeps for one block and one micro-batch, bytes of that block's full set) on
-    one tp rank, weights and their autocast copies excluded. Counted tensor by tensor for this code
-    (tests/unit/test_plan.py checks it against saved_tensors_hooks): the residual stream and norms in
-    fp32, what a GEMM produces in the compute dtype (e bytes), SDPA keeping q, k, v and its output."""
-    h, D = mc.hidden_size, mc.head_dim
-    N = b * s
-    Ns = N // tp if sp else N
-    q, kv = mc.num_attention_heads // tp * D, mc.num_kv_heads // tp * D
-    inter = mc.intermediate_size // tp
-    rope, gqa = mc.position_embedding == "rope", mc.num_kv_heads != mc.num_attention_heads
-    if mc.norm == "layernorm":
-        norm = Ns * h * 4 + Ns * 8  # input + mean/rstd
-    else:  # RMSNorm: input + rstd; torch's CPU path also keeps the normalised input
-        norm = Ns * h * 4 + Ns * 4 + (Ns * h * 4 if device == "cpu" else 0)
-    lse = b * (mc.num_attention_heads // tp) * s * 4
-    qkv = 0 if rope and gqa else N * (q + 2 * kv) * e  # the fused output, alive while a view of it is kept
-    fresh = (N * (q + kv) * e if rope else 0) + (2 * N * q * e if gqa else 0)  # rotated q, k; repeated k, v
-    if rope and gqa:
-        fresh = 3 * N * q * e
-    # SDPA's output; copied to (B, T, H*D) for the projection unless its layout already is (B, T, H, D)
-    # (it is, for q, k, v that are views of the fused projection); RoPE's cos/sin cast per call
-    out = N * q * e * (2 if rope else 1) + (2 * s * D * e if rope and e == 2 else 0)
-    mlp = (4 if mc.activation == "swiglu" else 2) * N * inter * e
-    drop = 0.0
-    if mc.dropout > 0:  # residual dropouts keep their masks (scaled, in the input dtype on CPU)
-        drop = 2 * Ns * h * (e if device == "cpu" else 1)
-    full = 2 * norm + 2 * N * h * e + qkv + fresh + out + lse + mlp + drop
-    if recompute == "full":
-        return Ns * h * 4, full
-    if recompute == "selective":  # the attention core's output and statistics are recomputed
-        return full - lse - (N * q * e if rope else 0), full
-    return full, full
+def head_activations(mc: ModelConfig, tp: int, sp: bool, b: int, s: int, e: int, device: str,
+                     vocab: int) -> tuple[float, float, float]:
+    """(bytes the head keeps per micro-batch, its forward's transient, its backward's transient) on one
+    tp rank; vocab is this rank's (padded) slice. The final norm keeps what one of a block's two norms
+    does (saved_terms, without recompute: ln_f is never recomputed)."""
+    N, h = b * s, mc.hidden_size
+    terms = saved_terms(mc, b, s, tp, sp, e=e, recompute="none", device=device)
+    norm = sum(terms[k] for k in NORM_TERMS) / 2
+    if tp == 1:
+        # model/loss.py: grad_x (N, h) and grad_w (V, h) computed in the forward and saved (grad_w
+        # accumulated in fp32, saved in the weights' dtype); per chunk of 1024 rows the logits in the
+        # compute dtype, their fp32 copy, logsumexp's temporary, the probabilities cast back
+        saved = norm + N * h * e + vocab * h * e
+        chunk = min(1024, N) * vocab * 4 * 2
+        forward = chunk + (vocab * h * 4 if e != 4 else 0)  # the fp32 accumulator of grad_w
+        return saved, forward, vocab * h * e  # backward: grad_w x grad_out
+    # vocab-parallel head: the linear's input (the sequence shard under SP: gather_linear), the fp32
+    # softmax over this rank's slice and three per-token vectors (int64 label, two bool masks)
+    rows = N // tp if sp else N
+    saved = norm + rows * h * e + N * vocab * 4 + N * 10
+    return saved, N * vocab * (e + 4), N * vocab * (4 + e)  # logits + fp32 copy; backward: grad + cast
+
+
+# ---- model state -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class State:
+    """What one rank holds for the model state and what its optimizer allocates around it."""
+    weights: float
+    grads: float  # the persistent (main) gradients
+    optimizer: float  # masters + moments
+    staging: float  # ZeRO-2: the fp32 bucket a backward's gradients pass through (0 otherwise)
+    step_transient: float  # the largest temporary of finish/clip/step
+    build_transient: float  # the largest temporary while the optimizer is built (beside weights)
+    grads_kept: bool = False  # the gradients outlive the step (main-gradient buffers zeroed in place)
+
+
+def buckets(layout: Layout, stage: int) -> list[int]:
+    """Elements of each of the distributed optimizer's buckets on a rank of `stage`, before padding,
+    as optim/distributed.py cuts them: parameters in reverse module order (about the order backward
+    finishes them) in runs of at most optim.zero.bucket_elements, the tied embedding's copy (pp > 1)
+    in a bucket of its own."""
+    mc = layout.config.model
+    sizes = list(rank_params(layout, stage).sizes)[::-1]
+    chunks = layout.chunks(stage)
+    embed, head = any(c.first for c in chunks), any(c.last for c in chunks)
+    tied = None
+    if layout.pp > 1 and mc.tie_embeddings and embed != head:
+        # the embedding is first in module order (last here), the head's copy last (first here)
+        tied = sizes.pop(-1 if embed else 0)
+    limit = layout.config.optim.zero.bucket_elements
+    runs, size = [], 0
+    for n in sizes:
+        if runs and size and size + n > limit:
+            runs.append(0)
+            size = 0
+        if not runs:
+            runs.append(0)
+        runs[-1] += n
+        size += n
+    return runs + ([tied] if tied is not None else [])
+
+
+def _shard(numel: int, shards: int, index: int) -> tuple[int, int]:
+    """(padded shard size, elements of the parameters in shard `index`) of a bucket of numel."""
+    size = -(-numel // shards)
+    return size, max(0, min(numel, (index + 1) * size) - index * size)
+
+
+def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cuda") -> State:
+    """The model state of the rank at (stage, dp_rank), as the backend allocates it."""
+    cfg = layout.config
+    z, dp = cfg.optim.zero, layout.dp
+    bf16 = cfg.train.precision == "bf16"
+    params = rank_params(layout, stage)
+    n = params.total
+    cpu = device == "cpu"
+    if layout.backend == "deepspeed":
+        weights = n * (2 if bf16 else 4) / (dp if z.stage == 3 else 1)
+        optimizer = 12 * n / dp  # fp32 master partition + exp_avg + exp_avg_sq
+        if z.stage == 1:
+            grads, staging = 4 * n, 0.0  # param.grad in full until the step's reduction
+        else:
+            bucket = min(5e8, n) * 4 if z.stage == 2 else 0  # reduce bucket (DeepSpeed default)
+            grads, staging = (2 if z.stage == 3 else 1) * 4 * n / dp + bucket, 0.0
+        return State(weights, grads, optimizer, staging, 4 * max(params.sizes), 0.0)
+    if not bf16 and z.stage == 0:  # PlainAdamW: param.grad, torch's AdamW (foreach off CPU)
+        step = 2 * max(params.sizes) * 4 if cpu else 4 * n
+        return State(4 * n, 4 * n, 8 * n, 0.0, step, 0.0)
+    # optim/distributed.py: flat buckets of the compute dtype, fp32 main grads, fp32 masters + moments
+    e = 2 if bf16 else 4
+    stage_z = z.stage if dp > 1 else 0
+    shards = dp if stage_z >= 1 else 1
+    index = dp_rank if shards > 1 else 0
+    runs = buckets(layout, stage)
+    padded = [_shard(nb, shards, index)[0] * shards for nb in runs]
+    owned = [_shard(nb, shards, index)[1] for nb in runs]  # elements this rank steps (no padding)
+    weights = e * sum(padded)
+    grads = 4 * (sum(padded) if stage_z < 2 else sum(p // shards for p in padded))
+    master = 4 * sum(p // shards for p in padded) if bf16 else 0
+    optimizer = master + 8 * sum(owned)
+    biggest = max(padded)
+    staging = 4 * biggest if stage_z == 2 else 0.0
+    # finish: the reduce-scatter's input stacked into one copy on gloo (its output a shard);
+    # step: AdamW's temporaries per fragment (CPU, single-tensor) or over all of them (foreach),
+    # then each bucket's all-gathered weights before they are copied into place
+    scatter = 4 * biggest * (1 + 1 / shards) if stage_z == 1 and cpu else \
+        (4 * biggest / shards if stage_z == 1 else 0.0)
+    adam = 2 * 4 * min(max(params.sizes), max(owned)) if cpu else 4 * sum(owned)
+    gather = e * biggest if stage_z >= 1 else 0.0
+    # construction: a bucket's fp32 values and its compute-dtype buffer beside the module's fp32
+    # parameters (dropped as each bucket takes them over)
+    build = (4 + (e if bf16 else 0)) * biggest
+    return State(weights, grads, optimizer, staging, max(scatter, adam, gather), build, grads_kept=True)
+
+
+def build_peak(layout: Layout, stage: int, state: State) -> float:
+    """Bytes while the model is built: the stage's serial pieces in fp32 (GPT(...) then
+    parallelize(): the tensor-parallel slices are copies of them), then the optimizer taking the fp32
+    parameters over bucket by bucket."""
+    cfg = layout.config
+    chunks = layout.chunks(stage)
+    n = rank_params(layout, stage).total
+    serial = stage_params(cfg.model, sum(len(c.layers) for c in chunks), any(c.first for c in chunks),
+                          any(c.last for c in chunks), 1, cfg.parallel.make_vocab_divisible_by).total
+    slicing = 4 * serial + (4 * n if layout.tp > 1 else 0)
+    return max(slicing, 4 * n + state.build_transient)
 
 
 def peak_memory(layout: Layout, device: str = "cuda") -> Memory:
-    """Peak memory of the fullest rank of `layout` (bytes), as this code allocates it."""
-    native_zero1 = layout.config.optim.zero.stage == 1 and layout.backend != "deepspeed"
-    dp_ranks = range(layout.dp) if native_zero1 else [0]  # its greedy partition is uneven
-    return max((memory_of(layout, stage, d, device) for stage in range(layout.pp) for d in dp_ranks),
-               key=lambda mem: mem.total)
-
-
-def _model_state(layout: Layout, stage: int, dp_rank: int, e: int) -> tuple[float, float, float]:
-    """(weights, grads, optimizer state) bytes of one rank."""
-    z, dp = layout.config.optim.zero, layout.dp
-    params = rank_params(layout, stage)
-    n = params.total
-    if layout.backend == "deepspeed":
-        weights = n * (2 if e == 2 else 4) / (dp if z.stage == 3 else 1)
-        optimizer = 12 * n / dp  # fp32 master partition + exp_avg + exp_avg_sq
-        if z.stage == 1:
-            return weights, 4 * n, optimizer  # param.grad in full until the step's reduction
-        bucket = min(5e8, n) * 4 if z.stage == 2 else 0  # reduce bucket (DeepSpeed default)
-        return weights, (2 if z.stage == 3 else 1) * 4 * n / dp + bucket, optimizer
-    owned = zero1_partition(params.sizes, params.matrix, dp)[dp_rank] if z.stage == 1 and dp > 1 else n
-    return 4 * n, 4 * n, 8 * owned
+    """Peak memory of the fullest rank of `layout` (bytes), as this code allocates it (dp rank 0
+    holds the most: the last shard of a bucket carries its padding)."""
+    return max((memory_of(layout, stage, 0, device) for stage in range(layout.pp)), key=lambda mem: mem.total)
 
 
 def memory_of(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cuda") -> Memory:
@@ -134,47 +226,38 @@ def memory_of(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cuda"
     sp = layout.sequence_parallel
     rc = cfg.train.recompute
     ds = layout.backend == "deepspeed"
-    N = b * s
-    Ns = N // tp if sp else N
     vocab = padded_vocab(mc.vocab_size, tp, p.make_vocab_divisible_by) // tp
     facts = schedule_facts(p.schedule, pp, m, p.virtual_stages, 2.0) if pp > 1 else None
-    per_block, full_block = _block_saved(mc, tp, sp, b, s, e, device, rc)
+    per_block, whole_block = block_activations(mc, tp, sp, b, s, e, device, rc)
     chunks = layout.chunks(stage)
     head = any(c.last for c in chunks)
-    sizes = rank_params(layout, stage).sizes
-    n = sum(sizes)
-    weights, grads, optimizer = _model_state(layout, stage, dp_rank, e)
+    st = model_state(layout, stage, dp_rank, device)
     # activations: blocks of the in-flight chunk-micro-batches (the simulator's peak count), and
     # that count once the first backward has allocated the gradients
     inflight = facts.peak[stage] if facts else 1
     inflight_g = facts.peak_after_backward[stage] if facts else (1 if m > 1 else 0)
-    chunk_layers = max(len(c.layers) for c in chunks)
-    per_mb = chunk_layers * per_block
-    if e == 2 and not ds:  # autocast's bf16 weight copies, kept by each in-flight forward's graph
-        per_mb += chunk_layers * block_linear_params(mc, tp) * 2 * (0 if rc == "full" else 1)
-        transient_copies = chunk_layers * block_linear_params(mc, tp) * 2 if rc == "full" else 0.0
-    else:
-        transient_copies = 0.0
-    transient = full_block if rc == "full" else 0.0  # one block recomputed during backward
+    per_mb = max(len(c.layers) for c in chunks) * per_block
+    fwd_t = bwd_t = whole_block if rc == "full" else 0.0  # one block recomputed during backward
     if head:
         head_inflight = m if p.schedule == "gpipe" and pp > 1 else 1
-        ln = Ns * h * 4 + Ns * 8
-        if tp == 1:  # fused linear + cross-entropy: grad_x and grad_w computed in the forward
-            head_saved = ln + N * h * 4 + vocab * h * 4
-            transient = max(transient, min(1024, N) * vocab * 4 * 2)  # a chunk's logits + logsumexp
-        else:  # linear input and the fp32 softmax over this rank's vocabulary slice
-            head_saved = ln + N * h * e + N * vocab * 4 + (vocab * h * 2 if e == 2 else 0)
-            transient = max(transient, N * vocab * (e + 4))  # logits and their fp32 copy
+        head_saved, head_fwd, head_bwd = head_activations(mc, tp, sp, b, s, e, device, vocab)
+        fwd_t, bwd_t = max(fwd_t, head_fwd), max(bwd_t, head_bwd, head_fwd if inflight_g else 0.0)
     else:
         head_saved = head_inflight = 0
-    transient = max(transient, transient_copies)
-    pipeline = facts.held[stage] * b * (s // tp if sp else s) * h * 4 if facts else 0.0
+    msg = 4 if ds else e
+    pipeline = facts.held[stage] * b * (s // tp if sp else s) * h * msg if facts else 0.0
     # before the first backward no gradient exists; after it, all of them (accumulated in place)
     before = inflight * per_mb + head_inflight * head_saved
-    after = inflight_g * per_mb + min(head_inflight, max(inflight_g, 1)) * head_saved + grads
-    acts = max(before, after - grads)
-    fb = weights + optimizer + max(before, after) + pipeline + transient
-    opt_transient = (2 * max(sizes) * 4 if device == "cpu" else 4 * n) if not ds else 4 * max(sizes)
-    step = weights + optimizer + grads + opt_transient
-    return Memory(stage, weights, grads, optimizer, acts, pipeline,
-                  transient if fb >= step else opt_transient, max(fb, step))
+    after = inflight_g * per_mb + min(head_inflight, max(inflight_g, 1)) * head_saved
+    state = st.weights + st.optimizer
+    phases = [  # (name, grads, activations, pipeline, transient)
+        ("forward", st.grads if st.grads_kept else 0.0, before, pipeline, fwd_t),
+        ("backward", st.grads, after, pipeline, bwd_t + st.staging),
+        ("step", st.grads, 0.0, 0.0, st.step_transient),
+    ]
+    name, grads, acts, held, transient = max(phases, key=lambda ph: sum(ph[1:]))
+    total = state + grads + acts + held + transient
+    build = build_peak(layout, stage, st)
+    if build > total:  # the serial stage in fp32 before tensor parallelism slices it
+        return Memory(stage, 0.0, 0.0, 0.0, 0.0, 0.0, build, build, "build")
+    return Memory(stage, st.weights, grads, st.optimizer, acts, held, transient, total, name)

@@ -28,9 +28,9 @@ from megatron_lite.plan.calibration import (
     table1_config,
     table1_prediction,
 )
-from megatron_lite.plan.memory import _block_saved
-from megatron_lite.plan.stage import block_linear_params
+from megatron_lite.plan.memory import block_activations, buckets, head_activations, model_state
 from megatron_lite.slicing import padded_vocab, split_of
+from megatron_lite.testing.activations import measure_block, saved_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,32 +94,40 @@ VARIANTS = list(itertools.product(["fp32", "bf16"], ["gelu", "swiglu"], [None, 2
                                   ["none", "selective", "full"]))
 
 
+def _mc(act, kv, pos, dropout=0.0) -> ModelConfig:
+    return ModelConfig(vocab_size=512, hidden_size=64, num_layers=1, num_attention_heads=4, num_kv_heads=kv,
+                       max_sequence_length=32, activation=act, position_embedding=pos,
+                       norm="rmsnorm" if pos == "rope" else "layernorm", bias=pos == "learned",
+                       dropout=dropout)
+
+
 @pytest.mark.parametrize("precision, act, kv, pos, recompute", VARIANTS)
 def test_block_activation_bytes_equal_what_autograd_saves(precision, act, kv, pos, recompute):
-    """Every tensor one block's forward saves for backward (deduplicated by storage), against the
-    per-tensor count of plan.memory._block_saved + the autocast weight copies."""
-    mc = ModelConfig(vocab_size=512, hidden_size=64, num_layers=1, num_attention_heads=4, num_kv_heads=kv,
-                     max_sequence_length=32, activation=act, position_embedding=pos,
-                     norm="rmsnorm" if pos == "rope" else "layernorm", bias=pos == "learned")
-    model = GPT(mc, seed=0)
-    model.train()
-    model.set_recompute(recompute)
-    x = torch.randn(2, 32, 64, requires_grad=True)
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
-        model.run_block(0, x)
-    measured = sum(v for k, v in saved.items() if k not in skip)
+    """Every storage one block's forward saves for backward (testing/activations: the model's weights
+    in the compute dtype, as the distributed optimizer holds them, no autocast), against the plan's
+    per-block bytes (plan.memory.block_activations, i.e. model/activations.saved_terms), and the whole
+    set it charges for a block recomputed under full recompute."""
+    mc = _mc(act, kv, pos, dropout=0.1 if pos == "learned" else 0.0)  # residual dropouts keep no mask
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    measured = measure_block(mc, 2, 32, (recompute, "none"), dtype=dtype)
     e = 2 if precision == "bf16" else 4
-    predicted = _block_saved(mc, 1, False, 2, 32, e, "cpu", recompute)[0]
-    if e == 2 and recompute != "full":
-        predicted += 2 * block_linear_params(mc, 1)
-    assert measured == predicted
+    kept, whole = block_activations(mc, 1, False, 2, 32, e, "cpu", recompute)
+    assert (measured[recompute], measured["none"]) == (kept, whole)
+
+
+@pytest.mark.parametrize("precision, pos", list(itertools.product(["fp32", "bf16"], ["learned", "rope"])))
+def test_head_activation_bytes_equal_what_autograd_saves(precision, pos):
+    """The final norm + fused linear/cross-entropy head at tp = 1: what its forward saves (grad_x and
+    grad_w computed in the forward, the norm's input and statistics) against plan's head term."""
+    mc = _mc("gelu", None, pos)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = GPT(mc, seed=0, layers=[], embed=False, head=True).to(dtype).train()
+    x = torch.randn(2, 32, 64, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 512, (2, 32))
+    (_, loss), measured = saved_bytes(lambda: model.head(x, labels), exclude=list(model.parameters()))
+    loss.backward()
+    e = 2 if precision == "bf16" else 4
+    assert measured == head_activations(mc, 1, False, 2, 32, e, "cpu", 512)[0]
 
 
 def test_schedule_facts_come_from_the_simulator():
@@ -137,28 +145,80 @@ def test_schedule_facts_come_from_the_simulator():
     assert i.peak[0] > 4 and i.bubble < f.bubble  # more chunk activations, a smaller bubble
 
 
-def test_memory_breakdown_follows_the_layout():
+def _layout(raw_overrides: dict) -> Layout:
     base = {"model": {"vocab_size": 1000, "hidden_size": 64, "num_layers": 4, "num_attention_heads": 4,
                       "max_sequence_length": 32}, "data": {"micro_batch_size": 2}, "train": {"grad_accum": 2}}
+    raw = json.loads(json.dumps(base))
+    for section, values in raw_overrides.items():
+        raw.setdefault(section, {}).update(values)
+    return Layout.build(Config.from_dict(raw).validate())
 
+
+# bytes per parameter of weights + grads + optimizer (masters + moments), optim/distributed.py's table
+BYTES_PER_PARAM = {("fp32", 0): lambda d: 16, ("bf16", 0): lambda d: 18, ("bf16", 1): lambda d: 6 + 12 / d,
+                   ("bf16", 2): lambda d: 2 + 16 / d, ("fp32", 1): lambda d: 8 + 8 / d,
+                   ("fp32", 2): lambda d: 4 + 12 / d}
+
+
+@pytest.mark.parametrize("precision, stage, dp", [(p, z, d) for p, z in BYTES_PER_PARAM for d in (1, 2, 4)
+                                                  if z == 0 or d > 1])
+def test_model_state_bytes_per_param(precision, stage, dp):
+    """plan's model state per rank: the distributed optimizer's bytes per parameter (bucket padding
+    aside: at most dp - 1 elements per bucket), ZeRO-2's staging bucket only with stage 2, and the
+    main gradients kept across steps only by the distributed optimizer."""
+    layout = _layout({"parallel": {"dp": dp}, "train": {"precision": precision},
+                      "optim": {"zero": {"stage": stage, "backend": "native"}}})
+    n = plan.rank_params(layout, 0).total
+    st = model_state(layout, 0, 0, "cpu")
+    per_param = (st.weights + st.grads + st.optimizer) / n
+    assert per_param == pytest.approx(BYTES_PER_PARAM[(precision, stage)](dp), abs=4 * 16 / n)
+    assert (st.staging > 0) == (stage == 2)
+    assert st.grads_kept == (precision == "bf16" or stage > 0)
+    mem = plan.peak_memory(layout, "cpu")
+    assert mem.weights == st.weights and mem.optimizer == st.optimizer
+
+
+@pytest.mark.parametrize("pp, tie", [(1, True), (2, True), (2, False)])
+def test_buckets_are_the_distributed_optimizers(pp, tie):
+    """plan's bucket cut (reverse module order, runs of at most bucket_elements, the tied embedding's
+    copy alone) against DistributedOptimizer's own buckets for every stage's model, and its bytes
+    (weights, main grads, masters) against the optimizer's state_bytes at dp = 1."""
+    from megatron_lite.optim.distributed import DistributedOptimizer
+    layout = _layout({"parallel": {"pp": pp}, "train": {"precision": "bf16"},
+                      "model": {"tie_embeddings": tie}, "optim": {"zero": {"bucket_elements": 30_000}}})
+    cfg = layout.config
+    for stage in range(pp):
+        chunks = layout.chunks(stage)
+        model = GPT(cfg.model, seed=0, layers=[i for c in chunks for i in c.layers],
+                    embed=any(c.first for c in chunks), head=any(c.last for c in chunks))
+        opt = DistributedOptimizer(model, cfg.optim, pp_group=object() if pp > 1 else None, stage=0,
+                                   bucket_elements=30_000)
+        assert [b.numel for b in opt.buckets] == buckets(layout, stage)
+        assert len(opt.buckets) > 2
+        st, held = model_state(layout, stage, 0, "cpu"), opt.state_bytes()
+        assert (st.weights, st.grads) == (held["weights"], held["grads"])
+        assert st.optimizer == held["master"] + 2 * held["master"]  # moments: 8 bytes where masters hold 4
+
+
+def test_memory_breakdown_follows_the_layout():
     def mem(**parallel_zero):
-        raw = json.loads(json.dumps(base))
         zero = parallel_zero.pop("zero", None)
-        raw["parallel"] = parallel_zero
+        raw = {"parallel": parallel_zero}
         if zero:
             raw["optim"] = {"zero": {"stage": zero[0], "backend": zero[1]}}
-        return plan.peak_memory(Layout.build(Config.from_dict(raw).validate()), "cpu")
-    n = param_count(ModelConfig(**base["model"]))
+        return plan.peak_memory(_layout(raw), "cpu")
+    n = plan.rank_params(_layout({}), 0).total
     serial = mem()
-    assert serial.weights == serial.grads == 4 * n and serial.optimizer == 8 * n
-    z1 = mem(dp=2, zero=(1, "native"))
-    assert z1.weights == 4 * n and 3.9 * n <= z1.optimizer < 4.5 * n  # its uneven greedy partition
+    assert serial.weights == 4 * n and serial.optimizer == 8 * n and serial.phase in ("backward", "step")
+    assert serial.grads == 4 * n
     z3 = mem(dp=2, zero=(3, "deepspeed"))
     assert z3.weights == 2 * n and z3.optimizer == 6 * n
     tp2 = mem(tp=2)
     assert tp2.weights < 0.6 * serial.weights
     pp2 = mem(pp=2)
     assert pp2.pipeline > 0 and pp2.weights < serial.weights
+    bf16 = plan.peak_memory(_layout({"parallel": {"pp": 2}, "train": {"precision": "bf16"}}), "cpu")
+    assert bf16.pipeline == pp2.pipeline / 2  # messages travel in the compute dtype
 
 
 def test_flop_count_is_narayanan_eq3():
