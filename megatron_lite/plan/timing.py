@@ -8,12 +8,17 @@ InfiniBand), as the sum of four terms, each its own function:
               implementation profile (OURS: this code, what the planner ranks with; MEGATRON_2021:
               Megatron-LM's fused kernels and scatter/gather, for checking against its paper)
   tp / sp     the all-reduces (or all-gathers + reduce-scatters) of every layer, embedding and
-              vocab-parallel loss, ring time at the group's bandwidth (intra-node when tp fits a node)
-  pp          point-to-point per action; the bubble from simulate() with those chunk times
-  dp / zero   the gradient all-reduce after backward (not overlapped, like GradSync), ZeRO-1's
-              parameter broadcast, DeepSpeed's reduce-scatter + all-gather (stage 3: per micro-batch),
-              the tied embedding's sync between first and last stage; then the AdamW step as
-              memory traffic
+              vocab-parallel loss in the compute dtype, ring time at the group's bandwidth (intra-node
+              when tp fits a node); under SP backward all-gathers the QKV / FC1 (and LM head) inputs
+              again, as they are saved as sequence shards (Megatron does the same)
+  pp          point-to-point per action (messages in the compute dtype); the bubble from simulate()
+              with those chunk times
+  dp / zero   after backward, not overlapped: the fp32 main gradients' all-reduce (no ZeRO), or the
+              distributed optimizer's reduce-scatter of them (ZeRO-1; ZeRO-2 the same bytes, bucket by
+              bucket inside the backward, blocking) and the all-gather of the updated weights in the
+              compute dtype; DeepSpeed's reduce-scatter + all-gather (stage 3: per micro-batch); the
+              tied embedding's sync between first and last stage; then the AdamW step (and the
+              main-gradient accumulation) as memory traffic
 
 TFLOP/s per GPU are hardware FLOPs (recompute included: what Narayanan et al. report), MFU model
 FLOPs (model/counts.py, the trainer's definition). The one calibrated constant is GEMM_EFFICIENCY.
@@ -64,6 +69,7 @@ class Step:
     peak: float  # achievable GEMM FLOP/s
     e: int  # bytes of the compute dtype
     vocab: int  # this tp rank's vocabulary slice
+    autocast: bool  # DeepSpeed's bf16: fp32 module inputs, bf16 GEMMs (the native backends hold bf16 weights)
 
     @classmethod
     def of(cls, layout: Layout, cluster: Cluster, profile: Profile, gemm_efficiency: float) -> "Step":
@@ -71,8 +77,14 @@ class Step:
         mega = profile is MEGATRON_2021
         vocab = cfg.model.vocab_size // layout.tp if mega else \
             padded_vocab(cfg.model.vocab_size, layout.tp, cfg.parallel.make_vocab_divisible_by) // layout.tp
+        bf16 = cfg.train.precision == "bf16"
         return cls(layout, cluster, profile, cluster.peak_tflops * 1e12 * gemm_efficiency,
-                   2 if cfg.train.precision == "bf16" or mega else 4, vocab)
+                   2 if bf16 or mega else 4, vocab, bf16 and layout.backend == "deepspeed" and not mega)
+
+    @property
+    def message_bytes(self) -> int:
+        """Bytes per element of a pipeline message (the engine's dtype: fp32 under DeepSpeed)."""
+        return 4 if self.layout.backend == "deepspeed" and self.profile is not MEGATRON_2021 else self.e
 
     @property
     def mc(self) -> ModelConfig:
@@ -99,7 +111,8 @@ class Step:
         return self.layout.topology.group_ranks((dim,))[0]
 
 
-def _elementwise_bytes(mc: ModelConfig, tp: int, sp: bool, b: int, s: int, e: int, prof: Profile) -> float:
+def _elementwise_bytes(mc: ModelConfig, tp: int, sp: bool, b: int, s: int, e: int, prof: Profile,
+                       autocast: bool = False) -> float:
     """Forward memory traffic of one block's non-GEMM kernels on one tp rank (backward: 2x)."""
     h = mc.hidden_size
     N = b * s
@@ -111,10 +124,12 @@ def _elementwise_bytes(mc: ModelConfig, tp: int, sp: bool, b: int, s: int, e: in
         per_token = (2 * 2 * h + 2 * 3.5 * h) / ts + 2 * inter
         attn = 0.0 if prof.flash_attention else 4.5 * b * a * s * s
         return (N * per_token + attn) * e
-    # this code: every op is its own kernel; the residual stream and norms run in fp32
-    norms = 2 * 8 * h / ts  # read + write fp32
-    casts = 2 * (4 + 2) * h if e == 2 else 0  # autocast's bf16 copies of the norm outputs
-    adds = 2 * (4 + e + 4) * h / ts  # residual adds (fp32 += compute dtype)
+    # this code: every op is its own kernel; the residual stream and norms in the compute dtype
+    # (fp32 under DeepSpeed's autocast, which also casts the norm outputs to bf16)
+    r = 4 if autocast else e
+    norms = 2 * 2 * r * h / ts  # read + write
+    casts = 2 * (4 + 2) * h if autocast else 0
+    adds = 2 * (r + e + r) * h / ts  # residual adds
     rope = 6 * (q + kv) * e if mc.position_embedding == "rope" else 0
     copy_out = 2 * q * e if mc.position_embedding == "rope" else 0  # SDPA output to (B, T, H*D)
     act = (5 if mc.activation == "swiglu" else 2) * inter * e
@@ -133,7 +148,8 @@ def compute_term(st: Step) -> tuple[float, float, float, float]:
     mc, b, s, tp = st.mc, st.b, st.s, st.layout.tp
     flash = st.profile.flash_attention
     gemm = layer_flops(mc, b, s, causal_half=flash) / tp / st.peak
-    elem = _elementwise_bytes(mc, tp, st.layout.sequence_parallel, b, s, st.e, st.profile) / st.hbm
+    elem = _elementwise_bytes(mc, tp, st.layout.sequence_parallel, b, s, st.e, st.profile,
+                              st.autocast) / st.hbm
     fwd, bwd = gemm + elem, 2 * gemm + 2 * elem
     if st.recompute == "full":
         bwd += fwd
@@ -153,17 +169,23 @@ def tp_term(st: Step) -> tuple[float, float, float]:
         return 0.0, 0.0, 0.0
     ranks, c = st.ranks("tp"), st.cluster
     N, h, e = st.b * st.s, st.mc.hidden_size, st.e
-    wide = N * h * (e if st.profile is MEGATRON_2021 else 4)  # our norms' outputs are fp32
-    if st.layout.sequence_parallel:  # per layer: 2 all-gathers + 2 reduce-scatters
-        fwd = bwd = 2 * collective_time(wide, ranks, c, "gather") + 2 * collective_time(N * h * e, ranks, c,
-                                                                                         "gather")
+    act = N * h * e
+    wide = N * h * (4 if st.autocast else e)  # under autocast the norms' outputs (and their grads) are fp32
+    gather = collective_time(act, ranks, c, "gather")  # an all-gather or a reduce-scatter of (b, s, h)
+    if st.layout.sequence_parallel:
+        # forward: all-gather before QKV and FC1, reduce-scatter after proj and FC2; backward: their
+        # conjugates (2 reduce-scatters + 2 all-gathers) and the QKV / FC1 inputs gathered again
+        fwd, bwd = 4 * gather, 6 * gather
+        # embedding: scatter (an all-gather in backward) after its all-reduce; LM head: all-gather
+        # forward, reduce-scatter + all-gather again backward
+        head = collective_time(act, ranks, c) + 4 * gather
     else:
-        fwd = 2 * collective_time(N * h * e, ranks, c)
+        fwd = 2 * collective_time(act, ranks, c)
         bwd = 2 * collective_time(wide, ranks, c)
+        head = 2 * collective_time(wide, ranks, c)  # embedding forward, head input backward
     if st.recompute == "full":
         bwd += fwd
-    head = 3 * collective_time(N * 4, ranks, c)  # vocab-parallel CE
-    head += 2 * collective_time(N * h * 4, ranks, c)  # embedding fwd, head input bwd
+    head += 3 * collective_time(N * 4, ranks, c)  # vocab-parallel CE: max, sum of exps, target logit
     return fwd, bwd, head
 
 
@@ -183,7 +205,7 @@ def pp_term(st: Step, f_chunk: float, b_chunk: float) -> Pipe:
     if pp == 1:
         return Pipe(m * (f_chunk + b_chunk), 0.0, m, 0.0)
     tp, sp = layout.tp, layout.sequence_parallel
-    msg = st.b * (st.s // tp if sp else st.s) * st.mc.hidden_size * (st.e if profile is MEGATRON_2021 else 4)
+    msg = st.b * (st.s // tp if sp else st.s) * st.mc.hidden_size * st.message_bytes
     ranks = st.ranks("pp")
     p2p = max(p2p_time(msg, ranks[i], ranks[i + 1], c, tp, profile.scatter_gather) for i in range(pp - 1))
     if profile.p2p_overlap:  # the receive was posted one action ahead: only its latency shows
@@ -203,7 +225,7 @@ def dp_term(st: Step, n_rank: int) -> float:
     layout, c = st.layout, st.cluster
     zero = layout.config.optim.zero.stage
     ranks = st.ranks("dp")
-    grad_bytes = 4 * n_rank
+    grad_bytes = 4 * n_rank  # fp32 (main) gradients
     t = 0.0
     if layout.dp > 1:
         if layout.backend == "deepspeed":
@@ -211,10 +233,11 @@ def dp_term(st: Step, n_rank: int) -> float:
             if zero == 3:  # gather parameters for every forward and backward, no prefetch
                 gathers = layout.micro_batches * (3 if st.recompute == "full" else 2)
                 t += gathers * collective_time(n_rank * st.e, ranks, c, "gather")
-        else:
+        elif zero == 0:
             t += collective_time(grad_bytes, ranks, c)
-            if zero == 1:  # ZeroRedundancyOptimizer broadcasts every parameter from its owner
-                t += collective_time(4 * n_rank, ranks, c, "gather")
+        else:  # the distributed optimizer: reduce-scatter the fp32 grads, all-gather the new weights
+            t += collective_time(grad_bytes, ranks, c, "gather")
+            t += collective_time(st.e * n_rank, ranks, c, "gather")
     if layout.pp > 1 and st.mc.tie_embeddings:
         pp_ranks = st.ranks("pp")
         t += collective_time(st.vocab * st.mc.hidden_size * 4, [pp_ranks[0], pp_ranks[-1]], c)
@@ -222,11 +245,17 @@ def dp_term(st: Step, n_rank: int) -> float:
 
 
 def optimizer_term(st: Step, n_rank: int) -> float:
-    """Seconds of the AdamW step (and clipping, bucketing) as memory traffic."""
-    zero, dp = st.layout.config.optim.zero.stage, st.layout.dp
+    """Seconds of the AdamW step (and clipping, bucketing) as memory traffic; the distributed
+    optimizer (bf16, or any ZeRO stage on the native backend) also adds each micro-batch's gradient
+    into the fp32 main gradients (read it, read + write fp32) and rounds the masters into the weights."""
+    layout = st.layout
+    zero, dp = layout.config.optim.zero.stage, layout.dp
     t = st.profile.optimizer_bytes_per_param * n_rank / (dp if zero >= 1 else 1) / st.hbm
     if zero >= 1:
         t += 16 * n_rank / st.hbm  # clipping and bucketing still touch every gradient
+    native = layout.backend != "deepspeed" and st.profile is not MEGATRON_2021
+    if native and (st.e == 2 or zero >= 1):
+        t += layout.micro_batches * (st.e + 8) * n_rank / st.hbm + st.e * n_rank / st.hbm
     return t
 
 
