@@ -14,6 +14,8 @@ op kind, with the analytic count (b micro-batch, s sequence, h hidden, L layers,
                               + 1                    clipping: sum of squares of the sharded grads
   with SP:  all-gather        L * 2 * bsh (fwd, before qkv/fc1) + L * 2 * bsh (bwd of the
                               reduce-scatters) + bsh (embedding scatter, bwd) + bsh (LM head, fwd)
+                              + L * 2 * bsh + bsh (bwd: the qkv/fc1 and LM head inputs are saved as
+                              sequence shards and gathered again for their weight gradients)
             reduce-scatter    L * 2 * bsh (fwd, proj/fc2) + L * 2 * bsh (bwd of the all-gathers)
                               + bsh (LM head, bwd)
             all-reduce        bsh (embedding) + 3 * bs (CE) + 1 (clip) + P_sp (grads of norms and
@@ -54,7 +56,8 @@ def analytic(a, sp: bool, p_sp: int) -> dict[str, int]:
     bsh, bs, f = b * s * h, b * s, 4
     if not sp:
         return {"all_reduce": f * (L * 4 * bsh + bsh + bsh + 3 * bs + 1)}
-    return {"all_gather": f * (L * 4 * bsh + 2 * bsh), "reduce_scatter": f * (L * 4 * bsh + bsh),
+    return {"all_gather": f * (L * 4 * bsh + 2 * bsh) + f * (L * 2 * bsh + bsh),
+            "reduce_scatter": f * (L * 4 * bsh + bsh),
             "all_reduce": f * (bsh + 3 * bs + 1 + p_sp)}
 
 

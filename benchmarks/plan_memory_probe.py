@@ -5,9 +5,9 @@ Run it like the trainer (one process, or under torch.distributed.run with gloo):
     python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/plan_memory_probe.py \
         --out DIR -- model.hidden_size=512 ... parallel.tp=2
 
-Each rank first warms up (a GPT on the meta device, a tiny GPT's forward, backward and AdamW step,
-under the run's precision): code that torch loads on first use is process overhead, not model
-state (the trainer builds a meta GPT for its FLOP count: ~74 MiB of RSS on first use). Then it
+Each rank first warms up (a GPT on the meta device, a tiny GPT's forward, backward and optimizer
+step through optim.make_optimizer under the run's precision: bf16 weights, no autocast): code that
+torch loads on first use is process overhead, not model state (the trainer builds a meta GPT for its FLOP count: ~74 MiB of RSS on first use). Then it
 builds the real Trainer (same layout checks, process groups, model, parallelize, backend),
 records its resident set size just before the model is built, resets the kernel's peak
 counter there (writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS), runs --steps
@@ -48,29 +48,31 @@ def reset_peak() -> None:
 
 
 def warm_up(precision: str) -> None:
-    """Load what torch loads on first use (meta-device registrations, CPU kernels, AdamW), with a
-    model of a few kilobytes, so the baseline taken before the real model holds it."""
-    import contextlib
-
+    """Load what torch loads on first use (meta-device registrations, CPU kernels in the run's dtype,
+    AdamW), with a model of a few kilobytes through the trainer's own optimizer path (bf16 weights in
+    the distributed optimizer's buckets under bf16, no autocast), so the baseline taken before the
+    real model holds it."""
     import torch
 
-    from megatron_lite.config import ModelConfig
+    from megatron_lite.config import ModelConfig, OptimConfig
     from megatron_lite.model import GPT
+    from megatron_lite.optim import make_optimizer
+    from megatron_lite.parallel.grads import GradSync
     mc = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_attention_heads=2,
                      max_sequence_length=16)
     with torch.device("meta"):
         GPT(mc, seed=None)
     model = GPT(mc, seed=0)
+    opt = make_optimizer(model, OptimConfig(), precision, GradSync())
     x = torch.randint(0, 64, (2, 16))
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    for mode in ("none", "full"):
+    for mode in ("none", "selective", "full"):
         model.set_recompute(mode)
-        with ctx:
-            _, loss = model(x, x)
+        _, loss = model(x, x)
         loss.backward()
-    opt = torch.optim.AdamW(model.parameters())
+    opt.finish()
+    opt.clip(1.0)
     opt.step()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.zero_grad()
 
 
 def main(argv=None) -> None:
@@ -89,6 +91,7 @@ def main(argv=None) -> None:
         if a.warm:
             import megatron_lite.train  # noqa: F401
             warm_up("fp32")
+            warm_up("bf16")
         name = "idle_warm.json" if a.warm else "idle.json"
         (out / name).write_text(json.dumps({"rss": status_kib("VmRSS") * 1024,
                                             "hwm": status_kib("VmHWM") * 1024}))
