@@ -52,8 +52,27 @@ MODEL = ["model.vocab_size=8192", "model.hidden_size=512", "model.num_layers=8",
          "parallel.microbatches=2",
          "train.device=cpu", "train.progress=false", "train.sample_tokens=0", "optim.warmup_steps=1",
          "train.eval_iters=2", "log.tensorboard=false"]
-LAYOUTS = [("serial", 1, []), ("tp=2", 2, ["parallel.tp=2"]), ("pp=2 (1F1B)", 2, ["parallel.pp=2"]),
-           ("dp=2, ZeRO-1 (native)", 2, ["parallel.dp=2", "optim.zero.stage=1"])]
+BF16 = ["train.precision=bf16"]
+# (name, processes, overrides): together they exercise every term of plan/memory.py: fp32 and bf16
+# model state, sequence-parallel activations and head, selective and full recompute, pipeline
+# messages with m > p (1F1B and interleaved), the distributed optimizer's ZeRO-1 and ZeRO-2 (its
+# staging bucket) alone and composed with tp + sp and with pp.
+LAYOUTS = [("serial fp32", 1, []),
+           ("serial bf16", 1, BF16),
+           ("serial bf16, full recompute", 1, BF16 + ["train.recompute=full"]),
+           ("tp=2 + SP bf16, selective", 2, BF16 + ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                                     "train.recompute=selective"]),
+           ("pp=2 1F1B bf16, m=4", 2, BF16 + ["parallel.pp=2", "parallel.microbatches=4"]),
+           ("pp=2 interleaved v=2 bf16, m=4", 2, BF16 + ["parallel.pp=2", "parallel.microbatches=4",
+                                                         "parallel.schedule=interleaved",
+                                                         "parallel.virtual_stages=2"]),
+           ("dp=2 fp32 ZeRO-1", 2, ["parallel.dp=2", "optim.zero.stage=1"]),
+           ("dp=2 bf16 ZeRO-1", 2, BF16 + ["parallel.dp=2", "optim.zero.stage=1"]),
+           ("dp=2 bf16 ZeRO-2", 2, BF16 + ["parallel.dp=2", "optim.zero.stage=2"]),
+           ("tp=2 + SP, dp=2 bf16 ZeRO-1", 4, BF16 + ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                                      "parallel.dp=2", "optim.zero.stage=1"]),
+           ("pp=2 (m=4), dp=2 bf16 ZeRO-2", 4, BF16 + ["parallel.pp=2", "parallel.microbatches=4",
+                                                       "parallel.dp=2", "optim.zero.stage=2"])]
 ALLOCATORS = {"fixed": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "glibc": {}}
 PROBE = ROOT / "benchmarks" / "plan_memory_probe.py"
 MIB = 2**20
@@ -101,7 +120,7 @@ def predicted(overrides: list[str], coord: dict) -> plan.Memory:
     return plan.memory_of(layout, coord["pp"], coord["dp"], "cpu")
 
 
-def memory(steps: int) -> dict:
+def memory(steps: int, layouts=None, allocators=tuple(ALLOCATORS), cli: bool = True) -> dict:
     from megatron_lite.data import prepare
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -113,7 +132,10 @@ def memory(steps: int) -> dict:
             idle[name] = json.loads((d / f"{name}.json").read_text())["rss"]
         rows = []
         for name, nproc, extra in LAYOUTS:
-            for alloc, env_extra in ALLOCATORS.items():
+            if layouts and name not in layouts:
+                continue
+            for alloc in allocators:
+                env_extra = ALLOCATORS[alloc]
                 out = d / f"{name}-{alloc}".replace(" ", "_").replace("/", "_")
                 t0 = time.perf_counter()
                 for r in probe(nproc, base + extra, out, steps, env_extra):
@@ -125,7 +147,8 @@ def memory(steps: int) -> dict:
                                  "wall_s": time.perf_counter() - t0})
         # the trainer's own figure: train/memory_gb (peak RSS, baseline included) of `megatron-lite train`
         cli_rows = []
-        for alloc, env_extra in ALLOCATORS.items():
+        for alloc in allocators if cli else ():
+            env_extra = ALLOCATORS[alloc]
             run_dir = d / f"cli-{alloc}"
             run([sys.executable, "-m", "megatron_lite.cli", "train", "--config",
                  str(ROOT / "configs" / "tiny.yaml"), *base, f"train.out_dir={run_dir}",
@@ -147,9 +170,11 @@ peak memory of each rank and the step time on a GPU cluster. Step time: GEMM FLO
 `GEMM_EFFICIENCY` x peak, plus the memory-bound element-wise kernels at HBM bandwidth, plus tensor-
 and sequence-parallel collectives (ring, intra-node), pipeline point-to-point and the bubble from
 the schedule simulator, the data-parallel / ZeRO collectives after the backward, and the AdamW step.
-Memory: weights, fp32 gradients, AdamW / ZeRO state, the tensors autograd saves per block (counted
-per tensor, equal to saved_tensors_hooks in tests/unit/test_plan.py) times the simulator's peak
-in-flight micro-batches, the head's logits and the pipeline's held messages.
+Memory: the model state as the backend allocates it (optim/distributed.py's buckets: weights in
+the compute dtype, fp32 main gradients, fp32 masters + AdamW moments, sharded per ZeRO stage, ZeRO-2's
+staging bucket), the tensors autograd saves per block (model/activations.saved_terms, equal to
+saved_tensors_hooks in tests/unit/test_plan.py) times the simulator's peak in-flight micro-batches,
+the head, the pipeline's held messages in the compute dtype, and the largest transient buffer.
 
 Reading: one constant is calibrated, the GEMM efficiency, on row 1 of the Megatron-LM table (no
 tensor or pipeline parallelism: compute alone); the nine other rows are predicted within 10%. The
@@ -158,8 +183,8 @@ and dropout over the s x s scores and the norms cost a third of the GEMM time, a
 twentieth (the paper's "superlinear scaling"). The model is low for the tp = 4/8 rows without
 pipelining (-8 to -9%: its tensor-parallel all-reduces at nominal NVLink bandwidth, none
 overlapped) and for the two largest models (-8%). Memory: the peak a rank reaches over its
-pre-model RSS matches the prediction within 5% when glibc returns freed memory at once
-(`MALLOC_MMAP_THRESHOLD_=65536`); with glibc's defaults the same runs hold 20-70% more, because
+pre-model RSS is compared with the prediction when glibc returns freed memory at once
+(`MALLOC_MMAP_THRESHOLD_=65536`); with glibc's defaults (earlier runs) the same runs held 20-70% more, because
 after the first large free glibc raises its mmap threshold (up to 32 MiB) and serves the
 activations from heap arenas that keep freed pages: that retention is the allocator's, not the
 model's, and `MALLOC_MMAP_THRESHOLD_` removes it on CPU (GPU memory is counted by PyTorch's
@@ -188,27 +213,33 @@ def report(res: dict) -> str:
     lines += ["", f"Largest error {100 * worst:.1f}% (goal <= 15%)."]
     m = res.get("memory")
     if m:
-        lines += ["", f"**Memory** (CPU, fp32, {m['steps']} AdamW steps; " + ", ".join(m["model"][:5]) +
+        lines += ["", f"**Memory** (CPU, {m['steps']} AdamW steps; " + ", ".join(m["model"][:5]) +
                   "; bytes over the RSS just before the model is built): idle process importing torch "
                   f"{m['idle']['idle'] / MIB:.0f} MiB, after importing the trainer and warming up "
                   f"{m['idle']['idle_warm'] / MIB:.0f} MiB; baseline inside the runs (+ gloo group, data) "
                   f"{min(r['baseline_rss'] for r in m['rows']) / MIB:.0f}-"
-                  f"{max(r['baseline_rss'] for r in m['rows']) / MIB:.0f} MiB.", "",
-                  "| layout | rank (tp, pp, dp) | predicted MiB | measured MiB, tensors (mmap 64K) | error | "
-                  "measured MiB, glibc default | glibc retention |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"{max(r['baseline_rss'] for r in m['rows']) / MIB:.0f} MiB. Predicted = "
+                  "plan.memory_of(layout, stage, dp rank, 'cpu'), its terms in MiB (weights / grads / "
+                  "optimizer / activations / pipeline / transient) at the phase it predicts the peak in.", "",
+                  "| layout | rank (tp, pp, dp) | W / G / O / A / P / T (MiB) | phase | predicted MiB | "
+                  "measured MiB (mmap 64K) | measured / predicted | glibc default MiB |",
+                  "|---|---|---|---|---|---|---|---|"]
         fixed = [r for r in m["rows"] if r["allocator"] == "fixed"]
         glibc = {(r["layout"], r["rank"]): r for r in m["rows"] if r["allocator"] == "glibc"}
         for r in fixed:
-            g = glibc[(r["layout"], r["rank"])]
-            c = r["coord"]
-            lines.append(f"| {r['layout']} | {r['rank']} ({c['tp']}, {c['pp']}, {c['dp']}) | "
-                         f"{r['predicted'] / MIB:.0f} | {r['measured'] / MIB:.0f} | "
-                         f"{100 * r['error']:+.1f}% | {g['measured'] / MIB:.0f} | "
-                         f"{100 * (g['measured'] / r['measured'] - 1):+.0f}% |")
+            g = glibc.get((r["layout"], r["rank"]))
+            c, bd = r["coord"], r["breakdown"]
+            terms = " / ".join(f"{bd[k] / MIB:.0f}" for k in ("weights", "grads", "optimizer", "activations",
+                                                                "pipeline", "transient"))
+            retained = f"{g['measured'] / MIB:.0f}" if g else "-"
+            lines.append(f"| {r['layout']} | {r['rank']} ({c['tp']}, {c['pp']}, {c['dp']}) | {terms} | "
+                         f"{bd.get('phase', '')} | {r['predicted'] / MIB:.0f} | {r['measured'] / MIB:.0f} | "
+                         f"{r['measured'] / r['predicted']:.3f} | {retained} |")
         worst = max(abs(r["error"]) for r in fixed)
         lines += ["", f"Largest error with the allocator's retention switched off: {100 * worst:.1f}% "
-                      f"(goal <= 10%). The trainer's own figure, for the serial layout:", ""]
+                      f"(goal <= 5%)."]
+        if m["cli"]:
+            lines += ["The trainer's own figure, for the serial layout:", ""]
         for c in m["cli"]:
             lines.append(f"- `megatron-lite train` (serial, {c['allocator']} allocator): train/memory_gb "
                          f"{c['memory_gb_bytes'] / MIB:.0f} MiB - warm idle baseline "
@@ -222,18 +253,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--layouts", nargs="+", help="only these rows of LAYOUTS (by name)")
+    ap.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=list(ALLOCATORS))
+    ap.add_argument("--skip-cli", action="store_true", help="no `megatron-lite train` rows")
+    ap.add_argument("--skip-throughput", action="store_true", help="keep --out's throughput rows")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "plan.json"))
     ap.add_argument("--report-only", action="store_true", help="rewrite the docs section from --out")
     a = ap.parse_args()
     if a.report_only:
         write_section(ROOT / "docs" / "benchmarks.md", "plan", report(json.loads(Path(a.out).read_text())))
         return
-    res = {"throughput": throughput()}
+    previous = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
+    res = {"throughput": previous["throughput"] if a.skip_throughput else throughput()}
     for r in res["throughput"]["rows"]:
         print(f"{r['params_b']:>7}B published {r['published_tflops']} predicted {r['predicted_tflops']:.1f} "
               f"({100 * r['error']:+.1f}%)", flush=True)
     if not a.skip_memory:
-        res["memory"] = memory(a.steps)
+        res["memory"] = memory(a.steps, a.layouts, a.allocators, not a.skip_cli)
+        res["memory"]["allocators"] = a.allocators
         for r in res["memory"]["rows"]:
             print(f"{r['layout']:<24} rank {r['rank']} {r['allocator']:<6} "
                   f"predicted {r['predicted'] / MIB:7.1f} MiB measured {r['measured'] / MIB:7.1f} MiB "

@@ -61,7 +61,9 @@ class Memory:
     pipeline: float  # message buffers the engine holds at its peak (schedules.held_messages)
     transient: float  # the largest short-lived buffer at the peak (logits, recompute, staging, step, build)
     total: float
-    phase: str = "step"  # where the peak is: "build", "forward" (before a backward), "backward", "step"
+    phase: str = "step"  # where the peak is: "build", "forward" (before a backward), "backward",
+    # "reduce" (ZeRO-2 reducing a staging bucket), "step"
+    build: float = 0.0  # bytes while the model is built (total = the larger of it and the training peak)
 
     def as_dict(self) -> dict:
         return {k: (round(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -112,6 +114,7 @@ class State:
     grads: float  # the persistent (main) gradients
     optimizer: float  # masters + moments
     staging: float  # ZeRO-2: the fp32 bucket a backward's gradients pass through (0 otherwise)
+    reduce: float  # ZeRO-2: what reducing a full staging bucket holds (it, the reduce-scatter's buffers)
     step_transient: float  # the largest temporary of finish/clip/step
     build_transient: float  # the largest temporary while the optimizer is built (beside weights)
     grads_kept: bool = False  # the gradients outlive the step (main-gradient buffers zeroed in place)
@@ -165,10 +168,10 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
         else:
             bucket = min(5e8, n) * 4 if z.stage == 2 else 0  # reduce bucket (DeepSpeed default)
             grads, staging = (2 if z.stage == 3 else 1) * 4 * n / dp + bucket, 0.0
-        return State(weights, grads, optimizer, staging, 4 * max(params.sizes), 0.0)
+        return State(weights, grads, optimizer, staging, 0.0, 4 * max(params.sizes), 0.0)
     if not bf16 and z.stage == 0:  # PlainAdamW: param.grad, torch's AdamW (foreach off CPU)
         step = 2 * max(params.sizes) * 4 if cpu else 4 * n
-        return State(4 * n, 4 * n, 8 * n, 0.0, step, 0.0)
+        return State(4 * n, 4 * n, 8 * n, 0.0, 0.0, step, 0.0)
     # optim/distributed.py: flat buckets of the compute dtype, fp32 main grads, fp32 masters + moments
     e = 2 if bf16 else 4
     stage_z = z.stage if dp > 1 else 0
@@ -183,6 +186,9 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
     optimizer = master + 8 * sum(owned)
     biggest = max(padded)
     staging = 4 * biggest if stage_z == 2 else 0.0
+    # reducing it: gloo has no reduce-scatter, so comm.reduce_scatter stacks the chunks into one
+    # copy and all-reduces it; both backends return this rank's chunk in a new buffer
+    reduce = staging * ((2 if cpu else 1) + 1 / shards)
     # finish: the reduce-scatter's input stacked into one copy on gloo (its output a shard);
     # step: AdamW's temporaries per fragment (CPU, single-tensor) or over all of them (foreach),
     # then each bucket's all-gathered weights before they are copied into place
@@ -193,7 +199,8 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
     # construction: a bucket's fp32 values and its compute-dtype buffer beside the module's fp32
     # parameters (dropped as each bucket takes them over)
     build = (4 + (e if bf16 else 0)) * biggest
-    return State(weights, grads, optimizer, staging, max(scatter, adam, gather), build, grads_kept=True)
+    return State(weights, grads, optimizer, staging, reduce, max(scatter, adam, gather), build,
+                 grads_kept=True)
 
 
 def build_peak(layout: Layout, stage: int, state: State) -> float:
@@ -241,7 +248,7 @@ def memory_of(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cuda"
     if head:
         head_inflight = m if p.schedule == "gpipe" and pp > 1 else 1
         head_saved, head_fwd, head_bwd = head_activations(mc, tp, sp, b, s, e, device, vocab)
-        fwd_t, bwd_t = max(fwd_t, head_fwd), max(bwd_t, head_bwd, head_fwd if inflight_g else 0.0)
+        fwd_t, bwd_t = max(fwd_t, head_fwd), max(bwd_t, head_bwd)
     else:
         head_saved = head_inflight = 0
     msg = 4 if ds else e
@@ -252,12 +259,18 @@ def memory_of(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cuda"
     state = st.weights + st.optimizer
     phases = [  # (name, grads, activations, pipeline, transient)
         ("forward", st.grads if st.grads_kept else 0.0, before, pipeline, fwd_t),
-        ("backward", st.grads, after, pipeline, bwd_t + st.staging),
+        # ZeRO-2's staging bucket lives from a backward's first gradient to its reduction: not
+        # while the head's forward runs
+        ("backward", st.grads, after, pipeline, max(bwd_t + st.staging, fwd_t if inflight_g else 0.0)),
+        # a bucket reduced once its last gradient arrived: the micro-batch whose backward
+        # finished it holds no activations any more, the other in-flight ones still do
+        ("reduce", st.grads, max(inflight_g - 1, 0) * per_mb, pipeline, st.reduce),
         ("step", st.grads, 0.0, 0.0, st.step_transient),
     ]
     name, grads, acts, held, transient = max(phases, key=lambda ph: sum(ph[1:]))
     total = state + grads + acts + held + transient
     build = build_peak(layout, stage, st)
-    if build > total:  # the serial stage in fp32 before tensor parallelism slices it
-        return Memory(stage, 0.0, 0.0, 0.0, 0.0, 0.0, build, build, "build")
-    return Memory(stage, st.weights, grads, st.optimizer, acts, held, transient, total, name)
+    # the terms are the training peak's; building can be larger (the serial stage in fp32 before
+    # tensor parallelism slices it), and then it is the total
+    return Memory(stage, st.weights, grads, st.optimizer, acts, held, transient, max(total, build),
+                  "build" if build > total else name, build)
