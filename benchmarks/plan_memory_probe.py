@@ -7,7 +7,8 @@ Run it like the trainer (one process, or under torch.distributed.run with gloo):
 
 Each rank first warms up (a GPT on the meta device, a tiny GPT's forward, backward and optimizer
 step through optim.make_optimizer under the run's precision: bf16 weights, no autocast): code that
-torch loads on first use is process overhead, not model state (the trainer builds a meta GPT for its FLOP count: ~74 MiB of RSS on first use). Then it
+torch loads on first use is process overhead, not model state (the trainer builds a meta GPT for
+its FLOP count: ~74 MiB of RSS on first use). Then it
 builds the real Trainer (same layout checks, process groups, model, parallelize, backend),
 records its resident set size just before the model is built, resets the kernel's peak
 counter there (writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS), runs --steps
