@@ -253,7 +253,10 @@ class DeepSpeedBackend(Backend):
         of ZeRO 1/2 after the first group's first step only, leaving the other groups' empty: relink."""
         zero = self.ds.optimizer
         inner = zero.optimizer
-        flats = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat
+        # ZeRO-1/2, DeepSpeed's bf16 optimizer (bf16 with ZeRO-1), ZeRO-3: where each keeps its partitions
+        kinds = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition",
+                 "fp32_partitioned_groups_flat")
+        flats = next(getattr(zero, a) for a in kinds if getattr(zero, a, None))
         for flat in flats:
             if not inner.state.get(flat):
                 inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),

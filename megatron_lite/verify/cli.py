@@ -14,6 +14,9 @@ def add_parser(subparsers) -> None:
     r.add_argument("--steps", type=int, default=3, help="AdamW steps per layout")
     r.add_argument("--json", metavar="OUT", help="also write the table (and tolerances) to this JSON file")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="of every run: bf16 compares bf16 layouts with the serial bf16 run (looser "
+                        "tolerances, verify/compare.py)")
     r.add_argument("overrides", nargs="*",
                    help="model.* overrides of the tiny model, e.g. model.activation=swiglu")
     r.set_defaults(func=cmd_verify)
@@ -28,4 +31,4 @@ def cmd_verify(args) -> int:
     setup_logging(env.rank)
     with comm.session(env, "another rank died or stalled during verify."):
         return verify(env, steps=args.steps, patterns=args.layouts, model_overrides=args.overrides,
-                      json_path=args.json, device=args.device)
+                      json_path=args.json, device=args.device, precision=args.precision)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .compare import TOLERANCES, Row, adam_movement
+from .compare import Row, adam_movement, tolerances_for
 from .select import Selection, global_batch
 
 if TYPE_CHECKING:
@@ -41,14 +41,15 @@ def print_now(*parts) -> None:
 
 
 def header(sel: Selection, dev: torch.device, ref: Run, serial_s: float) -> str:
-    m, t = sel.probe.model, TOLERANCES
+    m, t = sel.probe.model, tolerances_for(sel.precision)
     lines = [f"verify: {len(sel.layouts)} layouts at world size {sel.world} ({dev.type}) against the serial "
              f"model ({m.num_layers} layers, hidden {m.hidden_size}, vocab {m.vocab_size}, {sel.steps} AdamW "
              f"steps of {global_batch(sel.world)} x {sel.probe.seq_length} tokens; serial run "
              f"{serial_s:.1f}s)" + ("" if sel.deepspeed else "; DeepSpeed is not installed: its ZeRO layouts "
                                                              "are skipped")]
     lines += [f"not verified: {shape} does not fit this model: {why}" for shape, why in sel.unfit.items()]
-    lines.append(f"tolerances (fp32): loss {t['loss']:g} x |loss|, norm {t['norm']:g} x norm, grad "
+    lines.append(f"tolerances ({sel.precision}): loss {t['loss']:g} x |loss|, norm {t['norm']:g} x norm, "
+                 f"grad "
                  f"{t['grad']:g} x max|grad| of each tensor, param {t['param']:g} x sum of lr = "
                  f"{t['param'] * adam_movement(ref.trainer.cfg, sel.steps):.2g}; worst/tol > 1 fails")
     return "\n".join(lines)
@@ -63,7 +64,8 @@ def report(sel: Selection, dev: torch.device, ref: Run, rows: list[Row], wall: f
     if json_path:
         Path(json_path).write_text(json.dumps({
             "world_size": sel.world, "device": dev.type, "steps": sel.steps,
-            "global_batch": global_batch(sel.world), "tolerances": TOLERANCES, "model": vars(sel.probe.model),
+            "global_batch": global_batch(sel.world), "precision": sel.precision,
+            "tolerances": tolerances_for(sel.precision), "model": vars(sel.probe.model),
             "model_overrides": sel.model_overrides,
             "serial": {"losses": ref.losses, "grad_norms": ref.norms, "val_loss": ref.val_loss},
             "not_verified": sel.unfit, "wall_s": round(wall, 3), "passed": not failed,

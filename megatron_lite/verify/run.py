@@ -22,7 +22,7 @@ from ..distributed import comm
 from ..distributed.env import RunEnv
 from ..distributed.env import export as export_env
 from ..train.trainer import Trainer, resolve_device
-from .compare import TOLERANCES, Diff, Row, compare
+from .compare import TOLERANCES, Diff, Row, compare, tolerances_for
 from .report import format_header, format_row, header, print_now, report
 from .select import Selection, Variant, global_batch, select_layouts
 
@@ -111,10 +111,10 @@ def run_layouts(env: RunEnv, sel: Selection, dev: torch.device, scratch: Path, s
 
 
 def verify(env: RunEnv, steps: int = 3, patterns: list[str] | None = None, model_overrides: list[str] = (),
-           json_path: str | None = None, device: str = "auto") -> int:
+           json_path: str | None = None, device: str = "auto", precision: str = "fp32") -> int:
     """Verify every selected layout on this job; returns the exit status (0: all passed, 1: not)."""
     started = time.perf_counter()
-    sel = select_layouts(env.world_size, steps, patterns, model_overrides, device)
+    sel = select_layouts(env.world_size, steps, patterns, model_overrides, device, precision)
     dev = _join(env, sel)
     main = env.rank == 0
     say = print_now if main else (lambda *a: None)
@@ -136,7 +136,7 @@ def _verify_one(v: Variant, env: RunEnv, sel: Selection, data_dir: Path, scratch
     try:
         run = train_run(cfg, env, sel.steps)
         losses = list(run.losses)
-        result = compare(run, ref, env.rank)
+        result = compare(run, ref, env.rank, tolerances_for(sel.precision))
         del run
     except Exception as e:  # noqa: BLE001 - a layout that crashes is a failed layout; the others go on
         if comm.is_peer_failure(e):

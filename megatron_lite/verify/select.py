@@ -27,7 +27,8 @@ BASE = [
     "launch.collective_timeout_s=180",
 ]
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
-ZERO = ("plain", "zero1", "ds-zero1", "ds-zero2", "ds-zero3")
+ZERO = ("plain", "zero1", "zero2", "ds-zero1", "ds-zero2", "ds-zero3")
+PRECISIONS = ("fp32", "bf16")
 @dataclass(frozen=True)
 class Variant:
     """One layout to verify."""
@@ -152,13 +153,14 @@ def tiny_model(world: int) -> list[str]:
 
 
 def make_config(v: Variant | None, world: int, steps: int, data_dir: str, out_dir: str,
-                model_overrides: list[str], device: str = "cpu") -> Config:
+                model_overrides: list[str], device: str = "cpu", precision: str = "fp32") -> Config:
     """The run of layout v (None: the serial reference: 2 micro-batches of half the global batch)."""
     g = global_batch(world)
     layout = v.overrides(g) if v is not None else \
         ["data.micro_batch_size=" + str(g // 2), "train.grad_accum=2", "train.eval_iters=2"]
     return Config.from_yaml(None, BASE + tiny_model(world) + list(model_overrides) + layout + [
-        f"train.steps={steps}", f"data.dir={data_dir}", f"train.out_dir={out_dir}", f"train.device={device}"])
+        f"train.steps={steps}", f"data.dir={data_dir}", f"train.out_dir={out_dir}", f"train.device={device}",
+        f"train.precision={precision}"])
 
 
 @dataclass(frozen=True)
@@ -172,14 +174,16 @@ class Selection:
     layouts: list[Variant]
     unfit: dict[str, str]  # tp x pp x dp -> why no layout of it fits this model
     deepspeed: bool  # installed (else its ZeRO layouts are left out)
+    precision: str = "fp32"  # of every run, the serial one included
 
     def config(self, v: Variant | None, data_dir: Path, out_dir: Path) -> Config:
         return make_config(v, self.world, self.steps, str(data_dir), str(out_dir), self.model_overrides,
-                           self.device)
+                           self.device, self.precision)
 
 
 def select_layouts(world: int, steps: int = 3, patterns: list[str] | None = None,
-                   model_overrides: list[str] = (), device: str = "auto") -> Selection:
+                   model_overrides: list[str] = (), device: str = "auto",
+                   precision: str = "fp32") -> Selection:
     """Check the arguments (each mistake one sentence, before any process group) and choose the layouts."""
     if world < 2:
         raise UsageError("verify compares parallel layouts with the serial model and needs >= 2 processes; "
@@ -187,6 +191,8 @@ def select_layouts(world: int, steps: int = 3, patterns: list[str] | None = None
                          "srun task per rank.")
     if steps < 1:
         raise UsageError(f"--steps={steps} must be >= 1.")
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision={precision!r} must be one of {', '.join(PRECISIONS)}.")
     model_overrides = list(model_overrides)
     for o in model_overrides:
         if not o.startswith(("model.", "parallel.order=")):
@@ -203,6 +209,6 @@ def select_layouts(world: int, steps: int = 3, patterns: list[str] | None = None
         raise UsageError(f"no valid layout at world size {world} matches --layouts "
                          f"{' '.join(patterns or [])}; choose from: "
                          f"{', '.join(v.name for v in cands) or 'none (see the model overrides)'}.")
-    return Selection(world, steps, model_overrides, device, probe, chosen, unfit, have_ds)
+    return Selection(world, steps, model_overrides, device, probe, chosen, unfit, have_ds, precision)
 
 

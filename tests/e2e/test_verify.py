@@ -44,17 +44,17 @@ def test_verify_four_ranks_every_layout_matches_serial(tmp_path, record_property
     r, report, wall = verify(tmp_path, 4)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-10000:]
     names = [row["layout"] for row in report["layouts"]]
-    # Every variant of every axis, alone and combined: tp4 (+sp), pp4 x 3 schedules, dp4 x 5 ZeRO
+    # Every variant of every axis, alone and combined: tp4 (+sp), pp4 x 3 schedules, dp4 x 6 ZeRO
     # variants, and tp2.dp2 / tp2.pp2 / pp2.dp2 covering theirs.
     for expected in ("tp4", "tp4+sp", "pp4:gpipe", "pp4:1f1b", "pp4:interleaved", "dp4", "dp4:zero1",
-                     "dp4:ds-zero1", "dp4:ds-zero2", "dp4:ds-zero3"):
+                     "dp4:zero2", "dp4:ds-zero1", "dp4:ds-zero2", "dp4:ds-zero3"):
         assert expected in names, names
     for shape in ("tp2.dp2", "tp2.pp2", "tp2+sp.dp2", "tp2+sp.pp2", "pp2:gpipe.dp2", "pp2:interleaved"):
         assert any(n.startswith(shape) for n in names), (shape, names)
-    assert len(names) == 20 and report["passed"] and not failed(report)
+    assert len(names) == 23 and report["passed"] and not failed(report)
     assert all(row[k]["worst_ratio_to_tolerance"] < 0.2 for row in report["layouts"]
                for k in ("loss", "norm", "grad", "param")), report["layouts"]  # margin on the real code
-    assert r.stdout.count("max|Δloss|") == 1 and r.stdout.count(" PASS") == 20  # rank 0 prints the table
+    assert r.stdout.count("max|Δloss|") == 1 and r.stdout.count(" PASS") == 23  # rank 0 prints the table
     # Clipping engaged on every step (so parity covers the clipped updates).
     assert min(report["serial"]["grad_norms"]) > 0.3
     record_property("verify_wall_s_4_ranks", round(wall, 1))
@@ -88,7 +88,7 @@ def test_verify_two_ranks(tmp_path, bug, record_property):
     r, report, wall = verify(tmp_path, 2, bug=bug)
     names = [row["layout"] for row in report["layouts"]]
     assert sorted(names) == sorted(["tp2", "tp2+sp", "pp2:gpipe", "pp2:1f1b", "pp2:interleaved", "dp2",
-                                    "dp2:zero1", "dp2:ds-zero1", "dp2:ds-zero2", "dp2:ds-zero3"])
+                                    "dp2:zero1", "dp2:zero2", "dp2:ds-zero1", "dp2:ds-zero2", "dp2:ds-zero3"])
     if bug is None:
         assert r.returncode == 0 and report["passed"], r.stdout[-5000:] + r.stderr[-10000:]
         record_property("verify_wall_s_2_ranks", round(wall, 1))
@@ -118,6 +118,8 @@ def test_verify_needs_several_processes_and_valid_arguments():
     assert r.returncode == 2 and "model.dropout=0" in r.stderr, r.stderr
     r = cli("verify", "optim.lr=1", env=two)
     assert r.returncode == 2 and "model.* (and parallel.order) overrides only" in r.stderr, r.stderr
+    r = cli("verify", "--precision", "fp16", env=two)
+    assert r.returncode == 2 and "invalid choice: 'fp16'" in r.stderr, r.stderr
 
 
 def test_default_selection_covers_every_variant():
@@ -136,3 +138,28 @@ def test_default_selection_covers_every_variant():
     assert not any(v.sp and v.zero and v.zero.startswith("ds-") for v in cands)  # the Layout's rules
     _, unfit = candidates(8, ["model.num_attention_heads=4", "model.hidden_size=32"])
     assert "tp8" in unfit and "num_attention_heads=4" in unfit["tp8"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bug", [None, "dp-sum"])
+def test_verify_two_ranks_bf16(tmp_path, bug):
+    """--precision bf16: every layout's bf16 weights + fp32 main gradients and masters against the
+    serial bf16 run, under bf16's wider (explained) tolerances, which a planted bug still breaks."""
+    from megatron_lite.verify.compare import BF16_TOLERANCES
+    r, report, _ = verify(tmp_path, 2, "--precision", "bf16", bug=bug)
+    assert report["precision"] == "bf16" and report["tolerances"] == BF16_TOLERANCES
+    names = [row["layout"] for row in report["layouts"]]
+    assert len(names) == 11 and {"dp2:zero1", "dp2:zero2", "dp2:ds-zero3", "tp2+sp", "pp2:1f1b"} <= set(names)
+    if bug is None:
+        assert r.returncode == 0 and report["passed"], r.stdout[-5000:] + r.stderr[-10000:]
+        assert "tolerances (bf16)" in r.stdout, r.stdout[-3000:]
+        # A margin on the real code, and serial bf16 is not serial fp32 (the comparison is bf16's own).
+        assert all(row[k]["worst_ratio_to_tolerance"] < 0.6 for row in report["layouts"]
+                   for k in ("loss", "norm", "grad", "param")), report["layouts"]
+        return
+    expected = {n for n in names if BUGS[bug](n)}
+    assert failed(report) == expected, (bug, sorted(failed(report)), sorted(expected))
+    for row in report["layouts"]:
+        if row["layout"] in expected:  # far outside even bf16's tolerance
+            assert row["norm"]["worst_ratio_to_tolerance"] > 10, row
+    assert r.returncode != 0

@@ -10,8 +10,9 @@ Bugs (each is a monkeypatch here; nothing in megatron_lite can switch them on):
                      sequence parallelism
     pp-drop-grad     the pipeline's last stage drops the last micro-batch's gradient (its loss still
                      counts, so step 1's loss is right)
-    dp-sum           the data-parallel gradient all-reduce sums instead of averaging (our backends;
-                     DeepSpeed reduces by itself)
+    dp-sum           the data-parallel gradient reduction sums instead of averaging (our backends:
+                     the fp32 all-reduce and the distributed optimizer's reduce-scatter; DeepSpeed
+                     reduces by itself)
 """
 
 import sys
@@ -20,6 +21,7 @@ import sys
 def plant(bug: str) -> None:
     import torch.nn.functional as F
 
+    from megatron_lite.optim.distributed import DistributedOptimizer
     from megatron_lite.parallel import grads, layers
     from megatron_lite.pipeline.engine import PipelineEngine
     if bug == "row-allreduce":
@@ -63,6 +65,13 @@ def plant(bug: str) -> None:
                 if p.grad is not None:
                     p.grad.mul_(comm.size(group))  # undo the mean: a sum
         grads.allreduce_gradients = allreduce_gradients
+        real_finish = DistributedOptimizer.finish
+
+        def finish(self):
+            real_finish(self)
+            for b in self.buckets:  # the reduced main gradients, before clipping and the step
+                b.grad_shard.mul_(self.dp)  # undo the mean: a sum
+        DistributedOptimizer.finish = finish
     else:
         raise SystemExit(f"unknown bug {bug!r}")
 
