@@ -135,27 +135,25 @@ def saved_terms(mc: ModelConfig, b: int, s: int, tp: int = 1, sp: bool = False, 
     Ns = N // tp if sp else N  # tokens of this rank's residual stream
     H, K = mc.num_attention_heads // tp, mc.num_kv_heads // tp
     inter = mc.intermediate_size // tp
-    stats = e if device == "cpu" else 4  # norm statistics: the input's dtype on CPU, fp32 on CUDA
+    # LayerNorm's statistics: the input's dtype on CPU, fp32 on CUDA; RMSNorm (model/gpt.py) keeps
+    # one fp32 1/rms per row on every device
+    stats = 4 if mc.norm == "rmsnorm" else 2 * (e if device == "cpu" else 4)
     if recompute == "full":
         return {"block input (kept by the checkpoint)": Ns * h * e}
     selective = recompute == "selective"
-    rms = mc.norm == "rmsnorm" and not selective
     terms = {
-        # torch's RMSNorm is composite: it keeps the fp32 upcast of its input instead of the input
-        "norm inputs (ln1, ln2)": 2 * Ns * h * (4 if rms else e),
-        # RMSNorm keeps 1/rms (fp32); LayerNorm the mean and 1/std (recomputed under selective)
-        "norm statistics": 0 if selective else 2 * Ns * (4 if rms else 2 * stats),
-        # ... and the fp32 normalised input, for its weight's gradient
-        "RMSNorm fp32 x/rms": 2 * Ns * h * 4 if rms else 0,
+        # each norm keeps its input as it came (RMSNorm's own Function, LayerNorm natively)
+        "norm inputs (ln1, ln2)": 2 * Ns * h * e,
+        # RMSNorm: 1/rms; LayerNorm: the mean and 1/std (recomputed under selective)
+        "norm statistics": 0 if selective else 2 * Ns * stats,
         # the inputs of the QKV and FC1 GEMMs (sequence shards under SP; recomputed under selective)
         "norm outputs (qkv, fc1 inputs)": 0 if selective else 2 * Ns * h * e,
         "q, k, v (the fused qkv output)": N * (H + 2 * K) * D * e,
         "attention output (proj input)": N * H * D * e,
         "softmax log-sum-exp (fp32)": b * H * s * 4,
+        # SwiGLU's [gate | up] (2I wide); its backward recomputes silu(gate) rather than keep it
         "fc1 output (activation input)": N * inter * (2 if mc.activation == "swiglu" else 1) * e,
         "activation output (fc2 input)": 0 if selective else N * inter * e,
-        # SwiGLU's product saves silu(gate) for the up half's gradient (recomputed under selective)
-        "silu(gate) (SwiGLU)": N * inter * e if mc.activation == "swiglu" and not selective else 0,
         "dropout masks": 0,  # replayed from the RNG state (Dropout)
     }
     return terms

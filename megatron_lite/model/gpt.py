@@ -24,8 +24,59 @@ from .loss import linear_cross_entropy
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        return RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim: nn.RMSNorm's math and parameter
+    (`weight`, so checkpoints and HF names are unchanged), with its own backward. Autograd through
+    torch's composite RMSNorm keeps the fp32 upcast of x and the fp32 x/rms (4 + 4 bytes per element
+    under bf16); _RMSNormFunction keeps x as it came (2 bytes) and one fp32 1/rms per row."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))  # (C,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm computed in fp32 (fp64 stays fp64), the result cast back to x's dtype. Saves x and
+    rstd = 1/rms (B, T, 1); backward recomputes x_hat = x * rstd, exactly the forward's values.
+
+    With gx = grad * weight (the gradient reaching x_hat) and C the width:
+        dx = rstd * (gx - x_hat * mean(gx * x_hat))     (rstd's own dependence on x: the mean term)
+        dweight = sum over rows of grad * x_hat
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        wide = torch.promote_types(x.dtype, torch.float32)  # the compute dtype: fp32 or fp64
+        xw = x.to(wide)  # (B, T, C); a temporary, not saved
+        rstd = torch.rsqrt(xw.square().mean(-1, keepdim=True) + eps)  # (B, T, 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xw * rstd * weight.to(wide)).to(x.dtype)  # (B, T, C)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        wide = rstd.dtype
+        x_hat = x.to(wide) * rstd  # (B, T, C): the forward's normalised input, recomputed
+        g = grad.to(wide)  # (B, T, C)
+        dx = dweight = None
+        if ctx.needs_input_grad[0]:
+            gx = g * weight.to(wide)  # (B, T, C): the gradient reaching x_hat
+            dx = (gx - x_hat * (gx * x_hat).mean(-1, keepdim=True)) * rstd  # (B, T, C)
+            dx = dx.to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dweight = (g * x_hat).flatten(0, -2).sum(0).to(weight.dtype)  # (C,)
+        return dx, dweight, None
 
 
 class RotaryEmbedding(nn.Module):
@@ -180,8 +231,7 @@ class MLP(nn.Module):
 
     def act(self, h: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)  # (B, T, I) each
-            return F.silu(gate) * up  # (B, T, I)
+            return _SwiGLU.apply(h)  # (B, T, I) from (B, T, 2I) = [gate | up]
         return F.gelu(h, approximate=self.gelu_approximate)  # (B, T, I)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,6 +245,28 @@ class MLP(nn.Module):
         else:
             y = self.fc2(self.act(h))  # (B, T, C)
         return self.drop(y)  # (B, T, C)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up from h = [gate | up] (B, T, 2I). Autograd on the composite keeps h (gate and
+    up are views of it) and silu(gate) for up's gradient; this keeps h only and recomputes
+    silu(gate) in backward (one elementwise op over I per token): I fewer elements per token."""
+
+    @staticmethod
+    def forward(ctx, h):
+        gate, up = h.chunk(2, dim=-1)  # (B, T, I) each, views of h
+        ctx.save_for_backward(h)
+        return F.silu(gate).mul_(up)  # (B, T, I); the silu temporary becomes the output
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)  # (B, T, I) each
+        grad_up = grad * F.silu(gate)  # (B, T, I): silu(gate) recomputed
+        # silu's derivative sigmoid(g) (1 + g (1 - sigmoid(g))) through autograd's own kernel
+        # (fp32 inside for bf16), so the gradients equal those of F.silu(gate) * up
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)  # (B, T, I)
+        return torch.cat((grad_gate, grad_up), dim=-1)  # (B, T, 2I)
 
 
 class Block(nn.Module):

@@ -46,8 +46,8 @@ from ..model.activations import saved_terms
 from ..slicing import padded_vocab
 from .stage import rank_params, schedule_facts, stage_params
 
-# The three norm terms of saved_terms (a block has two norms: ln1, ln2; the head has one, ln_f).
-NORM_TERMS = ("norm inputs (ln1, ln2)", "norm statistics", "RMSNorm fp32 x/rms")
+# The norm terms of saved_terms (a block has two norms: ln1, ln2; the head has one, ln_f).
+NORM_TERMS = ("norm inputs (ln1, ln2)", "norm statistics")
 
 
 @dataclass

@@ -256,3 +256,55 @@ def test_gelu_variants_tanh_for_gpt2_and_exact_erf():
         outs[act] = mlp(x)
         torch.testing.assert_close(outs[act], want, rtol=0, atol=0)
     assert (outs["gelu"] - outs["gelu_exact"]).abs().max() > 1e-5
+
+
+def test_rmsnorm_function_gradcheck_in_float64():
+    """The hand-written backward of model/gpt.py's RMSNorm against finite differences (x and weight)."""
+    from megatron_lite.model.gpt import _RMSNormFunction
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, generator=g).requires_grad_()
+    w = (1 + 0.5 * torch.randn(8, dtype=torch.float64, generator=g)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5), (x, w))
+
+
+def test_swiglu_function_gradcheck_in_float64():
+    """SwiGLU's backward (silu(gate) recomputed, not saved) against finite differences."""
+    from megatron_lite.model.gpt import _SwiGLU
+    h = torch.randn(2, 3, 2 * 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.autograd.gradcheck(_SwiGLU.apply, (h.requires_grad_(),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_and_swiglu_equal_torchs_composites(dtype):
+    """Outputs and gradients equal nn.RMSNorm's and F.silu(gate) * up's (fp32 to ~1e-6 relative), the
+    parameter keeps nn.RMSNorm's name, and autograd keeps only the input (in its own dtype) plus one
+    fp32 1/rms per row for the norm, only [gate | up] for SwiGLU."""
+    import torch.nn.functional as F
+
+    from megatron_lite.model.gpt import MLP, RMSNorm
+    from megatron_lite.testing.activations import saved_bytes
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 16, generator=gen).to(dtype).requires_grad_()
+    ours, ref = RMSNorm(16, eps=1e-5).to(dtype), torch.nn.RMSNorm(16, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        ours.weight.copy_(1 + 0.3 * torch.randn(16, generator=gen))
+    ref.load_state_dict(ours.state_dict())  # same keys: {"weight"}
+    grad = torch.randn(2, 5, 16, generator=gen).to(dtype)
+    y, kept = saved_bytes(lambda: ours(x), exclude=[ours.weight])
+    assert kept == x.numel() * x.element_size() + 2 * 5 * 4
+    got = torch.autograd.grad(y, (x, ours.weight), grad)
+    want = torch.autograd.grad(ref(x), (x, ref.weight), grad)
+    tol = dict(rtol=2e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y, ref(x), **tol)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+    mlp = MLP(ModelConfig(hidden_size=16, num_attention_heads=2, activation="swiglu", bias=False)).to(dtype)
+    h = mlp.fc1(x)  # (B, T, 2I)
+    out, kept = saved_bytes(lambda: mlp.act(h))
+    assert kept == h.numel() * h.element_size()  # gate and up are views of h; no silu(gate)
+    gate, up = h.chunk(2, dim=-1)
+    grad = torch.randn(out.shape, generator=gen).to(dtype)
+    torch.testing.assert_close(out, F.silu(gate) * up, **tol)
+    torch.testing.assert_close(torch.autograd.grad(out, h, grad)[0],
+                               torch.autograd.grad(F.silu(gate) * up, h, grad)[0], **tol)
