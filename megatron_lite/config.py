@@ -130,16 +130,13 @@ class ParallelConfig:
 @dataclass
 class ZeroConfig:
     stage: int = 0  # 0: none; 1: optimizer state sharded over dp; 2: + gradients; 3: + parameters
-    # native: our distributed optimizer (optim/distributed.py, stages 0-2); deepspeed: DeepSpeed ZeRO 1-3
+    # native: our distributed optimizer (optim/distributed.py, stages 0-3); deepspeed: DeepSpeed ZeRO 1-3
     backend: Literal["native", "deepspeed"] = "native"
     bucket_elements: int = 40_000_000  # native: parameters reduced / gathered together (Megatron's default)
 
     def validate(self) -> None:
         if self.stage not in (0, 1, 2, 3):
             raise ConfigError(f"optim.zero.stage={self.stage} must be 0, 1, 2 or 3.")
-        if self.backend == "native" and self.stage > 2:
-            raise ConfigError(f"optim.zero.stage={self.stage} needs optim.zero.backend=deepspeed (the native "
-                              f"distributed optimizer shards optimizer state and gradients, stages 1-2).")
         if self.bucket_elements < 1:
             raise ConfigError(f"optim.zero.bucket_elements={self.bucket_elements} must be >= 1 "
                               f"(parameters per gradient bucket; Megatron uses 40000000).")

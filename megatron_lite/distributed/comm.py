@@ -250,6 +250,21 @@ def all_gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     return torch.cat(out.unbind(0), dim=dim) if dim != 0 else out.flatten(0, 1)
 
 
+def all_gather_into(out: torch.Tensor, t: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's t, in group rank order, written straight into the flat out (n * t.numel()
+    elements): no staging copy, for buffers that must keep their storage (ZeRO-3's weights)."""
+    n = size(group)
+    if n == 1:
+        return out.copy_(t.reshape(out.shape))
+    _count("all_gather", out)
+    t = t.contiguous()
+    if hasattr(dist, "all_gather_into_tensor") and dist.get_backend(group) != "gloo":
+        _wait(dist.all_gather_into_tensor(out, t, group=group, async_op=True))
+    else:
+        _wait(dist.all_gather([c.view_as(t) for c in out.chunk(n)], t, group=group, async_op=True))
+    return out
+
+
 def reduce_scatter(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     """Sum t over ranks and keep this rank's chunk along dim."""
     n = size(group)

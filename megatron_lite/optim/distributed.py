@@ -1,4 +1,4 @@
-"""Mixed precision and the distributed optimizer (Megatron-LM's layout, ZeRO-1 and ZeRO-2).
+"""Mixed precision and the distributed optimizer (Megatron-LM's layout, ZeRO-1, -2 and -3).
 
 The model's weights live in flat per-bucket buffers of the compute dtype (bf16 under
 train.precision=bf16): activations, pipeline messages and tensor-parallel collectives are 16-bit.
@@ -12,11 +12,26 @@ the weight buffers. Sharding over the data-parallel group (d ranks), per bucket:
     1  (distributed)  full, reduce-scattered           this rank's 1/d     2 + 4 + 12/d
     2                 this rank's 1/d only: each bucket is reduce-scattered during backward as
                       soon as its last gradient arrives, and the fp32 bucket let go      2 + 16/d
+    3                 as 2, and the weights too: each rank keeps its 1/d of every bucket's weights;
+                      a bucket is gathered just in time and freed after use          18/d
 
 Each bucket (a run of parameters in backward order, padded to a multiple of d) is cut into d equal
 shards; rank r owns shard r of every bucket, so one parameter may be split between ranks. After the
 step each rank's updated shard is all-gathered into every rank's weights. Under fp32 the master is
 the weight buffer's shard itself (no copy).
+
+ZeRO-3 (parameters sharded too, composing with tp, sp and pp like the other stages): one bucket per
+transformer block, one for the rest of the stage's parameters (embeddings, final norm, head) and one
+for a pipeline stage's copy of a tied embedding. The full weight buffer keeps its place, and the
+parameters stay views of it, but its storage is released (resized to nothing) whenever no forward
+or backward needs it. A forward pre-hook on the bucket's module (the block; the embedding, norm
+and head modules for the rest) all-gathers the shards into the storage, the forward hook frees it
+again and hooks the module's outputs, so that the gradient reaching them gathers it once more for
+the backward, which keeps it until the bucket's last gradient has arrived and been reduce-scattered.
+Autograd's saved weights are those views: they read the re-gathered storage, and since the storage
+is refilled through the buffer, never through the parameter, the parameters' version counters (and
+autograd's checks) never see a write. Full and selective recompute work unchanged: a recomputation
+happens inside the backward, while the bucket is held.
 
 Finishing the gradients (the same sums GradSync does for the plain path, applied to this rank's
 shard: they are all linear, so they commute with the data-parallel reduction):
@@ -29,6 +44,8 @@ the global norm sums the shards' squares over dp (disjoint) as well as over tp a
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -58,7 +75,7 @@ class Bucket:
     """A run of parameters sharing one flat weight buffer, reduced and gathered together."""
 
     def __init__(self, params: list[torch.nn.Parameter], shards: int, index: int, dtype: torch.dtype,
-                 full_grads: bool):
+                 full_grads: bool, sharded_weights: bool = False):
         device = params[0].device
         self.params = params
         self.offsets, n = [], 0
@@ -72,14 +89,24 @@ class Bucket:
         fp32 = torch.zeros(self.numel, dtype=torch.float32, device=device)  # (numel,)
         for p, o in zip(params, self.offsets, strict=True):
             fp32[o:o + p.numel()] = p.detach().reshape(-1)
-        # (numel,) what the model computes with
-        self.weights = fp32.to(dtype) if dtype != torch.float32 else fp32
+        shard = slice(self.lo, self.lo + self.shard_size)
+        if sharded_weights:  # ZeRO-3: only this rank's shard persists; the full buffer is held on use
+            self.weights = torch.empty(self.numel, dtype=dtype, device=device)  # (numel,)
+            self.shard_weights = fp32[shard].to(dtype).clone()  # (numel/d,)
+        else:
+            # (numel,) what the model computes with
+            self.weights = fp32.to(dtype) if dtype != torch.float32 else fp32
+            self.shard_weights = self.weights[shard]  # (numel/d,) a view
         for p, o in zip(params, self.offsets, strict=True):
             p.data = self.weights[o:o + p.numel()].view_as(p)  # the parameter becomes a view of the bucket
-        shard = slice(self.lo, self.lo + self.shard_size)
         # fp32 weights are their own master; bf16 ones get an fp32 copy of this rank's shard.
-        self.master = self.weights[shard] if dtype == torch.float32 else fp32[shard].clone()  # (numel/d,)
+        self.master = self.shard_weights if dtype == torch.float32 else fp32[shard].clone()  # (numel/d,)
         del fp32
+        self.sharded_weights = sharded_weights
+        self.gathered = not sharded_weights  # the full weights are in self.weights' storage
+        self.pending = False  # ZeRO-3: a backward needs the weights until the last gradient arrives
+        if sharded_weights:
+            self.release()
         # Stages 0-1: the full fp32 main-gradient buffer, this rank's shard a view of it. Stage 2:
         # only the shard; a backward's gradients pass through a transient fp32 staging bucket.
         self.grad = torch.zeros(self.numel, dtype=torch.float32, device=device) if full_grads else None
@@ -87,6 +114,19 @@ class Bucket:
             torch.zeros(self.shard_size, dtype=torch.float32, device=device)  # (numel/d,)
         self.staging: torch.Tensor | None = None
         self.arrived = 0  # gradients added to staging since it was last reduced (stage 2)
+
+    def gather(self, group) -> None:
+        """ZeRO-3: the full weights back into their storage (every rank's shard, all-gathered)."""
+        if self.gathered:
+            return
+        self.weights.untyped_storage().resize_(self.numel * self.weights.element_size())
+        comm.all_gather_into(self.weights, self.shard_weights, group)
+        self.gathered = True
+
+    def release(self) -> None:
+        """ZeRO-3: free the full weights' storage (the parameters' views keep their shapes)."""
+        self.weights.untyped_storage().resize_(0)
+        self.gathered = self.pending = False
 
 
 class DistributedOptimizer:
@@ -98,7 +138,7 @@ class DistributedOptimizer:
     def __init__(self, model: torch.nn.Module, cfg, dp_group=None, tp_group=None, pp_group=None,
                  embed_group=None, dtype: torch.dtype = torch.bfloat16, stage: int = 1,
                  bucket_elements: int = BUCKET_ELEMENTS):
-        if stage not in (0, 1, 2):
+        if stage not in (0, 1, 2, 3):
             raise ValueError(f"stage {stage}")
         self.model = model
         self.dp_group, self.tp_group = dp_group, tp_group
@@ -111,19 +151,23 @@ class DistributedOptimizer:
         # reversed: about the order in which backward finishes them
         params = [p for p in model.parameters() if p.requires_grad][::-1]
         tied = tied_embedding_copy(model) if pp_group is not None else None
-        runs, run, size = [], [], 0
-        for p in params:
-            if p is tied:
-                continue
-            if run and size + p.numel() > bucket_elements:
-                runs.append(run)
-                run, size = [], 0
-            run.append(p)
-            size += p.numel()
-        runs += [run] if run else []
-        if tied is not None:  # a bucket of its own: the first and last stage shard it identically
-            runs.append([tied])
-        self.buckets = [Bucket(r, shards, index, dtype, full_grads=self.stage < 2) for r in runs]
+        if self.stage == 3:
+            runs, users = _units(model, params, tied)
+        else:
+            runs, run, size = [], [], 0
+            for p in params:
+                if p is tied:
+                    continue
+                if run and size + p.numel() > bucket_elements:
+                    runs.append(run)
+                    run, size = [], 0
+                run.append(p)
+                size += p.numel()
+            runs += [run] if run else []
+            if tied is not None:  # a bucket of its own: the first and last stage shard it identically
+                runs.append([tied])
+        self.buckets = [Bucket(r, shards, index, dtype, full_grads=self.stage < 2,
+                               sharded_weights=self.stage == 3) for r in runs]
         self.bucket_of = {id(p): (b, o) for b in self.buckets
                           for p, o in zip(b.params, b.offsets, strict=True)}
         self.fragments: list[Fragment] = []
@@ -148,6 +192,11 @@ class DistributedOptimizer:
         self._sp = [f for f in self.fragments if getattr(f.param, "sequence_parallel", False)]
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad)
                        for b in self.buckets for p in b.params]
+        if self.stage == 3:  # gather each bucket just in time (module docstring)
+            for b, modules in zip(self.buckets, users, strict=True):
+                for m in modules:
+                    self._hooks += [m.register_forward_pre_hook(functools.partial(self._before_forward, b)),
+                                    m.register_forward_hook(functools.partial(self._after_forward, b))]
 
     @property
     def param_groups(self) -> list[dict]:
@@ -174,6 +223,24 @@ class DistributedOptimizer:
     def _reduce_staging(self, b: Bucket) -> None:
         b.grad_shard.add_(comm.reduce_scatter(b.staging, self.dp_group, dim=0))  # (numel/d,)
         b.staging, b.arrived = None, 0
+        if b.sharded_weights:  # the backward is done with these weights (each parameter's last use
+            b.release()        # comes before its gradient is accumulated)
+
+    # ---- ZeRO-3: the weights just in time ---------------------------------------------------------
+    def _before_forward(self, b: Bucket, module, args) -> None:
+        b.gather(self.dp_group)
+
+    def _after_forward(self, b: Bucket, module, args, output) -> None:
+        if torch.is_grad_enabled():
+            for t in _tensors(output):
+                if t.requires_grad:  # its gradient arrives just before this module's backward
+                    t.register_hook(functools.partial(self._before_backward, b))
+        if not b.pending:  # (a recomputation inside the backward leaves them held)
+            b.release()
+
+    def _before_backward(self, b: Bucket, grad: torch.Tensor) -> None:
+        b.pending = True
+        b.gather(self.dp_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for b in self.buckets:
@@ -185,9 +252,11 @@ class DistributedOptimizer:
     def finish(self) -> None:
         """Steps 1-3 of the module docstring, on this rank's shard of the main gradients."""
         for b in self.buckets:
-            if self.stage == 2:
+            if self.stage >= 2:
                 if b.staging is not None:  # the part of the last backward still in staging
                     self._reduce_staging(b)
+                if b.sharded_weights:  # one a backward gathered but sent no gradient
+                    b.release()
             elif self.stage == 1:
                 b.grad_shard.copy_(comm.reduce_scatter(b.grad, self.dp_group, dim=0))
             elif self.dp > 1:
@@ -229,11 +298,23 @@ class DistributedOptimizer:
         """AdamW on this rank's masters, then every rank's updated shard into everyone's weights."""
         self.adamw.step()
         for b in self.buckets:
-            shard = b.weights[b.lo:b.lo + b.shard_size]  # (numel/d,)
             if b.weights.dtype != torch.float32:
-                shard.copy_(b.master)  # round the fp32 master to the compute dtype
-            if self.stage >= 1:
-                b.weights.copy_(comm.all_gather(shard, self.dp_group, dim=0))
+                b.shard_weights.copy_(b.master)  # round the fp32 master to the compute dtype
+            if self.stage in (1, 2):  # (ZeRO-3 gathers on use)
+                b.weights.copy_(comm.all_gather(b.shard_weights, self.dp_group, dim=0))
+
+    @contextlib.contextmanager
+    def full_weights(self):
+        """ZeRO-3: every bucket's full weights in place for the duration (to read the parameters
+        outside a forward, e.g. in tests); a no-op for the other stages. Collective over dp."""
+        held = [b for b in self.buckets if not b.gathered]
+        for b in held:
+            b.gather(self.dp_group)
+        try:
+            yield
+        finally:
+            for b in held:
+                b.release()
 
     # ---- checkpoint accessors ---------------------------------------------------------------
     def _gather(self, p: torch.nn.Parameter, part) -> torch.Tensor:
@@ -252,8 +333,10 @@ class DistributedOptimizer:
     def set_param(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
         flat = value.reshape(-1).to(device=p.device, dtype=torch.float32)
         with torch.no_grad():
-            p.copy_(value.to(p.device))
+            if self.stage != 3:
+                p.copy_(value.to(p.device))
             for f in self.by_param.get(id(p), []):
+                f.bucket.shard_weights[f.shard_lo:f.shard_hi].copy_(flat[f.lo:f.hi])  # (ZeRO-3's own)
                 f.master.copy_(flat[f.lo:f.hi])
 
     def get_state(self, p: torch.nn.Parameter) -> dict | None:
@@ -289,12 +372,43 @@ class DistributedOptimizer:
     # ---- accounting (benchmarks, tests) ------------------------------------------------------
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for the model state, by kind (distinct storages, padding included)."""
-        weights = sum(b.weights.numel() * b.weights.element_size() for b in self.buckets)
+        weights = sum(b.shard_weights.numel() * b.shard_weights.element_size() if b.sharded_weights
+                      else b.weights.numel() * b.weights.element_size() for b in self.buckets)
         grads = sum((b.grad if b.grad is not None else b.grad_shard).numel() * 4 for b in self.buckets)
         master = sum(b.master.numel() * 4 for b in self.buckets if b.weights.dtype != torch.float32)
         moments = sum(t.numel() * t.element_size() for st in self.adamw.state.values()
                       for k, t in st.items() if k != "step")
         return {"weights": weights, "grads": grads, "master": master, "moments": moments}
+
+
+def _units(model: torch.nn.Module, params: list[torch.nn.Parameter], tied):
+    """ZeRO-3's buckets (parameter runs in `params`' order) and, for each, the modules whose forward
+    uses them: one per transformer block; the rest of the stage (embeddings, final norm, head: the
+    leaf modules owning those parameters); a pipeline stage's tied-embedding copy on its own."""
+    blocks = list(getattr(model, "blocks", {}).values())
+    in_block = {id(p) for blk in blocks for p in blk.parameters()}
+    order = {id(p): i for i, p in enumerate(params)}
+    runs = [sorted((p for p in blk.parameters() if id(p) in order), key=lambda p: order[id(p)])
+            for blk in blocks]
+    users: list[list[torch.nn.Module]] = [[blk] for blk in blocks]
+    runs, users = [r for r in runs if r], [u for r, u in zip(runs, users, strict=True) if r]
+    rest = [p for p in params if id(p) not in in_block and p is not tied]
+    for group in ([rest, [tied]] if tied is not None else [rest]):
+        ids = {id(p) for p in group}
+        if group:
+            runs.append(group)
+            users.append([m for m in model.modules()
+                          if any(id(q) in ids for q in m.parameters(recurse=False))])
+    return runs, users
+
+
+def _tensors(output):
+    """The tensors in a module's output (a tensor, or a tuple / list holding some)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for t in output if isinstance(t, torch.Tensor)]
+    return []
 
 
 def _sum_views(views: list[torch.Tensor], group) -> None:

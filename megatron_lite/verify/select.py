@@ -27,7 +27,7 @@ BASE = [
     "launch.collective_timeout_s=180",
 ]
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
-ZERO = ("plain", "zero1", "zero2", "ds-zero1", "ds-zero2", "ds-zero3")
+ZERO = ("plain", "zero1", "zero2", "zero3", "ds-zero1", "ds-zero2", "ds-zero3")
 PRECISIONS = ("fp32", "bf16")
 @dataclass(frozen=True)
 class Variant:

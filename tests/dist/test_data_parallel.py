@@ -1,4 +1,4 @@
-"""Data parallelism (plain and the native distributed optimizer, ZeRO-1/2), alone and composed with
+"""Data parallelism (plain and the native distributed optimizer, ZeRO-1/2/3), alone and composed with
 TP, SP and PP, against serial training on the same global batch: five AdamW steps give the same
 losses, grad norms (clipping engaged) and final weights.
 
@@ -70,6 +70,12 @@ def _check(rank, world, data_dir, out, layouts, common=(), tol=FP32):
         if trainer.layout.backend == "deepspeed" and cfg.optim.zero.stage == 3:
             import deepspeed  # ZeRO-3 partitions the weights: gather them to compare
             gather = deepspeed.zero.GatheredParameters(list(trainer.model.parameters()))
+        elif cfg.optim.zero.stage == 3:
+            opt = trainer.backend.optimizer  # between steps only the shards are held
+            assert all(b.weights.untyped_storage().nbytes() == 0 for b in opt.buckets), where
+            assert sum(b.shard_weights.numel() for b in opt.buckets) * dp <= \
+                sum(p.numel() for p in trainer.model.parameters()) + dp * len(opt.buckets), where
+            gather = opt.full_weights()
         with gather:
             for name, p in trainer.model.named_parameters():
                 full = serial_params[name]
@@ -105,6 +111,24 @@ ZERO_LAYOUTS = [
 @pytest.mark.slow
 def test_distributed_optimizer_zero1_zero2_with_tp_sp_pp_fp32(corpus_dir, tmp_path):
     run_ranks(_check, 4, str(corpus_dir), str(tmp_path), ZERO_LAYOUTS, ("optim.zero.bucket_elements=700",))
+
+
+# ZeRO-3 (weights sharded too, gathered per block just in time) with every axis and both
+# recompute modes (a recomputation runs inside the backward, while the block's weights are held).
+ZERO3_LAYOUTS = [
+    ("parallel.dp=4", "optim.zero.stage=3", "train.recompute=full"),
+    ("parallel.dp=2", "parallel.tp=2", "parallel.sequence_parallel=true", "optim.zero.stage=3",
+     "train.recompute=selective"),
+    ("parallel.dp=2", "parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=2",
+     "optim.zero.stage=3"),
+]
+
+
+@pytest.mark.slow
+def test_zero3_with_tp_sp_pp_and_recompute_fp32_and_bf16(corpus_dir, tmp_path):
+    run_ranks(_check, 4, str(corpus_dir), str(tmp_path), ZERO3_LAYOUTS)
+    run_ranks(_check, 4, str(corpus_dir), str(tmp_path / "bf16"), ZERO3_LAYOUTS,
+              ("train.precision=bf16", "optim.eps=1e-4"), BF16)
 
 
 @pytest.mark.slow

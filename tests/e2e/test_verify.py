@@ -44,17 +44,19 @@ def test_verify_four_ranks_every_layout_matches_serial(tmp_path, record_property
     r, report, wall = verify(tmp_path, 4)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-10000:]
     names = [row["layout"] for row in report["layouts"]]
-    # Every variant of every axis, alone and combined: tp4 (+sp), pp4 x 3 schedules, dp4 x 6 ZeRO
+    # Every variant of every axis, alone and combined: tp4 (+sp), pp4 x 3 schedules, dp4 x 7 ZeRO
     # variants, and tp2.dp2 / tp2.pp2 / pp2.dp2 covering theirs.
     for expected in ("tp4", "tp4+sp", "pp4:gpipe", "pp4:1f1b", "pp4:interleaved", "dp4", "dp4:zero1",
-                     "dp4:zero2", "dp4:ds-zero1", "dp4:ds-zero2", "dp4:ds-zero3"):
+                     "dp4:zero2", "dp4:zero3", "dp4:ds-zero1", "dp4:ds-zero2", "dp4:ds-zero3"):
         assert expected in names, names
     for shape in ("tp2.dp2", "tp2.pp2", "tp2+sp.dp2", "tp2+sp.pp2", "pp2:gpipe.dp2", "pp2:interleaved"):
         assert any(n.startswith(shape) for n in names), (shape, names)
-    assert len(names) == 23 and report["passed"] and not failed(report)
+    for shape in ("tp2.dp2:zero3", "pp2:gpipe.dp2:zero3"):  # ZeRO-3 composed with tp and with pp
+        assert any(n.startswith(shape) for n in names), (shape, names)
+    assert len(names) == 26 and report["passed"] and not failed(report)
     assert all(row[k]["worst_ratio_to_tolerance"] < 0.2 for row in report["layouts"]
                for k in ("loss", "norm", "grad", "param")), report["layouts"]  # margin on the real code
-    assert r.stdout.count("max|Δloss|") == 1 and r.stdout.count(" PASS") == 23  # rank 0 prints the table
+    assert r.stdout.count("max|Δloss|") == 1 and r.stdout.count(" PASS") == 26  # rank 0 prints the table
     # Clipping engaged on every step (so parity covers the clipped updates).
     assert min(report["serial"]["grad_norms"]) > 0.3
     record_property("verify_wall_s_4_ranks", round(wall, 1))
@@ -88,7 +90,8 @@ def test_verify_two_ranks(tmp_path, bug, record_property):
     r, report, wall = verify(tmp_path, 2, bug=bug)
     names = [row["layout"] for row in report["layouts"]]
     assert sorted(names) == sorted(["tp2", "tp2+sp", "pp2:gpipe", "pp2:1f1b", "pp2:interleaved", "dp2",
-                                    "dp2:zero1", "dp2:zero2", "dp2:ds-zero1", "dp2:ds-zero2", "dp2:ds-zero3"])
+                                    "dp2:zero1", "dp2:zero2", "dp2:zero3", "dp2:ds-zero1", "dp2:ds-zero2",
+                                    "dp2:ds-zero3"])
     if bug is None:
         assert r.returncode == 0 and report["passed"], r.stdout[-5000:] + r.stderr[-10000:]
         record_property("verify_wall_s_2_ranks", round(wall, 1))
@@ -149,7 +152,8 @@ def test_verify_two_ranks_bf16(tmp_path, bug):
     r, report, _ = verify(tmp_path, 2, "--precision", "bf16", bug=bug)
     assert report["precision"] == "bf16" and report["tolerances"] == BF16_TOLERANCES
     names = [row["layout"] for row in report["layouts"]]
-    assert len(names) == 11 and {"dp2:zero1", "dp2:zero2", "dp2:ds-zero3", "tp2+sp", "pp2:1f1b"} <= set(names)
+    assert len(names) == 12
+    assert {"dp2:zero1", "dp2:zero2", "dp2:zero3", "dp2:ds-zero3", "tp2+sp", "pp2:1f1b"} <= set(names)
     if bug is None:
         assert r.returncode == 0 and report["passed"], r.stdout[-5000:] + r.stderr[-10000:]
         assert "tolerances (bf16)" in r.stdout, r.stdout[-3000:]
