@@ -43,6 +43,11 @@ LAYOUTS = {  # name -> (processes, overrides): every layout's global batch is 2 
     "pp2dp2_zero1_bf16": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.microbatches=2", "optim.zero.stage=1",
                               "train.precision=bf16"]),
     "serial_bf16": (1, ["train.grad_accum=4", "train.precision=bf16"]),
+    # native ZeRO-3 (weights sharded over dp, gathered per block) with tp, pp and sp
+    "tp2pp2dp2_zero3": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.microbatches=2",
+                            "optim.zero.stage=3"]),
+    "tp2dp2_zero3_sp_bf16": (4, ["parallel.tp=2", "parallel.dp=2", "parallel.sequence_parallel=true",
+                                 "train.grad_accum=2", "optim.zero.stage=3", "train.precision=bf16"]),
 }
 
 
@@ -77,7 +82,7 @@ def serial_reference(corpus_dir, tmp_path_factory):
 
 CASES = [("tp2pp2", "serial"), ("serial", "tp2pp2"), ("tp2pp2dp2_zero1", "pp2dp4"), ("dp2_ds_zero2", "tp2"),
          ("dp2_ds_zero3", "serial"), ("pp2_interleaved", "pp4"), ("dp4", "dp2"), ("tp2dp2_zero2_sp", "dp2_zero1"),
-         ("pp2dp2_zero1_bf16", "dp2_zero2_bf16")]
+         ("pp2dp2_zero1_bf16", "tp2dp2_zero3_sp_bf16"), ("tp2pp2dp2_zero3", "dp2_zero1")]
 
 
 @pytest.mark.slow

@@ -150,10 +150,17 @@ def test_a_dead_or_stalled_rank_ends_every_rank_within_the_timeout(corpus_dir, t
     print(f"{how}: rank 0 exited after {rank0_s:.1f} s, the job after {all_s:.1f} s (timeout {TIMEOUT} s)")
 
 
+# bf16 weights with the distributed optimizer (fp32 main gradients, masters and moments sharded
+# over dp): what a checkpoint stores (fp32 masters) brings back the bf16 weights bit for bit.
+BF16_ZERO1 = ("train.precision=bf16", "optim.zero.stage=1")
+
+
 def test_max_restarts_resumes_from_the_newest_checkpoint_with_the_same_losses(corpus_dir, tmp_path):
+    """A rank SIGKILLed mid-run under bf16 + the distributed optimizer; torchrun restarts the job
+    from the newest checkpoint and the losses equal the uninterrupted run's, bit for bit."""
     out, steps = tmp_path / "run", 1200
     ovr = overrides(corpus_dir, out, f"train.steps={steps}", "parallel.dp=2", "checkpoint.interval=100",
-                    f"launch.collective_timeout_s={TIMEOUT}")
+                    f"launch.collective_timeout_s={TIMEOUT}", *BF16_ZERO1)
     proc = start(torchrun_argv(*ovr, launcher=["--max-restarts", "1"]), tmp_path / "a.log")
     wait_step(out, 250, proc)
     first = children(proc.pid)
@@ -162,8 +169,8 @@ def test_max_restarts_resumes_from_the_newest_checkpoint_with_the_same_losses(co
     assert code == 0, text[-3000:]
     assert "resumed from" in text and "reached train.steps=1200" in text
     ref = tmp_path / "reference"
-    code, text = run(torchrun_argv(*overrides(corpus_dir, ref, f"train.steps={steps}", "parallel.dp=2")),
-                     tmp_path / "ref.log")
+    code, text = run(torchrun_argv(*overrides(corpus_dir, ref, f"train.steps={steps}", "parallel.dp=2",
+                                              *BF16_ZERO1)), tmp_path / "ref.log")
     assert code == 0, text[-3000:]
     assert losses(out) == losses(ref)
 
