@@ -163,17 +163,19 @@ def _check_model(cfg: Config, tp: int) -> None:
 
 
 def _check_deepspeed(cfg: Config) -> None:
-    """What DeepSpeed ZeRO composes with here (it partitions over the data-parallel group only)."""
+    """What DeepSpeed ZeRO composes with here (it partitions over the data-parallel group only, which
+    our mpu gives it: every stage composes with tensor parallelism, ZeRO-3's partitions being of the
+    tensor-parallel shards)."""
     p, z = cfg.parallel, cfg.optim.zero
     if p.dp < 2:
         raise LayoutError(f"optim.zero.backend=deepspeed shards over the data-parallel group, but "
                           f"parallel.dp={p.dp}; use parallel.dp >= 2 or optim.zero.stage=0.")
     if p.pp > 1 and z.stage > 1:
-        raise LayoutError(f"optim.zero.stage={z.stage} partitions gradients during backward, which our "
-                          f"pipeline engine runs outside DeepSpeed; with parallel.pp={p.pp} use stage 1.")
+        raise LayoutError(f"DeepSpeed's ZeRO-{z.stage} reduces each gradient once per step (its own pipeline "
+                          f"refuses it too) while parallel.pp={p.pp} runs a backward per micro-batch; use "
+                          f"optim.zero.backend=native, whose ZeRO-2 and ZeRO-3 compose with pipelining, or "
+                          f"DeepSpeed's stage 1.")
     if p.sequence_parallel:
         raise LayoutError("optim.zero.backend=deepspeed does not support parallel.sequence_parallel=true "
-                          "(DeepSpeed reduces gradients before the sequence-parallel sum); turn one off.")
-    if z.stage == 3 and p.tp > 1:
-        raise LayoutError(f"optim.zero.stage=3 partitions parameters, which is not combined with "
-                          f"parallel.tp={p.tp} here; use stage 1 or 2 with tensor parallelism.")
+                          "(DeepSpeed reduces gradients before the sequence-parallel sum); use "
+                          "optim.zero.backend=native, which composes with it, or turn one off.")

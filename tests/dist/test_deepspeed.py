@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO stages 1-3 as the optimizer of our model, over the data-parallel group only,
-composed with our tensor parallelism (stages 1-2) and pipeline parallelism (stage 1): five AdamW steps match serial training on the same global
+composed with our tensor parallelism (stages 1-3: ZeRO-3 partitions the tensor-parallel shards) and
+pipeline parallelism (stage 1): five AdamW steps match serial training on the same global
 batch (losses, clipped grad norms, final weights). fp32; DeepSpeed sums gradients in its own
 bucket order, so rounding-level tolerances (1e-5 relative). Needs the DeepSpeed extra."""
 
@@ -26,7 +27,7 @@ def test_deepspeed_zero_stages_dp2(corpus_dir, tmp_path):
 @pytest.mark.slow
 def test_deepspeed_zero_with_tensor_and_pipeline_parallel(corpus_dir, tmp_path):
     run_ranks(_check, 4, str(corpus_dir), str(tmp_path),
-              [("parallel.dp=2", "parallel.tp=2", DS, f"optim.zero.stage={s}") for s in (1, 2)] +
+              [("parallel.dp=2", "parallel.tp=2", DS, f"optim.zero.stage={s}") for s in (1, 2, 3)] +
               [("parallel.dp=2", "parallel.pp=2", DS, "optim.zero.stage=1")])
 
 

@@ -19,6 +19,16 @@ def test_tiny_yaml_loads_with_typed_overrides():
     assert again == cfg
 
 
+def test_zero3_composes_with_tensor_and_pipeline_parallelism():
+    """Native ZeRO-3 with tp, pp and sp; DeepSpeed's ZeRO-3 with tp (its partitions are of the
+    tensor-parallel shards): layouts a 175B-on-1000-GPUs user needs (OPT-175B's TP8 + FSDP)."""
+    native = ["optim.zero.stage=3", "parallel.dp=2", "parallel.tp=2", "parallel.pp=2",
+              "parallel.sequence_parallel=true", "parallel.microbatches=2"]
+    assert Layout.build(Config.from_yaml(ROOT / "configs/tiny.yaml", native)).dp == 2
+    ds = ["optim.zero.stage=3", "optim.zero.backend=deepspeed", "parallel.dp=2", "parallel.tp=2"]
+    assert Layout.build(Config.from_yaml(ROOT / "configs/tiny.yaml", ds)).tp == 2
+
+
 @pytest.mark.parametrize("override, words", [
     (["train.stepz=3"], ["unknown config key train.stepz", "did you mean train.steps"]),
     (["modle.hidden_size=3"], ["unknown config key modle", "did you mean model"]),
@@ -106,15 +116,12 @@ INTERLEAVED = ["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtu
 
 
 @pytest.mark.parametrize("override, words", [
-    (["optim.zero.stage=3"], ["optim.zero.stage=3", "backend=deepspeed"]),
     (["optim.zero.stage=4"], ["optim.zero.stage=4"]),
     (["optim.zero.backend=deepspeed", "optim.zero.stage=1"], ["parallel.dp=1", "dp >= 2"]),
     (["optim.zero.backend=deepspeed", "optim.zero.stage=2", "parallel.dp=2", "parallel.pp=2"],
-     ["optim.zero.stage=2", "parallel.pp=2", "use stage 1"]),
-    (["optim.zero.backend=deepspeed", "optim.zero.stage=3", "parallel.dp=2", "parallel.tp=2"],
-     ["stage=3", "parallel.tp=2"]),
+     ["ZeRO-2", "parallel.pp=2", "optim.zero.backend=native"]),
     (["optim.zero.backend=deepspeed", "optim.zero.stage=2", "parallel.dp=2", "parallel.tp=2",
-      "parallel.sequence_parallel=true"], ["sequence_parallel"]),
+      "parallel.sequence_parallel=true"], ["sequence_parallel", "optim.zero.backend=native"]),
     (["parallel.pp=8"], ["parallel.pp=8", "model.num_layers=4"]),
     (["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=2",
       "parallel.microbatches=3"], ["micro-batches (3)", "multiple of parallel.pp=2"]),
