@@ -5,7 +5,8 @@ Each variant builds the trainer's own backend (train.backends.build_backend) aro
 training step (forward, backward, step) and counts, per rank, the distinct tensor storages it holds
 for the model state, at two moments: right after the backward (the gradients of a step exist) and
 right after the step; the larger is reported. Counted:
-  weights     every parameter's storage (the bf16 buckets under the distributed optimizer)
+  weights     every parameter's storage (the bf16 buckets under the distributed optimizer; under its
+              ZeRO-3 the persistent shards, the full buckets being released between uses)
   gradients   param.grad, the fp32 main-gradient buffers or shards (and stage 2's staging bucket,
               if one is still alive)
   optimizer   fp32 masters and AdamW moments (DeepSpeed: every tensor its ZeRO optimizer and the
@@ -40,6 +41,7 @@ VARIANTS = [
     ("bf16, no ZeRO", "bf16", 0, "native", lambda d: 18),
     ("bf16 distributed optimizer (ZeRO-1)", "bf16", 1, "native", lambda d: 6 + 12 / d),
     ("bf16 ZeRO-2", "bf16", 2, "native", lambda d: 2 + 16 / d),
+    ("bf16 ZeRO-3", "bf16", 3, "native", lambda d: 18 / d),
     ("fp32 distributed optimizer (ZeRO-1)", "fp32", 1, "native", lambda d: 8 + 8 / d),
     ("DeepSpeed bf16 ZeRO-1", "bf16", 1, "deepspeed", lambda d: 6 + 12 / d),
     ("DeepSpeed bf16 ZeRO-2", "bf16", 2, "deepspeed", lambda d: 2 + 16 / d),
@@ -79,6 +81,7 @@ def held(backend) -> dict[str, int]:
     if hasattr(opt, "buckets"):  # the distributed optimizer
         s.add("gradients", [t for b in opt.buckets for t in (b.grad, b.grad_shard, b.staging)
                             if t is not None])
+        s.add("weights", [b.shard_weights for b in opt.buckets])  # ZeRO-3's persistent shards
         s.add("optimizer", [b.master for b in opt.buckets])
         s.add("optimizer", list(opt.adamw.state.values()))
     elif hasattr(opt, "adamw"):  # PlainAdamW
