@@ -42,6 +42,15 @@ def master_init(name: str, shape: torch.Size | tuple[int, ...], cfg: ModelConfig
     return torch.empty(shape).normal_(0.0, std, generator=g)
 
 
+def init_source(name: str, cfg: ModelConfig, has_embed: bool) -> str:
+    """The global name whose master value parameter `name` starts from: a stage that holds the head
+    but not the embedding keeps its own copy of a tied embedding, drawn as tok_emb.weight so both
+    copies start identical; every other parameter is drawn as itself."""
+    if name == "lm_head.weight" and cfg.tie_embeddings and not has_embed:
+        return "tok_emb.weight"
+    return name
+
+
 @torch.no_grad()
 def init_weights(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> None:
     """Initialise every (non-meta) parameter of `model` in place from its global name."""

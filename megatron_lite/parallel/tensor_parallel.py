@@ -17,19 +17,26 @@ their gradients all-reduced over tp by sync_sequence_parallel_grads().
 The slicing itself (which rows or columns of which parameter a rank holds) is pure arithmetic in
 megatron_lite/slicing.py, shared with checkpoints, verify, plan and the tests. The head is
 installed as `lm_head`, so a tensor-parallel model's parameters keep their serial names.
+
+parallelize() only rearranges modules and slices tensors, so it runs on a meta-device model too.
+build_stage() uses that: the stage is built and parallelized on the meta device, then each
+parameter is materialised from its full master_init value, sliced by the same sharder, one full
+parameter at a time. A rank never holds its whole serial stage (at 405B that alone is over 80 GB).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import ModelConfig
 from ..distributed import comm
 from ..model.activations import Dropout
 from ..model.gpt import GPT
+from ..model.init import init_source, master_init
 from ..slicing import TPSharder
 from .cross_entropy import vocab_parallel_cross_entropy
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, gather_linear, mark
@@ -95,6 +102,8 @@ class TensorParallel:
     sharder: TPSharder
     tracker: RNGTracker
     sequence_parallel: bool
+    # the serial model's parameter shapes (tied copies under both names): what the sharder slices
+    serial_shapes: dict[str, torch.Size] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -108,6 +117,7 @@ def parallelize(model: GPT, group, sequence_parallel: bool = False, make_vocab_d
     if tracker is None:
         tracker = RNGTracker(0, sharder.rank, next(model.parameters()).device)
     full = dict(model.named_parameters(remove_duplicate=False))
+    serial_shapes = {name: p.shape for name, p in full.items()}
 
     emb = None
     if model.has_embed:
@@ -147,7 +157,7 @@ def parallelize(model: GPT, group, sequence_parallel: bool = False, make_vocab_d
             mark(param, sequence_parallel=True)
     if sp and model.has_embed:
         model.drop = ScatterThenDropout(group, ForkedDropout(cfg.dropout, tracker))
-    return TensorParallel(model, group, sharder, tracker, sp)
+    return TensorParallel(model, group, sharder, tracker, sp, serial_shapes)
 
 
 def set_sequence_parallel(model: nn.Module, on: bool) -> None:
@@ -156,3 +166,75 @@ def set_sequence_parallel(model: nn.Module, on: bool) -> None:
     for m in model.modules():
         if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelHead, ScatterThenDropout)):
             m.sequence_parallel = on
+
+
+@torch.no_grad()
+def materialize(model: GPT, seed: int, device, tp: TensorParallel | None = None) -> None:
+    """Give every meta parameter and buffer of `model` (a stage built on the meta device, then
+    parallelized into `tp` if given) its storage on `device` and its initial value: the full
+    master_init tensor of the parameter (on CPU), sliced by the sharder parallelize() used, so the
+    values are those of building the serial stage and slicing it. Only one full parameter exists at
+    a time, and only on CPU; the device receives the shards. Parameter objects are replaced, keeping
+    their attributes (tensor_parallel, sequence_parallel) and ties (one object under two names)."""
+    cfg = model.config
+    made: dict[int, nn.Parameter] = {}  # id(meta parameter) -> its materialised Parameter
+    for prefix, module in model.named_modules():
+        for key, p in list(module._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            if id(p) not in made:  # a tied parameter is drawn once, under its first name (tok_emb)
+                name = f"{prefix}.{key}" if prefix else key
+                shape = tp.serial_shapes[name] if tp is not None else p.shape
+                full = master_init(init_source(name, cfg, model.has_embed), shape, cfg, seed)
+                local = tp.sharder(name, full) if tp is not None else full
+                if local.shape != p.shape:  # the sharder is not the slicing parallelize() did
+                    raise RuntimeError(f"{name}: materialised {tuple(local.shape)}, the module holds "
+                                       f"{tuple(p.shape)}")
+                new = nn.Parameter(local.to(device), requires_grad=p.requires_grad)
+                new.__dict__.update(p.__dict__)  # the marks parallelize() set
+                made[id(p)] = new
+                del full, local  # before the next parameter's full tensor exists
+            module._parameters[key] = made[id(p)]
+    # Buffers are derived from the config (RoPE's cos/sin): a CPU GPT with no pieces computes them
+    # exactly as the serial build does before moving them to the device.
+    with torch.device("cpu"):
+        derived = dict(GPT(cfg, seed=None, layers=[], embed=False, head=False).named_buffers())
+    for prefix, module in model.named_modules():
+        for key, b in list(module._buffers.items()):
+            if b is None or not b.is_meta:
+                continue
+            name = f"{prefix}.{key}" if prefix else key
+            if name not in derived:
+                raise RuntimeError(f"no rule to materialise buffer {name}")
+            module._buffers[key] = derived[name].to(device)
+
+
+def build_stage(cfg: ModelConfig, seed: int, layers, embed: bool, head: bool, device, group=None,
+                sequence_parallel: bool = False, make_vocab_divisible_by: int = 128,
+                tracker: RNGTracker | None = None) -> tuple[GPT, TensorParallel | None]:
+    """One rank's stage (`layers`, the embedding, the head), tensor-parallel over `group` when it has
+    more than one rank: built and parallelized on the meta device, then materialised on `device`
+    from the master values. Bit-identical to build_stage_unsliced, holding the shards only."""
+    with torch.device("meta"):
+        model = GPT(cfg, seed=None, layers=layers, embed=embed, head=head)
+    tp = None
+    if group is not None and comm.size(group) > 1:
+        if tracker is None:  # parallelize would place it on the model's (meta) device
+            tracker = RNGTracker(0, comm.rank(group), torch.device(device))
+        tp = parallelize(model, group, sequence_parallel=sequence_parallel,
+                         make_vocab_divisible_by=make_vocab_divisible_by, tracker=tracker)
+    materialize(model, seed, device, tp)
+    return model, tp
+
+
+def build_stage_unsliced(cfg: ModelConfig, seed: int, layers, embed: bool, head: bool, device, group=None,
+                         sequence_parallel: bool = False, make_vocab_divisible_by: int = 128,
+                         tracker: RNGTracker | None = None) -> tuple[GPT, TensorParallel | None]:
+    """build_stage the simple way: the whole serial stage in fp32 on `device`, then parallelize()
+    slices it (the reference the tests compare build_stage with; peaks at the serial stage)."""
+    model = GPT(cfg, seed=seed, layers=layers, embed=embed, head=head).to(device)
+    tp = None
+    if group is not None and comm.size(group) > 1:
+        tp = parallelize(model, group, sequence_parallel=sequence_parallel,
+                         make_vocab_divisible_by=make_vocab_divisible_by, tracker=tracker)
+    return model, tp

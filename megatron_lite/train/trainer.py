@@ -45,7 +45,7 @@ from ..model import GPT, generate
 from ..model.counts import flops_per_token
 from ..optim import lr_at
 from ..parallel.random import RNGTracker, recompute_context_fn
-from ..parallel.tensor_parallel import TensorParallel, parallelize, set_sequence_parallel
+from ..parallel.tensor_parallel import TensorParallel, build_stage, set_sequence_parallel
 from .backends import build_backend
 from .metrics import ScalarLog, memory_gb, peak_flops
 
@@ -243,17 +243,16 @@ class Trainer:
 
     def _build_model(self) -> tuple[GPT, TensorParallel | None]:
         """This rank's part of the model: its pipeline stage's pieces (all of them when pp = 1),
-        tensor-parallel when tp > 1."""
+        tensor-parallel when tp > 1. Built on the meta device and materialised shard by shard
+        (build_stage): the serial stage in fp32 would outgrow the training peak at scale."""
         cfg, layout = self.cfg, self.layout
         chunks = layout.chunks(self.coord.pp)
-        model = GPT(cfg.model, seed=cfg.train.seed, layers=[i for c in chunks for i in c.layers],
-                    embed=any(c.first for c in chunks), head=any(c.last for c in chunks))
-        model.to(self.device)
-        tp = None
-        if layout.tp > 1:
-            tracker = RNGTracker(cfg.train.seed, self.coord.tp, self.device)
-            tp = parallelize(model, self.groups.tp, sequence_parallel=cfg.parallel.sequence_parallel,
-                             make_vocab_divisible_by=cfg.parallel.make_vocab_divisible_by, tracker=tracker)
+        tracker = RNGTracker(cfg.train.seed, self.coord.tp, self.device) if layout.tp > 1 else None
+        model, tp = build_stage(cfg.model, cfg.train.seed, [i for c in chunks for i in c.layers],
+                                any(c.first for c in chunks), any(c.last for c in chunks), self.device,
+                                self.groups.tp if layout.tp > 1 else None,
+                                sequence_parallel=cfg.parallel.sequence_parallel,
+                                make_vocab_divisible_by=cfg.parallel.make_vocab_divisible_by, tracker=tracker)
         model.set_recompute(cfg.train.recompute, recompute_context_fn(tp.tracker) if tp else None)
         return model, tp
 
