@@ -32,8 +32,9 @@ of a step, or after it: gradients exist), and the optimizer step.
               vocab-parallel logits and their fp32 copy, the block recomputed under full recompute,
               ZeRO-2's fp32 staging bucket (alive during backward), the optimizer step's temporaries
               (the reduce-scatter input copy on gloo, AdamW's per-tensor temporaries, the weight
-              all-gather's output), or what building the model holds (the serial stage in fp32
-              before tensor parallelism slices it; the distributed optimizer's fp32 copy of a bucket)
+              all-gather's output), or what building the model holds (the stage's fp32 shards, built
+              on the meta device and materialised one parameter at a time from its full value on the
+              host; the distributed optimizer's fp32 copy of a bucket)
 """
 
 from __future__ import annotations
@@ -203,17 +204,18 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
                  grads_kept=True)
 
 
-def build_peak(layout: Layout, stage: int, state: State) -> float:
-    """Bytes while the model is built: the stage's serial pieces in fp32 (GPT(...) then
-    parallelize(): the tensor-parallel slices are copies of them), then the optimizer taking the fp32
-    parameters over bucket by bucket."""
+def build_peak(layout: Layout, stage: int, state: State, device: str = "cuda") -> float:
+    """Bytes while the model is built: the stage's tensor-parallel shards in fp32 (build_stage: meta
+    device, then each parameter's full master value drawn on the host and sliced; on CPU that full
+    value and the padded copy slicing may make of it sit beside the shards), then the optimizer taking
+    the fp32 parameters over bucket by bucket."""
     cfg = layout.config
     chunks = layout.chunks(stage)
     n = rank_params(layout, stage).total
     serial = stage_params(cfg.model, sum(len(c.layers) for c in chunks), any(c.first for c in chunks),
-                          any(c.last for c in chunks), 1, cfg.parallel.make_vocab_divisible_by).total
-    slicing = 4 * serial + (4 * n if layout.tp > 1 else 0)
-    return max(slicing, 4 * n + state.build_transient)
+                          any(c.last for c in chunks), 1, cfg.parallel.make_vocab_divisible_by)
+    one_full = 2 * 4 * max(serial.sizes, default=0) if device == "cpu" else 0.0
+    return 4 * n + max(one_full, state.build_transient)
 
 
 def peak_memory(layout: Layout, device: str = "cuda") -> Memory:
@@ -269,8 +271,8 @@ def memory_of(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cuda"
     ]
     name, grads, acts, held, transient = max(phases, key=lambda ph: sum(ph[1:]))
     total = state + grads + acts + held + transient
-    build = build_peak(layout, stage, st)
-    # the terms are the training peak's; building can be larger (the serial stage in fp32 before
-    # tensor parallelism slices it), and then it is the total
+    build = build_peak(layout, stage, st, device)
+    # the terms are the training peak's; building can be larger (fp32 shards before the optimizer
+    # turns them into bf16 buckets), and then it is the total
     return Memory(stage, st.weights, grads, st.optimizer, acts, held, transient, max(total, build),
                   "build" if build > total else name, build)
