@@ -14,11 +14,12 @@ InfiniBand), as the sum of four terms, each its own function:
   pp          point-to-point per action (messages in the compute dtype); the bubble from simulate()
               with those chunk times
   dp / zero   after backward, not overlapped: the fp32 main gradients' all-reduce (no ZeRO), or the
-              distributed optimizer's reduce-scatter of them (ZeRO-1; ZeRO-2 the same bytes, bucket by
-              bucket inside the backward, blocking) and the all-gather of the updated weights in the
-              compute dtype; DeepSpeed's reduce-scatter + all-gather (stage 3: per micro-batch); the
-              tied embedding's sync between first and last stage; then the AdamW step (and the
-              main-gradient accumulation) as memory traffic
+              distributed optimizer's reduce-scatter of them (ZeRO-1 once; ZeRO-2 and -3 bucket by
+              bucket inside each micro-batch's backward, blocking) and the all-gather of the updated
+              weights in the compute dtype (ZeRO-3 instead: each block's weights before its forward
+              and again before its backward, every micro-batch); DeepSpeed's reduce-scatter +
+              all-gather (stage 3: per micro-batch); the tied embedding's sync between first and
+              last stage; then the AdamW step (and the main-gradient accumulation) as memory traffic
 
 TFLOP/s per GPU are hardware FLOPs (recompute included: what Narayanan et al. report), MFU model
 FLOPs (model/counts.py, the trainer's definition). The one calibrated constant is GEMM_EFFICIENCY.
@@ -235,9 +236,15 @@ def dp_term(st: Step, n_rank: int) -> float:
                 t += gathers * collective_time(n_rank * st.e, ranks, c, "gather")
         elif zero == 0:
             t += collective_time(grad_bytes, ranks, c)
-        else:  # the distributed optimizer: reduce-scatter the fp32 grads, all-gather the new weights
+        elif zero == 1:  # the distributed optimizer: reduce-scatter fp32 grads, all-gather new weights
             t += collective_time(grad_bytes, ranks, c, "gather")
             t += collective_time(st.e * n_rank, ranks, c, "gather")
+        else:  # native ZeRO-2/3 reduce-scatter each micro-batch's gradients during its backward
+            t += layout.micro_batches * collective_time(grad_bytes, ranks, c, "gather")
+            if zero == 2:  # then all-gather the new weights once
+                t += collective_time(st.e * n_rank, ranks, c, "gather")
+            else:  # ZeRO-3: gather each block before its forward and again before its backward
+                t += 2 * layout.micro_batches * collective_time(st.e * n_rank, ranks, c, "gather")
     if layout.pp > 1 and st.mc.tie_embeddings:
         pp_ranks = st.ranks("pp")
         t += collective_time(st.vocab * st.mc.hidden_size * 4, [pp_ranks[0], pp_ranks[-1]], c)

@@ -222,20 +222,22 @@ def test_memory_breakdown_follows_the_layout():
 
 
 def test_timing_counts_the_distributed_optimizers_and_sequence_parallel_collectives():
-    """dp: the fp32 main gradients all-reduced without ZeRO, reduce-scattered with ZeRO-1/2 plus the
-    weights all-gathered in the compute dtype; tp+SP: backward gathers the QKV / FC1 inputs again
-    (6 all-gather / reduce-scatter of (b, s, h) against the forward's 4), in the compute dtype."""
+    """dp: the fp32 main gradients all-reduced without ZeRO, reduce-scattered with ZeRO-1 once (ZeRO-2/3:
+    in every micro-batch's backward), plus the weights all-gathered in the compute dtype once (ZeRO-3:
+    before every forward and backward); tp+SP: backward gathers the QKV / FC1 inputs again (6
+    all-gather / reduce-scatter of (b, s, h) against the forward's 4), in the compute dtype."""
     from megatron_lite.plan.cluster import OURS, collective_time
     from megatron_lite.plan.timing import GEMM_EFFICIENCY, Step, dp_term, tp_term
     cluster = plan.Cluster.preset("h100", nodes=2)
-    for precision, stage in [("bf16", 0), ("bf16", 1), ("bf16", 2), ("fp32", 1)]:
+    for precision, stage in [("bf16", 0), ("bf16", 1), ("bf16", 2), ("bf16", 3), ("fp32", 1)]:
         layout = _layout({"parallel": {"dp": 4, "tp": 4, "sequence_parallel": True},
                           "train": {"precision": precision}, "optim": {"zero": {"stage": stage}}})
         st = Step.of(layout, cluster, OURS, GEMM_EFFICIENCY)
-        n, ranks = 1_000_000, st.ranks("dp")
-        gathers = collective_time(4 * n, ranks, cluster, "gather") + \
-            collective_time(st.e * n, ranks, cluster, "gather")
-        want = collective_time(4 * n, ranks, cluster) if stage == 0 else gathers
+        n, ranks, m = 1_000_000, st.ranks("dp"), layout.micro_batches
+        rs = collective_time(4 * n, ranks, cluster, "gather")
+        ag = collective_time(st.e * n, ranks, cluster, "gather")
+        want = {0: collective_time(4 * n, ranks, cluster), 1: rs + ag, 2: m * rs + ag,
+                3: m * rs + 2 * m * ag}[stage]
         assert dp_term(st, n) == pytest.approx(want, rel=1e-12)
         fwd, bwd, _ = tp_term(st)
         one = collective_time(2 * 32 * 64 * st.e, st.ranks("tp"), cluster, "gather")
