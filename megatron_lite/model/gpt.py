@@ -50,7 +50,7 @@ class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm computed in fp32 (fp64 stays fp64), the result cast back to x's dtype. Saves x and
     rstd = 1/rms (B, T, 1); backward recomputes x_hat = x * rstd, exactly the forward's values.
 
-    With gx = grad * weight (the gradient reaching x_hat) and C the width:
+    With gx = grad * weight (the gradient reaching x_hat), means over the last dim:
         dx = rstd * (gx - x_hat * mean(gx * x_hat))     (rstd's own dependence on x: the mean term)
         dweight = sum over rows of grad * x_hat
     """
@@ -73,7 +73,7 @@ class _RMSNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = g * weight.to(wide)  # (B, T, C): the gradient reaching x_hat
             dx = (gx - x_hat * (gx * x_hat).mean(-1, keepdim=True)) * rstd  # (B, T, C)
-            dx = dx.to(x.dtype)
+            dx = dx.to(x.dtype)  # (B, T, C) in x's dtype
         if ctx.needs_input_grad[1]:
             dweight = (g * x_hat).flatten(0, -2).sum(0).to(weight.dtype)  # (C,)
         return dx, dweight, None
