@@ -166,8 +166,35 @@ def test_build_peak_is_the_shards_and_one_full_parameter(tmp_path):
     assert new["held"] == old["held"] == 4 * shards.total
     # the serial stage, then the shards sliced from it
     assert old["growth"] >= 4 * serial.total + 0.9 * 4 * shards.total, old
-    # the shards, one full parameter and its slice at a time (plus a few MiB of allocator slack)
-    assert new["growth"] <= 4 * shards.total + 1.5 * full + 16 * 2**20, new
+    # the shards and one full parameter at a time: what plan/memory.build_peak counts on CPU (the full
+    # value and the padded copy slicing may make of it)
+    assert 4 * shards.total <= new["growth"] <= 4 * shards.total + 2 * full, new
     print(f"build peak growth (tp=2, {serial.total / 1e6:.0f}M parameters): serial then slice "
           f"{old['growth'] / 2**20:.0f} MiB, meta then materialise {new['growth'] / 2**20:.0f} MiB "
           f"(shards {4 * shards.total / 2**20:.0f} MiB, largest parameter {full / 2**20:.0f} MiB)")
+
+
+def test_plan_build_term_is_the_shards_not_the_serial_stage():
+    """plan/memory's build term follows build_stage: Llama 3 405B at TP8 PP16 (interleaved v=4) builds
+    in the fp32 shards of a stage plus the optimizer's bucket copy on the GPU (the full values stay on
+    the host), ~14 GB instead of the serial stage's ~115 GB, so building is no longer the peak."""
+    from megatron_lite import plan
+    from megatron_lite.config import Config
+    from megatron_lite.layout import Layout
+    from megatron_lite.plan.memory import model_state
+    cfg = Config.from_yaml(ROOT / "configs" / "llama3-405b.yaml", [
+        "parallel.tp=8", "parallel.pp=16", "parallel.dp=128", "parallel.schedule=interleaved",
+        "parallel.virtual_stages=4", "parallel.microbatches=16", "data.micro_batch_size=1",
+        "data.global_batch_size=2048", "optim.zero.stage=1"])
+    layout = Layout.build(cfg, 16384)
+    for stage in (0, 7, 15):
+        mem = plan.memory_of(layout, stage)
+        shards = 4 * plan.rank_params(layout, stage).total
+        assert mem.build == shards + model_state(layout, stage).build_transient
+        assert mem.build < 16e9 and mem.phase != "build", mem
+        # on CPU the full master value (and the padded copy slicing may make) sits beside the shards
+        cpu = plan.memory_of(layout, stage, device="cpu").build
+        blocks = sum(len(c.layers) for c in layout.chunks(stage))
+        serial = plan.stage_params(cfg.model, blocks, stage == 0, stage == 15, 1)  # tp = 1: full shapes
+        optimizer = model_state(layout, stage, 0, "cpu").build_transient
+        assert cpu == shards + max(2 * 4 * max(serial.sizes), optimizer)
