@@ -43,6 +43,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
+    # the norms keep their output (which the next GEMM keeps anyway) and 1/std per row for backward,
+    # instead of their input: Megatron/Apex's "memory-efficient" norm (model/gpt.py)
+    norm_saves_output: bool = False
     activation: Literal["gelu", "gelu_exact", "swiglu"] = "gelu"  # gelu: tanh form (GPT-2); gelu_exact: erf
     tie_embeddings: bool = True
     bias: bool = True
@@ -81,6 +84,8 @@ class ModelConfig:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1).")
         if self.init_std <= 0:
             raise ConfigError(f"model.init_std={self.init_std} must be positive.")
+        if not isinstance(self.norm_saves_output, bool):
+            raise ConfigError(f"model.norm_saves_output={self.norm_saves_output!r} must be true or false.")
 
 
 @dataclass

@@ -135,16 +135,21 @@ def saved_terms(mc: ModelConfig, b: int, s: int, tp: int = 1, sp: bool = False, 
     Ns = N // tp if sp else N  # tokens of this rank's residual stream
     H, K = mc.num_attention_heads // tp, mc.num_kv_heads // tp
     inter = mc.intermediate_size // tp
-    # LayerNorm's statistics: the input's dtype on CPU, fp32 on CUDA; RMSNorm (model/gpt.py) keeps
-    # one fp32 1/rms per row on every device
-    stats = 4 if mc.norm == "rmsnorm" else 2 * (e if device == "cpu" else 4)
+    # LayerNorm's statistics (torch's native kernel: the mean and 1/std): the input's dtype on CPU,
+    # fp32 on CUDA; RMSNorm and both norms with model.norm_saves_output (model/gpt.py) keep one fp32
+    # 1/rms or 1/std per row on every device
+    stats = 4 if mc.norm == "rmsnorm" or mc.norm_saves_output else 2 * (e if device == "cpu" else 4)
     if recompute == "full":
         return {"block input (kept by the checkpoint)": Ns * h * e}
     selective = recompute == "selective"
+    # model.norm_saves_output: each norm keeps its output, the next GEMM's input (counted below), in
+    # place of its input; selective recompute keeps the inputs either way (Recomputed reruns the norm)
+    inputs_kept = selective or not mc.norm_saves_output
     terms = {
         # each norm keeps its input as it came (RMSNorm's own Function, LayerNorm natively)
-        "norm inputs (ln1, ln2)": 2 * Ns * h * e,
-        # RMSNorm: 1/rms; LayerNorm: the mean and 1/std (recomputed under selective)
+        "norm inputs (ln1, ln2)": 2 * Ns * h * e if inputs_kept else 0,
+        # 1/rms (RMSNorm), the mean and 1/std (LayerNorm), 1/std (norm_saves_output); recomputed
+        # under selective
         "norm statistics": 0 if selective else 2 * Ns * stats,
         # the inputs of the QKV and FC1 GEMMs (sequence shards under SP; recomputed under selective)
         "norm outputs (qkv, fc1 inputs)": 0 if selective else 2 * Ns * h * e,

@@ -24,59 +24,141 @@ from .loss import linear_cross_entropy
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.bias)
+        return RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, saves_output=cfg.norm_saves_output)
+    return LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.bias, saves_output=cfg.norm_saves_output)
 
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dim: nn.RMSNorm's math and parameter
     (`weight`, so checkpoints and HF names are unchanged), with its own backward. Autograd through
     torch's composite RMSNorm keeps the fp32 upcast of x and the fp32 x/rms (4 + 4 bytes per element
-    under bf16); _RMSNormFunction keeps x as it came (2 bytes) and one fp32 1/rms per row."""
+    under bf16); _RMSNormFunction keeps x as it came (2 bytes) and one fp32 1/rms per row, or with
+    saves_output (model.norm_saves_output) y instead of x: the tensor the next GEMM keeps anyway."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, saves_output: bool = False):
         super().__init__()
         self.eps = eps
+        self.saves_output = saves_output
         self.weight = nn.Parameter(torch.ones(dim))  # (C,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return _RMSNormFunction.apply(x, self.weight, self.eps, self.saves_output)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.weight.shape[0]}, eps={self.eps}, saves_output={self.saves_output}"
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and names); with saves_output (model.norm_saves_output) its
+    forward is _LayerNormFunction, which keeps y and one fp32 1/std per row instead of x, the mean
+    and 1/std that torch's native layer norm keeps."""
+
+    def __init__(self, dim: int, eps: float, bias: bool = True, saves_output: bool = False):
+        super().__init__(dim, eps=eps, bias=bias)
+        self.saves_output = saves_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.saves_output:
+            return super().forward(x)
+        return _LayerNormFunction.apply(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, saves_output={self.saves_output}"
+
+
+# Megatron/Apex's "memory-efficient" norms (model.norm_saves_output): the norm keeps its output y
+# rather than its input. y is the input of the GEMM that follows (qkv, fc1; under sequence
+# parallelism the shard gather_linear keeps), which saves that very tensor, so y costs nothing more
+# and the norm's input (the residual stream) is no longer kept. Backward recovers the normalised
+# input as x_hat = (y - bias) / weight in the compute dtype. Where a weight is exactly 0, y carries
+# nothing of that channel's x_hat (and a tiny weight scales up y's rounding error), so the divisor's
+# magnitude is clamped to >= eps (sign kept, 0 taken as positive): no division by zero, but where
+# |weight| < eps the recovered x_hat is wrong, and with it that channel's weight gradient and, through
+# the means over the row, the row's input gradient: approximate there, as in Apex. Norm weights
+# start at 1.
+def _safe_divisor(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    floor = torch.full_like(weight, eps)
+    return torch.where(weight >= 0, torch.maximum(weight, floor), torch.minimum(weight, -floor))
+
+
+def _norm_grads(ctx, grad, x_hat, rstd, weight, centred: bool, x_dtype):
+    """Input and weight gradients of y = x_hat * weight (+ bias), x_hat = (x - mean) * rstd with the
+    mean over the last dim (centred, LayerNorm) or none (RMSNorm). With gx = grad * weight (the
+    gradient reaching x_hat), means over the last dim:
+        dx = rstd * (gx - mean(gx) - x_hat * mean(gx * x_hat))   (mean(gx): LayerNorm only)
+        dweight = sum over rows of grad * x_hat
+    (the mean terms are the statistics' own dependence on x)"""
+    g = grad.to(rstd.dtype)  # (B, T, C)
+    dx = dweight = None
+    if ctx.needs_input_grad[0]:
+        gx = g * weight.to(rstd.dtype)  # (B, T, C)
+        inner = gx - x_hat * (gx * x_hat).mean(-1, keepdim=True)  # (B, T, C)
+        if centred:
+            inner = inner - gx.mean(-1, keepdim=True)
+        dx = (inner * rstd).to(x_dtype)  # (B, T, C) in x's dtype
+    if ctx.needs_input_grad[1]:
+        dweight = (g * x_hat).flatten(0, -2).sum(0).to(weight.dtype)  # (C,)
+    return dx, dweight
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm computed in fp32 (fp64 stays fp64), the result cast back to x's dtype. Saves x and
-    rstd = 1/rms (B, T, 1); backward recomputes x_hat = x * rstd, exactly the forward's values.
-
-    With gx = grad * weight (the gradient reaching x_hat), means over the last dim:
-        dx = rstd * (gx - x_hat * mean(gx * x_hat))     (rstd's own dependence on x: the mean term)
-        dweight = sum over rows of grad * x_hat
+    """RMSNorm computed in fp32 (fp64 stays fp64), the result cast back to x's dtype. Saves
+    rstd = 1/rms (B, T, 1) and either x (backward recomputes x_hat = x * rstd, exactly the forward's
+    values) or, with saves_output, y (x_hat = y / weight; see _safe_divisor). Gradients: _norm_grads.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, eps: float):
+    def forward(ctx, x, weight, eps: float, saves_output: bool = False):
         wide = torch.promote_types(x.dtype, torch.float32)  # the compute dtype: fp32 or fp64
         xw = x.to(wide)  # (B, T, C); a temporary, not saved
         rstd = torch.rsqrt(xw.square().mean(-1, keepdim=True) + eps)  # (B, T, 1)
-        ctx.save_for_backward(x, weight, rstd)
-        return (xw * rstd * weight.to(wide)).to(x.dtype)  # (B, T, C)
+        y = (xw * rstd * weight.to(wide)).to(x.dtype)  # (B, T, C)
+        ctx.save_for_backward(y if saves_output else x, weight, rstd)
+        ctx.eps, ctx.saves_output, ctx.x_dtype = eps, saves_output, x.dtype
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
+        kept, weight, rstd = ctx.saved_tensors
         wide = rstd.dtype
-        x_hat = x.to(wide) * rstd  # (B, T, C): the forward's normalised input, recomputed
-        g = grad.to(wide)  # (B, T, C)
-        dx = dweight = None
-        if ctx.needs_input_grad[0]:
-            gx = g * weight.to(wide)  # (B, T, C): the gradient reaching x_hat
-            dx = (gx - x_hat * (gx * x_hat).mean(-1, keepdim=True)) * rstd  # (B, T, C)
-            dx = dx.to(x.dtype)  # (B, T, C) in x's dtype
-        if ctx.needs_input_grad[1]:
-            dweight = (g * x_hat).flatten(0, -2).sum(0).to(weight.dtype)  # (C,)
-        return dx, dweight, None
+        if ctx.saves_output:  # (B, T, C): x_hat recovered from the output
+            x_hat = kept.to(wide) / _safe_divisor(weight.to(wide), ctx.eps)
+        else:  # (B, T, C): the forward's normalised input, recomputed
+            x_hat = kept.to(wide) * rstd
+        dx, dweight = _norm_grads(ctx, grad, x_hat, rstd, weight, False, ctx.x_dtype)
+        return dx, dweight, None, None
+
+
+class _LayerNormFunction(torch.autograd.Function):
+    """LayerNorm computed in fp32 (fp64 stays fp64), the result cast back to x's dtype, that saves its
+    output y and rstd = 1/std (B, T, 1); backward recovers x_hat = (y - bias) / weight (see
+    _safe_divisor). The mean is not kept: x_hat already has it taken out."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float):
+        wide = torch.promote_types(x.dtype, torch.float32)
+        xw = x.to(wide)  # (B, T, C); a temporary, not saved
+        centred = xw - xw.mean(-1, keepdim=True)  # (B, T, C)
+        rstd = torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)  # (B, T, 1)
+        y = centred * rstd * weight.to(wide)  # (B, T, C)
+        if bias is not None:
+            y = y + bias.to(wide)
+        y = y.to(x.dtype)
+        ctx.save_for_backward(y, weight, bias, rstd)
+        ctx.eps, ctx.x_dtype = eps, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, weight, bias, rstd = ctx.saved_tensors
+        wide = rstd.dtype
+        shifted = y.to(wide) if bias is None else y.to(wide) - bias.to(wide)  # (B, T, C)
+        x_hat = shifted / _safe_divisor(weight.to(wide), ctx.eps)  # (B, T, C)
+        dx, dweight = _norm_grads(ctx, grad, x_hat, rstd, weight, True, ctx.x_dtype)
+        dbias = None
+        if bias is not None and ctx.needs_input_grad[2]:
+            dbias = grad.to(wide).flatten(0, -2).sum(0).to(bias.dtype)  # (C,)
+        return dx, dweight, dbias, None
 
 
 class RotaryEmbedding(nn.Module):
