@@ -264,7 +264,82 @@ def test_rmsnorm_function_gradcheck_in_float64():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 8, dtype=torch.float64, generator=g).requires_grad_()
     w = (1 + 0.5 * torch.randn(8, dtype=torch.float64, generator=g)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5, False), (x, w))
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm", "layernorm_no_bias"])
+def test_output_saving_norms_gradcheck_in_float64(norm):
+    """model.norm_saves_output's backward (x_hat recovered from the saved output, (y - b) / w) against
+    finite differences, for x, weight and bias; weights away from 0 (no clamp), of both signs."""
+    from megatron_lite.model.gpt import _LayerNormFunction, _RMSNormFunction
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, generator=g).requires_grad_()
+    sign = torch.tensor([1.0, -1.0] * 4, dtype=torch.float64)
+    w = (sign * (0.5 + torch.rand(8, dtype=torch.float64, generator=g))).requires_grad_()
+    b = (0.3 * torch.randn(8, dtype=torch.float64, generator=g)).requires_grad_()
+    if norm == "rmsnorm":
+        assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-5, True), (x, w))
+    elif norm == "layernorm":
+        assert torch.autograd.gradcheck(lambda x, w, b: _LayerNormFunction.apply(x, w, b, 1e-5), (x, w, b))
+    else:
+        assert torch.autograd.gradcheck(lambda x, w: _LayerNormFunction.apply(x, w, None, 1e-5), (x, w))
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_saving_norms_equal_the_input_saving_ones_and_keep_only_rstd_beyond_the_gemm(norm, dtype):
+    """model.norm_saves_output: same outputs and gradients as the input-saving norm (RMSNorm's own
+    Function, nn.LayerNorm) to rounding (fp32 1e-5 relative), same parameter names, and norm + the
+    following linear keep the linear's input (the norm's output, one storage) plus one fp32 1/std per
+    row: the norm's input is not kept."""
+    import torch.nn as nn
+
+    from megatron_lite.model.gpt import make_norm
+    from megatron_lite.testing.activations import saved_bytes
+    gen = torch.Generator().manual_seed(4)
+    mc = dict(hidden_size=16, num_attention_heads=2, norm=norm)
+    ours, ref = make_norm(ModelConfig(**mc, norm_saves_output=True)), make_norm(ModelConfig(**mc))
+    with torch.no_grad():
+        ours.weight.copy_(1 + 0.3 * torch.randn(16, generator=gen))
+        if norm == "layernorm":
+            ours.bias.copy_(0.2 * torch.randn(16, generator=gen))
+    ref.load_state_dict(ours.state_dict())  # same keys
+    ours, ref = ours.to(dtype), ref.to(dtype)
+    lin = nn.Linear(16, 8, bias=False).to(dtype)
+    x = torch.randn(2, 5, 16, generator=gen).to(dtype).requires_grad_()
+    grad = torch.randn(2, 5, 8, generator=gen).to(dtype)
+    weights = [*ours.parameters(), *lin.parameters()]
+    y, kept = saved_bytes(lambda: lin(ours(x)), exclude=weights)
+    n = x.numel() * x.element_size()
+    assert kept == n + 2 * 5 * 4  # the linear's input (the norm's output) + fp32 1/std per row
+    _, kept_ref = saved_bytes(lambda: lin(ref(x)), exclude=weights)
+    assert kept_ref > 2 * n  # the input-saving norm keeps x besides the linear's input
+    params = lambda m: (x, *m.parameters(), lin.weight)  # noqa: E731
+    got = torch.autograd.grad(y, params(ours), grad)
+    want_y = lin(ref(x))
+    want = torch.autograd.grad(want_y, params(ref), grad)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y, want_y, **tol)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_output_saving_norm_with_a_zero_weight_stays_finite():
+    """A weight of exactly 0 leaves y with nothing of that channel's x_hat: the clamped divisor keeps
+    backward finite, and the other channels' weight gradients (each channel's own x_hat) exact."""
+    from megatron_lite.model.gpt import _RMSNormFunction
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 8, dtype=torch.float64, generator=g).requires_grad_()
+    w = (1 + 0.2 * torch.randn(8, dtype=torch.float64, generator=g))
+    w[2] = 0.0
+    w.requires_grad_()
+    grad = torch.randn(3, 4, 8, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad(_RMSNormFunction.apply(x, w, 1e-5, True), (x, w), grad)
+    want = torch.autograd.grad(_RMSNormFunction.apply(x, w, 1e-5, False), (x, w), grad)
+    assert all(t.isfinite().all() for t in got)
+    keep = torch.arange(8) != 2
+    torch.testing.assert_close(got[1][keep], want[1][keep])
+    assert got[1][2] == 0 and want[1][2] != 0  # that channel's x_hat is lost: its gradient approximate
 
 
 def test_swiglu_function_gradcheck_in_float64():
@@ -308,3 +383,12 @@ def test_rmsnorm_and_swiglu_equal_torchs_composites(dtype):
     torch.testing.assert_close(out, F.silu(gate) * up, **tol)
     torch.testing.assert_close(torch.autograd.grad(out, h, grad)[0],
                                torch.autograd.grad(F.silu(gate) * up, h, grad)[0], **tol)
+
+
+def test_norm_saves_output_must_be_a_bool():
+    from megatron_lite.config import ConfigError
+    with pytest.raises(ConfigError, match="model.norm_saves_output"):
+        Config.from_yaml(None, ["model.norm_saves_output=maybe"])
+    with pytest.raises(ConfigError, match="must be true or false"):
+        ModelConfig(norm_saves_output=1).validate()
+    assert Config.from_yaml(None, ["model.norm_saves_output=true"]).model.norm_saves_output is True
