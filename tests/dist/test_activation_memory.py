@@ -3,6 +3,7 @@ saved_tensors_hooks: equal to model/activations.saved_terms term by term, and at
 et al.'s 16-bit flash-attention count (34sbh/t with SP, sbh(10 + 24/t) without) in every mode."""
 
 import pytest
+import torch
 
 from megatron_lite.config import ModelConfig
 from megatron_lite.model.activations import korthikanti_bytes, saved_terms
@@ -57,3 +58,50 @@ def test_tp2_sequence_parallel_block_keeps_a_shard_of_everything():
     """The QKV and FC1 inputs are kept as sequence shards and re-gathered in backward."""
     mc = gpt()
     check(mc, 2, True, measure(mc, B, S, 2, True))
+
+
+# ---- model.norm_saves_output: each norm keeps its output, the storage the next GEMM keeps ----------
+def drop_is_the_norm_inputs(kw, tp, sp):
+    """With the option the block keeps exactly the norm-input terms less without recompute (the saved
+    output is one storage with the qkv/fc1 input, which the hooks count once), the same under
+    selective (the norms are rerun from their kept inputs) and full; saved_terms counts it."""
+    off, on = gpt(**kw), gpt(norm_saves_output=True, **kw)
+    before, after = measure(off, B, S, tp, sp), measure(on, B, S, tp, sp)
+    check(on, tp, sp, after, bound=False)
+    norm_inputs = saved_terms(off, B, S, tp, sp, e=2)["norm inputs (ln1, ln2)"]
+    assert norm_inputs == 2 * (B * S // (tp if sp else 1)) * 64 * 2
+    assert before["none"] - after["none"] == norm_inputs
+    assert after["selective"] == before["selective"] and after["full"] == before["full"]
+
+
+@pytest.mark.parametrize("kw", [LLAMA, dict()], ids=["rmsnorm", "layernorm"])
+def test_output_saving_norms_drop_the_norm_inputs_serial(kw):
+    drop_is_the_norm_inputs(kw, 1, False)
+
+
+def test_output_saving_norms_drop_the_norm_inputs_tp2_sequence_parallel():
+    """Under SP the saved output is the sequence shard gather_linear keeps."""
+    drop_is_the_norm_inputs(LLAMA, 2, True)
+
+
+def _train_parity(rank, world, data_dir, out):
+    """Five fp32 AdamW steps (clipping engaged): the output-saving norms against the input-saving
+    ones, serial (RMSNorm and LayerNorm) and at TP2 + SP, on the same batches."""
+    from tests.dist.test_data_parallel import _config, _env, _run
+    for norm in ("rmsnorm", "layernorm"):
+        torch.manual_seed(0)
+        common = (f"model.norm={norm}", "train.grad_accum=2")
+        _, want = _run(_config(data_dir, f"{out}/off_{norm}{rank}", *common))  # serial, on each rank
+        runs = {"serial": _run(_config(data_dir, f"{out}/on_{norm}{rank}", *common,
+                                       "model.norm_saves_output=true"))[1]}
+        tp = ("parallel.tp=2", "parallel.sequence_parallel=true", "model.norm_saves_output=true")
+        runs["tp2 sp"] = _run(_config(data_dir, f"{out}/tp_{norm}", *common, *tp), _env(rank, world))[1]
+        assert all(n > 0.3 for _, n in want)
+        for name, got in runs.items():
+            flat = [v for step in got for v in step]  # loss, grad norm per step
+            assert flat == pytest.approx([v for s in want for v in s], rel=1e-5), (norm, name, got, want)
+
+
+def test_training_with_output_saving_norms_matches_input_saving_norms(corpus_dir, tmp_path):
+    from megatron_lite.testing import run_ranks
+    run_ranks(_train_parity, 2, str(corpus_dir), str(tmp_path))
