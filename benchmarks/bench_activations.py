@@ -11,15 +11,20 @@ tensors, read after the forward, parameters excluded), for TP and TP+SP, each wi
     full      2 sbh (2 sbh / t with SP): the layer input
 Each row also lists model/activations.saved_terms, the same bytes term by term. Models: the GPT
 (GELU, LayerNorm), a Llama-like block (SwiGLU, RMSNorm, RoPE, GQA) with I = 4h and the same at
-Llama 3 405B's MLP width I = 3.25h. Goal: measured / formula <= 1.00 everywhere, except where the
-model is wider than the formula's (SwiGLU at I = 4h), which the reading paragraph accounts for.
+Llama 3 405B's MLP width I = 3.25h; the GPT and the 405B-width block again with
+model.norm_saves_output (each norm keeps its output, the qkv/fc1 input, instead of its input) at t=1
+and t=4 with SP. Goal: measured / formula <= 1.00 everywhere, except where the model is wider than
+the formula's (SwiGLU at I = 4h), which the reading paragraph accounts for.
 
     python benchmarks/bench_activations.py [--hidden 512 --heads 8 --seq 256 --batch 2]
+    python benchmarks/bench_activations.py --add-norm-saves-output   # only those rows, added to --out's
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -36,6 +41,14 @@ from megatron_lite.testing.activations import measure  # noqa: E402
 MODES = ("none", "selective", "full")
 LLAMA_4H = "Llama-like (SwiGLU I = 4h, RMSNorm, RoPE, GQA with h/2 kv width)"
 LLAMA_405B_MLP = "Llama-like at 405B's MLP width (SwiGLU I = 3.25h, RMSNorm, RoPE, GQA with h/2 kv width)"
+LAYOUTS = ((1, False), (2, False), (2, True), (4, False), (4, True))  # (t, SP)
+NSO_LAYOUTS = ((1, False), (4, True))  # the rows with model.norm_saves_output
+
+
+def nso_name(name: str) -> str:
+    """The model's name with model.norm_saves_output on: 'GPT (...)' -> 'GPT, norm_saves_output (...)'."""
+    short, rest = name.split(" (", 1)
+    return f"{short}, norm_saves_output ({rest}"
 SHORT = {  # saved_terms' names -> column headers
     "norm inputs (ln1, ln2)": "norm in", "norm statistics": "stats",
     "norm outputs (qkv, fc1 inputs)": "qkv/fc1 in", "q, k, v (the fused qkv output)": "q,k,v",
@@ -45,21 +58,20 @@ SHORT = {  # saved_terms' names -> column headers
 }
 
 
-def run(name: str, mc: ModelConfig, a) -> list[dict]:
+def run(name: str, mc: ModelConfig, a, layouts=LAYOUTS) -> list[dict]:
     rows = []
     sbh = a.seq * a.batch * mc.hidden_size
-    for tp in (1, 2, 4):
-        for sp in ((False,) if tp == 1 else (False, True)):
-            measured = measure(mc, a.batch, a.seq, tp, sp, MODES)
-            for mode in MODES:
-                terms = saved_terms(mc, a.batch, a.seq, tp, sp, e=2, recompute=mode)
-                formula = korthikanti_bytes(a.batch, a.seq, mc.hidden_size, tp, sp, mode)
-                rows.append({"model": name, "tp": tp, "sp": sp, "recompute": mode, "bytes": measured[mode],
-                             "terms_sum": sum(terms.values()), "formula": formula,
-                             "ratio": measured[mode] / formula,
-                             "terms_sbh": {k: v / sbh for k, v in terms.items() if v}})
-                print(f"{name} t={tp} sp={sp} {mode:9s} {measured[mode] / sbh:7.3f} sbh  "
-                      f"formula {formula / sbh:7.3f}  ratio {measured[mode] / formula:.3f}", flush=True)
+    for tp, sp in layouts:
+        measured = measure(mc, a.batch, a.seq, tp, sp, MODES)
+        for mode in MODES:
+            terms = saved_terms(mc, a.batch, a.seq, tp, sp, e=2, recompute=mode)
+            formula = korthikanti_bytes(a.batch, a.seq, mc.hidden_size, tp, sp, mode)
+            rows.append({"model": name, "tp": tp, "sp": sp, "recompute": mode, "bytes": measured[mode],
+                         "terms_sum": sum(terms.values()), "formula": formula,
+                         "ratio": measured[mode] / formula,
+                         "terms_sbh": {k: v / sbh for k, v in terms.items() if v}})
+            print(f"{name} t={tp} sp={sp} {mode:9s} {measured[mode] / sbh:7.3f} sbh  "
+                  f"formula {formula / sbh:7.3f}  ratio {measured[mode] / formula:.3f}", flush=True)
     return rows
 
 
@@ -121,6 +133,33 @@ def section(rows, a) -> str:
             "MLP near GELU's parameter count instead (I of about 8h/3; Llama 3 405B 53248 = 3.25h): at "
             "3.25h fc1's output is 13sbh and fc2's input 6.5, and those rows keep at most the formula in "
             "every mode.")]
+    nso = [r for r in rows if ", norm_saves_output (" in r["model"] and r["recompute"] == "none"]
+    if nso:  # the option against the same model without it, per layout (no recompute)
+        def base(r):
+            return next(q for q in rows if q["model"] == r["model"].replace(", norm_saves_output", "")
+                        and (q["tp"], q["sp"], q["recompute"]) == (r["tp"], r["sp"], "none"))
+        unit = a.seq * a.batch * a.hidden  # sbh
+        cells = "; ".join(
+            f"{r['model'].split(',')[0]} t={r['tp']}{' SP' if r['sp'] else ''} {base(r)['bytes'] / unit:.3f} "
+            f"-> {r['bytes'] / unit:.3f}sbh (ratio {base(r)['ratio']:.3f} -> {r['ratio']:.3f})" for r in nso)
+        from megatron_lite.config import Config
+        mc = Config.from_yaml(ROOT / "configs/llama3-405b.yaml").model
+        big = {on: sum(saved_terms(dataclasses.replace(mc, norm_saves_output=on), 1, 8192, 8, True, e=2,
+                                   device="cuda").values()) for on in (False, True)}
+        k405 = korthikanti_bytes(1, 8192, mc.hidden_size, 8, True)
+        body += ["", (
+            "`model.norm_saves_output` (the `, norm_saves_output` tables; Megatron/Apex's memory-efficient "
+            "norm, model/gpt.py): each norm keeps its output y and one fp32 1/std per row instead of its "
+            "input. y is the qkv / fc1 input, which that GEMM keeps anyway (under SP the shard "
+            "gather_linear keeps): one storage, counted once, so the norm-input column (4sbh, 4sbh/t with "
+            "SP) goes and nothing comes in its place; backward recovers x_hat = (y - b) / w, |w| clamped to "
+            f">= eps (a zero weight's channel gets an approximate gradient, as in Apex). No recompute: "
+            f"{cells}. "
+            "Selective recompute keeps the norm inputs anyway (it reruns the norms from them) and full keeps "
+            "the block input, so those rows are the same as without the option. At Llama 3 405B's shape "
+            "(TP8 + SP, s=8192, b=1, model/activations.saved_terms) a block keeps "
+            f"{big[False] / 2**20:.1f} -> {big[True] / 2**20:.1f} MiB ({big[False] / k405:.3f} -> "
+            f"{big[True] / k405:.3f} of 34sbh/t); configs/llama3-405b.yaml turns it on.")]
     return "\n".join(body)
 
 
@@ -131,6 +170,9 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--no-llama", action="store_true", help="only the GPT (GELU, LayerNorm)")
+    p.add_argument("--add-norm-saves-output", action="store_true",
+                   help="measure only the model.norm_saves_output rows and put them beside --out's rows "
+                        "(same shape), rewriting the JSON and the docs section")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/activations.json"))
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -143,9 +185,19 @@ def main() -> None:
         models[LLAMA_4H] = ModelConfig(**llama)
         # Llama 3 405B's MLP width ratio, 53248 / 16384
         models[LLAMA_405B_MLP] = ModelConfig(**llama, intermediate_size=a.hidden * 13 // 4)
-    rows = [r for name, mc in models.items() for r in run(name, mc, a)]
-    write_json(a.out, {"shape": {"hidden": a.hidden, "heads": a.heads, "seq": a.seq, "batch": a.batch},
-                       "torch": torch.__version__, "rows": rows})
+    nso = {nso_name(n): dataclasses.replace(mc, norm_saves_output=True) for n, mc in models.items()
+           if n != LLAMA_4H}
+    shape = {"hidden": a.hidden, "heads": a.heads, "seq": a.seq, "batch": a.batch}
+    if a.add_norm_saves_output:
+        old = json.loads(Path(a.out).read_text())
+        if old["shape"] != shape:
+            raise SystemExit(f"{a.out} holds shape {old['shape']}, not {shape}; run without "
+                             f"--add-norm-saves-output")
+        rows = [r for r in old["rows"] if r["model"] not in nso]
+    else:
+        rows = [r for name, mc in models.items() for r in run(name, mc, a)]
+    rows += [r for name, mc in nso.items() for r in run(name, mc, a, NSO_LAYOUTS)]
+    write_json(a.out, {"shape": shape, "torch": torch.__version__, "rows": rows})
     write_section(ROOT / "docs/benchmarks.md", "activations", section(rows, a))
 
 
