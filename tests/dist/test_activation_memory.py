@@ -86,16 +86,19 @@ def test_output_saving_norms_drop_the_norm_inputs_tp2_sequence_parallel():
 
 def _train_parity(rank, world, data_dir, out):
     """Five fp32 AdamW steps (clipping engaged): the output-saving norms against the input-saving
-    ones, serial (RMSNorm and LayerNorm) and at TP2 + SP, on the same batches."""
+    ones, serial (RMSNorm and LayerNorm; also under selective recompute, which reruns them) and at
+    TP2 + SP, on the same batches."""
     from tests.dist.test_data_parallel import _config, _env, _run
     for norm in ("rmsnorm", "layernorm"):
         torch.manual_seed(0)
         common = (f"model.norm={norm}", "train.grad_accum=2")
         _, want = _run(_config(data_dir, f"{out}/off_{norm}{rank}", *common))  # serial, on each rank
-        runs = {"serial": _run(_config(data_dir, f"{out}/on_{norm}{rank}", *common,
-                                       "model.norm_saves_output=true"))[1]}
-        tp = ("parallel.tp=2", "parallel.sequence_parallel=true", "model.norm_saves_output=true")
-        runs["tp2 sp"] = _run(_config(data_dir, f"{out}/tp_{norm}", *common, *tp), _env(rank, world))[1]
+        on = (*common, "model.norm_saves_output=true")
+        runs = {"serial": _run(_config(data_dir, f"{out}/on_{norm}{rank}", *on))[1],
+                "serial selective": _run(_config(data_dir, f"{out}/sel_{norm}{rank}", *on,
+                                                 "train.recompute=selective"))[1]}
+        tp = ("parallel.tp=2", "parallel.sequence_parallel=true")
+        runs["tp2 sp"] = _run(_config(data_dir, f"{out}/tp_{norm}", *on, *tp), _env(rank, world))[1]
         assert all(n > 0.3 for _, n in want)
         for name, got in runs.items():
             flat = [v for step in got for v in step]  # loss, grad norm per step
