@@ -55,8 +55,9 @@ MODEL = ["model.vocab_size=8192", "model.hidden_size=512", "model.num_layers=8",
 BF16 = ["train.precision=bf16"]
 # (name, processes, overrides): together they exercise every term of plan/memory.py: fp32 and bf16
 # model state, sequence-parallel activations and head, selective and full recompute, pipeline
-# messages with m > p (1F1B and interleaved), the distributed optimizer's ZeRO-1 and ZeRO-2 (its
-# staging bucket) alone and composed with tp + sp and with pp.
+# messages with m > p (1F1B and interleaved), the distributed optimizer's ZeRO-1, ZeRO-2 (its
+# staging bucket) and ZeRO-3 (weight shards, buckets gathered on use) alone and composed with tp + sp
+# and with pp.
 LAYOUTS = [("serial fp32", 1, []),
            ("serial bf16", 1, BF16),
            ("serial bf16, full recompute", 1, BF16 + ["train.recompute=full"]),
@@ -72,7 +73,12 @@ LAYOUTS = [("serial fp32", 1, []),
            ("tp=2 + SP, dp=2 bf16 ZeRO-1", 4, BF16 + ["parallel.tp=2", "parallel.sequence_parallel=true",
                                                       "parallel.dp=2", "optim.zero.stage=1"]),
            ("pp=2 (m=4), dp=2 bf16 ZeRO-2", 4, BF16 + ["parallel.pp=2", "parallel.microbatches=4",
-                                                       "parallel.dp=2", "optim.zero.stage=2"])]
+                                                       "parallel.dp=2", "optim.zero.stage=2"]),
+           ("dp=2 bf16 ZeRO-3", 2, BF16 + ["parallel.dp=2", "optim.zero.stage=3"]),
+           ("tp=2 + SP, dp=2 bf16 ZeRO-3", 4, BF16 + ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                                      "parallel.dp=2", "optim.zero.stage=3"]),
+           ("pp=2 (m=4), dp=2 bf16 ZeRO-3", 4, BF16 + ["parallel.pp=2", "parallel.microbatches=4",
+                                                       "parallel.dp=2", "optim.zero.stage=3"])]
 ALLOCATORS = {"fixed": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "glibc": {}}
 PROBE = ROOT / "benchmarks" / "plan_memory_probe.py"
 MIB = 2**20

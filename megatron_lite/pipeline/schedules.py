@@ -221,7 +221,8 @@ def send_releases(lists: list[list[Action]]) -> list[dict[int, tuple[int, ...]]]
     return releases
 
 
-def held_messages(lists: list[list[Action]], stage: int, prefetch: bool = True) -> int:
+def held_messages(lists: list[list[Action]], stage: int, prefetch: bool = True,
+                  releases: list[dict[int, tuple[int, ...]]] | None = None) -> int:
     """The most message-sized buffers the executor holds at once on `stage` (activations sent
     or about to be, received gradients, gradients to send, posted receive buffers), walking its
     list the way pipeline/engine.py keeps them: a chunk's output lives until its backward and
@@ -229,12 +230,13 @@ def held_messages(lists: list[list[Action]], stage: int, prefetch: bool = True) 
     prefetch) until the forward or backward that uses it (a forward's input is then an
     activation, not a message); a gradient for the previous stage from its backward until its
     send is released. plan's pipeline memory term is this count times the message size, and the
-    engine's measured peak (StepTrace.peak_message_bytes) is checked against it."""
+    engine's measured peak (StepTrace.peak_message_bytes) is checked against it. `releases`:
+    send_releases(lists), when the caller already has it (it covers every stage at once)."""
     pp = len(lists)
     acts = lists[stage]
     v = max(a.chunk for a in acts) + 1
     last_vs = pp * v - 1
-    releases = send_releases(lists)[stage]
+    releases = (releases if releases is not None else send_releases(lists))[stage]
     receives = [i for i, a in enumerate(acts) if a.kind.startswith("RECV")]
     holders: dict[tuple, set] = {}  # buffer -> what holds it (a buffer lives while anything does)
 

@@ -32,8 +32,8 @@ def add_parser(subparsers) -> None:
     n.add_argument("--schedules", nargs="+", default=["1f1b", "interleaved"],
                    choices=["gpipe", "1f1b", "interleaved"])
     n.add_argument("--max-virtual-stages", type=int, default=4, help="largest v tried with interleaving")
-    n.add_argument("--zero", nargs="+", default=["0", "1", "ds2", "ds3"],
-                   help="ZeRO variants: 0, 1 (native), ds1, ds2, ds3 (DeepSpeed)")
+    n.add_argument("--zero", nargs="+", default=["0", "1", "2", "3"],
+                   help="ZeRO variants: 0, 1, 2, 3 (native), ds1, ds2, ds3 (DeepSpeed)")
     n.add_argument("--recompute", nargs="+", default=["none", "selective", "full"],
                    choices=["none", "selective", "full"])
     n.add_argument("--headroom", type=float, default=0.1,

@@ -6,10 +6,11 @@ of a step, or after it: gradients exist), and the optimizer step.
               sliced by the TP table, so the vocabulary is padded exactly when parallelize() pads it
               and the last stage holds its copy of a tied embedding) in the compute dtype: the
               native backends keep them in the distributed optimizer's flat buckets (bf16 under
-              train.precision=bf16, padded to a multiple of dp when sharded); DeepSpeed bf16 holds
+              train.precision=bf16, padded to a multiple of dp when sharded; ZeRO-3: this rank's 1/dp
+              shard of each bucket, one per block); DeepSpeed bf16 holds
               the module in bf16 (x2), fp32 otherwise (x4)
   grads       fp32 main gradients: the whole buckets (ZeRO 0 and 1), this rank's 1/dp shard of each
-              (ZeRO-2); fp32 without ZeRO (PlainAdamW) param.grad; DeepSpeed stage 2/3 keep their
+              (ZeRO-2 and -3); fp32 without ZeRO (PlainAdamW) param.grad; DeepSpeed stage 2/3 keep their
               partition and a reduce bucket
   optimizer   AdamW exp_avg + exp_avg_sq (8 bytes per element this rank steps) + the fp32 master
               weights under bf16 (4 bytes; fp32 weights are their own master): all of the buckets
@@ -30,7 +31,9 @@ of a step, or after it: gradients exist), and the optimizer step.
               engine's message dtype (the compute dtype; fp32 under DeepSpeed)
   transient   the largest short-lived buffer at the peak: a chunk of logits (fused CE) or the
               vocab-parallel logits and their fp32 copy, the block recomputed under full recompute,
-              ZeRO-2's fp32 staging bucket (alive during backward), the optimizer step's temporaries
+              ZeRO-2's fp32 staging bucket (alive during backward), ZeRO-3's gathered buckets (the
+              largest in a forward; a block's, with its fp32 staging, in a backward, plus the
+              embedding + head bucket when one stage holds both), the optimizer step's temporaries
               (the reduce-scatter input copy on gloo, AdamW's per-tensor temporaries, the weight
               all-gather's output), or what building the model holds (the stage's fp32 shards, built
               on the meta device and materialised one parameter at a time from its full value on the
@@ -119,6 +122,10 @@ class State:
     step_transient: float  # the largest temporary of finish/clip/step
     build_transient: float  # the largest temporary while the optimizer is built (beside weights)
     grads_kept: bool = False  # the gradients outlive the step (main-gradient buffers zeroed in place)
+    # ZeRO-3: full weights gathered only around a forward / a backward (the largest bucket in a
+    # forward; in a backward a block's plus the stage's "rest" bucket while its gradients arrive)
+    gathered_forward: float = 0.0
+    gathered_backward: float = 0.0
 
 
 def buckets(layout: Layout, stage: int) -> list[int]:
@@ -145,6 +152,22 @@ def buckets(layout: Layout, stage: int) -> list[int]:
         runs[-1] += n
         size += n
     return runs + ([tied] if tied is not None else [])
+
+
+def zero3_buckets(layout: Layout, stage: int) -> tuple[list[int], int, int]:
+    """ZeRO-3's buckets on a rank of `stage` as optim/distributed.py cuts them: one per block, one
+    for the rest (embeddings, final norm, head), the tied embedding's copy (pp > 1) apart; returns
+    (bucket sizes, one block's size, the rest's size)."""
+    mc = layout.config.model
+    params = rank_params(layout, stage)
+    chunks = layout.chunks(stage)
+    layers = sum(len(c.layers) for c in chunks)
+    embed, head = any(c.first for c in chunks), any(c.last for c in chunks)
+    block = stage_params(mc, 1, False, False, layout.tp, layout.config.parallel.make_vocab_divisible_by).total
+    # pp > 1 with tied embeddings: the first stage's embedding and the last stage's copy alone
+    tied = params.sizes[0 if embed else -1] if layout.pp > 1 and mc.tie_embeddings and embed != head else 0
+    rest = params.total - layers * block - tied
+    return [block] * layers + [n for n in (rest, tied) if n], block, rest
 
 
 def _shard(numel: int, shards: int, index: int) -> tuple[int, int]:
@@ -178,7 +201,7 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
     stage_z = z.stage if dp > 1 else 0
     shards = dp if stage_z >= 1 else 1
     index = dp_rank if shards > 1 else 0
-    runs = buckets(layout, stage)
+    runs = zero3_buckets(layout, stage)[0] if stage_z == 3 else buckets(layout, stage)
     padded = [_shard(nb, shards, index)[0] * shards for nb in runs]
     owned = [_shard(nb, shards, index)[1] for nb in runs]  # elements this rank steps (no padding)
     weights = e * sum(padded)
@@ -187,6 +210,18 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
     optimizer = master + 8 * sum(owned)
     biggest = max(padded)
     staging = 4 * biggest if stage_z == 2 else 0.0
+    fwd_gather = bwd_gather = 0.0
+    if stage_z == 3:  # the weights' shards persist; full buckets only around their use
+        weights /= shards
+        _, block, rest = zero3_buckets(layout, stage)
+        chunks = layout.chunks(stage)
+        # with the embedding and the head on one stage the rest bucket is gathered (and its fp32
+        # staging alive) from the head's backward to the embedding's, across every block's backward
+        whole = rest if any(c.first for c in chunks) and any(c.last for c in chunks) else 0
+        block_p = _shard(block, shards, index)[0] * shards if block else 0
+        fwd_gather = e * biggest
+        bwd_gather = e * (block_p + whole)
+        staging = 4 * (max(block_p, biggest if not whole else 0) + whole)
     # reducing it: gloo has no reduce-scatter, so comm.reduce_scatter stacks the chunks into one
     # copy and all-reduces it; both backends return this rank's chunk in a new buffer
     reduce = staging * ((2 if cpu else 1) + 1 / shards)
@@ -196,12 +231,12 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
     scatter = 4 * biggest * (1 + 1 / shards) if stage_z == 1 and cpu else \
         (4 * biggest / shards if stage_z == 1 else 0.0)
     adam = 2 * 4 * min(max(params.sizes), max(owned)) if cpu else 4 * sum(owned)
-    gather = e * biggest if stage_z >= 1 else 0.0
+    gather = e * biggest if stage_z in (1, 2) else 0.0  # (ZeRO-3 gathers on use, not after the step)
     # construction: a bucket's fp32 values and its compute-dtype buffer beside the module's fp32
     # parameters (dropped as each bucket takes them over)
     build = (4 + (e if bf16 else 0)) * biggest
     return State(weights, grads, optimizer, staging, reduce, max(scatter, adam, gather), build,
-                 grads_kept=True)
+                 grads_kept=True, gathered_forward=fwd_gather, gathered_backward=bwd_gather)
 
 
 def build_peak(layout: Layout, stage: int, state: State, device: str = "cuda") -> float:
@@ -260,10 +295,11 @@ def memory_of(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cuda"
     after = inflight_g * per_mb + min(head_inflight, max(inflight_g, 1)) * head_saved
     state = st.weights + st.optimizer
     phases = [  # (name, grads, activations, pipeline, transient)
-        ("forward", st.grads if st.grads_kept else 0.0, before, pipeline, fwd_t),
+        ("forward", st.grads if st.grads_kept else 0.0, before, pipeline, fwd_t + st.gathered_forward),
         # ZeRO-2's staging bucket lives from a backward's first gradient to its reduction: not
         # while the head's forward runs
-        ("backward", st.grads, after, pipeline, max(bwd_t + st.staging, fwd_t if inflight_g else 0.0)),
+        ("backward", st.grads, after, pipeline,
+         max(bwd_t + st.staging + st.gathered_backward, fwd_t + st.gathered_forward if inflight_g else 0.0)),
         # a bucket reduced once its last gradient arrived: the micro-batch whose backward
         # finished it holds no activations any more, the other in-flight ones still do
         ("reduce", st.grads, max(inflight_g - 1, 0) * per_mb, pipeline, st.reduce),

@@ -53,12 +53,12 @@ class PlanResult:
     considered: int = 0
 
 
-# ZeRO variants tried by default: the native distributed optimizer (stages 1 and 2, which compose
-# with tp, sp and pp) and DeepSpeed stage 3; DeepSpeed 1 and 2 hold what the native ones do at best,
-# with fewer compositions, so they are left to --zero.
-DEFAULT_ZERO = ((0, "native"), (1, "native"), (2, "native"), (3, "deepspeed"))
-ZERO_NAMES = {"0": (0, "native"), "1": (1, "native"), "2": (2, "native"), "ds1": (1, "deepspeed"),
-              "ds2": (2, "deepspeed"), "ds3": (3, "deepspeed")}
+# ZeRO variants tried by default: the native distributed optimizer (stages 1-3, which compose with
+# tp, sp and pp); DeepSpeed's hold what the native ones do at best, with fewer compositions, so they
+# are left to --zero.
+DEFAULT_ZERO = ((0, "native"), (1, "native"), (2, "native"), (3, "native"))
+ZERO_NAMES = {"0": (0, "native"), "1": (1, "native"), "2": (2, "native"), "3": (3, "native"),
+              "ds1": (1, "deepspeed"), "ds2": (2, "deepspeed"), "ds3": (3, "deepspeed")}
 
 
 def _divisors(n: int) -> list[int]:

@@ -14,7 +14,7 @@ from ..config import ModelConfig
 from ..layout import Layout
 from ..model.gpt import GPT
 from ..pipeline.schedules import build as build_schedule
-from ..pipeline.schedules import held_messages, simulate
+from ..pipeline.schedules import held_messages, send_releases, simulate
 from ..slicing import TPSharder
 
 
@@ -81,7 +81,8 @@ class ScheduleFacts:
 def schedule_facts(name: str, pp: int, m: int, v: int, b_over_f: float) -> ScheduleFacts:
     lists = build_schedule(name, pp, m, v)
     finish, busy, peak = simulate(lists, 1.0, b_over_f)
-    held = tuple(held_messages(lists, s) for s in range(pp))
+    releases = send_releases(lists)  # every stage's at once: computed once, not per stage
+    held = tuple(held_messages(lists, s, releases=releases) for s in range(pp))
     after = []
     for lst in lists:  # gradients are allocated by a stage's first backward: what is in flight then
         inflight, seen_b, most = 0, False, 0

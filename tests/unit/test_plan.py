@@ -157,7 +157,8 @@ def _layout(raw_overrides: dict) -> Layout:
 # bytes per parameter of weights + grads + optimizer (masters + moments), optim/distributed.py's table
 BYTES_PER_PARAM = {("fp32", 0): lambda d: 16, ("bf16", 0): lambda d: 18, ("bf16", 1): lambda d: 6 + 12 / d,
                    ("bf16", 2): lambda d: 2 + 16 / d, ("fp32", 1): lambda d: 8 + 8 / d,
-                   ("fp32", 2): lambda d: 4 + 12 / d}
+                   ("fp32", 2): lambda d: 4 + 12 / d, ("bf16", 3): lambda d: 18 / d,
+                   ("fp32", 3): lambda d: 16 / d}
 
 
 @pytest.mark.parametrize("precision, stage, dp", [(p, z, d) for p, z in BYTES_PER_PARAM for d in (1, 2, 4)
@@ -172,7 +173,8 @@ def test_model_state_bytes_per_param(precision, stage, dp):
     st = model_state(layout, 0, 0, "cpu")
     per_param = (st.weights + st.grads + st.optimizer) / n
     assert per_param == pytest.approx(BYTES_PER_PARAM[(precision, stage)](dp), abs=4 * 16 / n)
-    assert (st.staging > 0) == (stage == 2)
+    assert (st.staging > 0) == (stage >= 2)
+    assert (st.gathered_forward > 0) == (stage == 3)  # ZeRO-3: full buckets only around their use
     assert st.grads_kept == (precision == "bf16" or stage > 0)
     mem = plan.peak_memory(layout, "cpu")
     assert mem.weights == st.weights and mem.optimizer == st.optimizer
@@ -198,6 +200,25 @@ def test_buckets_are_the_distributed_optimizers(pp, tie):
         st, held = model_state(layout, stage, 0, "cpu"), opt.state_bytes()
         assert (st.weights, st.grads) == (held["weights"], held["grads"])
         assert st.optimizer == held["master"] + 2 * held["master"]  # moments: 8 bytes where masters hold 4
+
+
+@pytest.mark.parametrize("pp, tie", [(1, True), (2, True), (2, False)])
+def test_zero3_buckets_are_the_distributed_optimizers(pp, tie):
+    """ZeRO-3's cut (one bucket per block, the rest of the stage, the tied copy apart) as plan counts
+    it and as optim/distributed.py makes it, for every stage's model."""
+    from megatron_lite.optim.distributed import _units
+    from megatron_lite.parallel.grads import tied_embedding_copy
+    from megatron_lite.plan.memory import zero3_buckets
+    layout = _layout({"parallel": {"pp": pp}, "model": {"tie_embeddings": tie}})
+    cfg = layout.config
+    for stage in range(pp):
+        chunks = layout.chunks(stage)
+        model = GPT(cfg.model, seed=0, layers=[i for c in chunks for i in c.layers],
+                    embed=any(c.first for c in chunks), head=any(c.last for c in chunks))
+        params = [p for p in model.parameters() if p.requires_grad][::-1]
+        runs, users = _units(model, params, tied_embedding_copy(model) if pp > 1 else None)
+        assert sorted(sum(p.numel() for p in r) for r in runs) == sorted(zero3_buckets(layout, stage)[0])
+        assert all(users) and len(runs) == len(users)
 
 
 def test_memory_breakdown_follows_the_layout():
