@@ -347,6 +347,20 @@ def test_llama3_405b_interleaved_on_tp8_pp16_dp128_with_embedding_and_head_piece
         assert cand.memory.total >= max(m.total for m in mems)  # the fullest rank, over every dp rank too
 
 
+def test_llama3_405b_fits_at_its_published_layout_with_headroom():
+    """Llama 3 405B as published (TP8 PP16 DP128, seq 8192, micro-batch 1, interleaved, no activation
+    recompute) with the preset's memory choices (bf16 distributed optimizer with ZeRO-2, the norms
+    keeping their outputs): the fullest rank fits in 80 GB with 10% headroom."""
+    cfg = Config.from_yaml(ROOT / "configs" / "llama3-405b.yaml")
+    assert cfg.optim.zero.stage == 2 and cfg.model.norm_saves_output
+    cluster = plan.Cluster.preset("h100", nodes=2048)
+    result = plan.plan(cfg, cluster, global_batch=2048, tp_values=[8], pp_values=[16], micro_batch_sizes=(1,),
+                       schedules=("interleaved",), max_virtual_stages=8, zero=((2, "native"),),
+                       recompute=("none",), headroom=0.1)
+    fits = {c.layout.config.parallel.virtual_stages: c.memory.total for c in result.ranked}
+    assert 2 in fits and fits[2] <= 0.9 * 80e9, (fits, [c.memory.total for c in result.too_big])
+
+
 # ---- throughput against published figures ----------------------------------------------------------
 def test_gemm_efficiency_is_fitted_on_table1_row1():
     row = NARAYANAN_2021_TABLE1[0]
