@@ -95,6 +95,8 @@ def head_activations(mc: ModelConfig, tp: int, sp: bool, b: int, s: int, e: int,
     N, h = b * s, mc.hidden_size
     terms = saved_terms(mc, b, s, tp, sp, e=e, recompute="none", device=device)
     norm = sum(terms[k] for k in NORM_TERMS) / 2
+    if tp == 1 and mc.norm_saves_output:  # a block's norm output is its GEMM's saved input; the fused
+        norm += N * h * e                 # loss below keeps grad_x instead, so ln_f's output is extra
     if tp == 1:
         # model/loss.py: grad_x (N, h) and grad_w (V, h) computed in the forward and saved (grad_w
         # accumulated in fp32, saved in the weights' dtype); per chunk of 1024 rows the logits in the

@@ -8,6 +8,7 @@ megatron_lite/plan/calibration.py.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -115,11 +116,13 @@ def test_block_activation_bytes_equal_what_autograd_saves(precision, act, kv, po
     assert (measured[recompute], measured["none"]) == (kept, whole)
 
 
-@pytest.mark.parametrize("precision, pos", list(itertools.product(["fp32", "bf16"], ["learned", "rope"])))
-def test_head_activation_bytes_equal_what_autograd_saves(precision, pos):
+@pytest.mark.parametrize("precision, pos, saves_output",
+                         list(itertools.product(["fp32", "bf16"], ["learned", "rope"], [False, True])))
+def test_head_activation_bytes_equal_what_autograd_saves(precision, pos, saves_output):
     """The final norm + fused linear/cross-entropy head at tp = 1: what its forward saves (grad_x and
-    grad_w computed in the forward, the norm's input and statistics) against plan's head term."""
-    mc = _mc("gelu", None, pos)
+    grad_w computed in the forward, the norm's input — or, with model.norm_saves_output, its output,
+    which the fused loss does not keep — and statistics) against plan's head term."""
+    mc = dataclasses.replace(_mc("gelu", None, pos), norm_saves_output=saves_output)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = GPT(mc, seed=0, layers=[], embed=False, head=True).to(dtype).train()
     x = torch.randn(2, 32, 64, dtype=dtype, requires_grad=True)
