@@ -167,3 +167,15 @@ def test_verify_two_ranks_bf16(tmp_path, bug):
         if row["layout"] in expected:  # far outside even bf16's tolerance
             assert row["norm"]["worst_ratio_to_tolerance"] > 10, row
     assert r.returncode != 0
+
+
+@pytest.mark.slow
+def test_verify_eight_ranks_zero3_with_tp_and_pp_in_bf16(tmp_path):
+    """ZeRO-3 composed with tp (and SP) and pp on 8 ranks (tp2.pp2.dp2), in bf16 against the serial
+    bf16 run: the layout a 175B-on-1000-GPUs user runs, at the smallest size that has every axis."""
+    names = ["tp2.pp2:1f1b.dp2:zero3", "tp2+sp.pp2:interleaved.dp2:zero3"]
+    r, report, _ = verify(tmp_path, 8, "--precision", "bf16", "--layouts", *names)
+    assert r.returncode == 0 and report["passed"], r.stdout[-5000:] + r.stderr[-10000:]
+    assert sorted(row["layout"] for row in report["layouts"]) == sorted(names)
+    assert all(row[k]["worst_ratio_to_tolerance"] < 0.7 for row in report["layouts"]
+               for k in ("loss", "norm", "grad", "param")), report["layouts"]
