@@ -5,7 +5,10 @@ messages tagged by what they carry (F|B, micro-batch, virtual stage), so no two 
 Sends are non-blocking; each is waited for (and its buffer let go) at the first action after
 which the schedule proves its receiver has taken it (schedules.send_releases), so the messages a
 stage holds are bounded by the schedule's depth, not by the number of micro-batches; the few that
-nothing proves are waited for at the end of the step. Each receive is posted one receive ahead
+nothing proves are waited for at the end of the step. A sent output whose chunk still awaits its
+backward is then freed too (its data replaced by one element; the backward needs only its grad_fn,
+see _free_sent_output), so a stage holds an activation-sized message per chunk only between its
+forward and its send's release, not until its backward. Each receive is posted one receive ahead
 (so it arrives during the compute before it) and waited for when its action comes. Only that wait
 blocks, so a schedule whose simulation completes (pipeline/schedules.py) cannot deadlock here.
 Every message has the shape agreed up front: (micro-batch, sequence [/ tp under sequence
@@ -30,6 +33,34 @@ from ..distributed import comm
 from ..parallel.grads import nan_if_nonfinite
 from .partition import Chunk
 from .schedules import Action, build, build_forward_only, message, send_releases
+
+# The C++ autograd engine, which checks a root's gradient against the shape its grad_fn recorded
+# when the output was made; torch.autograd.backward checks it against the tensor's current shape,
+# which a freed output (one element) no longer has. Same positional signature since torch 2.0:
+# (roots, grads, keep_graph, create_graph, inputs, allow_unreachable, accumulate_grad).
+_run_backward = torch.autograd.Variable._execution_engine.run_backward
+
+
+def _free_sent_output(out: torch.Tensor) -> None:
+    """Let go of a chunk output's values once its send has completed; the tensor object and its
+    grad_fn stay for the backward, which only feeds the received gradient into that grad_fn.
+
+    That is safe because nothing reads the output's values again: a chunk ends with a block's
+    residual add (or the embedding: a lookup, a position add, dropout, the sequence split — none
+    saves its result), and the next chunk's ops work on the received copy on the other stage. If
+    a model's chunk ended instead with an op that saves its own result (tanh, exp, softmax, a norm
+    that saves its output), autograd would hold that result through a tensor of its own sharing
+    the storage: the backward would still be exact, but nothing would be freed, and plan's
+    pipeline term (schedules.held_messages) would undercount by a message per chunk in flight.
+    The assert below catches that for ATen ops (a class attribute: reading the saved value itself
+    would unpack it, which under activation checkpointing means recomputing). A view (_base set)
+    shares its base's storage, so replacing its data would free nothing: it is left alone."""
+    if out._base is not None:
+        return
+    assert not hasattr(type(out.grad_fn), "_saved_result"), (
+        f"a pipeline chunk's last op ({out.grad_fn.name()}) saves its output for its backward; "
+        f"the engine's freeing of sent outputs assumes it does not (schedules.held_messages)")
+    out.data = torch.empty((1,), device=out.device, dtype=out.dtype)
 
 
 @dataclass
@@ -87,7 +118,8 @@ class PipelineEngine:
         inputs: dict[tuple, torch.Tensor] = {}
         outputs: dict[tuple, torch.Tensor] = {}
         grads: dict[tuple, torch.Tensor] = {}
-        sends: dict[int, tuple] = {}  # action index -> (work, tensor) until the send is known done
+        # action index -> (work, tensor, key of the chunk output it sends or None) until known done
+        sends: dict[int, tuple] = {}
         # losses are summed in fp32 also under bf16 (and in fp64 for an fp64 model, as its serial run)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.promote_types(self.dtype, torch.float32))
         inflight = 0
@@ -140,26 +172,30 @@ class PipelineEngine:
                 if forward_only:
                     del outputs[key], inputs[key]
                     inflight -= 1
-                sends[i] = (comm.isend(t, self.pp_ranks[a.peer], self.group, self._tag(a)), t)
+                sends[i] = (comm.isend(t, self.pp_ranks[a.peer], self.group, self._tag(a)), t, key)
             elif a.kind == "B":
                 inp, out = inputs.pop(key), outputs.pop(key)
                 if chunk.last:
                     torch.autograd.backward(out)
                 else:
-                    torch.autograd.backward(out, inbox.pop(("RECV_B", *key)))
+                    # the engine directly: the output may be freed (_free_sent_output)
+                    _run_backward((out,), (inbox.pop(("RECV_B", *key)),), False, False, (), True, True)
                 if not chunk.first:
                     grads[key] = inp.grad
                 inflight -= 1
             elif a.kind == "SEND_B":
                 g = grads.pop(key)
-                sends[i] = (comm.isend(g, self.pp_ranks[a.peer], self.group, self._tag(a)), g)
+                sends[i] = (comm.isend(g, self.pp_ranks[a.peer], self.group, self._tag(a)), g, None)
             self.trace.events.append((a.kind, t0, time.perf_counter()))
             held = self._message_bytes(outputs.values(), inbox.values(), grads.values(),
-                                       (t for _, t in sends.values()), (b for _, b in posted.values()))
+                                       (t for _, t, _ in sends.values()), (b for _, b in posted.values()))
             self.trace.peak_message_bytes = max(self.trace.peak_message_bytes, held)
             for j in releases.get(i, ()):  # its receiver has taken it: the wait returns at once
-                sends.pop(j)[0].wait()
-        for work, _ in sends.values():
+                work, _, sent = sends.pop(j)
+                work.wait()
+                if sent in outputs:  # its chunk awaits its backward (the loss is never sent)
+                    _free_sent_output(outputs[sent])
+        for work, _, _ in sends.values():
             work.wait()
         if forward_only:  # a forward-only run leaves the last chunk's outputs unconsumed
             inputs.clear()

@@ -225,8 +225,10 @@ def held_messages(lists: list[list[Action]], stage: int, prefetch: bool = True,
                   releases: list[dict[int, tuple[int, ...]]] | None = None) -> int:
     """The most message-sized buffers the executor holds at once on `stage` (activations sent
     or about to be, received gradients, gradients to send, posted receive buffers), walking its
-    list the way pipeline/engine.py keeps them: a chunk's output lives until its backward and
-    until its send is released; a receive buffer from its posting (one receive ahead with
+    list the way pipeline/engine.py keeps them: a chunk's output lives until its send is
+    released, whether or not its backward has run (the engine then frees the output of a chunk
+    still awaiting its backward, which needs only the output's grad_fn; a send never released
+    keeps it to the step's end); a receive buffer from its posting (one receive ahead with
     prefetch) until the forward or backward that uses it (a forward's input is then an
     activation, not a message); a gradient for the previous stage from its backward until its
     send is released. plan's pipeline memory term is this count times the message size, and the
@@ -289,5 +291,8 @@ def held_messages(lists: list[list[Action]], stage: int, prefetch: bool = True,
             sent_by[i] = ("grad", *key)
         most = max(most, len(holders))
         for j in releases.get(i, ()):
-            drop(sent_by.pop(j), j)
+            buf = sent_by.pop(j)
+            drop(buf, j)
+            if buf[0] == "out":  # the engine frees the sent output, backward or not
+                drop(buf, "outputs")
     return most

@@ -87,9 +87,10 @@ def _case(rank, world, pp, tp, schedule, v, m, sp=False, variant="gpt2", sizes=N
 
 def _held_messages(rank, world):
     """The message buffers a stage holds (sent and not yet released, received and not yet used,
-    outputs awaiting their backward) are what schedules.held_messages predicts (plan's pipeline
-    term), for every schedule and m, forward-only too; under 1F1B they do not grow with m, under
-    GPipe they do (every micro-batch is in flight at once)."""
+    outputs not yet sent; a sent output awaiting its backward is freed once its send is released)
+    are what schedules.held_messages predicts (plan's pipeline term), for every schedule and m,
+    forward-only too; under 1F1B they do not grow with m, under GPipe they do (no send of the
+    forward phase is known received before the first gradient comes back)."""
     from megatron_lite.config import ModelConfig
     from megatron_lite.distributed.topology import Topology
     from megatron_lite.model import GPT
