@@ -24,10 +24,12 @@ of a step, or after it: gradients exist), and the optimizer step.
               block's norm; at tp=1 the fused linear + cross-entropy keeps grad_x and grad_w; at tp>1
               the linear's input, a sequence shard under SP, and the fp32 softmax over the padded
               vocabulary slice)
-  pipeline    the message buffers the engine holds at once (chunk outputs until their backward
-              and their send's release, posted receives, gradients until their send is released;
-              pipeline/schedules.held_messages walks the stage's list as the engine keeps them:
-              flat in m for 1F1B and interleaving, m + 2 for GPipe) x b x s (/tp under SP) x h x the
+  pipeline    the message buffers the engine holds at once (chunk outputs until their send's
+              release, when the engine frees a sent output still awaiting its backward; posted
+              receives; gradients until their send is released; pipeline/schedules.held_messages
+              walks the stage's list as the engine keeps them: flat in m for 1F1B and
+              interleaving, m + 2 for GPipe, whose forward sends are known received only once the
+              first gradient comes back) x b x s (/tp under SP) x h x the
               engine's message dtype (the compute dtype; fp32 under DeepSpeed)
   transient   the largest short-lived buffer at the peak: a chunk of logits (fused CE) or the
               vocab-parallel logits and their fp32 copy, the block recomputed under full recompute,
