@@ -18,6 +18,8 @@ showed the same table as an image in 2021.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from ..config import Config
 from ..layout import Layout
 from .cluster import MEGATRON_2021, Cluster, Profile
@@ -49,6 +51,7 @@ def table1_config(row) -> Config:
     }).validate()
 
 
+@lru_cache(maxsize=64)  # a row's prediction is asked for by several tests and the benchmark
 def table1_prediction(row, gemm_efficiency: float = GEMM_EFFICIENCY) -> tuple[Timing, int, Layout]:
     """The paper's layout (tp, pp, dp = GPUs / tp / pp, batch, interleaving when pp > 1, recompute,
     bf16, no sequence parallelism: it came a year later), micro-batch 1, the best v: (timing, v, layout)."""
