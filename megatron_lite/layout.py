@@ -175,6 +175,11 @@ def _check_deepspeed(cfg: Config) -> None:
                           f"refuses it too) while parallel.pp={p.pp} runs a backward per micro-batch; use "
                           f"optim.zero.backend=native, whose ZeRO-2 and ZeRO-3 compose with pipelining, or "
                           f"DeepSpeed's stage 1.")
+    if p.pp > 1 and cfg.train.precision == "bf16":
+        raise LayoutError(f"DeepSpeed's bf16 optimizer stalls in its step under our pipeline engine "
+                          f"(parallel.pp={p.pp}: measured at 1F1B and GPipe, a gloo receive never "
+                          f"completes); use optim.zero.backend=native, whose bf16 composes with "
+                          f"pipelining, or train.precision=fp32.")
     if p.sequence_parallel:
         raise LayoutError("optim.zero.backend=deepspeed does not support parallel.sequence_parallel=true "
                           "(DeepSpeed reduces gradients before the sequence-parallel sum); use "

@@ -92,7 +92,7 @@ def global_batch(world: int) -> int:
     return 4 * world
 
 
-def candidates(world: int, model_overrides: list[str], deepspeed: bool = True
+def candidates(world: int, model_overrides: list[str], deepspeed: bool = True, precision: str = "fp32"
                ) -> tuple[list[Variant], dict[str, str]]:
     """Every combination of axis variants that is a valid Layout at this world size (e.g. DeepSpeed
     ZeRO without sequence parallelism, interleaving only with enough blocks), and for each
@@ -109,7 +109,8 @@ def candidates(world: int, model_overrides: list[str], deepspeed: bool = True
                         continue
                     v = Variant(tp, pp, dp, sp, schedule, zero)
                     try:
-                        Layout.build(make_config(v, world, 1, "unused", "unused", model_overrides), world)
+                        Layout.build(make_config(v, world, 1, "unused", "unused", model_overrides,
+                                                 precision=precision), world)
                     except LayoutError as e:
                         reason = reason or str(e)
                         continue
@@ -203,7 +204,7 @@ def select_layouts(world: int, steps: int = 3, patterns: list[str] | None = None
         raise UsageError(f"model.dropout={probe.model.dropout}: verify needs model.dropout=0 (dropout masks "
                          f"depend on the layout, so no layout could match the serial run).")
     have_ds = importlib.util.find_spec("deepspeed") is not None
-    cands, unfit = candidates(world, model_overrides, have_ds)
+    cands, unfit = candidates(world, model_overrides, have_ds, precision)
     chosen = select(cands, patterns)
     if not chosen:
         raise UsageError(f"no valid layout at world size {world} matches --layouts "

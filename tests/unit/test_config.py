@@ -122,6 +122,8 @@ INTERLEAVED = ["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtu
      ["ZeRO-2", "parallel.pp=2", "optim.zero.backend=native"]),
     (["optim.zero.backend=deepspeed", "optim.zero.stage=2", "parallel.dp=2", "parallel.tp=2",
       "parallel.sequence_parallel=true"], ["sequence_parallel", "optim.zero.backend=native"]),
+    (["optim.zero.backend=deepspeed", "optim.zero.stage=1", "parallel.dp=2", "parallel.pp=2",
+      "train.precision=bf16", "parallel.microbatches=2"], ["bf16", "parallel.pp=2", "backend=native"]),
     (["parallel.pp=8"], ["parallel.pp=8", "model.num_layers=4"]),
     (["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=2",
       "parallel.microbatches=3"], ["micro-batches (3)", "multiple of parallel.pp=2"]),
