@@ -210,5 +210,5 @@ def test_verify_inside_a_slurm_allocation(slurm_one_node, tmp_path):
     text = (tmp_path / "verify.out").read_text()
     assert state == "COMPLETED", text[-3000:]
     table = json.loads(out.read_text())
-    assert table["world_size"] == 2 and table["passed"] and len(table["layouts"]) == 10
+    assert table["world_size"] == 2 and table["passed"] and len(table["layouts"]) == 12
     assert all(row["passed"] for row in table["layouts"]) and "FAIL" not in text
