@@ -333,10 +333,11 @@ class DistributedOptimizer:
     def set_param(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
         flat = value.reshape(-1).to(device=p.device, dtype=torch.float32)
         with torch.no_grad():
-            if self.stage != 3:
+            if self.stage != 3:  # the shard is a view of the weights: this writes it too
                 p.copy_(value.to(p.device))
             for f in self.by_param.get(id(p), []):
-                f.bucket.shard_weights[f.shard_lo:f.shard_hi].copy_(flat[f.lo:f.hi])  # (ZeRO-3's own)
+                if self.stage == 3:  # only the shard exists between uses
+                    f.bucket.shard_weights[f.shard_lo:f.shard_hi].copy_(flat[f.lo:f.hi])
                 f.master.copy_(flat[f.lo:f.hi])
 
     def get_state(self, p: torch.nn.Parameter) -> dict | None:
