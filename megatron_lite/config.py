@@ -106,11 +106,20 @@ class ParallelConfig:
     # explicit blocks per pipeline piece, pp x virtual_stages of them in virtual-stage order (overrides
     # partition); 0 only for the first piece (embedding alone) or the last (final norm + head alone)
     pp_layers: Optional[list[int]] = None
+    # Native backends: each gradient bucket's data-parallel reduction starts as soon as its last
+    # gradient of the step is final, while the backward goes on (false: all after the backward)
+    overlap_grad_reduce: bool = True
+    # Native ZeRO-1/2: the updated weights' all-gather runs behind the next forward, each bucket
+    # waited for just before its first use; ZeRO-3: the next block's gather is started one ahead
+    overlap_param_gather: bool = True
 
     def validate(self) -> None:
         for key in ("tp", "pp", "dp"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"parallel.{key}={getattr(self, key)!r} must be a positive integer.")
+        for key in ("overlap_grad_reduce", "overlap_param_gather"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"parallel.{key}={getattr(self, key)!r} must be true or false.")
         if sorted(self.order.split("-")) != ["dp", "pp", "tp"]:
             raise ConfigError(f"parallel.order={self.order!r} must name tp, pp and dp once each, fastest "
                               f"first, e.g. tp-dp-pp.")
@@ -216,8 +225,13 @@ class TrainConfig:
     peak_tflops: Optional[float] = None  # for MFU; None -> a per-device estimate
     sample_tokens: int = 120  # tokens generated from the final model (0 disables)
     progress: bool = True  # tqdm progress bar
+    # torch.compile each transformer block (regional compilation, as torchtitan does): inductor
+    # on CPU and GPU; the block's hooks (ZeRO-3 gathers) stay outside the compiled code
+    compile: bool = False
 
     def validate(self) -> None:
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"train.compile={self.compile!r} must be true or false.")
         for key in ("steps", "grad_accum", "eval_interval", "eval_iters"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1.")
