@@ -8,6 +8,11 @@ logical operation moves, per kind, into a CommStats the caller holds:
     with stats.recording():
         ...train step...
     stats.bytes["all_reduce"]
+    stats.exposed_seconds()        # how long this thread sat waiting for communication
+
+Collectives come in two forms: the plain one returns when done; the `*_async` one returns a Pending
+at once (the collective runs in the backend's own thread or stream), whose wait() blocks until
+it is done and returns the result — what overlapping communication with computation is built on.
 
 Every function takes its process group explicitly. A collective or transfer that was started and
 then failed (a peer died, closed the connection or stalled past the timeout) raises
@@ -18,11 +23,13 @@ CollectiveFailure, so a caller tells a peer's failure from a bug by the exceptio
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -54,12 +61,42 @@ class Transfer:
     work: object
 
     def wait(self) -> None:
-        _wait(self.work)
+        _wait(self.work, "p2p")
 
 
-def _wait(work) -> None:
+class Pending:
+    """A started collective. wait() blocks until it is done (the first call; later ones return at
+    once) and returns its result; raises CollectiveFailure when a peer fails."""
+
+    def __init__(self, kind: str, work, result: torch.Tensor, then: Callable[[], torch.Tensor] | None = None):
+        self.kind = kind
+        self.work = work  # None: nothing to wait for (a group of one)
+        self.result = result
+        self.then = then  # runs once the collective is done; returns the result
+        self.launched = time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        return self.work is None
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            work, self.work = self.work, None
+            _wait(work, self.kind, self.launched)
+            if self.then is not None:
+                self.result = self.then()
+        return self.result
+
+
+def _wait(work, kind: str, launched: float | None = None) -> None:
+    t0 = time.perf_counter()
     with _started():
         work.wait()
+    stats = _recorder.get()
+    if stats is not None:
+        t1 = time.perf_counter()
+        stats.wait_seconds[kind] += t1 - t0
+        stats.events.append((kind, t0 if launched is None else launched, t0, t1))
 
 
 @dataclass
@@ -70,6 +107,14 @@ class CommStats:
     runs CPU backward passes on the calling thread, so backward collectives count too on CPU."""
     bytes: Counter = field(default_factory=Counter)
     calls: Counter = field(default_factory=Counter)
+    # Seconds this thread spent blocked in a wait per op kind: the communication not hidden behind
+    # computation (a plain collective's whole duration; an async one's remainder when waited for).
+    wait_seconds: Counter = field(default_factory=Counter)
+    # (kind, launched, wait began, wait ended) per waited operation, perf_counter seconds
+    events: list = field(default_factory=list)
+
+    def exposed_seconds(self) -> float:
+        return sum(self.wait_seconds.values())
 
     @contextmanager
     def recording(self):
@@ -226,12 +271,16 @@ def is_initialized() -> bool:
 
 def all_reduce(t: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce; returns t. A group of one is free."""
+    return all_reduce_async(t, group, op).wait()
+
+
+def all_reduce_async(t: torch.Tensor, group, op: str = "sum") -> Pending:
+    """all_reduce, started: t must not be touched until the Pending is waited for."""
     if size(group) == 1:
-        return t
+        return Pending("all_reduce", None, t)
     _count("all_reduce", t)
-    _wait(dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=group,
-                          async_op=True))
-    return t
+    return Pending("all_reduce", dist.all_reduce(
+        t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=group, async_op=True), t)
 
 
 def all_gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -240,29 +289,30 @@ def all_gather(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     if n == 1:
         return t
     t = t.contiguous()
-    out = torch.empty((n * t.shape[0],) + t.shape[1:], dtype=t.dtype, device=t.device)
-    _count("all_gather", out)
-    if hasattr(dist, "all_gather_into_tensor") and dist.get_backend(group) != "gloo":
-        _wait(dist.all_gather_into_tensor(out, t, group=group, async_op=True))
-    else:
-        _wait(dist.all_gather(list(out.chunk(n)), t, group=group, async_op=True))
+    out = all_gather_into(torch.empty((n * t.shape[0],) + t.shape[1:], dtype=t.dtype, device=t.device),
+                          t, group)
     out = out.view((n,) + t.shape)  # (n, *t.shape): rank-major
     return torch.cat(out.unbind(0), dim=dim) if dim != 0 else out.flatten(0, 1)
 
 
 def all_gather_into(out: torch.Tensor, t: torch.Tensor, group) -> torch.Tensor:
-    """Every rank's t, in group rank order, written straight into the flat out (n * t.numel()
-    elements): no staging copy, for buffers that must keep their storage (ZeRO-3's weights)."""
+    """Every rank's t, in group rank order, written straight into out (n * t.numel() elements,
+    rank-major): no staging copy, for buffers that must keep their storage (ZeRO-3's weights)."""
+    return all_gather_into_async(out, t, group).wait()
+
+
+def all_gather_into_async(out: torch.Tensor, t: torch.Tensor, group) -> Pending:
+    """all_gather_into, started: neither out nor t may be touched until the Pending is waited for."""
     n = size(group)
     if n == 1:
-        return out.copy_(t.reshape(out.shape))
+        return Pending("all_gather", None, out.copy_(t.reshape(out.shape)))
     _count("all_gather", out)
     t = t.contiguous()
     if hasattr(dist, "all_gather_into_tensor") and dist.get_backend(group) != "gloo":
-        _wait(dist.all_gather_into_tensor(out, t, group=group, async_op=True))
+        work = dist.all_gather_into_tensor(out, t, group=group, async_op=True)
     else:
-        _wait(dist.all_gather([c.view_as(t) for c in out.chunk(n)], t, group=group, async_op=True))
-    return out
+        work = dist.all_gather([c.view_as(t) for c in out.chunk(n)], t, group=group, async_op=True)
+    return Pending("all_gather", work, out)
 
 
 def reduce_scatter(t: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -270,16 +320,32 @@ def reduce_scatter(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = size(group)
     if n == 1:
         return t
+    src = t.movedim(dim, 0)
+    # the async form reduces in place under gloo: give it a copy, so t is left as it was
+    src = src.clone(memory_format=torch.contiguous_format) \
+        if dist.get_backend(group) == "gloo" or not src.is_contiguous() else src
+    out = reduce_scatter_async(src, group).wait()
+    return out.movedim(0, dim).contiguous() if dim != 0 else out
+
+
+def reduce_scatter_async(t: torch.Tensor, group) -> Pending:
+    """Sum t (contiguous, first dim divisible by the group size) over ranks and keep this rank's
+    chunk of the first dim, started: t must not be touched until the Pending is waited for (gloo
+    has no reduce-scatter: there it is an all-reduce of t in place, and t holds the full sum after)."""
+    n = size(group)
+    if n == 1:
+        return Pending("reduce_scatter", None, t)
     _count("reduce_scatter", t)
-    chunks = [c.contiguous() for c in t.chunk(n, dim=dim)]
-    out = torch.empty_like(chunks[0])
-    if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter: reduce, then keep ours
-        full = torch.stack(chunks)
-        _wait(dist.all_reduce(full, group=group, async_op=True))
-        out.copy_(full[rank(group)])
+    if dist.get_backend(group) == "gloo":
+        r = rank(group)
+        return Pending("reduce_scatter", dist.all_reduce(t, group=group, async_op=True), t,
+                       lambda: t.chunk(n)[r])
+    out = torch.empty((t.shape[0] // n,) + t.shape[1:], dtype=t.dtype, device=t.device)
+    if hasattr(dist, "reduce_scatter_tensor"):
+        work = dist.reduce_scatter_tensor(out, t, group=group, async_op=True)
     else:
-        _wait(dist.reduce_scatter(out, chunks, group=group, async_op=True))
-    return out
+        work = dist.reduce_scatter(out, list(t.chunk(n)), group=group, async_op=True)
+    return Pending("reduce_scatter", work, out)
 
 
 def all_gather_object(obj, group) -> list:
@@ -295,7 +361,7 @@ def all_gather_object(obj, group) -> list:
 def broadcast(t: torch.Tensor, src_global_rank: int, group) -> torch.Tensor:
     if size(group) > 1:
         _count("broadcast", t)
-        _wait(dist.broadcast(t, src_global_rank, group=group, async_op=True))
+        _wait(dist.broadcast(t, src_global_rank, group=group, async_op=True), "broadcast")
     return t
 
 
@@ -317,4 +383,4 @@ def world():
 
 def barrier(group) -> None:
     if is_initialized() and size(group) > 1:
-        _wait(dist.barrier(group=group, async_op=True))
+        _wait(dist.barrier(group=group, async_op=True), "barrier")
