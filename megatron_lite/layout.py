@@ -20,6 +20,7 @@ from functools import cached_property
 from .config import Config
 from .distributed.topology import Topology
 from .errors import LayoutError
+from .parallel.compile import unsupported as compile_unsupported
 from .pipeline.partition import Chunk, piece_sizes, stage_chunks
 from .pipeline.schedules import Action
 from .pipeline.schedules import build as build_schedule
@@ -46,6 +47,8 @@ class Layout:
                     f"data.global_batch_size={cfg.data.global_batch_size} is not data.micro_batch_size="
                     f"{cfg.data.micro_batch_size} x {m} micro-batches x parallel.dp={p.dp} = {per_step}; "
                     f"choose micro-batches that divide the global batch.")
+        if cfg.train.compile and (why := compile_unsupported()):
+            raise LayoutError(why)
         deepspeed = z.backend == "deepspeed" and z.stage > 0
         if deepspeed:
             _check_deepspeed(cfg)

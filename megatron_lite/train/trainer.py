@@ -44,6 +44,7 @@ from ..layout import Layout
 from ..model import GPT, generate
 from ..model.counts import flops_per_token
 from ..optim import lr_at
+from ..parallel.compile import compile_blocks
 from ..parallel.random import RNGTracker, recompute_context_fn
 from ..parallel.tensor_parallel import TensorParallel, build_stage, set_sequence_parallel
 from .backends import build_backend
@@ -254,6 +255,10 @@ class Trainer:
                                 sequence_parallel=cfg.parallel.sequence_parallel,
                                 make_vocab_divisible_by=cfg.parallel.make_vocab_divisible_by, tracker=tracker)
         model.set_recompute(cfg.train.recompute, recompute_context_fn(tp.tracker) if tp else None)
+        if cfg.train.compile:  # last: it reads the recompute mode; the backend's hooks go around it
+            n = compile_blocks(model, self.device)
+            log.info(f"train.compile: torch.compile (inductor, {self.device.type}) on each of this rank's "
+                     f"{n} transformer blocks; the first steps include compiling them")
         return model, tp
 
     def autocast(self):
