@@ -50,7 +50,7 @@ from ..config import Config, ModelConfig
 from ..layout import Layout
 from ..model.activations import saved_terms
 from ..slicing import padded_vocab
-from .stage import rank_params, schedule_facts, stage_params
+from .stage import chunks_of, rank_params, schedule_facts, stage_params
 
 # The norm terms of saved_terms (a block has two norms: ln1, ln2; the head has one, ln_f).
 NORM_TERMS = ("norm inputs (ln1, ln2)", "norm statistics")
@@ -139,7 +139,7 @@ def buckets(layout: Layout, stage: int) -> list[int]:
     in a bucket of its own."""
     mc = layout.config.model
     sizes = list(rank_params(layout, stage).sizes)[::-1]
-    chunks = layout.chunks(stage)
+    chunks = chunks_of(layout, stage)
     embed, head = any(c.first for c in chunks), any(c.last for c in chunks)
     tied = None
     if layout.pp > 1 and mc.tie_embeddings and embed != head:
@@ -164,7 +164,7 @@ def zero3_buckets(layout: Layout, stage: int) -> tuple[list[int], int, int]:
     (bucket sizes, one block's size, the rest's size)."""
     mc = layout.config.model
     params = rank_params(layout, stage)
-    chunks = layout.chunks(stage)
+    chunks = chunks_of(layout, stage)
     layers = sum(len(c.layers) for c in chunks)
     embed, head = any(c.first for c in chunks), any(c.last for c in chunks)
     block = stage_params(mc, 1, False, False, layout.tp, layout.config.parallel.make_vocab_divisible_by).total
@@ -218,7 +218,7 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
     if stage_z == 3:  # the weights' shards persist; full buckets only around their use
         weights /= shards
         _, block, rest = zero3_buckets(layout, stage)
-        chunks = layout.chunks(stage)
+        chunks = chunks_of(layout, stage)
         # with the embedding and the head on one stage the rest bucket is gathered (and its fp32
         # staging alive) from the head's backward to the embedding's, across every block's backward
         whole = rest if any(c.first for c in chunks) and any(c.last for c in chunks) else 0
@@ -249,7 +249,7 @@ def build_peak(layout: Layout, stage: int, state: State, device: str = "cuda") -
     value and the padded copy slicing may make of it sit beside the shards), then the optimizer taking
     the fp32 parameters over bucket by bucket."""
     cfg = layout.config
-    chunks = layout.chunks(stage)
+    chunks = chunks_of(layout, stage)
     n = rank_params(layout, stage).total
     serial = stage_params(cfg.model, sum(len(c.layers) for c in chunks), any(c.first for c in chunks),
                           any(c.last for c in chunks), 1, cfg.parallel.make_vocab_divisible_by)
@@ -277,7 +277,7 @@ def memory_of(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cuda"
     vocab = padded_vocab(mc.vocab_size, tp, p.make_vocab_divisible_by) // tp
     facts = schedule_facts(p.schedule, pp, m, p.virtual_stages, 2.0) if pp > 1 else None
     per_block, whole_block = block_activations(mc, tp, sp, b, s, e, device, rc)
-    chunks = layout.chunks(stage)
+    chunks = chunks_of(layout, stage)
     head = any(c.last for c in chunks)
     st = model_state(layout, stage, dp_rank, device)
     # activations: blocks of the in-flight chunk-micro-batches (the simulator's peak count), and

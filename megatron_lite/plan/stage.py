@@ -13,6 +13,7 @@ import torch
 from ..config import ModelConfig
 from ..layout import Layout
 from ..model.gpt import GPT
+from ..pipeline.partition import Chunk, stage_chunks
 from ..pipeline.schedules import build as build_schedule
 from ..pipeline.schedules import held_messages, send_releases, simulate
 from ..slicing import TPSharder
@@ -37,7 +38,7 @@ def stage_params(mc: ModelConfig, layers: int, embed: bool, head: bool, tp: int 
                  make_vocab_divisible_by: int = 128) -> RankParams:
     """One tp rank's parameters of a stage with `layers` blocks, the embedding, the head (cached per
     distinct shape: a plan asks for few)."""
-    return _stage_params(tuple(sorted(vars(mc).items())), layers, embed, head, tp, make_vocab_divisible_by)
+    return _stage_params(tuple(vars(mc).items()), layers, embed, head, tp, make_vocab_divisible_by)
 
 
 @lru_cache(maxsize=1024)
@@ -52,9 +53,23 @@ def _stage_params(model_items: tuple, layers: int, embed: bool, head: bool, tp: 
     return RankParams(tuple(math.prod(s) for s in shapes), tuple(len(s) >= 2 for s in shapes))
 
 
+def chunks_of(layout: Layout, stage: int) -> tuple[Chunk, ...]:
+    """layout.chunks(stage), cached per partition shape: a plan asks for the same few thousands of
+    times (every term of every stage of every candidate) and each call re-partitions the model."""
+    p = layout.config.parallel
+    return _chunks(tuple(vars(layout.config.model).items()), p.pp, stage, p.virtual_stages, p.partition,
+                   tuple(p.pp_layers) if p.pp_layers else None)
+
+
+@lru_cache(maxsize=4096)
+def _chunks(model_items: tuple, pp: int, stage: int, v: int, partition: str, sizes) -> tuple[Chunk, ...]:
+    return tuple(stage_chunks(ModelConfig(**dict(model_items)), pp, stage, v, partition,
+                              list(sizes) if sizes else None))
+
+
 def rank_params(layout: Layout, stage: int) -> RankParams:
     """What a rank at pipeline stage `stage` of `layout` holds (all its virtual-stage chunks)."""
-    chunks = layout.chunks(stage)
+    chunks = chunks_of(layout, stage)
     layers = sum(len(c.layers) for c in chunks)
     embed, head = any(c.first for c in chunks), any(c.last for c in chunks)
     return stage_params(layout.config.model, layers, embed, head, layout.tp,

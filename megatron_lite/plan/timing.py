@@ -34,7 +34,7 @@ from ..layout import Layout
 from ..model.counts import layer_flops, model_flops
 from ..slicing import padded_vocab
 from .cluster import GB, MEGATRON_2021, OURS, Cluster, Profile, collective_time, p2p_time
-from .stage import rank_params, schedule_facts
+from .stage import chunks_of, rank_params, schedule_facts
 
 # The one calibrated constant: the fraction of the bf16 tensor-core peak a transformer GEMM reaches.
 # Fitted on row 1 of Narayanan et al. 2021, Table 1 (1.7B, tp=pp=1, 32 A100s: 137 TFLOP/s per GPU)
@@ -109,7 +109,15 @@ class Step:
 
     def ranks(self, dim: str) -> list[int]:
         """The first group of parallel dimension `dim` (tp, pp or dp): placement by rank id."""
-        return self.layout.topology.group_ranks((dim,))[0]
+        return first_group(self.layout.topology, dim)
+
+
+def first_group(topo, dim: str) -> list[int]:
+    """The ranks of `dim`'s group whose other coordinates are all 0, by the topology's own
+    rank_of: one group's worth of work. (Topology.group_ranks lists every group, world-size
+    rank_of calls; at 16,384 GPUs that made each planned layout cost ~45 ms per call.)"""
+    return [topo.rank_of(**{a: (i if a == dim else 0) for a in ("tp", "pp", "dp")})
+            for i in range(topo.sizes[dim])]
 
 
 def _elementwise_bytes(mc: ModelConfig, tp: int, sp: bool, b: int, s: int, e: int, prof: Profile,
@@ -275,7 +283,7 @@ def step_time(layout: Layout, cluster: Cluster, profile: Profile = OURS,
     # per chunk (the slowest stage decides); the stage holding the head runs it once per
     # micro-batch, spread over its v chunks
     v = layout.config.parallel.virtual_stages
-    chunk_layers = max(len(c.layers) for s in range(layout.pp) for c in layout.chunks(s))
+    chunk_layers = max(len(c.layers) for s in range(layout.pp) for c in chunks_of(layout, s))
     f_chunk = chunk_layers * (f + tp_f) + (head_f + head_comm / 2) / v
     b_chunk = chunk_layers * (b + tp_b) + (head_b + head_comm / 2) / v
     pipe = pp_term(st, f_chunk, b_chunk)

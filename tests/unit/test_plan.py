@@ -422,3 +422,23 @@ def test_cli_plan_user_errors_are_one_sentence(args, words, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert all(w in err for w in words), err
+
+
+def test_plan_at_16k_gpus_does_per_group_not_per_rank_work(monkeypatch):
+    """At 16,384 GPUs a layout's collectives need one group of each dimension, not the whole world:
+    counting Topology.rank_of calls catches a regression to walking every rank (which made a full
+    plan at Llama 3 405B's scale take minutes) without timing anything."""
+    from megatron_lite.distributed.topology import Topology
+    calls = {"rank_of": 0}
+    real = Topology.rank_of
+
+    def counted(self, coord=None, **kw):
+        calls["rank_of"] += 1
+        return real(self, coord, **kw)
+    monkeypatch.setattr(Topology, "rank_of", counted)
+    cfg = Config.from_yaml(ROOT / "configs" / "llama3-405b.yaml")
+    result = plan.plan(cfg, plan.Cluster.preset("h100", nodes=2048), global_batch=2048, tp_values=[8],
+                       pp_values=[16], micro_batch_sizes=(1,), schedules=("interleaved",),
+                       max_virtual_stages=2, zero=((1, "native"),), recompute=("none",))
+    assert len(result.ranked + result.too_big) == 1
+    assert calls["rank_of"] < 1000, calls  # the world is 16,384 ranks; a layout needs ~tp + pp + dp
