@@ -30,10 +30,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
 
 
 class PlainAdamW:
-    """fp32 weights with their gradients in .grad, GradSync's data-parallel mean and sums, and
-    torch's AdamW over the whole model on every rank: train.precision=fp32 without ZeRO, the
-    reference every other layout is compared with. The same interface as DistributedOptimizer:
-        zero_grad()  finish()  clip(max_norm) -> norm  step()  param_groups  finished_grad(p)
+    """fp32 weights with their gradients in .grad, GradSync's sums, and torch's AdamW over the whole
+    model: train.precision=fp32 with one data-parallel replica (serial, tp, pp), the reference every
+    other layout is compared with. The same interface as DistributedOptimizer:
+        begin_accumulation(backwards)  zero_grad()  finish()  clip(max_norm) -> norm  step()
+        settle()  param_groups  finished_grad(p)
         checkpoint_view() -> what the checkpoint's Stateful needs besides the model"""
 
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig, sync):
@@ -44,6 +45,12 @@ class PlainAdamW:
     @property
     def param_groups(self) -> list[dict]:
         return self.adamw.param_groups
+
+    def begin_accumulation(self, backwards: int) -> None:
+        pass  # nothing is reduced during the backward
+
+    def settle(self) -> None:
+        pass  # nothing is ever in flight
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.adamw.zero_grad(set_to_none=set_to_none)
@@ -64,17 +71,21 @@ class PlainAdamW:
         return {"optimizer": self.adamw}
 
 
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, precision: str, sync):
-    """The optimizer of the native backends: PlainAdamW for fp32 without ZeRO (exactly the serial
-    reference), else the distributed optimizer (bf16 weights with fp32 main gradients and masters,
-    and/or ZeRO-1/2 sharding over sync.dp_group). `sync` is the layout's GradSync (its groups)."""
-    if precision == "fp32" and cfg.zero.stage == 0:
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, precision: str, sync, dp_group=None,
+                   overlap_grad_reduce: bool = True, overlap_param_gather: bool = True):
+    """The optimizer of the native backends: PlainAdamW for fp32 with one replica (exactly the
+    serial reference), else the distributed optimizer: bf16 weights with fp32 main gradients and
+    masters, and/or data parallelism over dp_group — its buckets reduce during the backward
+    (overlap_grad_reduce), ZeRO-1-3 shard over it. `sync` is the layout's GradSync (tp, pp groups)."""
+    if precision == "fp32" and dp_group is None:
         return PlainAdamW(model, cfg, sync)
     from .distributed import DistributedOptimizer
-    return DistributedOptimizer(model, cfg, dp_group=sync.dp_group, tp_group=sync.tp_group,
+    return DistributedOptimizer(model, cfg, dp_group=dp_group, tp_group=sync.tp_group,
                                 pp_group=sync.pp_group, embed_group=sync.embed_group,
                                 dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-                                stage=cfg.zero.stage, bucket_elements=cfg.zero.bucket_elements)
+                                stage=cfg.zero.stage, bucket_elements=cfg.zero.bucket_elements,
+                                overlap_grad_reduce=overlap_grad_reduce,
+                                overlap_param_gather=overlap_param_gather)
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -33,6 +33,23 @@ is refilled through the buffer, never through the parameter, the parameters' ver
 autograd's checks) never see a write. Full and selective recompute work unchanged: a recomputation
 happens inside the backward, while the bucket is held.
 
+Communication overlapped with computation (parallel.overlap_grad_reduce / overlap_param_gather,
+both on by default; off, every collective runs where the step needs its result):
+  - gradients: the backend says how many backward passes the step will run (begin_accumulation);
+    stages 0-1 start a bucket's all-reduce / reduce-scatter asynchronously as soon as its last
+    gradient of the step's last backward has been added in (no reduction during accumulation), so
+    it runs while the backward computes the buckets before it; stages 2-3 do so after every
+    backward (their fp32 gradients of one backward exist only until reduced), at most
+    MAX_INFLIGHT_REDUCTIONS staging buckets in flight. finish() waits for them all before the sums
+    below and clipping, and starts any bucket that did not complete (a parameter without gradient).
+  - weights, ZeRO-1/2: step() starts every bucket's all-gather of the updated shards in forward
+    order and returns; a forward pre-hook on each module waits for its buckets' gather just before
+    their first use, so the gathers run behind the next forward.
+  - weights, ZeRO-3: a block's gather starts the next block's (forward) or the previous block's
+    (backward) gather, so the bucket needed next arrives while this one computes: at most two
+    blocks' full weights are held at a time.
+Every rank runs the same backward, so every rank starts the same collectives in the same order.
+
 Finishing the gradients (the same sums GradSync does for the plain path, applied to this rank's
 shard: they are all linear, so they commute with the data-parallel reduction):
   1. mean over the data-parallel group (all-reduce, or reduce-scatter),
@@ -56,6 +73,9 @@ from ..parallel.grads import global_norm, tied_embedding_copy
 
 # Like Megatron-LM's default DDP bucket (40M elements): few collectives, bounded extra memory.
 BUCKET_ELEMENTS = 40_000_000
+# ZeRO-2/3: staging buckets whose reduce-scatter may be in flight at once (their fp32 gradients are
+# held until it is done): enough to keep the link busy behind the backward, bounded memory.
+MAX_INFLIGHT_REDUCTIONS = 2
 
 
 @dataclass
@@ -105,6 +125,7 @@ class Bucket:
         self.sharded_weights = sharded_weights
         self.gathered = not sharded_weights  # the full weights are in self.weights' storage
         self.pending = False  # ZeRO-3: a backward needs the weights until the last gradient arrives
+        self.gathering: comm.Pending | None = None  # an all-gather into self.weights in flight
         if sharded_weights:
             self.release()
         # Stages 0-1: the full fp32 main-gradient buffer, this rank's shard a view of it. Stage 2:
@@ -113,18 +134,31 @@ class Bucket:
         self.grad_shard = self.grad[shard] if full_grads else \
             torch.zeros(self.shard_size, dtype=torch.float32, device=device)  # (numel/d,)
         self.staging: torch.Tensor | None = None
-        self.arrived = 0  # gradients added to staging since it was last reduced (stage 2)
+        self.arrived = 0  # gradients added since the bucket was last reduced
+        self.launched = False  # stages 0-1: this step's reduction has been started
 
     def gather(self, group) -> None:
-        """ZeRO-3: the full weights back into their storage (every rank's shard, all-gathered)."""
+        """ZeRO-3: the full weights back into their storage (every rank's shard, all-gathered);
+        returns when they are there."""
+        self.start_gather(group)
+        self.wait_gather()
+
+    def start_gather(self, group) -> None:
+        """ZeRO-3: start gathering the full weights (allocates their storage); wait_gather() before use."""
         if self.gathered:
             return
         self.weights.untyped_storage().resize_(self.numel * self.weights.element_size())
-        comm.all_gather_into(self.weights, self.shard_weights, group)
+        self.gathering = comm.all_gather_into_async(self.weights, self.shard_weights, group)
         self.gathered = True
+
+    def wait_gather(self) -> None:
+        if self.gathering is not None:
+            self.gathering.wait()
+            self.gathering = None
 
     def release(self) -> None:
         """ZeRO-3: free the full weights' storage (the parameters' views keep their shapes)."""
+        self.wait_gather()  # the collective still writes into it
         self.weights.untyped_storage().resize_(0)
         self.gathered = self.pending = False
 
@@ -137,7 +171,8 @@ class DistributedOptimizer:
 
     def __init__(self, model: torch.nn.Module, cfg, dp_group=None, tp_group=None, pp_group=None,
                  embed_group=None, dtype: torch.dtype = torch.bfloat16, stage: int = 1,
-                 bucket_elements: int = BUCKET_ELEMENTS):
+                 bucket_elements: int = BUCKET_ELEMENTS, overlap_grad_reduce: bool = True,
+                 overlap_param_gather: bool = True):
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"stage {stage}")
         self.model = model
@@ -145,6 +180,10 @@ class DistributedOptimizer:
         self.pp_group, self.embed_group = pp_group, embed_group
         self.dp = comm.size(dp_group) if dp_group is not None else 1
         self.stage = stage if self.dp > 1 else 0  # one replica: nothing to shard
+        self.overlap_grad = overlap_grad_reduce and self.dp > 1
+        self.overlap_param = overlap_param_gather and self.dp > 1
+        self._backwards: int | None = None  # backward passes of this step (begin_accumulation)
+        self._inflight: list[tuple[comm.Pending, object]] = []  # gradient reductions started, in order
         self.dtype = dtype
         shards = self.dp if self.stage >= 1 else 1
         index = comm.rank(dp_group) if shards > 1 else 0
@@ -193,42 +232,82 @@ class DistributedOptimizer:
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad)
                        for b in self.buckets for p in b.params]
         if self.stage == 3:  # gather each bucket just in time (module docstring)
+            self._neighbours = _block_neighbours(model, self.buckets, users) if self.overlap_param else {}
             for b, modules in zip(self.buckets, users, strict=True):
                 for m in modules:
                     self._hooks += [m.register_forward_pre_hook(functools.partial(self._before_forward, b)),
                                     m.register_forward_hook(functools.partial(self._after_forward, b))]
+        elif self.overlap_param:  # each module waits for its buckets' all-gather started by step()
+            uses: dict[int, tuple[torch.nn.Module, set]] = {}
+            for m in model.modules():
+                for q in m.parameters(recurse=False):
+                    if id(q) in self.bucket_of:
+                        uses.setdefault(id(m), (m, set()))[1].add(self.bucket_of[id(q)][0])
+            for m, buckets in uses.values():
+                self._hooks.append(m.register_forward_pre_hook(
+                    functools.partial(self._wait_weights, tuple(buckets))))
 
     @property
     def param_groups(self) -> list[dict]:
         return self.adamw.param_groups
 
     # ---- gradients ------------------------------------------------------------------------
+    def begin_accumulation(self, backwards: int) -> None:
+        """The step about to run will call backward this many times (its micro-batches on this
+        rank): a bucket whose parameters all got their last gradient can then be reduced at once."""
+        self._backwards = backwards
+
     def _on_grad(self, p: torch.nn.Parameter) -> None:
         """p's gradient of one backward is complete: add it into the fp32 main gradients."""
         b, o = self.bucket_of[id(p)]
         g = p.grad.reshape(-1)  # (n,) in the weights' dtype
         p.grad = None
+        b.arrived += 1
         if b.grad is not None:
             b.grad[o:o + g.numel()].add_(g)
+            # A parameter that got no gradient only delays the reduction to finish(): sums are linear.
+            if self.overlap_grad and self._backwards and b.arrived == len(b.params) * self._backwards:
+                self._start_reduction(b)
             return
         if b.staging is None:
             b.staging = torch.zeros(b.numel, dtype=torch.float32, device=g.device)  # (numel,)
         b.staging[o:o + g.numel()].add_(g)
-        b.arrived += 1
-        # Every rank runs the same backward, so every rank reduces this bucket at the same point.
-        # A parameter that got no gradient this time only delays the reduction: sums are linear.
         if b.arrived == len(b.params):
             self._reduce_staging(b)
 
+    def _start_reduction(self, b: Bucket) -> None:
+        """Stages 0-1: the step's reduction of b's main gradients, started (finish() waits)."""
+        b.launched = True
+        if self.stage == 0:
+            self._inflight.append((comm.all_reduce_async(b.grad, self.dp_group), None))
+        else:  # gloo reduces b.grad in place, and its result is then b.grad_shard itself
+            self._inflight.append((comm.reduce_scatter_async(b.grad, self.dp_group), b.grad_shard))
+
     def _reduce_staging(self, b: Bucket) -> None:
-        b.grad_shard.add_(comm.reduce_scatter(b.staging, self.dp_group, dim=0))  # (numel/d,)
+        """Stages 2-3: one backward's gradients of b, reduce-scattered into its shard."""
+        pending = comm.reduce_scatter_async(b.staging, self.dp_group)  # (numel/d,) when done
+        self._inflight.append((pending, b))
         b.staging, b.arrived = None, 0
         if b.sharded_weights:  # the backward is done with these weights (each parameter's last use
             b.release()        # comes before its gradient is accumulated)
+        limit = MAX_INFLIGHT_REDUCTIONS if self.overlap_grad else 0
+        while len(self._inflight) > limit:
+            self._complete(*self._inflight.pop(0))
+
+    def _complete(self, pending: comm.Pending, into) -> None:
+        """Wait for a started reduction and put its result where it belongs."""
+        out = pending.wait()
+        if isinstance(into, Bucket):  # stage 2-3: this backward's share, added to the shard
+            into.grad_shard.add_(out)
+        elif into is not None and out.data_ptr() != into.data_ptr():  # stage 1 (NCCL): the shard
+            into.copy_(out)
 
     # ---- ZeRO-3: the weights just in time ---------------------------------------------------------
     def _before_forward(self, b: Bucket, module, args) -> None:
         b.gather(self.dp_group)
+        nxt = self._neighbours.get((id(b), "forward"))
+        if nxt is not None and not b.pending:  # (not a recomputation inside the backward)
+            nxt.start_gather(self.dp_group)  # arrives while this block computes
 
     def _after_forward(self, b: Bucket, module, args, output) -> None:
         if torch.is_grad_enabled():
@@ -241,26 +320,48 @@ class DistributedOptimizer:
     def _before_backward(self, b: Bucket, grad: torch.Tensor) -> None:
         b.pending = True
         b.gather(self.dp_group)
+        prev = self._neighbours.get((id(b), "backward"))
+        if prev is not None:
+            prev.start_gather(self.dp_group)  # the block whose backward comes next
+
+    # ---- ZeRO-1/2: the step's all-gather behind the next forward -----------------------------------
+    def _wait_weights(self, buckets: tuple, module, args) -> None:
+        for b in buckets:
+            b.wait_gather()
+
+    def settle(self) -> None:
+        """Wait for every collective this optimizer has in flight (before reading the weights
+        outside a forward, or leaving the process group)."""
+        while self._inflight:
+            self._complete(*self._inflight.pop(0))
+        for b in self.buckets:
+            b.wait_gather()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        while self._inflight:  # (a step abandoned mid-backward: let its collectives finish first)
+            self._complete(*self._inflight.pop(0))
         for b in self.buckets:
             (b.grad if b.grad is not None else b.grad_shard).zero_()
-            b.staging, b.arrived = None, 0
+            b.staging, b.arrived, b.launched = None, 0, False
             for p in b.params:
                 p.grad = None
+        self._backwards = None
 
     def finish(self) -> None:
         """Steps 1-3 of the module docstring, on this rank's shard of the main gradients."""
-        for b in self.buckets:
+        for b in self.buckets:  # start what the backward did not (all of it without overlap)
             if self.stage >= 2:
                 if b.staging is not None:  # the part of the last backward still in staging
                     self._reduce_staging(b)
                 if b.sharded_weights:  # one a backward gathered but sent no gradient
                     b.release()
-            elif self.stage == 1:
-                b.grad_shard.copy_(comm.reduce_scatter(b.grad, self.dp_group, dim=0))
-            elif self.dp > 1:
-                comm.all_reduce(b.grad, self.dp_group)
+            elif self.dp > 1 and not b.launched:
+                self._start_reduction(b)
+        while self._inflight:
+            self._complete(*self._inflight.pop(0))
+        self._backwards = None
+        for b in self.buckets:
+            b.launched, b.arrived = False, 0
             if self.dp > 1:
                 b.grad_shard.div_(self.dp)
         if self.tp_group is not None:
@@ -297,16 +398,19 @@ class DistributedOptimizer:
     def step(self) -> None:
         """AdamW on this rank's masters, then every rank's updated shard into everyone's weights."""
         self.adamw.step()
-        for b in self.buckets:
+        for b in reversed(self.buckets):  # forward order: the first needed is gathered first
             if b.weights.dtype != torch.float32:
                 b.shard_weights.copy_(b.master)  # round the fp32 master to the compute dtype
-            if self.stage in (1, 2):  # (ZeRO-3 gathers on use)
-                b.weights.copy_(comm.all_gather(b.shard_weights, self.dp_group, dim=0))
+            if self.stage in (1, 2):  # (ZeRO-3 gathers on use); in place: the shard is a view of it
+                b.gathering = comm.all_gather_into_async(b.weights, b.shard_weights, self.dp_group)
+                if not self.overlap_param:
+                    b.wait_gather()
 
     @contextlib.contextmanager
     def full_weights(self):
         """ZeRO-3: every bucket's full weights in place for the duration (to read the parameters
         outside a forward, e.g. in tests); a no-op for the other stages. Collective over dp."""
+        self.settle()
         held = [b for b in self.buckets if not b.gathered]
         for b in held:
             b.gather(self.dp_group)
@@ -331,6 +435,7 @@ class DistributedOptimizer:
         return self._gather(p, lambda f: f.master.detach()).view(p.shape)
 
     def set_param(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+        self.settle()  # no gather may still be writing the weights
         flat = value.reshape(-1).to(device=p.device, dtype=torch.float32)
         with torch.no_grad():
             if self.stage != 3:  # the shard is a view of the weights: this writes it too
@@ -401,6 +506,21 @@ def _units(model: torch.nn.Module, params: list[torch.nn.Parameter], tied):
             users.append([m for m in model.modules()
                           if any(id(q) in ids for q in m.parameters(recurse=False))])
     return runs, users
+
+
+def _block_neighbours(model: torch.nn.Module, buckets: list[Bucket], users) -> dict:
+    """ZeRO-3 prefetch: (id(bucket), "forward") -> the bucket of the block that runs next in the
+    forward, (id(bucket), "backward") -> the one whose backward comes next; only between blocks of
+    one contiguous run of layers (a pipeline chunk), whose order is certain."""
+    blocks = getattr(model, "blocks", {})
+    of_block = {id(mods[0]): b for b, mods in zip(buckets, users, strict=True) if len(mods) == 1}
+    out = {}
+    for key, blk in blocks.items():
+        nxt = blocks[str(int(key) + 1)] if str(int(key) + 1) in blocks else None
+        if nxt is not None and id(blk) in of_block and id(nxt) in of_block:
+            out[(id(of_block[id(blk)]), "forward")] = of_block[id(nxt)]
+            out[(id(of_block[id(nxt)]), "backward")] = of_block[id(blk)]
+    return out
 
 
 def _tensors(output):

@@ -2,7 +2,8 @@
 for the trainer's backends, the parity tests and the benchmarks alike.
 
 After the backward passes of one optimizer step, a rank's gradients still need, in this order:
-  1. the mean over data-parallel replicas (one bucketed all-reduce per step, not per micro-batch),
+  1. the mean over data-parallel replicas: not here — with dp > 1 the native backends always use
+     the distributed optimizer (optim/distributed.py), whose buckets reduce during the backward,
   2. under sequence parallelism, the sum over tp of the grads of replicated parameters that saw
      only a sequence shard (norm weights, row-parallel biases),
   3. under pipelining with tied embeddings, the sum of the first and last stage's copies, so both
@@ -11,7 +12,7 @@ then the global L2 norm counts every parameter of the model once: tp-sharded squ
 tp, replicated ones taken once, every stage's share summed over pp, the last stage's tied copy
 left out.
 
-    sync = GradSync(dp_group=..., tp_group=..., pp_group=..., embed_group=...)
+    sync = GradSync(tp_group=..., pp_group=..., embed_group=...)
     norm = sync.finish_and_clip(model, max_norm)      # = sync.finish(model); sync.clip(model, max_norm)
 """
 
@@ -24,24 +25,20 @@ import torch
 import torch.nn as nn
 
 from ..distributed import comm
-from .data_parallel import allreduce_gradients
 
 
 @dataclass(frozen=True)
 class GradSync:
-    dp_group: object = None  # None: one replica (or DeepSpeed averages over dp itself)
     tp_group: object = None
     pp_group: object = None
     embed_group: object = None  # first + last pipeline stage (tied embedding); None if pp == 1
 
     @property
     def serial(self) -> bool:
-        return self.dp_group is None and self.tp_group is None and self.pp_group is None
+        return self.tp_group is None and self.pp_group is None
 
     def finish(self, model: nn.Module) -> None:
-        """Steps 1-3 above, in place."""
-        if self.dp_group is not None:
-            allreduce_gradients(model.parameters(), self.dp_group)
+        """Steps 2-3 above, in place."""
         if self.tp_group is not None:
             sync_sequence_parallel_grads(model, self.tp_group)
         if self.pp_group is not None:

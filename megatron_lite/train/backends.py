@@ -6,6 +6,7 @@ one forward-backward signature whether or not pipelining is on).
     loss = backend.forward_backward(batches, forward_only=True)  # evaluation
     pieces = backend.stateful()                                   # what a checkpoint saves
     handle = backend.on_grads_finished(hook)   # hook(name, grad) each step, before clipping
+    backend.settle()                     # wait for communication still in flight (end of a run)
 
 Three implementations, picked by build_backend() from the Layout:
     LocalBackend      serial, tensor-parallel, data-parallel, bf16, native ZeRO 1-2: micro-batches in a loop
@@ -67,6 +68,7 @@ class Backend:
         self.model.train(not forward_only)
         if not forward_only:
             self.grad_owner.zero_grad(set_to_none=True)
+            self._begin_accumulation(len(batches))
         total = self._run(batches, forward_only)
         if self.dp_group is not None:
             comm.all_reduce(total, self.dp_group)
@@ -75,6 +77,14 @@ class Backend:
 
     def _run(self, batches: Batches, forward_only: bool) -> torch.Tensor:
         raise NotImplementedError
+
+    def _begin_accumulation(self, backwards: int) -> None:
+        """This rank's step will run `backwards` backward passes (one per micro-batch)."""
+
+    def settle(self) -> None:
+        """Wait for any communication still in flight (e.g. the weights' all-gather that a step
+        leaves running behind the next forward): before reading the weights outside a forward or
+        leaving the process group."""
 
     def step(self, lr: float, loss: float) -> StepOutcome:
         """Finish the accumulated gradients, clip them, and apply them at learning rate lr unless
@@ -128,6 +138,12 @@ class LocalBackend(Backend):
     def __init__(self, model, optimizer, grad_clip: float, dp_group, autocast, rng_tracker=None):
         super().__init__(model, optimizer, dp_group, autocast, rng_tracker)
         self.grad_clip = grad_clip
+
+    def _begin_accumulation(self, backwards: int) -> None:
+        self.optimizer.begin_accumulation(backwards)  # lets finished buckets reduce mid-backward
+
+    def settle(self) -> None:
+        self.optimizer.settle()
 
     def stateful(self) -> Stateful:
         """The weights, and the AdamW state (and fp32 masters) as the optimizer exposes them."""
@@ -288,9 +304,11 @@ def build_backend(layout: Layout, model, groups, device: torch.device, autocast,
         wrapped = initialize(model, optimizer, layout, groups, local_rank)
         return DeepSpeedBackend(wrapped, optimizer, model, dp_group, autocast, engine, groups.embed,
                                 rng_tracker)
-    sync = GradSync(dp_group=dp_group, tp_group=tp_group, pp_group=pp_group,
+    sync = GradSync(tp_group=tp_group, pp_group=pp_group,
                     embed_group=groups.embed if pp_group is not None else None)
-    optimizer = make_optimizer(model, cfg.optim, cfg.train.precision, sync)
+    optimizer = make_optimizer(model, cfg.optim, cfg.train.precision, sync, dp_group,
+                               overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+                               overlap_param_gather=cfg.parallel.overlap_param_gather)
     args = (model, optimizer, cfg.optim.grad_clip, dp_group, autocast, rng_tracker)
     if engine is not None:
         return PipelineBackend(engine, *args)

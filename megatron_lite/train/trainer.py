@@ -359,6 +359,7 @@ class Trainer:
                     self._maybe_evaluate()
                     self._maybe_save()
             bar.close()
+            self.backend.settle()  # the last step's weight gathers (they ran behind no forward)
             log.info(f"stopping at step {self.state.step}: {reason}")
             if self.checkpoints.in_flight:
                 log.info(f"saved {self.checkpoints.finish()}")

@@ -11,8 +11,8 @@ Bugs (each is a monkeypatch here; nothing in megatron_lite can switch them on):
     pp-drop-grad     the pipeline's last stage drops the last micro-batch's gradient (its loss still
                      counts, so step 1's loss is right)
     dp-sum           the data-parallel gradient reduction sums instead of averaging (our backends:
-                     the fp32 all-reduce and the distributed optimizer's reduce-scatter; DeepSpeed
-                     reduces by itself)
+                     the distributed optimizer's all-reduce / reduce-scatter; DeepSpeed reduces by
+                     itself)
 """
 
 import sys
@@ -55,16 +55,6 @@ def plant(bug: str) -> None:
                 del self.model.run
         PipelineEngine.run = run
     elif bug == "dp-sum":
-        real_allreduce = grads.allreduce_gradients
-
-        def allreduce_gradients(params, group):
-            from megatron_lite.distributed import comm
-            params = list(params)
-            real_allreduce(params, group)
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(comm.size(group))  # undo the mean: a sum
-        grads.allreduce_gradients = allreduce_gradients
         real_finish = DistributedOptimizer.finish
 
         def finish(self):
