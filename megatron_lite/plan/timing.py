@@ -27,7 +27,8 @@ FLOPs (model/counts.py, the trainer's definition). The one calibrated constant i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 
 from ..config import ModelConfig
 from ..layout import Layout
@@ -52,6 +53,12 @@ class Timing:
     tokens_per_s: float
     tflops_per_gpu: float  # hardware FLOPs (recompute included) per GPU per second
     mfu: float  # model FLOPs / (step x GPUs x peak)
+    profile: str = OURS.name
+    # exposed seconds per step by kind (tp/sp collectives, pipeline p2p, dp/ZeRO, tied embedding)
+    # and the dp/ZeRO collective seconds that ran behind compute; `overlapped` names those terms
+    exposed: dict = field(default_factory=dict)
+    dp_hidden_s: float = 0.0
+    overlapped: tuple = ()
 
     @property
     def comm_share(self) -> float:
@@ -228,35 +235,45 @@ def pp_term(st: Step, f_chunk: float, b_chunk: float) -> Pipe:
     return Pipe(max(busy, facts.finish * (f_chunk + b_chunk) / (1 + ratio)), facts.bubble, m * v, p2p)
 
 
-def dp_term(st: Step, n_rank: int) -> float:
-    """Seconds of the synchronisation after the pipeline: the data-parallel gradient reduction and
-    ZeRO's parameter traffic over `n_rank` parameters, the tied embedding between first and last stage."""
+def dp_term(st: Step, n_rank: int, grads: bool = True, params: bool = True) -> float:
+    """Seconds of the data-parallel synchronisation run after the pipeline, not overlapped: the
+    gradient reduction (`grads`) and ZeRO's parameter traffic (`params`) over `n_rank` parameters.
+    (What the Megatron-2021 profile, DeepSpeed and overlap_*=false get; dp_overlap the rest.)"""
     layout, c = st.layout, st.cluster
     zero = layout.config.optim.zero.stage
     ranks = st.ranks("dp")
     grad_bytes = 4 * n_rank  # fp32 (main) gradients
     t = 0.0
-    if layout.dp > 1:
-        if layout.backend == "deepspeed":
-            t += 1.5 * collective_time(grad_bytes, ranks, c)  # reduce-scatter + all-gather
-            if zero == 3:  # gather parameters for every forward and backward, no prefetch
-                gathers = layout.micro_batches * (3 if st.recompute == "full" else 2)
-                t += gathers * collective_time(n_rank * st.e, ranks, c, "gather")
-        elif zero == 0:
+    if layout.dp == 1:
+        return t
+    if layout.backend == "deepspeed":
+        t += 1.5 * collective_time(grad_bytes, ranks, c)  # reduce-scatter + all-gather
+        if zero == 3:  # gather parameters for every forward and backward, no prefetch
+            gathers = layout.micro_batches * (3 if st.recompute == "full" else 2)
+            t += gathers * collective_time(n_rank * st.e, ranks, c, "gather")
+        return t
+    if grads:
+        if zero == 0:
             t += collective_time(grad_bytes, ranks, c)
-        elif zero == 1:  # the distributed optimizer: reduce-scatter fp32 grads, all-gather new weights
+        elif zero == 1:  # the distributed optimizer: reduce-scatter fp32 grads once
             t += collective_time(grad_bytes, ranks, c, "gather")
-            t += collective_time(st.e * n_rank, ranks, c, "gather")
         else:  # native ZeRO-2/3 reduce-scatter each micro-batch's gradients during its backward
             t += layout.micro_batches * collective_time(grad_bytes, ranks, c, "gather")
-            if zero == 2:  # then all-gather the new weights once
-                t += collective_time(st.e * n_rank, ranks, c, "gather")
-            else:  # ZeRO-3: gather each block before its forward and again before its backward
-                t += 2 * layout.micro_batches * collective_time(st.e * n_rank, ranks, c, "gather")
+    if params:
+        if zero in (1, 2):  # all-gather the new weights once
+            t += collective_time(st.e * n_rank, ranks, c, "gather")
+        elif zero == 3:  # ZeRO-3: gather each block before its forward and again before its backward
+            t += 2 * layout.micro_batches * collective_time(st.e * n_rank, ranks, c, "gather")
+    return t
+
+
+def tied_term(st: Step) -> float:
+    """The tied embedding's gradient all-reduce between first and last stage, after the backward."""
+    layout = st.layout
     if layout.pp > 1 and st.mc.tie_embeddings:
         pp_ranks = st.ranks("pp")
-        t += collective_time(st.vocab * st.mc.hidden_size * 4, [pp_ranks[0], pp_ranks[-1]], c)
-    return t
+        return collective_time(st.vocab * st.mc.hidden_size * 4, [pp_ranks[0], pp_ranks[-1]], st.cluster)
+    return 0.0
 
 
 def optimizer_term(st: Step, n_rank: int) -> float:
@@ -274,6 +291,118 @@ def optimizer_term(st: Step, n_rank: int) -> float:
     return t
 
 
+# ZeRO-2/3 with parallel.overlap_grad_reduce: at most this many staging buckets' reduce-scatters in
+# flight (optim/distributed.py, MAX_INFLIGHT_REDUCTIONS): a third one ready waits for the oldest,
+# so a backward slower to reduce than to compute is held back by the link.
+INFLIGHT_REDUCTIONS = 2
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """The data-parallel / ZeRO collectives of the native backends as the code overlaps them: what
+    they add to each chunk action, what is left after the pipeline, what ran behind compute."""
+    f_add: float = 0.0  # seconds added to each forward chunk action (ZeRO-3 gathers not hidden)
+    b_add: float = 0.0  # ... to each backward chunk action (gathers, reductions the link holds back)
+    after: float = 0.0  # exposed after the last backward (the reduction's tail) and before the
+    # next step's forward (the first parameter buckets' all-gather)
+    hidden: float = 0.0  # collective seconds that ran behind compute
+    overlapped: tuple[str, ...] = ()  # which terms were overlapped (plan's output names them)
+
+
+def _stage_buckets(st: Step, stage: int) -> list[int]:
+    """The busiest stage's buckets (elements, backward order) as optim/distributed.py cuts them."""
+    from .memory import buckets, zero3_buckets  # memory imports nothing from here; kept local anyway
+    z = st.layout.config.optim.zero.stage
+    return zero3_buckets(st.layout, stage)[0][::-1] if z == 3 else buckets(st.layout, stage)
+
+
+def dp_overlap(st: Step, stage: int, f_block: float, b_block: float, f_chunk: float,
+               b_chunk: float) -> Overlap:
+    """The native backends' data-parallel traffic with parallel.overlap_grad_reduce /
+    overlap_param_gather, on the rank of `stage` (its buckets), around chunk actions of
+    f_chunk / b_chunk seconds holding blocks of f_block / b_block seconds:
+
+      grads, ZeRO-0/1  each bucket's all-reduce / reduce-scatter starts once its last gradient of the
+                       step's last micro-batch arrives, in order, unbounded; waited for before
+                       clipping. The stage's last backward of each chunk is what hides them (with
+                       interleaving chunk j's last backward comes pp backward actions before chunk
+                       j-1's): a FIFO on the link, the tail past the stage's end exposed (at least the
+                       last bucket: the first layers and the embedding)
+      grads, ZeRO-2/3  every micro-batch's backward reduce-scatters its buckets as they fill, at most
+                       INFLIGHT_REDUCTIONS in flight: a backward action lasts at least as long as the
+                       link needs for all but its last buckets; the last action's leftovers are exposed
+      params, ZeRO-1/2 after the step each bucket's all-gather starts in forward order and is waited
+                       for just before its first use: exposed is how far the gathers run ahead of the
+                       first micro-batch's forward through the stage's chunks (at least the first)
+      params, ZeRO-3   the next block's gather starts when a block starts: per chunk action (forward
+                       and backward, every micro-batch) the first block's gather is exposed and each
+                       further one only where it outlasts the block before it
+
+    Not modelled: the dp link shared between ZeRO-3's gathers and its reduce-scatters, and compute
+    slowed by the collectives' own kernels (both make this optimistic)."""
+    layout, c = st.layout, st.cluster
+    cfg = layout.config
+    zero, pp, m, v = cfg.optim.zero.stage, layout.pp, layout.micro_batches, cfg.parallel.virtual_stages
+    ranks = st.ranks("dp")
+    sizes = _stage_buckets(st, stage)
+    per_chunk = max(1, len(sizes) // v)  # buckets filled by one chunk action (chunks hold equal loads)
+    f_add = b_add = after = hidden = 0.0
+    overlapped = []
+    if cfg.parallel.overlap_grad_reduce:
+        kind = "all_reduce" if zero == 0 else "gather"
+        costs = [collective_time(4 * n, ranks, c, kind) for n in sizes]  # fp32 main gradients
+        total = sum(costs)
+        if zero <= 1:
+            # chunk k (k = 0: the first whose last backward runs) ends (v-1-k) gaps before the stage
+            gap = pp * b_chunk if v > 1 else 0.0
+            end, done = 0.0, -math.inf
+            for k in range(v):
+                start = -(v - 1 - k) * gap - b_chunk
+                first_ready = start + b_chunk / per_chunk  # the chunk's first bucket is full
+                mine = costs[k * per_chunk:(k + 1) * per_chunk if k < v - 1 else None]
+                done = max(done, first_ready) + sum(mine)
+                done = max(done, start + b_chunk + mine[-1]) if mine else done
+            tail = max(done - end, costs[-1])
+            after += tail
+            hidden += total - tail
+            overlapped.append("all-reduce" if zero == 0 else "reduce-scatter")
+        else:
+            c_bucket = total / len(sizes)
+            chunk_cost = total / v
+            left = min(chunk_cost, INFLIGHT_REDUCTIONS * c_bucket)  # still in flight at the action's end
+            held = max(0.0, chunk_cost - left - b_chunk * (per_chunk - 1) / per_chunk)
+            b_add += held
+            after += left
+            hidden += m * total - m * v * held - left
+            overlapped.append("reduce-scatter (every micro-batch)")
+    if cfg.parallel.overlap_param_gather and zero >= 1:
+        gathers = [collective_time(st.e * n, ranks, c, "gather") for n in sizes[::-1]]  # forward order
+        if zero in (1, 2):
+            # chunk j's first forward starts j x pp forward actions into the step (interleaving's
+            # warm-up runs pp micro-batches of each chunk in turn); its buckets are needed within it
+            ahead, done = gathers[0], 0.0
+            for j in range(v):
+                mine = gathers[j * per_chunk:(j + 1) * per_chunk if j < v - 1 else None]
+                done += sum(mine)
+                needed = j * pp * f_chunk + f_chunk - (mine[-1] if mine else 0.0)
+                ahead = max(ahead, done - needed)
+            after += ahead
+            hidden += sum(gathers) - ahead
+            overlapped.append("all-gather (next forward)")
+        else:
+            g = max(gathers)  # a block's (or the rest's) full weights
+            blocks = max(1, (len(sizes) - 1) // v)
+            passes = 2 + (1 if st.recompute == "full" else 0)  # forward, backward (and its recompute)
+            f_g = g + (blocks - 1) * max(0.0, g - f_block)
+            # the backward gathers again (and again for full recompute's forward inside it)
+            b_g = (passes - 1) * g + (blocks - 1) * max(0.0, g - b_block)
+            f_add += f_g
+            b_add += b_g
+            hidden += m * v * (passes * blocks * g - f_g - b_g)
+            overlapped.append("all-gather (one block ahead)")
+    return Overlap(f_add, b_add, after, max(0.0, hidden), tuple(overlapped))
+
+
 def step_time(layout: Layout, cluster: Cluster, profile: Profile = OURS,
               gemm_efficiency: float = GEMM_EFFICIENCY) -> Timing:
     """Predicted time of one optimizer step of `layout` on `cluster`."""
@@ -286,16 +415,30 @@ def step_time(layout: Layout, cluster: Cluster, profile: Profile = OURS,
     chunk_layers = max(len(c.layers) for s in range(layout.pp) for c in chunks_of(layout, s))
     f_chunk = chunk_layers * (f + tp_f) + (head_f + head_comm / 2) / v
     b_chunk = chunk_layers * (b + tp_b) + (head_b + head_comm / 2) / v
-    pipe = pp_term(st, f_chunk, b_chunk)
+    totals = [rank_params(layout, s).total for s in range(layout.pp)]
+    n_rank = max(totals)
+    zero = layout.config.optim.zero.stage
+    native = layout.backend != "deepspeed"
+    ov = Overlap()
+    if profile.dp_overlap and native and layout.dp > 1:
+        ov = dp_overlap(st, totals.index(n_rank), f + tp_f, b + tp_b, f_chunk, b_chunk)
+    # what the overlap model does not cover stays after the backward, as dp_term counts it
+    rest = dp_term(st, n_rank, grads=not ov.overlapped or not layout.config.parallel.overlap_grad_reduce,
+                   params=not (ov.overlapped and layout.config.parallel.overlap_param_gather and zero >= 1))
+    tied = tied_term(st)
+    pipe = pp_term(st, f_chunk + ov.f_add, b_chunk + ov.b_add)
     comm = (tp_f + tp_b) * chunk_layers + head_comm / v + 2 * pipe.p2p
-    n_rank = max(rank_params(layout, s).total for s in range(layout.pp))
-    after = dp_term(st, n_rank)
+    after = rest + ov.after + tied
     opt = optimizer_term(st, n_rank)
     step = pipe.time + after + opt
     tokens = layout.global_batch_size * st.s
     world = layout.world_size
     hw = model_flops(st.mc, layout.global_batch_size, st.s, recompute=st.recompute == "full")
     mf = model_flops(st.mc, layout.global_batch_size, st.s)
-    compute = pipe.chunks * (f_chunk + b_chunk + 2 * pipe.p2p) - comm
-    return Timing(step, compute, comm * pipe.chunks + after, pipe.bubble, opt, tokens / step,
-                  hw / step / world / 1e12, mf / step / world / (cluster.peak_tflops * 1e12))
+    compute = pipe.chunks * (f_chunk + b_chunk + 2 * pipe.p2p) - comm * pipe.chunks
+    dp_exposed = rest + ov.after + pipe.chunks * (ov.f_add + ov.b_add)
+    exposed = {"tp": ((tp_f + tp_b) * chunk_layers + head_comm / v) * pipe.chunks,
+               "pp_p2p": 2 * pipe.p2p * pipe.chunks, "dp": dp_exposed, "tied_embedding": tied}
+    return Timing(step, compute, sum(exposed.values()), pipe.bubble, opt, tokens / step,
+                  hw / step / world / 1e12, mf / step / world / (cluster.peak_tflops * 1e12),
+                  profile.name, exposed, ov.hidden, ov.overlapped)

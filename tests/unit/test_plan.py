@@ -364,6 +364,63 @@ def test_llama3_405b_fits_at_its_published_layout_with_headroom():
     assert 2 in fits and fits[2] <= 0.9 * 80e9, (fits, [c.memory.total for c in result.too_big])
 
 
+def _llama3_405b(v: int = 8, zero: int = 2, **more) -> Layout:
+    cfg = Config.from_yaml(ROOT / "configs" / "llama3-405b.yaml")
+    return Layout.build(plan.build_config(cfg, {
+        "parallel.tp": 8, "parallel.pp": 16, "parallel.dp": 128, "parallel.sequence_parallel": True,
+        "parallel.schedule": "interleaved", "parallel.virtual_stages": v, "parallel.microbatches": 16,
+        "data.micro_batch_size": 1, "data.global_batch_size": 2048, "train.recompute": "none",
+        "optim.zero.stage": zero, **more}), 16384)
+
+
+def test_llama3_405b_published_layout_predicts_at_least_90_percent_of_its_mfu():
+    """Llama 3 405B reports 41% MFU at TP8 PP16 DP128 on 16K H100s, seq 8192 (Llama Team 2024,
+    Table 4). With the dp reduce-scatters behind the backward (this code's overlap) the ours profile
+    predicts >= 0.9 x 41% at the best interleaving that fits; with the overlap off the per-micro-batch
+    fp32 reduce-scatters of ZeRO-2 (~0.29 s each, 16 per step) dominate and it cannot."""
+    cluster = plan.Cluster.preset("h100", nodes=2048)
+    best = max((step := plan.step_time(_llama3_405b(v), cluster)) and (step.mfu, v) for v in (2, 4, 8))
+    assert best[0] >= 0.9 * 0.41, best
+    layout = _llama3_405b(best[1])
+    assert plan.peak_memory(layout).total <= 80e9
+    timing = plan.step_time(layout, cluster)
+    assert "reduce-scatter (every micro-batch)" in timing.overlapped and timing.dp_hidden_s > 1.0
+    off = plan.step_time(_llama3_405b(best[1], **{"parallel.overlap_grad_reduce": False,
+                                                  "parallel.overlap_param_gather": False}), cluster)
+    assert off.overlapped == () and off.mfu < 0.9 * 0.41 and off.exposed["dp"] > 10 * timing.exposed["dp"]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_overlap_hides_dp_collectives_but_never_the_last_bucket(stage):
+    """ours: the native dp collectives overlap as the code runs them (plan/timing.dp_overlap) — less
+    exposed than all of them after the backward (dp_term, what overlap_*=false and the Megatron-2021
+    profile get), never less than the last bucket's reduction (ZeRO-0/1: the first layers and the
+    embedding have nothing left to hide behind), and the terms overlapped are named."""
+    from megatron_lite.plan.cluster import MEGATRON_2021, collective_time
+    from megatron_lite.plan.timing import GEMM_EFFICIENCY, Step, _stage_buckets, dp_term
+    cluster = plan.Cluster.preset("h100", nodes=2)
+    layout = _layout({"parallel": {"dp": 4, "tp": 4}, "train": {"precision": "bf16"},
+                      "optim": {"zero": {"stage": stage, "bucket_elements": 20_000}}})
+    st = Step.of(layout, cluster, plan.OURS, GEMM_EFFICIENCY)
+    n = plan.rank_params(layout, 0).total
+    on = plan.step_time(layout, cluster)
+    assert on.exposed["dp"] < dp_term(st, n) and on.dp_hidden_s > 0
+    names = {0: "all-reduce", 1: "reduce-scatter"}
+    assert on.overlapped[0] == names.get(stage, "reduce-scatter (every micro-batch)")
+    if stage <= 1:
+        last = _stage_buckets(st, 0)[-1]
+        kind = "all_reduce" if stage == 0 else "gather"
+        assert on.exposed["dp"] >= collective_time(4 * last, st.ranks("dp"), cluster, kind)
+    flags = {"overlap_grad_reduce": False, "overlap_param_gather": False}
+    off_layout = _layout({"parallel": {"dp": 4, "tp": 4, **flags}, "train": {"precision": "bf16"},
+                          "optim": {"zero": {"stage": stage, "bucket_elements": 20_000}}})
+    for timing in (plan.step_time(off_layout, cluster), plan.step_time(layout, cluster, MEGATRON_2021)):
+        assert timing.overlapped == () and timing.dp_hidden_s == 0
+    off = plan.step_time(off_layout, cluster)
+    assert off.exposed["dp"] == pytest.approx(dp_term(st, n), rel=1e-12)
+    assert off.step_s > on.step_s
+
+
 # ---- throughput against published figures ----------------------------------------------------------
 def test_every_table1_row_fits_in_80gb_at_its_published_layout():
     """Narayanan et al. 2021, Table 1 (1.7B-1T on A100 80GB) at the paper's layout (bf16, full
@@ -382,7 +439,9 @@ def test_gemm_efficiency_is_fitted_on_table1_row1():
     assert abs(fitted - plan.GEMM_EFFICIENCY) < 0.005, fitted
 
 
-def test_table1_throughput_within_15_percent_on_every_row():
+def test_table1_throughput_within_10_percent_on_every_row():
+    """Under the MEGATRON_2021 profile (what Table 1 measured: its dp all-reduce after the backward,
+    synchronous p2p; plan/cluster.py), every row within 10% of the published TFLOP/s."""
     errors = []
     for row in NARAYANAN_2021_TABLE1:
         assert param_count(table1_config(row).model) / 1e9 == pytest.approx(row[0], abs=0.06)
@@ -391,7 +450,7 @@ def test_table1_throughput_within_15_percent_on_every_row():
         errors.append((row[0], row[8], round(predicted, 1), v, predicted / row[8] - 1))
     table = "\n".join(f"{p}B: published {pub}, predicted {pred} (v={v}), error {100 * err:+.1f}%"
                       for p, pub, pred, v, err in errors)
-    assert all(abs(err) <= 0.15 for *_, err in errors), f"{TABLE1_SOURCE}\n{table}"
+    assert all(abs(err) <= 0.10 for *_, err in errors), f"{TABLE1_SOURCE}\n{table}"
 
 
 # ---- command line ----------------------------------------------------------------------------------
