@@ -3,6 +3,8 @@ rest of the package, and torch, load when the command runs)."""
 
 from __future__ import annotations
 
+import argparse
+import math
 from pathlib import Path
 
 from ..errors import ConfigError, UsageError
@@ -36,6 +38,19 @@ def add_parser(subparsers) -> None:
                    help="ZeRO variants: 0, 1, 2, 3 (native), ds1, ds2, ds3 (DeepSpeed)")
     n.add_argument("--recompute", nargs="+", default=["none", "selective", "full"],
                    choices=["none", "selective", "full"])
+    n.add_argument("--profile", default="ours", choices=["ours", "megatron-2021"],
+                   help="time model: ours (this code, dp collectives overlapped as parallel.overlap_* ask) "
+                        "or megatron-2021 (Megatron-LM as in arXiv 2104.04473: nothing overlapped)")
+    # pin a dimension instead of enumerating it
+    for flag, what in (("--tp", "tensor-parallel size"), ("--pp", "pipeline stages"),
+                       ("--dp", "data-parallel size"),
+                       ("--cp", "context-parallel size (only 1: not implemented)"),
+                       ("--virtual-stages", "interleaved virtual stages per rank"),
+                       ("--micro-batch", "micro-batch size (one of --micro-batch-sizes)")):
+        n.add_argument(flag, type=int, help=f"pin the {what}")
+    n.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
+                   help="pin sequence parallelism on (--sp) or off (--no-sp); default: on where allowed")
+    n.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"], help="pin the pipeline schedule")
     n.add_argument("--headroom", type=float, default=0.1,
                    help="fraction of GPU memory kept free (CUDA context, allocator fragmentation)")
     n.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.num_layers=40")
@@ -44,7 +59,7 @@ def add_parser(subparsers) -> None:
 
 def cmd_plan(args) -> None:
     from ..config import Config
-    from .cluster import Cluster
+    from .cluster import PROFILES, Cluster
     from .report import format_table, write_json
     from .search import ZERO_NAMES, plan
     if args.top < 1:
@@ -56,20 +71,68 @@ def cmd_plan(args) -> None:
         raise UsageError(f"--zero {bad[0]!r} is not a ZeRO variant; choose from {', '.join(ZERO_NAMES)}.")
     if any(b < 1 for b in args.micro_batch_sizes):
         raise UsageError(f"--micro-batch-sizes {args.micro_batch_sizes} must all be >= 1.")
+    pins = pinned(args)
     path = resolve_config(args.config)
     cfg = Config.from_yaml(path, args.overrides)
     cluster = Cluster.preset(args.cluster, args.nodes, gpus_per_node=args.gpus_per_node,
                              gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops,
                              hbm_gbps=args.hbm_gbps, intra_gbps=args.intra_gbps, inter_gbps=args.inter_gbps,
                              intra_latency_us=args.intra_latency_us, inter_latency_us=args.inter_latency_us)
-    result = plan(cfg, cluster, args.global_batch, seq=args.seq, recompute=tuple(args.recompute),
-                  headroom=args.headroom, micro_batch_sizes=tuple(args.micro_batch_sizes),
-                  schedules=tuple(args.schedules), max_virtual_stages=args.max_virtual_stages,
-                  zero=tuple(ZERO_NAMES[z] for z in args.zero))
+    check_pins(args, cluster.gpus_per_node, cluster.world_size)
+    result = plan(cfg, cluster, args.global_batch, seq=args.seq, profile=PROFILES[args.profile],
+                  recompute=tuple(args.recompute), headroom=args.headroom,
+                  micro_batch_sizes=tuple(args.micro_batch_sizes), schedules=tuple(args.schedules),
+                  max_virtual_stages=args.max_virtual_stages, zero=tuple(ZERO_NAMES[z] for z in args.zero),
+                  **pins)
     print(format_table(result, args.top, str(path)))
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}: every ranked layout with its memory and time breakdown")
+
+
+def pinned(args) -> dict:
+    """The pinning flags as plan()'s enumeration arguments (and --micro-batch / --schedule /
+    --virtual-stages folded into the lists they narrow)."""
+    for flag in ("tp", "pp", "dp", "cp", "virtual_stages", "micro_batch"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')}={value} must be >= 1.")
+    if args.cp not in (None, 1):
+        raise UsageError(f"--cp {args.cp}: context parallelism is not implemented in megatron_lite, so only "
+                         f"--cp 1 can be planned; split long sequences with --tp and --sp instead.")
+    v = args.virtual_stages
+    if args.schedule:
+        if v is not None and v > 1 and args.schedule != "interleaved":
+            raise UsageError(f"--virtual-stages {v} needs --schedule interleaved (not {args.schedule}); "
+                             f"drop one of them.")
+        args.schedules = [args.schedule]
+    elif v is not None and v > 1:
+        args.schedules = ["interleaved"]
+    if v is not None:
+        args.max_virtual_stages = max(args.max_virtual_stages, v)
+    if args.micro_batch is not None:
+        args.micro_batch_sizes = [args.micro_batch]
+    out = {"tp_values": [args.tp] if args.tp else None, "pp_values": [args.pp] if args.pp else None,
+           "dp_values": [args.dp] if args.dp else None, "virtual_stages": v}
+    if args.sp is not None:
+        out["sequence_parallel"] = "on" if args.sp else "off"
+    return out
+
+
+def check_pins(args, gpus_per_node: int, world: int) -> None:
+    """The pinned sizes against the cluster, each refused in one sentence naming the fix."""
+    if args.tp and gpus_per_node % args.tp:
+        raise UsageError(f"--tp {args.tp} does not divide the {gpus_per_node} GPUs of a node; plan keeps "
+                         f"tensor parallelism within a node, so pick a divisor of {gpus_per_node}.")
+    if args.sp and args.tp == 1:
+        raise UsageError("--sp needs --tp > 1 (sequence parallelism splits the sequence over the tp ranks).")
+    if args.tp and args.pp and args.dp and args.tp * args.pp * args.dp != world:
+        raise UsageError(f"--tp {args.tp} x --pp {args.pp} x --dp {args.dp} = {args.tp * args.pp * args.dp} "
+                         f"but the cluster has {world} GPUs; make the product equal it (or change --nodes).")
+    given = [x for x in (args.tp, args.pp, args.dp) if x]
+    if world % math.prod(given):
+        raise UsageError(f"--tp/--pp/--dp {' x '.join(map(str, given))} does not divide the cluster's "
+                         f"{world} GPUs; pick sizes whose product divides it (or change --nodes).")
 
 
 def resolve_config(name: str) -> Path:

@@ -21,7 +21,7 @@ def format_table(result: PlanResult, top: int = 10, config_name: str = "C") -> s
     c = result.cluster
     lines = [f"{c.nodes} x {c.gpus_per_node} {c.name} ({c.gpu_memory_gb:g} GB, {c.peak_tflops:g} TFLOP/s) | "
              f"model {result.model_params / 1e9:.3g}B params | global batch {result.global_batch} x "
-             f"{result.seq} tokens",
+             f"{result.seq} tokens | time model: {result.profile}",
              f"{result.considered} layouts tried: {sum(result.rejected.values())} refused by Layout, "
              f"{len(result.too_big)} do not fit memory, {len(result.ranked)} ranked"]
     if result.rejected:
@@ -44,6 +44,11 @@ def format_table(result: PlanResult, top: int = 10, config_name: str = "C") -> s
     fmt = lambda r: "  ".join(x.ljust(w) if i == 1 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths,
                                                                                                  strict=True)))
     lines += ["", fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    best = result.ranked[0].timing
+    shown = ", ".join(f"{k} {v:.3g} s" for k, v in best.exposed.items() if v)
+    lines += ["", f"#1 exposed communication per step: {shown or 'none'}; overlapped behind compute: "
+                  f"{', '.join(best.overlapped) or 'nothing'}"
+                  + (f" ({best.dp_hidden_s:.3g} s of dp collectives hidden)" if best.overlapped else "")]
     lines += ["", f"train #1: megatron-lite launch torchrun --config {config_name} "
                   f"{override_args(result.ranked[0].overrides)}"]
     return "\n".join(lines)
@@ -53,6 +58,7 @@ def write_json(result: PlanResult, path: str | Path) -> None:
     out = {"cluster": asdict(result.cluster), "model_params": result.model_params,
            "global_batch": result.global_batch, "seq": result.seq, "considered": result.considered,
            "rejected": dict(result.rejected), "gemm_efficiency": GEMM_EFFICIENCY,
+           "profile": result.profile,
            "ranked": [c.as_dict() for c in result.ranked],
            "too_big": [c.as_dict() for c in result.too_big[:20]]}
     Path(path).write_text(json.dumps(out, indent=2) + "\n")

@@ -51,6 +51,7 @@ class PlanResult:
     too_big: list[Candidate]  # valid layouts that do not fit, smallest first
     rejected: Counter = field(default_factory=Counter)  # LayoutError sentence (shortened) -> count
     considered: int = 0
+    profile: str = OURS.name  # the time model's implementation profile
 
 
 # ZeRO variants tried by default: the native distributed optimizer (stages 1-3, which compose with
@@ -68,14 +69,16 @@ def _divisors(n: int) -> list[int]:
 def candidate_overrides(cfg: Config, cluster: Cluster, global_batch: int, micro_batch_sizes=(1, 2, 4, 8),
                         schedules=("1f1b", "interleaved"), max_virtual_stages: int = 4,
                         zero=DEFAULT_ZERO,
-                        sequence_parallel: str = "auto", tp_values=None, pp_values=None):
-    """Every (tp, pp, dp, sp, schedule, v, micro-batch, ZeRO) to try, as config overrides."""
+                        sequence_parallel: str = "auto", tp_values=None, pp_values=None, dp_values=None,
+                        virtual_stages=None):
+    """Every (tp, pp, dp, sp, schedule, v, micro-batch, ZeRO) to try, as config overrides; the
+    *_values / virtual_stages arguments pin a dimension (plan's --tp, --pp, --dp, --virtual-stages)."""
     world = cluster.world_size
     L, par = cfg.model.num_layers, cfg.parallel
     for tp in tp_values or [t for t in _divisors(cluster.gpus_per_node) if world % t == 0]:
         for pp in pp_values or [q for q in _divisors(world // tp) if q <= L]:
             dp = world // (tp * pp)
-            if global_batch % dp:
+            if global_batch % dp or dp_values and dp not in dp_values:
                 continue
             per_replica = global_batch // dp
             sps = [False] if tp == 1 else {"auto": [True, False], "on": [True],
@@ -86,8 +89,9 @@ def candidate_overrides(cfg: Config, cluster: Cluster, global_batch: int, micro_
                     if name == "interleaved":
                         # only where every piece gets the same load: the slowest chunk paces them all
                         scheds += [("interleaved", v) for v in range(2, max_virtual_stages + 1)
-                                   if equal_load(cfg.model, pp * v, par.partition, par.pp_layers)]
-                    else:
+                                   if equal_load(cfg.model, pp * v, par.partition, par.pp_layers)
+                                   and (virtual_stages is None or v == virtual_stages)]
+                    elif virtual_stages in (None, 1):
                         scheds.append((name, 1))
             for b in micro_batch_sizes:
                 if per_replica % b:
@@ -143,7 +147,7 @@ def plan(cfg: Config, cluster: Cluster, global_batch: int, seq: int | None = Non
         base = build_config(cfg, {"data.seq_length": seq})
     s = base.seq_length
     budget = cluster.gpu_memory_gb * GB * (1 - headroom)
-    result = PlanResult(cluster, param_count(base.model), global_batch, s, [], [])
+    result = PlanResult(cluster, param_count(base.model), global_batch, s, [], [], profile=profile.name)
     for ov in candidate_overrides(base, cluster, global_batch, **enumerate_kw):
         result.considered += 1
         try:

@@ -468,6 +468,28 @@ def test_cli_plan_prints_a_table_and_writes_json(tmp_path, capsys):
         Layout.build(plan.build_config(cfg, row["overrides"]), 8)
 
 
+def test_cli_plan_pins_the_layout_and_names_the_profile(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    code = main(["plan", "--config", "gpt2-125m", "--cluster", "h100", "--global-batch", "32", "--tp", "2",
+                 "--pp", "2", "--dp", "2", "--no-sp", "--schedule", "interleaved", "--virtual-stages", "2",
+                 "--micro-batch", "2", "--zero", "1", "--recompute", "none", "--cp", "1", "--json", str(out),
+                 "train.eval_iters=8"])
+    text = capsys.readouterr().out
+    assert code == 0 and "overlapped behind compute: reduce-scatter, all-gather (next forward)" in text
+    data = json.loads(out.read_text())
+    assert data["profile"] == plan.OURS.name and len(data["ranked"] + data["too_big"]) == 1
+    row = (data["ranked"] + data["too_big"])[0]
+    o = row["overrides"]
+    assert (o["parallel.tp"], o["parallel.pp"], o["parallel.dp"], o["parallel.sequence_parallel"],
+            o["parallel.virtual_stages"], o["data.micro_batch_size"], o["optim.zero.stage"]) == \
+        (2, 2, 2, False, 2, 2, 1)
+    assert set(row["timing"]["exposed"]) == {"tp", "pp_p2p", "dp", "tied_embedding"}
+    assert main(["plan", "--config", "gpt2-125m", "--cluster", "h100", "--global-batch", "32", "--tp", "2",
+                 "--pp", "2", "--profile", "megatron-2021", "--zero", "1", "--micro-batch", "2",
+                 "train.eval_iters=8"]) == 0
+    assert "overlapped behind compute: nothing" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, words", [
     (["--cluster", "v100"], ["--cluster 'v100'", "a100-80gb"]),
     (["--nodes", "0"], ["--nodes=0"]),
@@ -475,6 +497,12 @@ def test_cli_plan_prints_a_table_and_writes_json(tmp_path, capsys):
     (["--zero", "4"], ["--zero '4'"]),
     (["--peak-tflops", "-1"], ["--peak-tflops=-1"]),
     (["--seq", "4096"], ["data.seq_length=4096", "max_sequence_length"]),
+    (["--cp", "2"], ["--cp 2", "context parallelism", "--cp 1"]),
+    (["--tp", "3"], ["--tp 3", "divisor of 8"]),
+    (["--tp", "2", "--pp", "2", "--dp", "4"], ["= 16", "8 GPUs"]),
+    (["--schedule", "1f1b", "--virtual-stages", "2"], ["--virtual-stages 2", "interleaved"]),
+    (["--micro-batch", "0"], ["--micro-batch=0"]),
+    (["--tp", "1", "--sp"], ["--sp needs --tp > 1"]),
 ])
 def test_cli_plan_user_errors_are_one_sentence(args, words, capsys):
     code = main(["plan", "--config", "gpt2-125m", "--global-batch", "8", *args])
