@@ -50,7 +50,7 @@ from ..config import Config, ModelConfig
 from ..layout import Layout
 from ..model.activations import saved_terms
 from ..slicing import padded_vocab
-from .stage import chunks_of, rank_params, schedule_facts, stage_params
+from .stage import INFLIGHT_REDUCTIONS, chunks_of, rank_params, schedule_facts, stage_params
 
 # The norm terms of saved_terms (a block has two norms: ln1, ln2; the head has one, ln_f).
 NORM_TERMS = ("norm inputs (ln1, ln2)", "norm statistics")
@@ -223,9 +223,16 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
         # staging alive) from the head's backward to the embedding's, across every block's backward
         whole = rest if any(c.first for c in chunks) and any(c.last for c in chunks) else 0
         block_p = _shard(block, shards, index)[0] * shards if block else 0
-        fwd_gather = e * biggest
-        bwd_gather = e * (block_p + whole)
+        # parallel.overlap_param_gather prefetches one block ahead: the block in use and the next
+        # one's gathered weights are alive together, in a forward and in a backward
+        ahead = block_p if cfg.parallel.overlap_param_gather else 0
+        fwd_gather = e * (biggest + ahead)
+        bwd_gather = e * (block_p + ahead + whole)
         staging = 4 * (max(block_p, biggest if not whole else 0) + whole)
+    if stage_z >= 2 and cfg.parallel.overlap_grad_reduce:
+        # the staging buckets whose reduce-scatter is still in flight (optim/distributed.py keeps up
+        # to INFLIGHT_REDUCTIONS) stay alive beside the one filling
+        staging += INFLIGHT_REDUCTIONS * 4 * (block_p if stage_z == 3 else biggest)
     # reducing it: gloo has no reduce-scatter, so comm.reduce_scatter stacks the chunks into one
     # copy and all-reduces it; both backends return this rank's chunk in a new buffer
     reduce = staging * ((2 if cpu else 1) + 1 / shards)

@@ -18,6 +18,12 @@ from ..pipeline.schedules import build as build_schedule
 from ..pipeline.schedules import held_messages, send_releases, simulate
 from ..slicing import TPSharder
 
+# ZeRO-2/3 with parallel.overlap_grad_reduce: at most this many staging buckets' reduce-scatters in
+# flight (optim/distributed.py, MAX_INFLIGHT_REDUCTIONS): a third one ready waits for the oldest, so
+# a backward slower to reduce than to compute is held back by the link (timing), and their fp32
+# buckets stay alive until done (memory).
+INFLIGHT_REDUCTIONS = 2
+
 
 @dataclass(frozen=True)
 class RankParams:

@@ -35,7 +35,7 @@ from ..layout import Layout
 from ..model.counts import layer_flops, model_flops
 from ..slicing import padded_vocab
 from .cluster import GB, MEGATRON_2021, OURS, Cluster, Profile, collective_time, p2p_time
-from .stage import chunks_of, rank_params, schedule_facts
+from .stage import INFLIGHT_REDUCTIONS, chunks_of, rank_params, schedule_facts
 
 # The one calibrated constant: the fraction of the bf16 tensor-core peak a transformer GEMM reaches.
 # Fitted on row 1 of Narayanan et al. 2021, Table 1 (1.7B, tp=pp=1, 32 A100s: 137 TFLOP/s per GPU)
@@ -289,12 +289,6 @@ def optimizer_term(st: Step, n_rank: int) -> float:
     if native and (st.e == 2 or zero >= 1):
         t += layout.micro_batches * (st.e + 8) * n_rank / st.hbm + st.e * n_rank / st.hbm
     return t
-
-
-# ZeRO-2/3 with parallel.overlap_grad_reduce: at most this many staging buckets' reduce-scatters in
-# flight (optim/distributed.py, MAX_INFLIGHT_REDUCTIONS): a third one ready waits for the oldest,
-# so a backward slower to reduce than to compute is held back by the link.
-INFLIGHT_REDUCTIONS = 2
 
 
 @dataclass(frozen=True)

@@ -529,3 +529,23 @@ def test_plan_at_16k_gpus_does_per_group_not_per_rank_work(monkeypatch):
                        max_virtual_stages=2, zero=((1, "native"),), recompute=("none",))
     assert len(result.ranked + result.too_big) == 1
     assert calls["rank_of"] < 1000, calls  # the world is 16,384 ranks; a layout needs ~tp + pp + dp
+
+
+def test_zero3_prefetch_holds_two_blocks_and_overlapped_reductions_their_staging():
+    """parallel.overlap_param_gather: ZeRO-3 gathers the next block while one is in use (two blocks'
+    full weights at once, forward and backward); overlap_grad_reduce: up to INFLIGHT_REDUCTIONS
+    staging buckets still reducing beside the one filling (ZeRO-2 and -3)."""
+    from megatron_lite.plan.memory import zero3_buckets
+    from megatron_lite.plan.stage import INFLIGHT_REDUCTIONS
+    for stage in (2, 3):
+        on = _layout({"parallel": {"dp": 2}, "train": {"precision": "bf16"},
+                      "optim": {"zero": {"stage": stage}}})
+        off = _layout({"parallel": {"dp": 2, "overlap_param_gather": False, "overlap_grad_reduce": False},
+                       "train": {"precision": "bf16"}, "optim": {"zero": {"stage": stage}}})
+        a, b = model_state(on, 0, 0, "cpu"), model_state(off, 0, 0, "cpu")
+        unit = zero3_buckets(on, 0)[1] if stage == 3 else max(buckets(on, 0))
+        unit = -(-unit // 2) * 2  # padded to a multiple of dp
+        assert a.staging - b.staging == INFLIGHT_REDUCTIONS * 4 * unit
+        if stage == 3:
+            assert a.gathered_forward - b.gathered_forward == 2 * unit
+            assert a.gathered_backward - b.gathered_backward == 2 * unit
