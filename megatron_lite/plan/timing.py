@@ -13,14 +13,18 @@ InfiniBand), as the sum of four terms, each its own function:
               again, as they are saved as sequence shards (Megatron does the same)
   pp          point-to-point per action (messages in the compute dtype); the bubble from simulate()
               with those chunk times
-  dp / zero   after backward, not overlapped: the fp32 main gradients' all-reduce (no ZeRO), or the
-              distributed optimizer's reduce-scatter of them (ZeRO-1 once; ZeRO-2 and -3 bucket by
-              bucket inside each micro-batch's backward, blocking) and the all-gather of the updated
-              weights in the compute dtype (ZeRO-3 instead: each block's weights before its forward
-              and again before its backward, every micro-batch); DeepSpeed's reduce-scatter +
-              all-gather (stage 3: per micro-batch); the tied embedding's sync between first and
-              last stage; then the AdamW step (and the main-gradient accumulation) as memory traffic
+  dp / zero   the fp32 main gradients' all-reduce (no ZeRO) or reduce-scatter (ZeRO-1 once; ZeRO-2
+              and -3 every micro-batch), the all-gather of the updated weights in the compute dtype
+              (ZeRO-3: each block's before its forward and its backward, every micro-batch). OURS
+              (native backends, parallel.overlap_grad_reduce / overlap_param_gather) overlaps them
+              as the code does (dp_overlap: the reduction behind the rest of the backward, the
+              gathers behind the next forward, ZeRO-3 one block ahead): only what does not fit is
+              exposed; overlap_*=false, DeepSpeed and MEGATRON_2021 (whose 2021 code all-reduced
+              after the backward) run them all after the backward (dp_term). Then the tied
+              embedding's sync between first and last stage and the AdamW step (and the
+              main-gradient accumulation) as memory traffic
 
+Timing.exposed gives the exposed seconds per kind, Timing.overlapped names the overlapped terms.
 TFLOP/s per GPU are hardware FLOPs (recompute included: what Narayanan et al. report), MFU model
 FLOPs (model/counts.py, the trainer's definition). The one calibrated constant is GEMM_EFFICIENCY.
 """
