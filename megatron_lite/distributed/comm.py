@@ -68,11 +68,15 @@ class Pending:
     """A started collective. wait() blocks until it is done (the first call; later ones return at
     once) and returns its result; raises CollectiveFailure when a peer fails."""
 
-    def __init__(self, kind: str, work, result: torch.Tensor, then: Callable[[], torch.Tensor] | None = None):
+    def __init__(self, kind: str, work, result: torch.Tensor, then: Callable[[], torch.Tensor] | None = None,
+                 operand: torch.Tensor | None = None):
         self.kind = kind
         self.work = work  # None: nothing to wait for (a group of one)
         self.result = result
         self.then = then  # runs once the collective is done; returns the result
+        # The input, alive until the wait even if the caller drops it (a CUDA buffer freed while
+        # the collective's stream still reads it could be handed out again)
+        self.operand = operand
         self.launched = time.perf_counter()
 
     @property
@@ -85,6 +89,7 @@ class Pending:
             _wait(work, self.kind, self.launched)
             if self.then is not None:
                 self.result = self.then()
+            self.operand = None
         return self.result
 
 
@@ -312,7 +317,7 @@ def all_gather_into_async(out: torch.Tensor, t: torch.Tensor, group) -> Pending:
         work = dist.all_gather_into_tensor(out, t, group=group, async_op=True)
     else:
         work = dist.all_gather([c.view_as(t) for c in out.chunk(n)], t, group=group, async_op=True)
-    return Pending("all_gather", work, out)
+    return Pending("all_gather", work, out, operand=t)
 
 
 def reduce_scatter(t: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -345,7 +350,7 @@ def reduce_scatter_async(t: torch.Tensor, group) -> Pending:
         work = dist.reduce_scatter_tensor(out, t, group=group, async_op=True)
     else:
         work = dist.reduce_scatter(out, list(t.chunk(n)), group=group, async_op=True)
-    return Pending("reduce_scatter", work, out)
+    return Pending("reduce_scatter", work, out, operand=t)
 
 
 def all_gather_object(obj, group) -> list:
