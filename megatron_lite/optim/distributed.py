@@ -39,9 +39,11 @@ both on by default; off, every collective runs where the step needs its result):
     stages 0-1 start a bucket's all-reduce / reduce-scatter asynchronously as soon as its last
     gradient of the step's last backward has been added in (no reduction during accumulation), so
     it runs while the backward computes the buckets before it; stages 2-3 do so after every
-    backward (their fp32 gradients of one backward exist only until reduced), at most
-    MAX_INFLIGHT_REDUCTIONS staging buckets in flight. finish() waits for them all before the sums
-    below and clipping, and starts any bucket that did not complete (a parameter without gradient).
+    backward (their fp32 gradients of one backward exist only until reduced): at most
+    MAX_STAGING_BUCKETS staging buckets exist at once (the one filling and those in flight), and
+    the end of each backward waits for the rest (an autograd callback, as FSDP does), so none
+    lives on into the next forward. finish() waits for them all before the sums below and
+    clipping, and starts any bucket that did not complete (a parameter without gradient).
   - weights, ZeRO-1/2: step() starts every bucket's all-gather of the updated shards in forward
     order and returns; a forward pre-hook on each module waits for its buckets' gather just before
     their first use, so the gathers run behind the next forward.
@@ -73,9 +75,10 @@ from ..parallel.grads import global_norm, tied_embedding_copy
 
 # Like Megatron-LM's default DDP bucket (40M elements): few collectives, bounded extra memory.
 BUCKET_ELEMENTS = 40_000_000
-# ZeRO-2/3: staging buckets whose reduce-scatter may be in flight at once (their fp32 gradients are
-# held until it is done): enough to keep the link busy behind the backward, bounded memory.
-MAX_INFLIGHT_REDUCTIONS = 2
+# ZeRO-2/3: fp32 staging buckets alive at once, the one filling included (those in flight are held
+# until their reduce-scatter is done): one reducing while the next fills keeps the link busy
+# behind the backward, with memory bounded at two buckets' fp32 gradients.
+MAX_STAGING_BUCKETS = 2
 
 
 @dataclass
@@ -184,6 +187,7 @@ class DistributedOptimizer:
         self.overlap_param = overlap_param_gather and self.dp > 1
         self._backwards: int | None = None  # backward passes of this step (begin_accumulation)
         self._inflight: list[tuple[comm.Pending, object]] = []  # gradient reductions started, in order
+        self._drain_queued = False  # stages 2-3: the end of this backward will wait for them
         self.dtype = dtype
         shards = self.dp if self.stage >= 1 else 1
         index = comm.rank(dp_group) if shards > 1 else 0
@@ -270,6 +274,8 @@ class DistributedOptimizer:
                 self._start_reduction(b)
             return
         if b.staging is None:
+            while len(self._inflight) >= MAX_STAGING_BUCKETS:  # bounded memory: the oldest first
+                self._complete(*self._inflight.pop(0))
             b.staging = torch.zeros(b.numel, dtype=torch.float32, device=g.device)  # (numel,)
         b.staging[o:o + g.numel()].add_(g)
         if b.arrived == len(b.params):
@@ -283,15 +289,22 @@ class DistributedOptimizer:
         else:  # gloo reduces b.grad in place, and its result is then b.grad_shard itself
             self._inflight.append((comm.reduce_scatter_async(b.grad, self.dp_group), b.grad_shard))
 
-    def _reduce_staging(self, b: Bucket) -> None:
+    def _reduce_staging(self, b: Bucket, in_backward: bool = True) -> None:
         """Stages 2-3: one backward's gradients of b, reduce-scattered into its shard."""
         pending = comm.reduce_scatter_async(b.staging, self.dp_group)  # (numel/d,) when done
         self._inflight.append((pending, b))
         b.staging, b.arrived = None, 0
         if b.sharded_weights:  # the backward is done with these weights (each parameter's last use
             b.release()        # comes before its gradient is accumulated)
-        limit = MAX_INFLIGHT_REDUCTIONS if self.overlap_grad else 0
-        while len(self._inflight) > limit:
+        if not self.overlap_grad:
+            self._complete(*self._inflight.pop())
+        elif in_backward and not self._drain_queued:  # once per backward: the rest waits for its end
+            self._drain_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        self._drain_queued = False
+        while self._inflight:
             self._complete(*self._inflight.pop(0))
 
     def _complete(self, pending: comm.Pending, into) -> None:
@@ -352,7 +365,7 @@ class DistributedOptimizer:
         for b in self.buckets:  # start what the backward did not (all of it without overlap)
             if self.stage >= 2:
                 if b.staging is not None:  # the part of the last backward still in staging
-                    self._reduce_staging(b)
+                    self._reduce_staging(b, in_backward=False)
                 if b.sharded_weights:  # one a backward gathered but sent no gradient
                     b.release()
             elif self.dp > 1 and not b.launched:

@@ -164,17 +164,23 @@ def _overlap(rank, world, data_dir, out):
     bit-identical losses, norms and weights; and the communication really started early."""
     from megatron_lite.optim.distributed import Bucket, DistributedOptimizer
     real_finish, real_gather = DistributedOptimizer.finish, Bucket.gather
+    real_end = DistributedOptimizer._end_of_backward
     seen = {"started_before_finish": [], "prefetched": 0}
 
-    def finish(self):  # how much of the reduction the backward started
-        started = sum(b.launched for b in self.buckets) if self.stage < 2 else len(self._inflight)
-        seen["started_before_finish"].append(started)
+    def finish(self):  # stages 0-1: how much of the reduction the last backward started
+        if self.stage < 2:
+            seen["started_before_finish"].append(sum(b.launched for b in self.buckets))
         real_finish(self)
+
+    def end_of_backward(self):  # stages 2-3: reductions still in flight when the backward ended
+        seen["started_before_finish"].append(len(self._inflight))
+        real_end(self)
 
     def gather(self, group):  # ZeRO-3: needed now, and already on its way (started one block ahead)
         seen["prefetched"] += self.gathering is not None
         real_gather(self, group)
     DistributedOptimizer.finish, Bucket.gather = finish, gather
+    DistributedOptimizer._end_of_backward = end_of_backward
     for stage in (0, 1, 2, 3):
         runs = {}
         for overlap in (True, False):
@@ -203,8 +209,8 @@ def _overlap(rank, world, data_dir, out):
             assert torch.equal(a, b), stage
         if stage < 2:  # every bucket's reduction started during the last backward
             assert all(s == len(opt.buckets) for s in s_on) and all(s == 0 for s in s_off), (stage, s_on)
-        else:  # still in flight when the backward ended (without overlap: waited at once)
-            assert all(s > 0 for s in s_on) and all(s == 0 for s in s_off), (stage, s_on)
+        else:  # still in flight when each backward ended (without overlap: each waited at once)
+            assert len(s_on) == 2 * STEPS and all(s > 0 for s in s_on) and not s_off, (stage, s_on)
 
 
 def test_overlapped_communication_is_bit_identical_and_starts_early(corpus_dir, tmp_path):
