@@ -24,32 +24,55 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         grad_w = torch.zeros_like(weight, dtype=acc)
         total = torch.zeros((), dtype=acc, device=x.device)
+        w = weight.to(x.dtype)  # no copy unless autocast made x low-precision
+        # Two (chunk, V) buffers for the whole loop, not two fresh ones per chunk: on CPU each fresh
+        # allocation this large is an mmap whose pages fault in (and are zeroed) on first touch.
+        n0 = min(chunk, x.shape[0])
+        buf = torch.empty((n0, weight.shape[0]), dtype=torch.promote_types(x.dtype, torch.float32),
+                          device=x.device)  # the chunk's logits, then its softmax gradient
+        tmp = torch.empty_like(buf)  # exp(logits - max), for the log-sum-exp
         for s in range(0, x.shape[0], chunk):
             xc, yc, vc = x[s:s + chunk], labels[s:s + chunk], valid[s:s + chunk]
-            logits = xc @ weight.t()  # (n, V)
-            if logits.dtype in (torch.float16, torch.bfloat16):
-                logits = logits.float()  # softmax in fp32 even under bf16 autocast
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            n = xc.shape[0]
+            if buf.dtype == x.dtype == weight.dtype:
+                logits = torch.mm(xc, weight.t(), out=buf[:n])  # (n, V)
+            else:  # softmax in fp32 even under bf16 autocast
+                logits = buf[:n].copy_(xc @ weight.t())  # (n, V)
+            # torch.logsumexp's own steps (so the same values), its (n, V) temporary in tmp
+            m = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+            m.masked_fill_(m.abs() == float("inf"), 0)
+            lse = torch.sub(logits, m, out=tmp[:n]).exp_().sum(dim=-1).log_().add_(m.squeeze(1))  # (n,)
             safe_y = torch.where(vc, yc, torch.zeros_like(yc))
-            rows = torch.arange(len(yc), device=x.device)
+            rows = torch.arange(n, device=x.device)
             total += ((lse - logits[rows, safe_y]) * vc).sum()
             # d loss / d logits = (softmax - onehot) / n_valid, computed in place over the chunk.
-            probs = logits.sub_(lse[:, None]).exp_()
+            probs = logits.sub_(lse[:, None]).exp_()  # (n, V)
             probs[rows, safe_y] -= 1.0
             probs.mul_((vc.to(probs.dtype) / n_valid)[:, None])
             g = probs.to(x.dtype)  # no copy unless autocast made x low-precision
-            grad_x[s:s + chunk] = g @ weight.to(g.dtype)
+            torch.mm(g, w, out=grad_x[s:s + chunk])  # (n, C), straight into its rows
             if g.dtype == grad_w.dtype:
                 grad_w.addmm_(g.t(), xc)  # accumulate in place: no (V, C) temporary per chunk
             else:
                 grad_w += (g.t() @ xc).to(acc)
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        ctx.used = False
         return total / n_valid
 
     @staticmethod
     def backward(ctx, grad_out):
+        # The gradients were made in forward: they are scaled in place and handed out, not copied
+        # (a fresh (V, C) and (N, C) per step otherwise), so they can be handed out only once.
+        if ctx.used:
+            raise RuntimeError("linear_cross_entropy: a second backward through the same graph "
+                               "(retain_graph) is not supported")
+        ctx.used = True
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_out.to(grad_x.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None
+        # loss.backward() passes exactly 1: nothing to scale (checked on CPU only, where it is free)
+        if not (grad_out.device.type == "cpu" and grad_out.item() == 1.0):
+            grad_x.mul_(grad_out.to(grad_x.dtype))
+            grad_w.mul_(grad_out.to(grad_w.dtype))
+        return grad_x, grad_w, None, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
