@@ -10,7 +10,7 @@ of a step, or after it: gradients exist), and the optimizer step.
               shard of each bucket, one per block); DeepSpeed bf16 holds
               the module in bf16 (x2), fp32 otherwise (x4)
   grads       fp32 main gradients: the whole buckets (ZeRO 0 and 1), this rank's 1/dp shard of each
-              (ZeRO-2 and -3); fp32 without ZeRO (PlainAdamW) param.grad; DeepSpeed stage 2/3 keep their
+              (ZeRO-2 and -3); fp32 with dp = 1 (PlainAdamW) param.grad; DeepSpeed stage 2/3 keep their
               partition and a reduce bucket
   optimizer   AdamW exp_avg + exp_avg_sq (8 bytes per element this rank steps) + the fp32 master
               weights under bf16 (4 bytes; fp32 weights are their own master): all of the buckets
@@ -33,13 +33,16 @@ of a step, or after it: gradients exist), and the optimizer step.
               engine's message dtype (the compute dtype; fp32 under DeepSpeed)
   transient   the largest short-lived buffer at the peak: a chunk of logits (fused CE) or the
               vocab-parallel logits and their fp32 copy, the block recomputed under full recompute,
-              ZeRO-2's fp32 staging bucket (alive during backward), ZeRO-3's gathered buckets (the
-              largest in a forward; a block's, with its fp32 staging, in a backward, plus the
-              embedding + head bucket when one stage holds both), the optimizer step's temporaries
-              (the reduce-scatter input copy on gloo, AdamW's per-tensor temporaries, the weight
-              all-gather's output), or what building the model holds (the stage's fp32 shards, built
-              on the meta device and materialised one parameter at a time from its full value on the
-              host; the distributed optimizer's fp32 copy of a bucket)
+              ZeRO-2's fp32 staging buckets (during a backward: the one filling and, with
+              parallel.overlap_grad_reduce, the one still reducing; none past its end), ZeRO-3's
+              gathered buckets (the largest in a forward; a block's and the next one's, with their
+              fp32 staging, in a backward, plus the embedding + head bucket when one stage holds
+              both), the optimizer step's temporaries (the reduce-scatter's shard-sized outputs on
+              NCCL, where gloo reduces in place; AdamW's per-tensor temporaries; the flat output
+              gloo's all_gather allocates inside, where NCCL gathers straight into the weights), or
+              what building the model holds (the stage's fp32 shards, built on the meta device and
+              materialised one parameter at a time from its full value on the host; the
+              distributed optimizer's fp32 copy of a bucket)
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from ..config import Config, ModelConfig
 from ..layout import Layout
 from ..model.activations import saved_terms
 from ..slicing import padded_vocab
-from .stage import INFLIGHT_REDUCTIONS, chunks_of, rank_params, schedule_facts, stage_params
+from .stage import MAX_STAGING_BUCKETS, chunks_of, rank_params, schedule_facts, stage_params
 
 # The norm terms of saved_terms (a block has two norms: ln1, ln2; the head has one, ln_f).
 NORM_TERMS = ("norm inputs (ln1, ln2)", "norm statistics")
@@ -197,7 +200,7 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
             bucket = min(5e8, n) * 4 if z.stage == 2 else 0  # reduce bucket (DeepSpeed default)
             grads, staging = (2 if z.stage == 3 else 1) * 4 * n / dp + bucket, 0.0
         return State(weights, grads, optimizer, staging, 0.0, 4 * max(params.sizes), 0.0)
-    if not bf16 and z.stage == 0:  # PlainAdamW: param.grad, torch's AdamW (foreach off CPU)
+    if not bf16 and dp == 1:  # PlainAdamW (make_optimizer): param.grad, torch's AdamW (foreach off CPU)
         step = 2 * max(params.sizes) * 4 if cpu else 4 * n
         return State(4 * n, 4 * n, 8 * n, 0.0, 0.0, step, 0.0)
     # optim/distributed.py: flat buckets of the compute dtype, fp32 main grads, fp32 masters + moments
@@ -213,7 +216,11 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
     master = 4 * sum(p // shards for p in padded) if bf16 else 0
     optimizer = master + 8 * sum(owned)
     biggest = max(padded)
-    staging = 4 * biggest if stage_z == 2 else 0.0
+    overlap = cfg.parallel.overlap_grad_reduce
+    # ZeRO-2: the staging bucket filling and (overlap_grad_reduce) the previous one still reducing:
+    # optim/distributed.py keeps at most MAX_STAGING_BUCKETS alive, the filling one included
+    pair = sorted(padded)[-MAX_STAGING_BUCKETS:] if overlap else [biggest]
+    staging = 4 * sum(pair) if stage_z == 2 else 0.0
     fwd_gather = bwd_gather = 0.0
     if stage_z == 3:  # the weights' shards persist; full buckets only around their use
         weights /= shards
@@ -228,21 +235,21 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
         ahead = block_p if cfg.parallel.overlap_param_gather else 0
         fwd_gather = e * (biggest + ahead)
         bwd_gather = e * (block_p + ahead + whole)
-        staging = 4 * (max(block_p, biggest if not whole else 0) + whole)
-    if stage_z >= 2 and cfg.parallel.overlap_grad_reduce:
-        # the staging buckets whose reduce-scatter is still in flight (optim/distributed.py keeps up
-        # to INFLIGHT_REDUCTIONS) stay alive beside the one filling
-        staging += INFLIGHT_REDUCTIONS * 4 * (block_p if stage_z == 3 else biggest)
-    # reducing it: gloo has no reduce-scatter, so comm.reduce_scatter stacks the chunks into one
-    # copy and all-reduces it; both backends return this rank's chunk in a new buffer
-    reduce = staging * ((2 if cpu else 1) + 1 / shards)
-    # finish: the reduce-scatter's input stacked into one copy on gloo (its output a shard);
+        # the bucket filling (a block's, or the rest's when it is not held across the blocks) and,
+        # overlapped, the block before it still reducing; the rest's own staging beside them
+        staging = 4 * (max(block_p, biggest if not whole else 0)
+                       + (MAX_STAGING_BUCKETS - 1) * block_p * overlap + whole)
+    # reducing them: gloo has no reduce-scatter, comm.reduce_scatter_async all-reduces the staging
+    # bucket in place (its result a view of it); NCCL's reduce_scatter_tensor writes a new shard
+    reduce = staging * (1 if cpu else 1 + 1 / shards)
+    # finish (ZeRO-1): the main-gradient buffer reduce-scattered in place on gloo; NCCL's shard-sized
+    # outputs, all of the step's alive until finish() copies them in when overlapped (one otherwise);
     # step: AdamW's temporaries per fragment (CPU, single-tensor) or over all of them (foreach),
-    # then each bucket's all-gathered weights before they are copied into place
-    scatter = 4 * biggest * (1 + 1 / shards) if stage_z == 1 and cpu else \
-        (4 * biggest / shards if stage_z == 1 else 0.0)
+    # then the all-gather of the updated shards, in place into the weights on NCCL; gloo's
+    # all_gather (a list of outputs) gathers into a flat buffer of its own and copies out of it
+    scatter = 0.0 if stage_z != 1 or cpu else 4 * (sum(padded) if overlap else biggest) / shards
     adam = 2 * 4 * min(max(params.sizes), max(owned)) if cpu else 4 * sum(owned)
-    gather = e * biggest if stage_z in (1, 2) else 0.0  # (ZeRO-3 gathers on use, not after the step)
+    gather = e * biggest if stage_z in (1, 2) and cpu else 0.0  # (ZeRO-3 gathers on use)
     # construction: a bucket's fp32 values and its compute-dtype buffer beside the module's fp32
     # parameters (dropped as each bucket takes them over)
     build = (4 + (e if bf16 else 0)) * biggest

@@ -18,11 +18,13 @@ from ..pipeline.schedules import build as build_schedule
 from ..pipeline.schedules import held_messages, send_releases, simulate
 from ..slicing import TPSharder
 
-# ZeRO-2/3 with parallel.overlap_grad_reduce: at most this many staging buckets' reduce-scatters in
-# flight (optim/distributed.py, MAX_INFLIGHT_REDUCTIONS): a third one ready waits for the oldest, so
-# a backward slower to reduce than to compute is held back by the link (timing), and their fp32
-# buckets stay alive until done (memory).
-INFLIGHT_REDUCTIONS = 2
+# ZeRO-2/3 with parallel.overlap_grad_reduce: at most this many fp32 staging buckets alive at once, the
+# one filling included (optim/distributed.py, MAX_STAGING_BUCKETS): a new staging bucket first waits for
+# the oldest reduction in flight, so one reduces while the next fills; and the end of every backward
+# waits for all of them (an autograd final callback, as FSDP does), so none lives into the next forward.
+# Memory: two buckets' fp32 gradients (the stage's "rest" bucket of ZeRO-3, when it stays filling
+# across the blocks' backward, beside them); timing: each backward's last reduce-scatter is exposed.
+MAX_STAGING_BUCKETS = 2
 
 
 @dataclass(frozen=True)

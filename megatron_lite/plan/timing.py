@@ -39,7 +39,7 @@ from ..layout import Layout
 from ..model.counts import layer_flops, model_flops
 from ..slicing import padded_vocab
 from .cluster import GB, MEGATRON_2021, OURS, Cluster, Profile, collective_time, p2p_time
-from .stage import INFLIGHT_REDUCTIONS, chunks_of, rank_params, schedule_facts
+from .stage import MAX_STAGING_BUCKETS, chunks_of, rank_params, schedule_facts
 
 # The one calibrated constant: the fraction of the bf16 tensor-core peak a transformer GEMM reaches.
 # Fitted on row 1 of Narayanan et al. 2021, Table 1 (1.7B, tp=pp=1, 32 A100s: 137 TFLOP/s per GPU)
@@ -282,7 +282,7 @@ def tied_term(st: Step) -> float:
 
 def optimizer_term(st: Step, n_rank: int) -> float:
     """Seconds of the AdamW step (and clipping, bucketing) as memory traffic; the distributed
-    optimizer (bf16, or any ZeRO stage on the native backend) also adds each micro-batch's gradient
+    optimizer (bf16, or dp > 1 on the native backend) also adds each micro-batch's gradient
     into the fp32 main gradients (read it, read + write fp32) and rounds the masters into the weights."""
     layout = st.layout
     zero, dp = layout.config.optim.zero.stage, layout.dp
@@ -290,7 +290,7 @@ def optimizer_term(st: Step, n_rank: int) -> float:
     if zero >= 1:
         t += 16 * n_rank / st.hbm  # clipping and bucketing still touch every gradient
     native = layout.backend != "deepspeed" and st.profile is not MEGATRON_2021
-    if native and (st.e == 2 or zero >= 1):
+    if native and (st.e == 2 or zero >= 1 or dp > 1):  # the distributed optimizer (make_optimizer)
         t += layout.micro_batches * (st.e + 8) * n_rank / st.hbm + st.e * n_rank / st.hbm
     return t
 
@@ -327,8 +327,11 @@ def dp_overlap(st: Step, stage: int, f_block: float, b_block: float, f_chunk: fl
                        j-1's): a FIFO on the link, the tail past the stage's end exposed (at least the
                        last bucket: the first layers and the embedding)
       grads, ZeRO-2/3  every micro-batch's backward reduce-scatters its buckets as they fill, at most
-                       INFLIGHT_REDUCTIONS in flight: a backward action lasts at least as long as the
-                       link needs for all but its last buckets; the last action's leftovers are exposed
+                       MAX_STAGING_BUCKETS staging buckets alive (the filling one included: a bucket's
+                       first gradient waits for the reduction two buckets back), and the end of every
+                       backward (each pipeline B action) waits for all of them, as FSDP does: per
+                       action at least its last bucket's reduce-scatter is exposed, more where the
+                       link is slower than the backward (backward_with_reductions)
       params, ZeRO-1/2 after the step each bucket's all-gather starts in forward order and is waited
                        for just before its first use: exposed is how far the gathers run ahead of the
                        first micro-batch's forward through the stage's chunks (at least the first)
@@ -365,13 +368,12 @@ def dp_overlap(st: Step, stage: int, f_block: float, b_block: float, f_chunk: fl
             hidden += total - tail
             overlapped.append("all-reduce" if zero == 0 else "reduce-scatter")
         else:
-            c_bucket = total / len(sizes)
-            chunk_cost = total / v
-            left = min(chunk_cost, INFLIGHT_REDUCTIONS * c_bucket)  # still in flight at the action's end
-            held = max(0.0, chunk_cost - left - b_chunk * (per_chunk - 1) / per_chunk)
+            # every action: the chunk's buckets as its backward fills them (the slowest chunk decides)
+            held = max(backward_with_reductions(b_chunk, costs[k * per_chunk:(k + 1) * per_chunk
+                                                                if k < v - 1 else None]) - b_chunk
+                       for k in range(v))
             b_add += held
-            after += left
-            hidden += m * total - m * v * held - left
+            hidden += m * total - m * v * held
             overlapped.append("reduce-scatter (every micro-batch)")
     if cfg.parallel.overlap_param_gather and zero >= 1:
         gathers = [collective_time(st.e * n, ranks, c, "gather") for n in sizes[::-1]]  # forward order
@@ -399,6 +401,23 @@ def dp_overlap(st: Step, stage: int, f_block: float, b_block: float, f_chunk: fl
             hidden += m * v * (passes * blocks * g - f_g - b_g)
             overlapped.append("all-gather (one block ahead)")
     return Overlap(f_add, b_add, after, max(0.0, hidden), tuple(overlapped))
+
+
+def backward_with_reductions(b_chunk: float, costs: list[float]) -> float:
+    """Seconds of one ZeRO-2/3 backward action of b_chunk compute seconds whose buckets (filled in
+    equal shares of it, in order) reduce-scatter for `costs` seconds each on one link, as
+    optim/distributed.py runs them: bucket i's first gradient creates its staging bucket, which first
+    waits until at most MAX_STAGING_BUCKETS - 1 reductions are in flight (bucket i - 2's done); its
+    reduction starts once it is full and the link is free; the backward's end waits for the last."""
+    if not costs:
+        return b_chunk
+    c = b_chunk / len(costs)
+    done = [-math.inf] * MAX_STAGING_BUCKETS  # the reductions in flight, oldest first
+    computed = 0.0
+    for cost in costs:
+        computed = max(computed, done[-MAX_STAGING_BUCKETS]) + c
+        done.append(max(computed, done[-1]) + cost)
+    return max(computed, done[-1])
 
 
 def step_time(layout: Layout, cluster: Cluster, profile: Profile = OURS,
