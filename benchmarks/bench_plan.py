@@ -175,11 +175,13 @@ INTRO = """## Layout planner accuracy (`benchmarks/bench_plan.py`)
 peak memory of each rank and the step time on a GPU cluster. Step time: GEMM FLOPs at
 `GEMM_EFFICIENCY` x peak, plus the memory-bound element-wise kernels at HBM bandwidth, plus tensor-
 and sequence-parallel collectives (ring, intra-node), pipeline point-to-point and the bubble from
-the schedule simulator, the data-parallel / ZeRO collectives after the backward, and the AdamW step.
+the schedule simulator, the data-parallel / ZeRO collectives as the native code overlaps them (ZeRO-2/3:
+every backward waits for its own reduce-scatters, the last bucket's exposed), and the AdamW step.
 Memory: the model state as the backend allocates it (optim/distributed.py's buckets: weights in
-the compute dtype, fp32 main gradients, fp32 masters + AdamW moments, sharded per ZeRO stage, ZeRO-2's
-staging bucket), the tensors autograd saves per block (model/activations.saved_terms, equal to
-saved_tensors_hooks in tests/unit/test_plan.py) times the simulator's peak in-flight micro-batches,
+the compute dtype, fp32 main gradients, fp32 masters + AdamW moments, sharded per ZeRO stage,
+ZeRO-2/3's fp32 staging buckets: at most two, the filling one included), the tensors autograd
+saves per block (model/activations.saved_terms, equal to saved_tensors_hooks in
+tests/unit/test_plan.py) times the simulator's peak in-flight micro-batches,
 the head, the pipeline's held messages in the compute dtype, and the largest transient buffer.
 
 Reading: one constant is calibrated, the GEMM efficiency, on row 1 of the Megatron-LM table (no
