@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.report import write_json, write_section  # noqa: E402
 
 PAIRS = ("dp", "zero3", "pp")
+PARTS = ("single", "one_node", "two_nodes")  # what --only selects
 # The variants each pair times, ours first; the ratio is each "ours*" over the peer.
 VARIANTS = {"dp": ("ours", "ours_no_overlap", "ddp"), "zero3": ("ours", "fsdp2"),
             "pp": ("ours", "pipelining")}
@@ -462,8 +463,13 @@ def commit() -> str:
 
 
 def report(a, result: dict) -> str:
-    lines = [f"Run `{result['command']}` at commit `{result['commit']}`; torch {result['torch']}, "
-             f"{result['platform']}, CPU only, gloo.", ""]
+    runs = []  # (command, commit) of each part, in order, each once
+    for part in (*result.get("single", []), result.get("one_node"), result.get("two_nodes")):
+        if part and (part.get("command"), part.get("commit")) not in runs:
+            runs.append((part.get("command"), part.get("commit")))
+    lines = ["; ".join(f"Run `{cmd}` at commit `{sha}`" for cmd, sha in runs or
+                       [(result["command"], result["commit"])]) +
+             f". torch {result['torch']}, {result['platform']}, CPU only, gloo.", ""]
     if "single" in result:
         lines += [f"**Single process** ({a.threads} threads): {a.layers} layers x {a.hidden} wide, "
                   f"{a.heads} heads, seq {a.seq}, batch {a.batch}, fp32, torch AdamW; median of {a.rounds} "
@@ -547,20 +553,33 @@ def main() -> None:
         a.layers, a.hidden, a.heads, a.seq, a.batch = 2, 128, 4, 64, 4
         a.mp_layers, a.mp_hidden, a.mp_seq = 2, 64, 32
         a.rounds, a.steps, a.warmup = 2, 1, 1
-    result = {"benchmark": "ours vs torch DDP / FSDP2 / pipelining, and vs nanoGPT",
-              "command": " ".join(["python", "benchmarks/bench_peers.py", *sys.argv[1:]]),
-              "commit": commit(), "torch": torch.__version__, "platform": platform.platform(),
+    stamp = {"command": " ".join(["python", "benchmarks/bench_peers.py", *sys.argv[1:]]),
+             "commit": commit()}
+    previous = {}
+    if set(a.only) != set(PARTS) and Path(a.out).exists() and not a.quick:
+        # a partial rerun (--only): what is not rerun keeps its recorded results, each part (each
+        # vocab of the single-process part) naming the command and commit it came from
+        previous = json.loads(Path(a.out).read_text())
+        old = {"command": previous.get("command"), "commit": previous.get("commit")}
+        for part in PARTS:
+            if isinstance(previous.get(part), dict):
+                previous[part] = {**old, **previous[part]}
+        previous["single"] = [{**old, **s} for s in previous.get("single", [])]
+    result = {**previous, "benchmark": "ours vs torch DDP / FSDP2 / pipelining, and vs nanoGPT", **stamp,
+              "torch": torch.__version__, "platform": platform.platform(),
               "args": {k: v for k, v in vars(a).items() if k not in ("worker", "out_json", "out")}}
     if "single" in a.only:
         torch.set_num_threads(a.threads)
-        result["single"] = [single(a, v) for v in a.vocabs]
+        kept = [s for s in previous.get("single", []) if s["vocab"] not in a.vocabs]
+        result["single"] = sorted(kept + [{**single(a, v), **stamp} for v in a.vocabs],
+                                  key=lambda s: s["vocab"])
         print(json.dumps(result["single"]), flush=True)
     if "one_node" in a.only:
-        result["one_node"] = run_loopback(a)
+        result["one_node"] = {**run_loopback(a), **stamp}
     if "two_nodes" in a.only:
         reason = two_node_skip_reason()
         if reason is None:
-            result["two_nodes"] = run_two_nodes(a)
+            result["two_nodes"] = {**run_two_nodes(a), **stamp}
         else:
             result["two_nodes_skipped"] = reason
     table = report(a, result)
