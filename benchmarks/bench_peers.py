@@ -53,7 +53,9 @@ from benchmarks.report import write_json, write_section  # noqa: E402
 PAIRS = ("dp", "zero3", "pp")
 PARTS = ("single", "one_node", "two_nodes")  # what --only selects
 # The variants each pair times, ours first; the ratio is each "ours*" over the peer.
-VARIANTS = {"dp": ("ours", "ours_no_overlap", "ddp"), "zero3": ("ours", "fsdp2"),
+# ours_small_buckets: the default bucket (40M elements, Megatron's) holds this whole model, so its one
+# reduction can only start once the backward is done; smaller buckets let the overlap show
+VARIANTS = {"dp": ("ours", "ours_small_buckets", "ours_no_overlap", "ddp"), "zero3": ("ours", "fsdp2"),
             "pp": ("ours", "pipelining")}
 GRAD_CLIP = 1.0
 
@@ -74,13 +76,15 @@ def alternate(names, rounds: int):
 # multi-process: one torchrun worker per rank
 
 
-def our_config(a, pair: str, overlap: bool = True):
+def our_config(a, pair: str, overlap: bool = True, bucket: int | None = None):
     from megatron_lite.config import Config
     over = [f"model.vocab_size={a.mp_vocab}", f"model.hidden_size={a.mp_hidden}",
             f"model.num_layers={a.mp_layers}", f"model.num_attention_heads={a.mp_heads}",
             f"model.max_sequence_length={a.mp_seq}", "model.activation=gelu_exact",
             "parallel.make_vocab_divisible_by=1", f"optim.grad_clip={GRAD_CLIP}", "train.device=cpu",
             f"parallel.overlap_grad_reduce={str(overlap).lower()}"]
+    if bucket:
+        over.append(f"optim.zero.bucket_elements={bucket}")
     if pair == "pp":
         # m micro-batches of global/m through the pipeline; no dp
         over += ["parallel.pp=2", "parallel.schedule=1f1b", f"parallel.microbatches={a.pp_micro}",
@@ -94,12 +98,12 @@ def our_config(a, pair: str, overlap: bool = True):
 class Ours:
     """Our backend for this rank, built the way the trainer builds it."""
 
-    def __init__(self, a, pair: str, groups_cache: dict, overlap: bool = True):
+    def __init__(self, a, pair: str, groups_cache: dict, overlap: bool = True, bucket: int | None = None):
         from megatron_lite.distributed import comm
         from megatron_lite.layout import Layout
         from megatron_lite.parallel.tensor_parallel import build_stage
         from megatron_lite.train.backends import build_backend
-        cfg = our_config(a, pair, overlap)
+        cfg = our_config(a, pair, overlap, bucket)
         layout = Layout.build(cfg, 2)
         rank = comm.rank(comm.world())
         key = (layout.dp, layout.pp)
@@ -254,7 +258,8 @@ def worker(a) -> None:
         models = {}
         for name in VARIANTS[pair]:
             if name.startswith("ours"):
-                models[name] = Ours(a, pair, groups_cache, overlap=name == "ours")
+                models[name] = Ours(a, pair, groups_cache, overlap=name != "ours_no_overlap",
+                                    bucket=a.small_bucket if name == "ours_small_buckets" else None)
             else:
                 models[name] = {"ddp": DDPPeer, "fsdp2": FSDPPeer, "pipelining": PipePeer}[name](a, cfg)
         batches = _batches(a, pair, rank)
@@ -309,8 +314,8 @@ def worker(a) -> None:
 
 
 def _worker_argv(a, out_json: str) -> list[str]:
-    keep = ["mp_layers", "mp_hidden", "mp_heads", "mp_seq", "mp_batch", "mp_vocab", "pp_micro", "rounds",
-            "steps", "warmup"]
+    keep = ["small_bucket", "mp_layers", "mp_hidden", "mp_heads", "mp_seq", "mp_batch", "mp_vocab",
+            "pp_micro", "rounds", "steps", "warmup"]
     return [__file__, "--worker", "--out-json", out_json,
             *sum(([f"--{k.replace('_', '-')}", str(getattr(a, k))] for k in keep), [])]
 
@@ -489,7 +494,10 @@ def report(a, result: dict) -> str:
               f"communication (CommStats.exposed_seconds) / step, mean over ranks.", "",
               "| pair | ours | peer | network | ours tokens/s | peer tokens/s | **ours / peer** | "
               "exposed comm (ours) |", "|---|---|---|---|---|---|---|---|"]
-    names = {("dp", "ours"): "dp=2, overlap_grad_reduce=true", ("dp", "ours_no_overlap"):
+    names = {("dp", "ours"): "dp=2, overlap_grad_reduce=true",
+             ("dp", "ours_small_buckets"): f"dp=2, overlap_grad_reduce=true, buckets of "
+                                           f"{a.small_bucket / 1e6:g}M elements",
+             ("dp", "ours_no_overlap"):
              "dp=2, overlap_grad_reduce=false", ("zero3", "ours"): "native ZeRO-3 dp=2",
              ("pp", "ours"): "pp=2 1F1B"}
     peers = {"dp": "DDP", "zero3": "FSDP2 fully_shard", "pp": "pipelining Schedule1F1B"}
@@ -534,6 +542,8 @@ def main() -> None:
     p.add_argument("--mp-batch", type=int, default=8, help="global batch (sequences)")
     p.add_argument("--mp-vocab", type=int, default=8192)
     p.add_argument("--pp-micro", type=int, default=4, help="pipeline micro-batches per step")
+    p.add_argument("--small-bucket", type=int, default=1_000_000,
+                   help="optim.zero.bucket_elements of the dp variant ours_small_buckets")
     # 1 Gbit/s: our dp=2 all-after-backward step then waits ~1/3 of its time on the link (400 Mbit/s
     # gave ~55%, loopback ~14%)
     p.add_argument("--rate", default="1gbit", help="netem rate of the two-node link")
