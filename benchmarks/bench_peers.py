@@ -468,12 +468,14 @@ def commit() -> str:
 
 
 def report(a, result: dict) -> str:
-    runs = []  # (command, commit) of each part, in order, each once
-    for part in (*result.get("single", []), result.get("one_node"), result.get("two_nodes")):
-        if part and (part.get("command"), part.get("commit")) not in runs:
-            runs.append((part.get("command"), part.get("commit")))
-    lines = ["; ".join(f"Run `{cmd}` at commit `{sha}`" for cmd, sha in runs or
-                       [(result["command"], result["commit"])]) +
+    runs: dict = {}  # (command, commit) -> the parts it produced, in order
+    parts = [(f"single process V={s['vocab']}", s) for s in result.get("single", [])]
+    parts += [(name, result.get(key)) for name, key in (("one node", "one_node"), ("two nodes", "two_nodes"))]
+    for name, part in parts:
+        if part:
+            runs.setdefault((part.get("command"), part.get("commit")), []).append(name)
+    lines = ["; ".join(f"{', '.join(names)}: `{cmd}` at commit `{(sha or '?').split()[0]}`"
+                       for (cmd, sha), names in runs.items()) +
              f". torch {result['torch']}, {result['platform']}, CPU only, gloo.", ""]
     if "single" in result:
         lines += [f"**Single process** ({a.threads} threads): {a.layers} layers x {a.hidden} wide, "
