@@ -24,8 +24,9 @@ records the seconds the rank sat blocked on communication: exposed share = expos
 seconds (the mean over ranks). Writes benchmarks/results/peers.json and the "peers" section of
 docs/benchmarks.md. Needs root for (b) (namespaces, tc); skipped otherwise.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_peers.py            # the full run (~25 min on 2 cores)
-    OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --quick    # smoke run (~2 min)
+    OMP_NUM_THREADS=1 python benchmarks/bench_peers.py            # the full run (~20 min on 2 cores)
+    OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --quick    # smoke run (~3 min), records nothing
+    OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --only single --vocabs 8192   # rerun one part
 """
 
 from __future__ import annotations
