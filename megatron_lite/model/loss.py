@@ -14,6 +14,11 @@ from __future__ import annotations
 import torch
 
 
+def _scratch(buf: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """An (n, buf's columns) tensor of a dtype no wider than buf's, in buf's own bytes."""
+    return buf.view(-1).view(dtype)[:n * buf.shape[1]].view(n, buf.shape[1])
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, labels, ignore_index: int, chunk: int):
@@ -31,13 +36,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         buf = torch.empty((n0, weight.shape[0]), dtype=torch.promote_types(x.dtype, torch.float32),
                           device=x.device)  # the chunk's logits, then its softmax gradient
         tmp = torch.empty_like(buf)  # exp(logits - max), for the log-sum-exp
+        low = x.dtype != buf.dtype  # bf16 compute, softmax in fp32: 16-bit products go through tmp
         for s in range(0, x.shape[0], chunk):
             xc, yc, vc = x[s:s + chunk], labels[s:s + chunk], valid[s:s + chunk]
             n = xc.shape[0]
-            if buf.dtype == x.dtype == weight.dtype:
-                logits = torch.mm(xc, weight.t(), out=buf[:n])  # (n, V)
-            else:  # softmax in fp32 even under bf16 autocast
-                logits = buf[:n].copy_(xc @ weight.t())  # (n, V)
+            if not low:
+                logits = torch.mm(xc, w.t(), out=buf[:n])  # (n, V)
+            else:  # softmax in fp32 even under bf16: the bf16 product lands in tmp's (free) bytes
+                logits = buf[:n].copy_(torch.mm(xc, w.t(), out=_scratch(tmp, n, x.dtype)))  # (n, V)
             # torch.logsumexp's own steps (so the same values), its (n, V) temporary in tmp
             m = logits.amax(dim=-1, keepdim=True)  # (n, 1)
             m.masked_fill_(m.abs() == float("inf"), 0)
@@ -49,7 +55,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(lse[:, None]).exp_()  # (n, V)
             probs[rows, safe_y] -= 1.0
             probs.mul_((vc.to(probs.dtype) / n_valid)[:, None])
-            g = probs.to(x.dtype)  # no copy unless autocast made x low-precision
+            g = _scratch(tmp, n, x.dtype).copy_(probs) if low else probs  # (n, V) tmp is free again
             torch.mm(g, w, out=grad_x[s:s + chunk])  # (n, C), straight into its rows
             if g.dtype == grad_w.dtype:
                 grad_w.addmm_(g.t(), xc)  # accumulate in place: no (V, C) temporary per chunk
