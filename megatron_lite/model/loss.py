@@ -14,9 +14,11 @@ from __future__ import annotations
 import torch
 
 
-def _scratch(buf: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """An (n, buf's columns) tensor of a dtype no wider than buf's, in buf's own bytes."""
-    return buf.view(-1).view(dtype)[:n * buf.shape[1]].view(n, buf.shape[1])
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -29,25 +31,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         grad_w = torch.zeros_like(weight, dtype=acc)
         total = torch.zeros((), dtype=acc, device=x.device)
-        w = weight.to(x.dtype)  # no copy unless autocast made x low-precision
-        # Two (chunk, V) buffers for the whole loop, not two fresh ones per chunk: on CPU each fresh
+        # Under autocast the products are torch's (16-bit) ones, as written: no out= forms there.
+        direct = x.dtype == weight.dtype and not _autocast_on(x.device.type)
+        # One (chunk, V) buffer for the whole loop, not a fresh one per chunk: on CPU each fresh
         # allocation this large is an mmap whose pages fault in (and are zeroed) on first touch.
+        # (torch.logsumexp needs no (chunk, V) temporary of its own: no second buffer.)
         n0 = min(chunk, x.shape[0])
         buf = torch.empty((n0, weight.shape[0]), dtype=torch.promote_types(x.dtype, torch.float32),
                           device=x.device)  # the chunk's logits, then its softmax gradient
-        tmp = torch.empty_like(buf)  # exp(logits - max), for the log-sum-exp
-        low = x.dtype != buf.dtype  # bf16 compute, softmax in fp32: 16-bit products go through tmp
         for s in range(0, x.shape[0], chunk):
             xc, yc, vc = x[s:s + chunk], labels[s:s + chunk], valid[s:s + chunk]
             n = xc.shape[0]
-            if not low:
-                logits = torch.mm(xc, w.t(), out=buf[:n])  # (n, V)
-            else:  # softmax in fp32 even under bf16: the bf16 product lands in tmp's (free) bytes
-                logits = buf[:n].copy_(torch.mm(xc, w.t(), out=_scratch(tmp, n, x.dtype)))  # (n, V)
-            # torch.logsumexp's own steps (so the same values), its (n, V) temporary in tmp
-            m = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-            m.masked_fill_(m.abs() == float("inf"), 0)
-            lse = torch.sub(logits, m, out=tmp[:n]).exp_().sum(dim=-1).log_().add_(m.squeeze(1))  # (n,)
+            if direct and buf.dtype == x.dtype:
+                logits = torch.mm(xc, weight.t(), out=buf[:n])  # (n, V)
+            else:  # softmax in fp32 even when the product is 16-bit
+                logits = buf[:n].copy_(xc @ weight.t())  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
             safe_y = torch.where(vc, yc, torch.zeros_like(yc))
             rows = torch.arange(n, device=x.device)
             total += ((lse - logits[rows, safe_y]) * vc).sum()
@@ -55,8 +54,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(lse[:, None]).exp_()  # (n, V)
             probs[rows, safe_y] -= 1.0
             probs.mul_((vc.to(probs.dtype) / n_valid)[:, None])
-            g = _scratch(tmp, n, x.dtype).copy_(probs) if low else probs  # (n, V) tmp is free again
-            torch.mm(g, w, out=grad_x[s:s + chunk])  # (n, C), straight into its rows
+            g = probs.to(x.dtype)  # (n, V) no copy unless the compute dtype is 16-bit
+            if direct:
+                torch.mm(g, weight, out=grad_x[s:s + chunk])  # (n, C), straight into its rows
+            else:
+                grad_x[s:s + chunk] = g @ weight.to(g.dtype)  # (n, C)
             if g.dtype == grad_w.dtype:
                 grad_w.addmm_(g.t(), xc)  # accumulate in place: no (V, C) temporary per chunk
             else:
