@@ -79,10 +79,6 @@ class Pending:
         self.operand = operand
         self.launched = time.perf_counter()
 
-    @property
-    def done(self) -> bool:
-        return self.work is None
-
     def wait(self) -> torch.Tensor:
         if self.work is not None:
             work, self.work = self.work, None
