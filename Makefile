@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_launch.py
 	$(PY) benchmarks/bench_plan.py
 	$(PY) benchmarks/bench_parity.py
+	$(PY) benchmarks/bench_context.py
 	$(PY) benchmarks/plots.py
 
 clean:

@@ -112,43 +112,35 @@ def measure(name: str, rounds: int, work: Path) -> dict:
             "checksum_gb_per_s": nbytes / med["checksum"] / 1e9}
 
 
-def parallel_worker(rank, world, store, name, kind, directory, out):
+def parallel_worker(rank, world, name, kind, directory):
     """Save `name` from `world` ranks (tp or dp): each rank's bytes and the save time."""
-    os.environ["OMP_NUM_THREADS"] = "1"
     import torch.distributed as dist
 
-    from benchmarks.report import write_json as dump
     from megatron_lite.parallel.tensor_parallel import parallelize
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        cfg = ModelConfig(**MODELS[name])
-        model, opt = trained(cfg)
-        layout = {"tp": world if kind == "tp" else 1, "pp": 1, "dp": world if kind == "dp" else 1}
-        if kind == "tp":  # the serial model's weights and moments, sliced as tensor parallelism holds them
-            sharded = parallelize(GPT(cfg, seed=0), dist.group.WORLD)
-            opt2 = build_optimizer(sharded.model, OptimConfig())
-            full = dict(model.named_parameters())
-            for n, q in sharded.model.named_parameters():
-                w = full.get(n, full.get("tok_emb.weight"))
-                with torch.no_grad():
-                    q.copy_(sharded.sharder(n, w))
-                st = opt.state[w]
-                opt2.state[q] = {"step": st["step"].clone(), **{k: sharded.sharder(n, st[k]).clone()
-                                                                for k in ("exp_avg", "exp_avg_sq")}}
-            model, opt = sharded.model, opt2
-        mgr = CheckpointManager(Path(directory), keep=1, rank=rank, group=dist.group.WORLD, layout=layout)
-        dist.barrier()
-        t0 = time.perf_counter()
-        path = mgr.save(1, Stateful(model, opt), TrainState(step=1), "model: {}\n")
-        seconds = time.perf_counter() - t0
-        mine = path / f"rank_{rank:05d}.safetensors"
-        sizes = [torch.zeros(1) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([float(mine.stat().st_size if mine.exists() else 0)]))
-        if rank == 0:
-            dump(out, {"save_s": seconds, "bytes_per_rank": [int(t.item()) for t in sizes],
-                       "path": str(path)})
-    finally:
-        dist.destroy_process_group()
+    cfg = ModelConfig(**MODELS[name])
+    model, opt = trained(cfg)
+    layout = {"tp": world if kind == "tp" else 1, "pp": 1, "dp": world if kind == "dp" else 1}
+    if kind == "tp":  # the serial model's weights and moments, sliced as tensor parallelism holds them
+        sharded = parallelize(GPT(cfg, seed=0), dist.group.WORLD)
+        opt2 = build_optimizer(sharded.model, OptimConfig())
+        full = dict(model.named_parameters())
+        for n, q in sharded.model.named_parameters():
+            w = full.get(n, full.get("tok_emb.weight"))
+            with torch.no_grad():
+                q.copy_(sharded.sharder(n, w))
+            st = opt.state[w]
+            opt2.state[q] = {"step": st["step"].clone(), **{k: sharded.sharder(n, st[k]).clone()
+                                                            for k in ("exp_avg", "exp_avg_sq")}}
+        model, opt = sharded.model, opt2
+    mgr = CheckpointManager(Path(directory), keep=1, rank=rank, group=dist.group.WORLD, layout=layout)
+    dist.barrier()
+    t0 = time.perf_counter()
+    path = mgr.save(1, Stateful(model, opt), TrainState(step=1), "model: {}\n")
+    seconds = time.perf_counter() - t0
+    mine = path / f"rank_{rank:05d}.safetensors"
+    sizes = [torch.zeros(1) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([float(mine.stat().st_size if mine.exists() else 0)]))
+    return {"save_s": seconds, "bytes_per_rank": [int(t.item()) for t in sizes], "path": str(path)}
 
 
 def measure_parallel(name: str, work: Path, serial_path: Path) -> list[dict]:

@@ -51,9 +51,7 @@ def theory(pp: int, m: int, v: int) -> float:
     return (pp - 1) / v / (m + (pp - 1) / v)
 
 
-def worker(rank, world, store, a, out):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+def worker(rank, world, a):
     import torch.distributed as dist
 
     from megatron_lite.config import ModelConfig
@@ -61,52 +59,47 @@ def worker(rank, world, store, a, out):
     from megatron_lite.model import GPT
     from megatron_lite.pipeline.engine import PipelineEngine
     from megatron_lite.pipeline.partition import stage_chunks
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        topo = Topology(pp=world)
-        groups = topo.build(rank)
-        cfg = ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers,
-                          num_attention_heads=4, max_sequence_length=a.seq, tie_embeddings=False)
-        results = []
-        for schedule, v in SCHEDULES if not a.memory_only else ():
-            chunks = stage_chunks(cfg, world, rank, v)
-            model = GPT(cfg, seed=0, layers=[i for c in chunks for i in c.layers],
-                        embed=any(c.first for c in chunks), head=any(c.last for c in chunks))
-            engines = {pf: PipelineEngine(model, chunks, rank, groups.pp_ranks, groups.pp, schedule,
-                                          (a.micro, a.seq, a.hidden), torch.device("cpu"), prefetch=pf)
-                       for pf in (True, False)}
-            act_bytes = activation_bytes(model, chunks[0], a) if not chunks[0].first else \
-                activation_bytes(model, chunks[0], a)
-            for m in MICROBATCHES:
-                g = torch.Generator().manual_seed(0)
-                batches = [(torch.randint(0, a.vocab, (a.micro, a.seq), generator=g),) * 2 for _ in range(m)]
-                engines[True].run(batches)  # warm-up
-                idle: dict[bool, list[float]] = {True: [], False: []}
-                peak = 0
-                for step in range(a.steps):
-                    for pf in ((True, False) if step % 2 == 0 else (False, True)):  # alternate: same drift
-                        engine = engines[pf]
-                        model.zero_grad(set_to_none=True)
-                        dist.barrier()
-                        t0 = time.perf_counter()
-                        engine.run(batches)
-                        dist.barrier()
-                        wall = time.perf_counter() - t0
-                        busy = sum(e - s for k, s, e in engine.trace.events if k in ("F", "B"))
-                        idle[pf].append(1 - busy / wall)
-                        peak = engine.trace.peak_inflight
-                results.append({"schedule": schedule, "v": v, "pp": world, "m": m, "stage": rank,
-                                "idle": statistics.median(idle[True]),
-                                "idle_no_prefetch": statistics.median(idle[False]),
-                                "theory": theory(world, m, v),
-                                "peak_inflight": peak, "activation_bytes_per_mb": act_bytes})
-        results += memory_rows(cfg, topo, groups, rank, world, a)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, results)
-        if rank == 0:
-            Path(out).write_text(json.dumps([r for rs in gathered for r in rs]))
-    finally:
-        dist.destroy_process_group()
+    topo = Topology(pp=world)
+    groups = topo.build(rank)
+    cfg = ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers,
+                      num_attention_heads=4, max_sequence_length=a.seq, tie_embeddings=False)
+    results = []
+    for schedule, v in SCHEDULES if not a.memory_only else ():
+        chunks = stage_chunks(cfg, world, rank, v)
+        model = GPT(cfg, seed=0, layers=[i for c in chunks for i in c.layers],
+                    embed=any(c.first for c in chunks), head=any(c.last for c in chunks))
+        engines = {pf: PipelineEngine(model, chunks, rank, groups.pp_ranks, groups.pp, schedule,
+                                      (a.micro, a.seq, a.hidden), torch.device("cpu"), prefetch=pf)
+                   for pf in (True, False)}
+        act_bytes = activation_bytes(model, chunks[0], a) if not chunks[0].first else \
+            activation_bytes(model, chunks[0], a)
+        for m in MICROBATCHES:
+            g = torch.Generator().manual_seed(0)
+            batches = [(torch.randint(0, a.vocab, (a.micro, a.seq), generator=g),) * 2 for _ in range(m)]
+            engines[True].run(batches)  # warm-up
+            idle: dict[bool, list[float]] = {True: [], False: []}
+            peak = 0
+            for step in range(a.steps):
+                for pf in ((True, False) if step % 2 == 0 else (False, True)):  # alternate: same drift
+                    engine = engines[pf]
+                    model.zero_grad(set_to_none=True)
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    engine.run(batches)
+                    dist.barrier()
+                    wall = time.perf_counter() - t0
+                    busy = sum(e - s for k, s, e in engine.trace.events if k in ("F", "B"))
+                    idle[pf].append(1 - busy / wall)
+                    peak = engine.trace.peak_inflight
+            results.append({"schedule": schedule, "v": v, "pp": world, "m": m, "stage": rank,
+                            "idle": statistics.median(idle[True]),
+                            "idle_no_prefetch": statistics.median(idle[False]),
+                            "theory": theory(world, m, v),
+                            "peak_inflight": peak, "activation_bytes_per_mb": act_bytes})
+    results += memory_rows(cfg, topo, groups, rank, world, a)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    return [r for rs in gathered for r in rs]
 
 
 def memory_rows(cfg, topo, groups, rank, world, a) -> list[dict]:

@@ -9,7 +9,8 @@ row 1 alone (plan.fit_gemm_efficiency) and checked against the constant in plan/
 rows are predictions.
 
 Memory: a GPT (8 layers x 512, vocab 8192, seq 256, micro-batch 4, 2 micro-batches, fp32, AdamW)
-trained for --steps steps at serial, tp=2, pp=2 (1F1B) and dp=2 with native ZeRO-1, under
+trained for --steps steps at serial, tp=2, pp=2 (1F1B), dp=2 with native ZeRO-1 ... and, at seq 2048
+(micro-batch 1), serial, cp=2 (allgather, ring) and cp=2 x dp=2 ZeRO-1 (LAYOUTS), under
 torch.distributed.run with gloo. benchmarks/plan_memory_probe.py builds the real Trainer on every
 rank and reports the peak RSS (VmHWM) over the RSS just before the model is built (after imports,
 torch's lazily loaded code, the gloo group and the data): measured = peak - that baseline, compared
@@ -19,7 +20,9 @@ and with glibc's defaults (what `megatron-lite train` gets), whose difference is
 retention. The idle baselines (a process that imported torch; one that also imported the trainer
 and warmed up) and a `megatron-lite train` run's own train/memory_gb are recorded alongside.
 
-    python benchmarks/bench_plan.py [--steps 3] [--skip-memory]
+    python benchmarks/bench_plan.py [--steps 3] [--skip-memory] [--layouts NAME ...]
+
+--layouts reruns some rows and keeps the others' from --out.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ MODEL = ["model.vocab_size=8192", "model.hidden_size=512", "model.num_layers=8",
          "train.device=cpu", "train.progress=false", "train.sample_tokens=0", "optim.warmup_steps=1",
          "train.eval_iters=2", "log.tensorboard=false"]
 BF16 = ["train.precision=bf16"]
+LONG = ["model.max_sequence_length=2048", "data.micro_batch_size=1"]  # 2 micro-batches of 2048 tokens
 # (name, processes, overrides): together they exercise every term of plan/memory.py: fp32 and bf16
 # model state, sequence-parallel activations and head, selective and full recompute, pipeline
 # messages with m > p (1F1B and interleaved), the distributed optimizer's ZeRO-1, ZeRO-2 (its
@@ -78,7 +82,16 @@ LAYOUTS = [("serial fp32", 1, []),
            ("tp=2 + SP, dp=2 bf16 ZeRO-3", 4, BF16 + ["parallel.tp=2", "parallel.sequence_parallel=true",
                                                       "parallel.dp=2", "optim.zero.stage=3"]),
            ("pp=2 (m=4), dp=2 bf16 ZeRO-3", 4, BF16 + ["parallel.pp=2", "parallel.microbatches=4",
-                                                       "parallel.dp=2", "optim.zero.stage=3"])]
+                                                       "parallel.dp=2", "optim.zero.stage=3"]),
+           # context parallelism at a sequence where its terms matter: each rank's activations at T/cp
+           # tokens, the gathered K/V (allgather), the ring's fp32 score blocks, the additive
+           # (1, 1, T/cp, T) mask each chunk-forward builds and its blocks share, the step's bool
+           # masks, ZeRO over dp x cp
+           ("serial bf16, seq 2048", 1, BF16 + LONG),
+           ("cp=2 allgather bf16, seq 2048", 2, BF16 + LONG + ["parallel.cp=2"]),
+           ("cp=2 ring bf16, seq 2048", 2, BF16 + LONG + ["parallel.cp=2", "parallel.cp_algorithm=ring"]),
+           ("cp=2, dp=2 bf16 ZeRO-1, seq 2048", 4, BF16 + LONG + ["parallel.cp=2", "parallel.dp=2",
+                                                                   "optim.zero.stage=1"])]
 ALLOCATORS = {"fixed": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "glibc": {}}
 PROBE = ROOT / "benchmarks" / "plan_memory_probe.py"
 MIB = 2**20
@@ -176,12 +189,15 @@ peak memory of each rank and the step time on a GPU cluster. Step time: GEMM FLO
 `GEMM_EFFICIENCY` x peak, plus the memory-bound element-wise kernels at HBM bandwidth, plus tensor-
 and sequence-parallel collectives (ring, intra-node), pipeline point-to-point and the bubble from
 the schedule simulator, the data-parallel / ZeRO collectives as the native code overlaps them (ZeRO-2/3:
-every backward waits for its own reduce-scatters, the last bucket's exposed), and the AdamW step.
+every backward waits for its own reduce-scatters, the last bucket's exposed), and the AdamW step;
+context parallelism's K/V all-gathers / ring hops and its attention at 1/cp of the T x T pairs per rank.
 Memory: the model state as the backend allocates it (optim/distributed.py's buckets: weights in
 the compute dtype, fp32 main gradients, fp32 masters + AdamW moments, sharded per ZeRO stage,
 ZeRO-2/3's fp32 staging buckets: at most two, the filling one included), the tensors autograd
-saves per block (model/activations.saved_terms, equal to saved_tensors_hooks in
-tests/unit/test_plan.py) times the simulator's peak in-flight micro-batches,
+saves per block (model/activations.saved_terms at the rank's T/cp tokens, plus allgather's gathered
+K/V: equal to saved_tensors_hooks in tests/unit/test_plan.py) and the one additive attention mask each
+chunk-forward builds for its blocks (cp, packed documents), times the simulator's peak in-flight
+chunk-micro-batches, the step's cp bool masks,
 the head, the pipeline's held messages in the compute dtype, and the largest transient buffer.
 
 Reading: one constant is calibrated, the GEMM efficiency, on row 1 of the Megatron-LM table (no
@@ -229,7 +245,7 @@ def report(res: dict) -> str:
                   f"{max(r['baseline_rss'] for r in m['rows']) / MIB:.0f} MiB. Predicted = "
                   "plan.memory_of(layout, stage, dp rank, 'cpu'), its terms in MiB (weights / grads / "
                   "optimizer / activations / pipeline / transient) at the phase it predicts the peak in.", "",
-                  "| layout | rank (tp, pp, dp) | W / G / O / A / P / T (MiB) | phase | predicted MiB | "
+                  "| layout | rank (tp, cp, pp, dp) | W / G / O / A / P / T (MiB) | phase | predicted MiB | "
                   "measured MiB (mmap 64K) | measured / predicted | glibc default MiB |",
                   "|---|---|---|---|---|---|---|---|"]
         fixed = [r for r in m["rows"] if r["allocator"] == "fixed"]
@@ -240,7 +256,8 @@ def report(res: dict) -> str:
             terms = " / ".join(f"{bd[k] / MIB:.0f}" for k in ("weights", "grads", "optimizer", "activations",
                                                                 "pipeline", "transient"))
             retained = f"{g['measured'] / MIB:.0f}" if g else "-"
-            lines.append(f"| {r['layout']} | {r['rank']} ({c['tp']}, {c['pp']}, {c['dp']}) | {terms} | "
+            where = f"{c['tp']}, {c.get('cp', 0)}, {c['pp']}, {c['dp']}"
+            lines.append(f"| {r['layout']} | {r['rank']} ({where}) | {terms} | "
                          f"{bd.get('phase', '')} | {r['predicted'] / MIB:.0f} | {r['measured'] / MIB:.0f} | "
                          f"{r['measured'] / r['predicted']:.3f} | {retained} |")
         worst = max(abs(r["error"]) for r in fixed)
@@ -273,12 +290,24 @@ def main() -> None:
         return
     previous = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
     res = {"throughput": previous["throughput"] if a.skip_throughput else throughput()}
+    if a.layouts:
+        unknown = set(a.layouts) - {name for name, _, _ in LAYOUTS}
+        if unknown:
+            raise SystemExit(f"--layouts {sorted(unknown)}: not rows of LAYOUTS")
     for r in res["throughput"]["rows"]:
         print(f"{r['params_b']:>7}B published {r['published_tflops']} predicted {r['predicted_tflops']:.1f} "
               f"({100 * r['error']:+.1f}%)", flush=True)
     if not a.skip_memory:
         res["memory"] = memory(a.steps, a.layouts, a.allocators, not a.skip_cli)
         res["memory"]["allocators"] = a.allocators
+        if a.layouts and "memory" in previous:  # a partial rerun keeps the other layouts' rows, in order
+            old = previous["memory"]
+            fresh = res["memory"]["rows"]
+            order = [name for name, _, _ in LAYOUTS]
+            kept = [r for r in old["rows"] if r["layout"] not in a.layouts]
+            res["memory"] = {**old, "rows": sorted(kept + fresh, key=lambda r: (order.index(r["layout"]),
+                                                                                  r["allocator"], r["rank"])),
+                             "cli": res["memory"]["cli"] or old.get("cli", [])}
         for r in res["memory"]["rows"]:
             print(f"{r['layout']:<24} rank {r['rank']} {r['allocator']:<6} "
                   f"predicted {r['predicted'] / MIB:7.1f} MiB measured {r['measured'] / MIB:7.1f} MiB "

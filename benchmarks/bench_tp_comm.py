@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -76,36 +75,29 @@ def step_fn(model, opt, x, y, group):
     opt.step()
 
 
-def worker(rank, world, store, a, sp, out):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+def worker(rank, world, a, sp):
     import torch.distributed as dist
 
     from megatron_lite.distributed import comm
     from megatron_lite.parallel.tensor_parallel import parallelize
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        group = dist.group.WORLD
-        model = parallelize(GPT(model_cfg(a), seed=0), group, sequence_parallel=sp,
-                            make_vocab_divisible_by=128).model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        x, y = batch(a)
-        step_fn(model, opt, x, y, group)  # warm-up
-        stats = comm.CommStats()
-        with stats.recording():
-            step_fn(model, opt, x, y, group)
-        counted = dict(stats.bytes)
-        p_sp = sum(p.numel() for p in model.parameters() if getattr(p, "sequence_parallel", False))
-        times = []
-        for _ in range(a.steps):
-            dist.barrier()
-            t0 = time.perf_counter()
-            step_fn(model, opt, x, y, group)
-            times.append(time.perf_counter() - t0)
-        if rank == 0:
-            Path(out).write_text(json.dumps({"bytes": counted, "p_sp": p_sp, "times": times}))
-    finally:
-        dist.destroy_process_group()
+    group = dist.group.WORLD
+    model = parallelize(GPT(model_cfg(a), seed=0), group, sequence_parallel=sp,
+                        make_vocab_divisible_by=128).model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = batch(a)
+    step_fn(model, opt, x, y, group)  # warm-up
+    stats = comm.CommStats()
+    with stats.recording():
+        step_fn(model, opt, x, y, group)
+    counted = dict(stats.bytes)
+    p_sp = sum(p.numel() for p in model.parameters() if getattr(p, "sequence_parallel", False))
+    times = []
+    for _ in range(a.steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        step_fn(model, opt, x, y, group)
+        times.append(time.perf_counter() - t0)
+    return {"bytes": counted, "p_sp": p_sp, "times": times}
 
 
 def run_serial(a) -> list[float]:

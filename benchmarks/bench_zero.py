@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -93,58 +92,52 @@ def held(backend) -> dict[str, int]:
     return s.bytes
 
 
-def worker(rank, world, store, a, out):
+def worker(rank, world, a):
     os.environ.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
     import torch.distributed as dist
 
     from megatron_lite.config import Config
     from megatron_lite.layout import Layout
     from megatron_lite.model import GPT
     from megatron_lite.train.backends import build_backend
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        rows = []
-        for name, precision, stage, backend_name, target in VARIANTS:
-            if backend_name == "deepspeed" and (world < 2 or not a.deepspeed):
-                continue
-            if stage > 0 and world < 2:
-                continue
-            cfg = Config.from_yaml(None, [f"model.vocab_size={a.vocab}", f"model.hidden_size={a.hidden}",
-                                          f"model.num_layers={a.layers}", "model.num_attention_heads=4",
-                                          f"model.max_sequence_length={a.seq}", f"parallel.dp={world}",
-                                          f"optim.zero.stage={stage}", f"optim.zero.backend={backend_name}",
-                                          f"train.precision={precision}", "data.micro_batch_size=2",
-                                          "parallel.make_vocab_divisible_by=8"])
-            layout = Layout.build(cfg, world)
-            groups = layout.topology.build(rank) if world > 1 else None
-            model = GPT(cfg.model, seed=0)
-            n = sum(p.numel() for p in model.parameters())
-            autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) \
-                if precision == "bf16" and backend_name == "deepspeed" else contextlib.nullcontext
-            backend = build_backend(layout, model, groups, torch.device("cpu"), autocast)
-            g = torch.Generator().manual_seed(rank)
-            x = torch.randint(0, a.vocab, (2, a.seq), generator=g)
-            peak: dict[str, int] = {}
-            t0 = time.perf_counter()
-            for _ in range(2):  # the second step: AdamW state exists, every buffer at its size
-                loss = backend.forward_backward([(x, x)])
-                after_backward = held(backend)
-                backend.step(1e-4, loss)
-                after_step = held(backend)
-                for h in (after_backward, after_step):
-                    if sum(h.values()) > sum(peak.values()):
-                        peak = h
-            rows.append({"variant": name, "dp": world, "rank": rank, "params": n, **peak,
-                         "bytes_per_param": sum(peak.values()) / n, "target": target(world),
-                         "seconds": time.perf_counter() - t0})
-            del backend, model
-        gathered = [None] * world
-        dist.all_gather_object(gathered, rows)
-        if rank == 0:
-            Path(out).write_text(json.dumps([r for rs in gathered for r in rs]))
-    finally:
-        dist.destroy_process_group()
+    rows = []
+    for name, precision, stage, backend_name, target in VARIANTS:
+        if backend_name == "deepspeed" and (world < 2 or not a.deepspeed):
+            continue
+        if stage > 0 and world < 2:
+            continue
+        cfg = Config.from_yaml(None, [f"model.vocab_size={a.vocab}", f"model.hidden_size={a.hidden}",
+                                      f"model.num_layers={a.layers}", "model.num_attention_heads=4",
+                                      f"model.max_sequence_length={a.seq}", f"parallel.dp={world}",
+                                      f"optim.zero.stage={stage}", f"optim.zero.backend={backend_name}",
+                                      f"train.precision={precision}", "data.micro_batch_size=2",
+                                      "parallel.make_vocab_divisible_by=8"])
+        layout = Layout.build(cfg, world)
+        groups = layout.topology.build(rank) if world > 1 else None
+        model = GPT(cfg.model, seed=0)
+        n = sum(p.numel() for p in model.parameters())
+        autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) \
+            if precision == "bf16" and backend_name == "deepspeed" else contextlib.nullcontext
+        backend = build_backend(layout, model, groups, torch.device("cpu"), autocast)
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randint(0, a.vocab, (2, a.seq), generator=g)
+        peak: dict[str, int] = {}
+        t0 = time.perf_counter()
+        for _ in range(2):  # the second step: AdamW state exists, every buffer at its size
+            loss = backend.forward_backward([(x, x)])
+            after_backward = held(backend)
+            backend.step(1e-4, loss)
+            after_step = held(backend)
+            for h in (after_backward, after_step):
+                if sum(h.values()) > sum(peak.values()):
+                    peak = h
+        rows.append({"variant": name, "dp": world, "rank": rank, "params": n, **peak,
+                     "bytes_per_param": sum(peak.values()) / n, "target": target(world),
+                     "seconds": time.perf_counter() - t0})
+        del backend, model
+    gathered = [None] * world
+    dist.all_gather_object(gathered, rows)
+    return [r for rs in gathered for r in rs]
 
 
 def main() -> None:

@@ -84,8 +84,9 @@ ensure_installed() {
 
 pid_alive() {  # pid_alive PIDFILE PROGRAM
     local pid
-    [[ -s $1 ]] || return 1
-    pid=$(<"$1")
+    # cat, not $(<...): a daemon removes its own pid file as it exits, and under set -e a failed
+    # $(<file) ends the whole script even inside `||` (CI: `down` died stopping munged).
+    pid=$(cat "$1" 2>/dev/null) || return 1
     [[ $pid =~ ^[0-9]+$ ]] || return 1
     [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$2"* ]] || return 1
     # A zombie (exited, not yet reaped by init) is not running.
@@ -95,7 +96,7 @@ pid_alive() {  # pid_alive PIDFILE PROGRAM
 stop_pidfile() {  # stop_pidfile PIDFILE PROGRAM
     local pid i
     pid_alive "$1" "$2" || { rm -f "$1"; return 0; }
-    pid=$(<"$1")
+    pid=$(cat "$1" 2>/dev/null) || { rm -f "$1"; return 0; }
     kill -TERM "$pid" 2>/dev/null || true
     for i in $(seq 100); do
         pid_alive "$1" "$2" || break
@@ -449,7 +450,7 @@ cmd_status() {
     echo "nodes: $n ($(node_names))   state dir: $DIR"
     for p in munged slurmctld $(for node in $(node_names); do echo "slurmd-$node"; done); do
         if pid_alive "$DIR/pids/$p.pid" "${p%%-*}"; then
-            echo "  $p: running (pid $(<"$DIR/pids/$p.pid"))"
+            echo "  $p: running (pid $(cat "$DIR/pids/$p.pid" 2>/dev/null))"
         else
             echo "  $p: NOT running"
         fi

@@ -22,11 +22,57 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "ModelConfig", "ParallelConfig", "OptimConfig", "ZeroConfig",
-           "DataConfig", "TrainConfig", "CheckpointConfig", "LogConfig", "LaunchConfig", "apply_override"]
+__all__ = ["Config", "ConfigError", "ModelConfig", "MoEConfig", "ParallelConfig", "OptimConfig", "ZeroConfig",
+           "DataConfig", "BlendSource", "TrainConfig", "CheckpointConfig", "LogConfig", "LaunchConfig",
+           "apply_override"]
 
 # AdamW's update runs in float32 (also its scalar factors): beyond this it overflows inside torch.
 FLOAT32_MAX = 3.4028234663852886e38
+
+
+@dataclass(unsafe_hash=True)  # hashable like the rest of ModelConfig's fields (plan caches by them)
+class MoEConfig:
+    """model.moe: a mixture of experts in place of the MLP of some blocks (model/moe.py)."""
+    num_experts: int = 0  # 0: every block keeps its dense MLP
+    top_k: int = 2  # experts per token
+    intermediate_size: Optional[int] = None  # each expert's width; None -> model.intermediate_size
+    num_shared_experts: int = 0  # always-on experts (DeepSeek, Qwen2-MoE), run as one MLP
+    shared_intermediate_size: Optional[int] = None  # their summed width; None -> shared x expert width
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared output scaled by sigmoid(x w_g) per token
+    layer_freq: int = 1  # block i is MoE when i % layer_freq == 0 (1: every block)
+    router: Literal["softmax", "sigmoid"] = "softmax"  # softmax: Mixtral, Qwen; sigmoid: DeepSeek-V3
+    norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1 (sigmoid: always)
+    aux_loss_coeff: float = 0.0  # Switch / GShard load-balancing loss weight (0: off)
+    z_loss_coeff: float = 0.0  # router z-loss weight (0: off)
+    # DeepSeek-V3's auxiliary-loss-free balancing: per-expert bias step after each optimizer step (0: off)
+    bias_update_rate: float = 0.0
+    capacity_factor: Optional[float] = None  # None: dropless; else each expert's capacity per micro-batch
+
+    def validate(self) -> None:
+        if self.num_experts < 0:
+            raise ConfigError(f"model.moe.num_experts={self.num_experts} must be 0 (dense) or more.")
+        if not self.num_experts:
+            return
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"model.moe.top_k={self.top_k} must be between 1 and model.moe.num_experts="
+                              f"{self.num_experts}.")
+        for key in ("intermediate_size", "shared_intermediate_size", "layer_freq"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"model.moe.{key}={getattr(self, key)} must be a positive integer.")
+        for key in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.moe.{key}={getattr(self, key)} must be >= 0 (0 turns it off).")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError(f"model.moe.capacity_factor={self.capacity_factor} must be positive, or null "
+                              f"for dropless routing.")
+        if self.num_shared_experts < 0:
+            raise ConfigError(f"model.moe.num_shared_experts={self.num_shared_experts} must be >= 0.")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ConfigError("model.moe.shared_expert_gate=true gates the shared experts, but "
+                              "model.moe.num_shared_experts=0; set it or drop the gate.")
+
+    def is_moe(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer % self.layer_freq == 0
 
 
 @dataclass
@@ -50,12 +96,21 @@ class ModelConfig:
     tie_embeddings: bool = True
     bias: bool = True
     init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_attention_heads
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
+        if not isinstance(self.moe, MoEConfig):  # ModelConfig(**asdict(cfg)), or moe=None: dense
+            self.moe = MoEConfig(**(self.moe or {}))
+        m = self.moe
+        if m.num_experts and m.intermediate_size is None:  # a copy: a MoEConfig may be shared
+            m = self.moe = dataclasses.replace(m, intermediate_size=self.intermediate_size)
+        if m.num_experts and m.num_shared_experts and m.shared_intermediate_size is None:
+            width = m.num_shared_experts * m.intermediate_size
+            self.moe = dataclasses.replace(m, shared_intermediate_size=width)
 
     @property
     def head_dim(self) -> int:
@@ -86,6 +141,7 @@ class ModelConfig:
             raise ConfigError(f"model.init_std={self.init_std} must be positive.")
         if not isinstance(self.norm_saves_output, bool):
             raise ConfigError(f"model.norm_saves_output={self.norm_saves_output!r} must be true or false.")
+        self.moe.validate()
 
 
 @dataclass
@@ -93,6 +149,14 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel size (Megatron column/row layers)
     pp: int = 1  # pipeline-parallel size
     dp: int = 1  # data-parallel size
+    # context-parallel size: every layer's sequence split over cp ranks (parallel/context_parallel.py)
+    cp: int = 1
+    # how attention sees the other cp ranks' keys: allgather (all K/V gathered) or ring (K/V blocks
+    # passed around the ring behind the computation)
+    cp_algorithm: Literal["allgather", "ring"] = "allgather"
+    # expert-parallel size: each MoE layer's experts split over groups of ep data-parallel ranks,
+    # tokens sent to their experts' rank by all-to-all (parallel/expert_parallel.py); divides dp
+    ep: int = 1
     sequence_parallel: bool = False  # norms/dropout on sequence shards inside each tp group
     make_vocab_divisible_by: int = 128  # the vocabulary is padded to a multiple of this x tp
     order: str = "tp-dp-pp"  # rank layout, fastest-varying axis first
@@ -114,15 +178,16 @@ class ParallelConfig:
     overlap_param_gather: bool = True
 
     def validate(self) -> None:
-        for key in ("tp", "pp", "dp"):
-            if getattr(self, key) < 1:
+        for key in ("tp", "pp", "dp", "cp", "ep"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"parallel.{key}={getattr(self, key)!r} must be a positive integer.")
         for key in ("overlap_grad_reduce", "overlap_param_gather"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"parallel.{key}={getattr(self, key)!r} must be true or false.")
-        if sorted(self.order.split("-")) != ["dp", "pp", "tp"]:
-            raise ConfigError(f"parallel.order={self.order!r} must name tp, pp and dp once each, fastest "
-                              f"first, e.g. tp-dp-pp.")
+        if sorted(a for a in self.order.split("-") if a != "cp") != ["dp", "pp", "tp"] \
+                or self.order.split("-").count("cp") > 1:
+            raise ConfigError(f"parallel.order={self.order!r} must name tp, pp and dp once each (and cp at "
+                              f"most once, else it follows tp), fastest first, e.g. tp-dp-pp.")
         if self.virtual_stages < 1:
             raise ConfigError(f"parallel.virtual_stages={self.virtual_stages} must be >= 1.")
         if self.schedule == "interleaved" and self.virtual_stages < 2:
@@ -193,19 +258,99 @@ class OptimConfig:
 
 
 @dataclass
+class BlendSource:
+    """One corpus of data.blend: a prepared directory and its share of the training samples."""
+    dir: str = ""
+    weight: Optional[float] = None  # relative: the weights are normalised by their sum
+    name: Optional[str] = None  # in metrics (val/NAME/loss); None -> the directory's own name
+
+    @staticmethod
+    def from_raw(value: Any, key: str) -> dict:
+        """The mapping form of one source; Megatron's short form [weight, dir] is read as one."""
+        if isinstance(value, list) and len(value) == 2:
+            return {"weight": value[0], "dir": value[1]}
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key}={value!r} must be {{dir: DIR, weight: W}} (name optional) or [W, DIR].")
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name is not None else Path(self.dir).name
+
+
+@dataclass
 class DataConfig:
-    dir: str = "data/stdlib"  # a directory written by `megatron-lite prepare-data`
+    dir: str = "data/stdlib"  # a directory written by `megatron-lite prepare-data` (without data.blend)
+    # Several prepared directories (one tokenizer), each sample drawn from one of them by weight:
+    # [{dir: data/web, weight: 0.6}, {dir: data/code, weight: 0.4, name: code}] or [[0.6, data/web], ...].
+    # When set, data.dir is not read.
+    blend: Optional[list[BlendSource]] = None
     seq_length: Optional[int] = None  # None -> model.max_sequence_length
     micro_batch_size: int = 8
     # Optional check: must equal micro_batch_size x micro-batches per step x parallel.dp.
     global_batch_size: Optional[int] = None
     seed: int = 1234  # shuffling seed of the sampler (independent of the init seed)
+    # Packed documents: attention stays inside each document of a training sequence (the starts come
+    # from prepare-data's index); positions restart at each document; the targets that follow a
+    # separator (the next document's first token) are not trained on (Megatron's eod_mask_loss).
+    document_mask: bool = False
+    reset_position_ids: bool = False
+    mask_separator_loss: bool = False
+
+    @property
+    def sources(self) -> list[BlendSource]:
+        """The training corpora: data.blend, or data.dir alone with all the weight."""
+        return self.blend if self.blend is not None else [BlendSource(dir=self.dir, weight=1.0)]
+
+    @property
+    def tokenizer_dir(self) -> str:
+        """A directory holding the tokenizer of every source (validation checks they share one)."""
+        return self.sources[0].dir
 
     def validate(self) -> None:
         if self.micro_batch_size < 1:
             raise ConfigError(f"data.micro_batch_size={self.micro_batch_size} must be >= 1.")
         if self.seq_length is not None and self.seq_length < 1:
             raise ConfigError(f"data.seq_length={self.seq_length} must be >= 1.")
+        for key in ("document_mask", "reset_position_ids", "mask_separator_loss"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"data.{key}={getattr(self, key)!r} must be true or false.")
+        if self.reset_position_ids and not self.document_mask:
+            raise ConfigError("data.reset_position_ids=true restarts positions at each document, which "
+                              "needs data.document_mask=true (else a token would see earlier documents "
+                              "at repeated positions); set both or neither.")
+        if self.blend is not None:
+            self._validate_blend()
+
+    def _validate_blend(self) -> None:
+        example = "as in data.blend=[[0.6, data/web], [0.4, data/code]]"
+        if not self.blend:
+            raise ConfigError(f"data.blend=[] lists no source; list prepared directories with weights "
+                              f"({example}) or remove data.blend to train on data.dir.")
+        seen: dict[str, int] = {}
+        for i, s in enumerate(self.blend):
+            if not s.dir:
+                raise ConfigError(f"data.blend[{i}] names no dir; give each source the prepared directory "
+                                  f"it reads ({example}).")
+            if s.weight is None:
+                raise ConfigError(f"data.blend[{i}] ({s.dir}) has no weight; give each source its relative "
+                                  f"share of the samples ({example}).")
+            if s.weight < 0:
+                raise ConfigError(f"data.blend[{i}].weight={s.weight} ({s.dir}) is negative; weights are "
+                                  f"shares of the samples: use 0 or more.")
+            if not s.label or "/" in s.label:
+                raise ConfigError(f"data.blend[{i}].name={s.label!r} ({s.dir}) must be a non-empty name "
+                                  f"without '/' (it names the source's metrics).")
+            if s.label in seen:
+                raise ConfigError(f"data.blend[{seen[s.label]}] and data.blend[{i}] are both named "
+                                  f"{s.label!r}; give each source a distinct name, such as "
+                                  f"{{dir: {s.dir}, weight: {s.weight:g}, name: {s.label}_{i}}}.")
+            seen[s.label] = i
+        total = sum(s.weight for s in self.blend)
+        if not total > 0:
+            weights = ", ".join(f"{s.weight:g}" for s in self.blend)
+            raise ConfigError(f"data.blend weights ({weights}) sum to {total:g}, not to a positive number; "
+                              f"give at least one source a weight above 0.")
 
 
 @dataclass
@@ -397,7 +542,9 @@ def _build(cls: type, raw: Any, prefix: str):
         if f.name not in raw:
             continue
         typ = hints[f.name]
-        if dataclasses.is_dataclass(typ):
+        if dataclasses.is_dataclass(typ) and isinstance(raw[f.name], typ):  # built already (vars(cfg))
+            kwargs[f.name] = raw[f.name]
+        elif dataclasses.is_dataclass(typ):
             kwargs[f.name] = _build(typ, raw[f.name], prefix=f"{prefix}{f.name}.")
         else:
             kwargs[f.name] = _coerce(raw[f.name], typ, f"{prefix}{f.name}")
@@ -416,6 +563,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}={value!r} must be a list, e.g. [2, 2].")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(typ):  # a section inside a list (data.blend's sources)
+        raw = typ.from_raw(value, key) if hasattr(typ, "from_raw") else value
+        return _build(typ, raw, prefix=f"{key}.")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of "

@@ -1,15 +1,16 @@
 """Layout: how one run is split across processes, decided once, before any process group exists.
 
     layout = Layout.build(cfg, world_size=8)   # every layout rule, one sentence each; no process
-    layout.topology.coord(rank)                 # (tp, pp, dp) of a rank
+    layout.topology.coord(rank)                 # (tp, cp, pp, dp) of a rank
     layout.chunks(stage)                        # the pipeline pieces a stage builds
     layout.micro_batches, layout.global_batch_size, layout.act_shape, layout.backend
 
-Config validates fields; a Layout checks what a *combination* needs: tp x pp x dp against the
+Config validates fields; a Layout checks what a *combination* needs: tp x cp x pp x dp against the
 world size, heads / kv heads / intermediate size (and, with sequence parallelism, the sequence
-length) divisible by tp, the pipeline partition and schedule, which ZeRO stage composes with what,
-and the global-batch arithmetic. It is pure and cheap (no torch.distributed, no tensors), so a
-layout planner can enumerate thousands of them; training builds exactly one.
+length) divisible by tp, the sequence by 2 cp, the pipeline partition and schedule, which ZeRO
+stage composes with what, and the global-batch arithmetic. It is pure and cheap (no
+torch.distributed, no tensors), so a layout planner can enumerate thousands of them; training
+builds exactly one.
 """
 
 from __future__ import annotations
@@ -37,8 +38,19 @@ class Layout:
     def build(cls, cfg: Config, world_size: int | None = None) -> "Layout":
         """Check every layout rule for `cfg` (and the job's process count, when given)."""
         p, z = cfg.parallel, cfg.optim.zero
-        topology = Topology(p.tp, p.pp, p.dp, p.order)
+        n = cfg.model.moe.num_experts
+        if p.ep > 1 and not n:
+            raise LayoutError(f"parallel.ep={p.ep} splits the experts of MoE blocks, but "
+                              f"model.moe.num_experts=0; set model.moe.num_experts or parallel.ep=1.")
+        if p.ep > 1 and n % p.ep:
+            raise LayoutError(f"parallel.ep={p.ep} must divide model.moe.num_experts={n} (each rank holds an "
+                              f"equal share of every MoE layer's experts).")
+        topology = Topology(p.tp, p.pp, p.dp, p.order, p.cp, p.ep)
         _check_model(cfg, p.tp)
+        if p.cp > 1:
+            _check_context_parallel(cfg)
+        if cfg.model.moe.num_experts:
+            _check_moe(cfg)
         m = _micro_batches(cfg)
         if cfg.data.global_batch_size is not None:
             per_step = cfg.data.micro_batch_size * m * p.dp
@@ -75,6 +87,14 @@ class Layout:
         return self.topology.dp
 
     @property
+    def cp(self) -> int:
+        return self.topology.cp
+
+    @property
+    def ep(self) -> int:
+        return self.topology.ep
+
+    @property
     def world_size(self) -> int:
         return self.topology.world_size
 
@@ -95,7 +115,8 @@ class Layout:
     def act_shape(self) -> tuple[int, int, int]:
         """Shape of the activations between pipeline stages: (micro-batch, sequence or its
         sequence-parallel shard, hidden)."""
-        seq = self.seq_length // self.tp if self.sequence_parallel else self.seq_length
+        seq = self.seq_length // self.cp  # each cp rank's tokens
+        seq = seq // self.tp if self.sequence_parallel else seq
         return (self.config.data.micro_batch_size, seq, self.config.model.hidden_size)
 
     def chunks(self, stage: int) -> list[Chunk]:
@@ -119,17 +140,22 @@ class Layout:
     def as_dict(self) -> dict:
         """What a checkpoint records about the layout that wrote it."""
         p = self.config.parallel
-        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "order": p.order,
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "cp": self.cp, "ep": self.ep, "order": p.order,
                 "make_vocab_divisible_by": p.make_vocab_divisible_by, "virtual_stages": p.virtual_stages,
                 "zero_stage": self.config.optim.zero.stage, "zero_backend": self.config.optim.zero.backend}
 
     def describe(self) -> str:
         """One line for the log: tp 2 +sp pp 2 (1f1b, 4 micro-batches) dp 2 zero-1 (native)."""
         p, z = self.config.parallel, self.config.optim.zero
-        out = f"tp {self.tp}{' +sp' if self.sequence_parallel else ''} pp {self.pp}"
+        out = f"tp {self.tp}{' +sp' if self.sequence_parallel else ''}"
+        if self.cp > 1:
+            out += f" cp {self.cp} ({p.cp_algorithm})"
+        out += f" pp {self.pp}"
         if self.pp > 1:
             out += f" ({p.schedule}{f' x{p.virtual_stages}' if p.virtual_stages > 1 else ''})"
         out += f" dp {self.dp}"
+        if self.ep > 1:
+            out += f" (ep {self.ep})"
         if z.stage:
             out += f" zero-{z.stage} ({z.backend})"
         return out
@@ -146,6 +172,13 @@ def _micro_batches(cfg: Config) -> int:
     return p.microbatches
 
 
+def _refuse_first(rules: list[tuple[object, str]]) -> None:
+    """LayoutError with the sentence of the first rule broken (rules: (broken?, sentence))."""
+    for broken, msg in rules:
+        if broken:
+            raise LayoutError(msg)
+
+
 def _check_model(cfg: Config, tp: int) -> None:
     """Tensor parallelism splits heads, kv heads and the MLP width; sequence parallelism the sequence."""
     m = cfg.model
@@ -156,13 +189,51 @@ def _check_model(cfg: Config, tp: int) -> None:
          f"parallel.tp={tp}; use a kv head count that is a multiple of tp (or lower tp)."),
         (m.intermediate_size % tp, f"model.intermediate_size={m.intermediate_size} is not divisible "
          f"by parallel.tp={tp}; pick a multiple of tp."),
-        (cfg.parallel.sequence_parallel and cfg.seq_length % tp, f"sequence length {cfg.seq_length} is not "
-         f"divisible by parallel.tp={tp}, which parallel.sequence_parallel=true needs; "
-         f"change data.seq_length."),
+        (cfg.parallel.sequence_parallel and (cfg.seq_length // cfg.parallel.cp) % tp,
+         f"sequence length {cfg.seq_length} / parallel.cp={cfg.parallel.cp} is not divisible by "
+         f"parallel.tp={tp}, which parallel.sequence_parallel=true needs; change data.seq_length."),
     ]
-    for broken, msg in rules:
-        if broken:
-            raise LayoutError(msg)
+    _refuse_first(rules)
+
+
+def _check_context_parallel(cfg: Config) -> None:
+    """Context parallelism cuts every sequence into 2 cp chunks (parallel/context_parallel.py)."""
+    cp, seq = cfg.parallel.cp, cfg.seq_length
+    rules = [
+        (seq % (2 * cp), f"sequence length {seq} is not divisible by 2 x parallel.cp={cp} (each cp rank "
+         f"holds two of 2 cp equal chunks); change data.seq_length or parallel.cp."),
+        (cfg.model.dropout > 0, f"model.dropout={cfg.model.dropout} with parallel.cp={cp}: the attention "
+         f"over other ranks' keys has no dropout; set model.dropout=0 or parallel.cp=1."),
+        (cfg.optim.zero.backend == "deepspeed" and cfg.optim.zero.stage > 0,
+         f"optim.zero.backend=deepspeed does not know parallel.cp={cp} (its gradients must be reduced "
+         f"over dp x cp); use optim.zero.backend=native."),
+        (cfg.train.compile, f"train.compile=true with parallel.cp={cp}: the context-parallel attention "
+         f"communicates inside the compiled block; set train.compile=false or parallel.cp=1."),
+    ]
+    _refuse_first(rules)
+
+
+def _check_moe(cfg: Config) -> None:
+    """Mixture-of-experts blocks (model/moe.py) train serially, data- and expert-parallel, under
+    tensor parallelism without sequence parallelism (each tp rank runs the MoE block on the whole
+    sequence, its experts replicated over tp), context-parallel (dropless: the balancing loss counts
+    the whole sequences' assignments) and pipelined, with the native backends (every ZeRO stage);
+    not over sequence-parallel shards, nor given to DeepSpeed or torch.compile."""
+    p, n = cfg.parallel, cfg.model.moe.num_experts
+    rules = [
+        (p.tp > 1 and p.sequence_parallel,
+         f"model.moe.num_experts={n} with parallel.sequence_parallel=true: the router's balancing loss would "
+         f"see only a tensor-parallel rank's share of each sequence; set parallel.sequence_parallel=false."),
+        (p.cp > 1 and cfg.model.moe.capacity_factor is not None,
+         f"model.moe.capacity_factor={cfg.model.moe.capacity_factor} with parallel.cp={p.cp}: first come, "
+         f"first served runs over the whole sequence, which no cp rank holds; unset it (dropless)."),
+        (cfg.optim.zero.backend == "deepspeed" and cfg.optim.zero.stage > 0,
+         f"model.moe.num_experts={n} with optim.zero.backend=deepspeed: its engine is not given the MoE "
+         f"parameters' groups; use optim.zero.backend=native."),
+        (cfg.train.compile, f"train.compile=true with model.moe.num_experts={n}: the tokens per expert "
+         f"change every step (data-dependent shapes); set train.compile=false."),
+    ]
+    _refuse_first(rules)
 
 
 def _check_deepspeed(cfg: Config) -> None:

@@ -10,7 +10,8 @@ generate see serial tensors), verify and the parity tests (slicing serial gradie
     attn.qkv.{weight,bias}           rows = [q | k | v]: each rank takes its heads of each block
     mlp.fc1.{weight,bias}            rows (SwiGLU: [gate | up], each block split separately)
     attn.proj.weight, mlp.fc2.weight columns (row-parallel layers split their input)
-    everything else                  replicated (norms, pos_emb, row-parallel biases)
+    mlp.experts.fc1, mlp.experts.fc2 experts (dim 0) over the expert-parallel group, not over tp
+    everything else                  replicated (norms, pos_emb, row-parallel biases, routers)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Split:
     blocks: tuple[int, ...] = ()  # () = one block, the whole dimension
     vocab: bool = False
     labels: tuple[str, ...] = ()  # names of the blocks (checkpoints store each block on its own)
+    axis: str = "tp"  # the group that splits it: tensor- ("tp") or expert-parallel ("ep")
 
 
 def padded_vocab(vocab_size: int, tp: int, divisible_by: int) -> int:
@@ -52,6 +54,7 @@ def slicing_table(cfg) -> list[tuple[tuple[str, ...], Split]]:
         (("mlp.fc1.weight", "mlp.fc1.bias"),
          Split(0, (width, width), labels=("gate", "up")) if cfg.activation == "swiglu" else Split(0)),
         (("attn.proj.weight", "mlp.fc2.weight"), Split(1)),  # row-parallel: input columns
+        (("experts.fc1", "experts.fc2"), Split(0, axis="ep")),  # MoE: (E, out, in), experts split
     ]
 
 
@@ -72,11 +75,14 @@ def shard_tensor(t: torch.Tensor, split: Split, rank: int, tp: int, padded: int)
 
 
 class TPSharder:
-    """Slices full (serial) tensors into one tp rank's shard, by global parameter name."""
+    """Slices full (serial) tensors into one rank's shard, by global parameter name: its tp rank's
+    of the tensor-parallel ones, its ep rank's of the experts."""
 
-    def __init__(self, model_cfg, tp: int, rank: int, make_vocab_divisible_by: int = 128):
+    def __init__(self, model_cfg, tp: int, rank: int, make_vocab_divisible_by: int = 128, ep: int = 1,
+                 ep_rank: int = 0):
         self.cfg = model_cfg
         self.tp, self.rank = tp, rank
+        self.ep, self.ep_rank = ep, ep_rank
         self.vocab = model_cfg.vocab_size
         self.padded_vocab = padded_vocab(self.vocab, tp, make_vocab_divisible_by)
         self.vocab_start = rank * self.padded_vocab // tp
@@ -84,4 +90,7 @@ class TPSharder:
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """The shard of global parameter `name` (replicated parameters come back whole)."""
         split = split_of(name, self.cfg)
-        return t if split is None else shard_tensor(t, split, self.rank, self.tp, self.padded_vocab)
+        if split is None:
+            return t
+        rank, size = (self.ep_rank, self.ep) if split.axis == "ep" else (self.rank, self.tp)
+        return shard_tensor(t, split, rank, size, self.padded_vocab)

@@ -5,11 +5,21 @@ transformers model directory imported as a step-0 checkpoint that any layout tra
                                    tokenizer.json, tokenizer_config.json, special_tokens_map.json
     import_hf(hf_dir, run)      -> run/config.yaml and run/checkpoints/step_00000000 (serial layout)
 
-Two architectures express our models exactly (every other combination is refused, naming the key):
+Four architectures express our models exactly (every other combination is refused, naming the key):
 
     ours                                              transformers
     learned positions, layernorm, gelu | gelu_exact   GPT2LMHeadModel (gelu_pytorch_tanh | gelu)
     rope, rmsnorm, swiglu (GQA, tied or not)          LlamaForCausalLM (hidden_act silu)
+    the same with MoE in every block (softmax router, MixtralForCausalLM
+      top-k renormalised, no shared experts)
+    the same with MoE in every layer_freq-th block    Qwen2MoeForCausalLM (mlp_only_layers = the dense
+      and one gated shared expert (no biases)           blocks, no qkv bias)
+
+MoE experts are stored per expert, as the hub's files hold them (Mixtral's block_sparse_moe.experts.
+{e}.w1 | w3 | w2, Qwen2-MoE's mlp.experts.{e}.gate_proj | up_proj | down_proj): our stacked (E, 2I, C)
+[gate | up] and (E, C, I) tensors are cut per expert (transformers >= 5 fuses them again on load).
+A router with the auxiliary-loss-free bias, or capacity dropping, would compute something else there:
+refused.
 
 The mapping is by serial-model name (the checkpoint is read into a serial GPT first, whatever layout
 wrote it): GPT-2's Conv1D layers hold the transposed weight (in, out) and keep qkv fused (c_attn);
@@ -54,8 +64,11 @@ from . import CheckpointManager, TrainState, load_model_weights, serial_tensors,
 
 __all__ = ["export_hf", "import_hf", "hf_architecture"]
 
-GPT2, LLAMA = "gpt2", "llama"
-CLASSES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM"}
+GPT2, LLAMA, MIXTRAL, QWEN2_MOE = "gpt2", "llama", "mixtral", "qwen2_moe"
+CLASSES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM", MIXTRAL: "MixtralForCausalLM",
+           QWEN2_MOE: "Qwen2MoeForCausalLM"}
+# the hub's per-expert tensors of our stacked fc1 ([gate | up]) and fc2, per architecture
+EXPERT_NAMES = {MIXTRAL: (("w1", "w3"), ("w2",)), QWEN2_MOE: (("gate_proj", "up_proj"), ("down_proj",))}
 GPT2_ACT = {"gelu": "gelu_pytorch_tanh", "gelu_exact": "gelu"}  # ours -> transformers (the same functions)
 GPT2_ACT_IN = {"gelu_pytorch_tanh": "gelu", "gelu_new": "gelu", "gelu": "gelu_exact"}  # gelu_new: tanh form
 
@@ -71,7 +84,10 @@ def _transformers():
 
 # ---- which transformers architecture expresses a model ---------------------------------------------
 def hf_architecture(m: ModelConfig) -> str:
-    """'gpt2' or 'llama', or ConfigError naming the key transformers cannot express."""
+    """'gpt2', 'llama', 'mixtral' or 'qwen2_moe', or ConfigError naming the key transformers cannot
+    express."""
+    if m.moe.num_experts:
+        return _moe_architecture(m)
     if m.position_embedding == "learned":
         for key, value, want in (("norm", m.norm, ["layernorm"]), ("activation", m.activation, [*GPT2_ACT])):
             if value not in want:
@@ -91,6 +107,36 @@ def hf_architecture(m: ModelConfig) -> str:
     return LLAMA
 
 
+def _moe_architecture(m: ModelConfig) -> str:
+    """Mixtral or Qwen2-MoE for a Llama-shaped MoE model, or ConfigError naming the key."""
+    e, shared = m.moe, m.moe.num_shared_experts > 0
+    arch = QWEN2_MOE if shared else MIXTRAL
+    name = "Qwen2-MoE" if shared else "Mixtral"
+    rules = [
+        (m.position_embedding != "rope", f"model.position_embedding={m.position_embedding}",
+         "model.position_embedding=rope"),
+        (m.norm != "rmsnorm", f"model.norm={m.norm}", "model.norm=rmsnorm"),
+        (m.activation != "swiglu", f"model.activation={m.activation}", "model.activation=swiglu"),
+        (e.router != "softmax", f"model.moe.router={e.router}", "model.moe.router=softmax"),
+        (e.bias_update_rate > 0, f"model.moe.bias_update_rate={e.bias_update_rate}",
+         "model.moe.bias_update_rate=0 (its routers have no balancing bias)"),
+        (e.capacity_factor is not None, f"model.moe.capacity_factor={e.capacity_factor}",
+         "dropless routing (model.moe.capacity_factor unset)"),
+        (m.bias, "model.bias=true", "model.bias=false"),
+        (not shared and e.layer_freq != 1, f"model.moe.layer_freq={e.layer_freq}",
+         "model.moe.layer_freq=1 (every block MoE), or a gated shared expert for Qwen2-MoE"),
+        (not shared and not e.norm_topk_prob, "model.moe.norm_topk_prob=false",
+         "model.moe.norm_topk_prob=true"),
+        (shared and not e.shared_expert_gate, "model.moe.shared_expert_gate=false",
+         "model.moe.shared_expert_gate=true"),
+    ]
+    for bad, what, need in rules:
+        if bad:
+            raise ConfigError(f"{what} in a mixture of experts has no transformers equivalent ({name} needs "
+                              f"{need}); this checkpoint cannot be exported.")
+    return arch
+
+
 def _hf_config(tf, m: ModelConfig, arch: str, eot_id: int | None):
     common = dict(vocab_size=m.vocab_size, initializer_range=m.init_std, tie_word_embeddings=m.tie_embeddings,
                   bos_token_id=eot_id, eos_token_id=eot_id, architectures=[CLASSES[arch]],
@@ -107,7 +153,25 @@ def _hf_config(tf, m: ModelConfig, arch: str, eot_id: int | None):
                           num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim, hidden_act="silu",
                           max_position_embeddings=m.max_sequence_length, rms_norm_eps=m.norm_eps,
                           rope_theta=m.rope_theta, attention_bias=m.bias, mlp_bias=m.bias,
-                          attention_dropout=m.dropout, **common)
+                          attention_dropout=m.dropout, **common) if arch == LLAMA else \
+        _hf_moe_config(tf, m, arch, common)
+
+
+def _hf_moe_config(tf, m: ModelConfig, arch: str, common: dict):
+    e = m.moe
+    shape = dict(hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+                 num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_kv_heads,
+                 hidden_act="silu", max_position_embeddings=m.max_sequence_length, rms_norm_eps=m.norm_eps,
+                 rope_theta=m.rope_theta, attention_dropout=m.dropout, num_experts_per_tok=e.top_k,
+                 router_aux_loss_coef=e.aux_loss_coeff, **common)
+    if arch == MIXTRAL:
+        return tf.MixtralConfig(intermediate_size=e.intermediate_size, num_local_experts=e.num_experts,
+                                head_dim=m.head_dim, sliding_window=None, **shape)
+    return tf.Qwen2MoeConfig(intermediate_size=m.intermediate_size, moe_intermediate_size=e.intermediate_size,
+                             shared_expert_intermediate_size=e.shared_intermediate_size,
+                             num_experts=e.num_experts, norm_topk_prob=e.norm_topk_prob,
+                             decoder_sparse_step=1, qkv_bias=False, use_sliding_window=False,
+                             mlp_only_layers=[i for i in range(m.num_layers) if not e.is_moe(i)], **shape)
 
 
 def _model_config(hf, src: Path) -> ModelConfig:
@@ -151,7 +215,52 @@ def _model_config(hf, src: Path) -> ModelConfig:
                            norm="rmsnorm", norm_eps=hf.rms_norm_eps, activation="swiglu",
                            tie_embeddings=hf.tie_word_embeddings, bias=attn_bias,
                            init_std=hf.initializer_range)
-    raise refuse(f"model_type={t!r} (supported: gpt2, llama)")
+    if t in (MIXTRAL, QWEN2_MOE):
+        return _moe_model_config(hf, refuse)
+    raise refuse(f"model_type={t!r} (supported: gpt2, llama, mixtral, qwen2_moe)")
+
+
+def _moe_model_config(hf, refuse) -> ModelConfig:
+    """Our ModelConfig for a Mixtral or Qwen2-MoE config (a Llama body, MoE MLPs)."""
+    t, n = hf.model_type, hf.num_hidden_layers
+    if hf.hidden_act != "silu":
+        raise refuse(f"hidden_act={hf.hidden_act!r}")
+    rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise refuse(f"rope scaling {rope.get('rope_type', rope.get('type'))!r}")
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    if head_dim * hf.num_attention_heads != hf.hidden_size:
+        raise refuse(f"head_dim={head_dim} (not hidden_size / num_attention_heads)")
+    window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None
+    if window and window < hf.max_position_embeddings:
+        raise refuse(f"sliding_window={window}")
+    if t == MIXTRAL:
+        width = hf.intermediate_size  # each expert's (all blocks are MoE)
+        moe = dict(num_experts=hf.num_local_experts, intermediate_size=width, norm_topk_prob=True)
+    else:
+        if getattr(hf, "qkv_bias", False):
+            raise refuse("qkv_bias=true")
+        if not hf.shared_expert_intermediate_size:
+            raise refuse("shared_expert_intermediate_size=0")
+        sparse = [i for i in range(n) if i not in (hf.mlp_only_layers or [])
+                  and hf.num_experts > 0 and (i + 1) % hf.decoder_sparse_step == 0]
+        freq = sparse[1] if len(sparse) > 1 else n
+        if not sparse or sparse != list(range(0, n, freq)):
+            raise refuse(f"MoE layers {sparse} (only every k-th layer from the first one can be MoE)")
+        width, moe = hf.intermediate_size, dict(
+            num_experts=hf.num_experts, intermediate_size=hf.moe_intermediate_size, layer_freq=freq,
+            num_shared_experts=1, shared_intermediate_size=hf.shared_expert_intermediate_size,
+            shared_expert_gate=True, norm_topk_prob=bool(hf.norm_topk_prob))
+    return ModelConfig(vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_layers=n,
+                       num_attention_heads=hf.num_attention_heads,
+                       num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, intermediate_size=width,
+                       dropout=float(hf.attention_dropout or 0.0),
+                       max_sequence_length=hf.max_position_embeddings, position_embedding="rope",
+                       rope_theta=float(rope.get("rope_theta", getattr(hf, "rope_theta", None) or 10000.0)),
+                       norm="rmsnorm", norm_eps=hf.rms_norm_eps, activation="swiglu",
+                       tie_embeddings=hf.tie_word_embeddings, bias=False, init_std=hf.initializer_range,
+                       moe=dict(moe, top_k=hf.num_experts_per_tok,
+                                aux_loss_coeff=float(hf.router_aux_loss_coef)))
 
 
 # ---- the name map -----------------------------------------------------------------------------------
@@ -186,8 +295,21 @@ def _pairs(m: ModelConfig, arch: str) -> list[tuple[str, tuple[str, ...], str]]:
             add(f"{b}.attn.qkv", [f"{h}.self_attn.{x}_proj" for x in "qkv"], "split", bias=m.bias)
             add(f"{b}.attn.proj", [f"{h}.self_attn.o_proj"], bias=m.bias)
             add(f"{b}.ln2", [f"{h}.post_attention_layernorm"], bias=False)
-            add(f"{b}.mlp.fc1", [f"{h}.mlp.gate_proj", f"{h}.mlp.up_proj"], "split", bias=m.bias)
-            add(f"{b}.mlp.fc2", [f"{h}.mlp.down_proj"], bias=m.bias)
+            if not m.moe.is_moe(i):
+                add(f"{b}.mlp.fc1", [f"{h}.mlp.gate_proj", f"{h}.mlp.up_proj"], "split", bias=m.bias)
+                add(f"{b}.mlp.fc2", [f"{h}.mlp.down_proj"], bias=m.bias)
+                continue
+            moe = f"{h}.block_sparse_moe" if arch == MIXTRAL else f"{h}.mlp"
+            add(f"{b}.mlp.router", [f"{moe}.gate"], bias=False)
+            for ours, names in zip(("fc1", "fc2"), EXPERT_NAMES[arch], strict=True):
+                out.append((f"{b}.mlp.experts.{ours}", tuple(f"{moe}.experts.{e}.{n}.weight"
+                                                            for e in range(m.moe.num_experts) for n in names),
+                            "experts"))
+            if m.moe.num_shared_experts:
+                add(f"{b}.mlp.shared.fc1", [f"{moe}.shared_expert.gate_proj", f"{moe}.shared_expert.up_proj"],
+                    "split", bias=False)
+                add(f"{b}.mlp.shared.fc2", [f"{moe}.shared_expert.down_proj"], bias=False)
+                add(f"{b}.mlp.shared_gate", [f"{moe}.shared_expert_gate"], bias=False)
         add("ln_f", ["model.norm"], bias=False)
     if not m.tie_embeddings:
         add("lm_head", ["lm_head"], bias=False)
@@ -197,7 +319,15 @@ def _pairs(m: ModelConfig, arch: str) -> list[tuple[str, tuple[str, ...], str]]:
 def _split_sizes(m: ModelConfig, name: str) -> list[int]:
     if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
         return [m.num_attention_heads * m.head_dim] + [m.num_kv_heads * m.head_dim] * 2
+    if name.endswith("shared.fc1.weight"):
+        return [m.moe.shared_intermediate_size] * 2
     return [m.intermediate_size] * 2  # SwiGLU's [gate | up]
+
+
+def _expert_parts(t: torch.Tensor, per_expert: int) -> list[torch.Tensor]:
+    """A stacked expert tensor (E, rows, cols) -> the hub's tensors, expert by expert: each expert's
+    rows cut in `per_expert` equal parts (fc1's [gate | up]: 2; fc2: 1)."""
+    return [part for e in t.unbind(0) for part in e.chunk(per_expert, dim=0)]
 
 
 def to_hf_state(sd: dict[str, torch.Tensor], m: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
@@ -209,7 +339,10 @@ def to_hf_state(sd: dict[str, torch.Tensor], m: ModelConfig, arch: str) -> dict[
         if t is None:  # GPT-2 always has biases; ours has none (bias=false): zeros are exact
             weight = sd[ours.removesuffix(".bias") + ".weight"]
             t = torch.zeros(weight.shape[0], dtype=weight.dtype)
-        parts = t.split(_split_sizes(m, ours)) if how == "split" else [t.t() if how == "conv1d" else t]
+        if how == "experts":
+            parts = _expert_parts(t, len(theirs) // t.shape[0])
+        else:
+            parts = t.split(_split_sizes(m, ours)) if how == "split" else [t.t() if how == "conv1d" else t]
         for name, part in zip(theirs, parts, strict=True):
             out[name] = part.detach().float().contiguous().clone()  # no shared storage (safetensors)
     return out
@@ -220,7 +353,14 @@ def from_hf_state(sd: dict[str, torch.Tensor], m: ModelConfig, arch: str) -> dic
     out = {}
     for ours, theirs, how in _pairs(m, arch):
         parts = [sd[n].detach().float() for n in theirs]
+        if how == "experts":  # the hub's per-expert tensors -> (E, rows, cols)
+            k = len(theirs) // m.moe.num_experts
+            out[ours] = torch.stack([torch.cat(parts[e * k:(e + 1) * k]) for e in range(m.moe.num_experts)])
+            continue
         out[ours] = torch.cat(parts) if how == "split" else parts[0].t() if how == "conv1d" else parts[0]
+    for i in range(m.num_layers):
+        if m.moe.is_moe(i):  # the balancing bias: transformers' routers have none (export refuses one)
+            out[f"blocks.{i}.mlp.expert_bias"] = torch.zeros(m.moe.num_experts)
     if m.tie_embeddings:
         out["lm_head.weight"] = out["tok_emb.weight"]
     return {k: v.contiguous() for k, v in out.items()}
@@ -230,7 +370,7 @@ def _check_against(tf, hf_config, tensors: dict[str, torch.Tensor]) -> None:
     """Every tensor name and shape is what transformers' own model (built on the meta device) expects."""
     with torch.device("meta"):
         ref = tf.AutoModelForCausalLM.from_config(hf_config)
-    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    want = _on_disk({k: tuple(v.shape) for k, v in ref.state_dict().items()}, hf_config.model_type)
     if hf_config.tie_word_embeddings:
         want.pop("lm_head.weight", None)
     got = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -239,6 +379,32 @@ def _check_against(tf, hf_config, tensors: dict[str, torch.Tensor]) -> None:
         raise CheckpointError(f"transformers {tf.__version__} expects other tensors for "
                               f"{CLASSES[hf_config.model_type]} (first differences: {diff}); upgrade "
                               f"transformers (`pip install -U megatron_lite[hf]`).")
+
+
+EXPERTS_FUSED = re.compile(r"^(.*\.layers\.\d+\.)mlp\.(?:experts\.(gate_up_proj|down_proj)|(gate)\.weight)$")
+
+
+def _on_disk(shapes: dict[str, tuple[int, ...]], arch: str) -> dict[str, tuple[int, ...]]:
+    """transformers >= 5 holds an MoE layer's experts fused in memory (gate_up_proj (E, 2I, C),
+    down_proj (E, C, I); Mixtral's block renamed mlp) and converts when it loads and saves files;
+    the names and shapes its files hold, one tensor per expert (older versions: unchanged)."""
+    if arch not in EXPERT_NAMES:
+        return shapes
+    out = {}
+    for k, shape in shapes.items():
+        m = EXPERTS_FUSED.match(k)
+        if m is None:
+            out[k] = shape
+            continue
+        block = m.group(1) + ("block_sparse_moe." if arch == MIXTRAL else "mlp.")
+        if m.group(3):
+            out[block + "gate.weight"] = shape
+            continue
+        names = EXPERT_NAMES[arch][0 if m.group(2) == "gate_up_proj" else 1]
+        for e in range(shape[0]):
+            for n in names:
+                out[f"{block}experts.{e}.{n}.weight"] = (shape[1] // len(names), shape[2])
+    return out
 
 
 # ---- tokenizers -------------------------------------------------------------------------------------
@@ -320,8 +486,9 @@ def export_hf(src: str | Path, out: str | Path) -> dict:
 # ---- import -----------------------------------------------------------------------------------------
 WEIGHTS = (("model.safetensors", "model.safetensors.index.json"),
            ("pytorch_model.bin", "pytorch_model.bin.index.json"))
-PREFIX = {GPT2: "transformer.", LLAMA: "model."}  # what a base model saved alone lacks
-LAYERS = {GPT2: "n_layer", LLAMA: "num_hidden_layers"}
+PREFIX = {GPT2: "transformer.", LLAMA: "model.", MIXTRAL: "model.", QWEN2_MOE: "model."}  # a base model lacks
+LAYERS = {GPT2: "n_layer", LLAMA: "num_hidden_layers", MIXTRAL: "num_hidden_layers",
+          QWEN2_MOE: "num_hidden_layers"}
 # Buffers older transformers versions saved with the weights (GPT-2's causal mask, Llama's RoPE
 # frequencies): recomputed, never learned, so they are skipped when present.
 BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$|\.rotary_emb\.inv_freq$")

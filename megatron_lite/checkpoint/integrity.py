@@ -44,8 +44,8 @@ DTYPE_CODES = {"float32": "F32", "float64": "F64", "bfloat16": "BF16", "float16"
 FIELDS = {"format": int, "step": int, "time": (int, float), "hash": str, "layout": dict, "train": dict,
           "files": dict, "tensors": dict}
 LAYOUT_FIELDS = {"tp": int, "pp": int, "dp": int, "order": str, "virtual_stages": int, "zero_stage": int,
-                 "zero_backend": str, "make_vocab_divisible_by": int}
-LAYOUT_OPTIONAL = ("virtual_stages", "zero_stage", "zero_backend", "make_vocab_divisible_by")
+                 "zero_backend": str, "make_vocab_divisible_by": int, "cp": int, "ep": int}
+LAYOUT_OPTIONAL = ("virtual_stages", "zero_stage", "zero_backend", "make_vocab_divisible_by", "cp", "ep")
 TRAIN_FIELDS = {"step": int, "cursor": int, "tokens": int, "consecutive_skips": int, "total_skips": int,
                 "extra": dict}
 FILE_FIELDS = {"size": int, HASH: str}

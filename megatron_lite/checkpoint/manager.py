@@ -60,7 +60,8 @@ from .store import pieces as store_pieces
 log = logging.getLogger(__name__)
 DEBRIS = re.compile(r"^(\.step_\d{8,}\.tmp|step_\d{8,}\.old-\d+|latest\.tmp)$")  # of interrupted saves
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
-LAYOUT_KEYS = ("tp", "pp", "dp", "order", "virtual_stages", "zero_stage", "zero_backend")
+LAYOUT_KEYS = ("tp", "pp", "dp", "ep", "order", "virtual_stages", "zero_stage", "zero_backend")
+LAYOUT_DEFAULTS = {"ep": 1}  # what a manifest written before the key existed meant
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -140,10 +141,12 @@ class CheckpointManager:
         self.keep = keep
         self.rank = rank
         self.group = group  # all ranks that write one checkpoint (None: a single process)
-        self.layout = {"tp": 1, "pp": 1, "dp": 1, "order": "tp-dp-pp", **(layout or {})}
+        self.layout = {"tp": 1, "pp": 1, "dp": 1, "cp": 1, "ep": 1, "order": "tp-dp-pp", **(layout or {})}
         from ..distributed.topology import Topology
-        topo = Topology(self.layout["tp"], self.layout["pp"], self.layout["dp"], self.layout["order"])
+        topo = Topology(self.layout["tp"], self.layout["pp"], self.layout["dp"], self.layout["order"],
+                        self.layout["cp"], self.layout["ep"])
         self.coord = topo.coord(rank)
+        self.ep_rank, self.edp_rank = topo.ep_rank(self.coord), topo.edp_rank(self.coord)
         self._pending: _PendingSave | None = None
 
     # ---- discovery ----------------------------------------------------------------------
@@ -289,20 +292,23 @@ class CheckpointManager:
         tensor parallelism replicates; the last stage's tied copy never), the optimizer state where
         the backend says this rank owns it, and this rank's RNG streams."""
         model, cfg, c = s.model, s.model.config, self.coord
-        tp = self.layout["tp"]
         for n, p in model.named_parameters():
-            replicated = split_of(n, cfg) is None
+            split = split_of(n, cfg)
+            expert = split is not None and split.axis == "ep"  # split over ep, replicated over tp
             # get_* may be collective: called for every parameter on every rank, owner or not
             value = s.get_param(p) if s.get_param else p.detach()
             st = s.state_of(p)
-            if _is_tied_copy(model, n) or (replicated and c.tp != 0):
+            if _is_tied_copy(model, n) or ((split is None or expert) and c.tp != 0):
                 continue
-            if c.dp == 0:
-                for piece in store_pieces("model/", n, _shape(p), cfg, tp, c.tp):
+            # the first replica writes: dp rank 0 of cp rank 0, the cp ranks of a replica holding the
+            # same weights (experts: the first holder of each ep rank's share)
+            first = self.edp_rank == 0 if expert else c.dp == 0 and c.cp == 0
+            if first:
+                for piece in self._pieces("model/", n, _shape(p), cfg):
                     writer.add(piece, value)
-            if st and (s.state_owner(p) if s.state_owner else c.dp == 0):
+            if st and (s.state_owner(p) if s.state_owner else first):
                 for key in OPTIM_KEYS:
-                    for piece in store_pieces(f"optim/{key}/", n, _shape(p), cfg, tp, c.tp):
+                    for piece in self._pieces(f"optim/{key}/", n, _shape(p), cfg):
                         writer.add(piece, st[key])
                 step = torch.as_tensor(st["step"], dtype=torch.float32).reshape(())
                 writer.add(Piece(f"optim/step/{n}", (), (), ()), step)
@@ -314,6 +320,11 @@ class CheckpointManager:
             streams["cuda"] = torch.cuda.get_rng_state()
         for kind, t in streams.items():
             writer.add(_whole(f"rng/{kind}/{rank}", t), t)
+
+    def _pieces(self, prefix: str, name: str, shape: tuple[int, ...], cfg) -> list[Piece]:
+        """Where this rank's local tensor of `name` sits in the stored tensors (its tp and ep slices)."""
+        return store_pieces(prefix, name, shape, cfg, self.layout["tp"], self.coord.tp, self.layout["ep"],
+                            self.ep_rank)
 
     def _remove_debris(self) -> None:
         """Temp directories of interrupted saves (any step) and half-swapped old copies."""
@@ -375,11 +386,11 @@ class CheckpointManager:
         layout wrote them. Runs before a backend wraps the model (DeepSpeed then builds its fp32
         masters and ZeRO-3 partitions from these weights)."""
         _, store = open_store(path)
-        cfg, tp, c = model.config, self.layout["tp"], self.coord
+        cfg = model.config
         for n, p in model.named_parameters():
             src = "tok_emb.weight" if _is_tied_copy(model, n) else n  # read the one stored copy
             with torch.no_grad():
-                store.read_into(p, store_pieces("model/", src, tuple(p.shape), cfg, tp, c.tp))
+                store.read_into(p, self._pieces("model/", src, tuple(p.shape), cfg))
 
     def load_state(self, path: Path, stateful: Stateful, state: TrainState) -> dict:
         """Optimizer state (where this rank holds it), fp32 masters kept by the backend, the
@@ -389,13 +400,13 @@ class CheckpointManager:
         dropout stream (masks differ from the old layout's, as they would anyway, reproducibly)."""
         manifest, store = open_store(path)
         s = stateful
-        model, cfg, tp, c = s.model, s.model.config, self.layout["tp"], self.coord
+        model, cfg = s.model, s.model.config
         holds = s.holds_state()
         for n, p in model.named_parameters():
             src = "tok_emb.weight" if _is_tied_copy(model, n) else n
 
             def region(prefix, p=p, src=src):
-                return store_pieces(prefix, src, _shape(p), cfg, tp, c.tp)
+                return self._pieces(prefix, src, _shape(p), cfg)
             if s.set_param:  # e.g. DeepSpeed's fp32 master copy (more precise than bf16 weights)
                 value = torch.empty(_shape(p), dtype=torch.float32)
                 store.read_into(value, region("model/"))
@@ -483,10 +494,12 @@ def open_store(path: Path) -> tuple[dict, Store]:
 
 
 def _same_layout(a: dict, b: dict) -> bool:
+    a, b = {**LAYOUT_DEFAULTS, **a}, {**LAYOUT_DEFAULTS, **b}
     return all(a.get(k) == b.get(k) for k in LAYOUT_KEYS)
 
 
 def describe_layout(layout: dict) -> str:
+    layout = {**LAYOUT_DEFAULTS, **layout}
     return " ".join(f"{k}={layout[k]}" for k in LAYOUT_KEYS if k in layout)
 
 

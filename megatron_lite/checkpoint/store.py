@@ -42,13 +42,15 @@ class Piece:
 
 
 def pieces(key: str, name: str, local_shape: tuple[int, ...], model_cfg, tp: int,
-           tp_rank: int) -> list[Piece]:
+           tp_rank: int, ep: int = 1, ep_rank: int = 0) -> list[Piece]:
     """Where the local tensor of parameter `name` (serial name) sits in the stored tensors, under
-    the prefix `key` (e.g. "model/", "optim/exp_avg/")."""
+    the prefix `key` (e.g. "model/", "optim/exp_avg/"); ep, ep_rank: the expert-parallel slice."""
     full = tuple(slice(0, n) for n in local_shape)
     split: Split | None = split_of(name, model_cfg) if local_shape else None
     if split is None:
         return [Piece(key + name, tuple(local_shape), (0,) * len(local_shape), full)]
+    if split.axis == "ep":
+        tp, tp_rank = ep, ep_rank
     d = split.dim
     rest = lambda size: tuple(size if i == d else n for i, n in enumerate(local_shape))  # noqa: E731
     at = lambda start: tuple(start if i == d else 0 for i in range(len(local_shape)))  # noqa: E731

@@ -5,7 +5,7 @@ from ..lazy import lazy_names
 from .prepare import prepare
 from .tokenizer import BPETokenizer, ByteTokenizer, DataError, check_same_tokenizer, load_tokenizer
 
-_WHERE = {"Sampler": "dataset", "TokenStore": "dataset"}
-__all__ = ["Sampler", "TokenStore", "prepare", "BPETokenizer", "ByteTokenizer", "DataError",
+_WHERE = {"Sampler": "dataset", "TokenStore": "dataset", "BlendedSampler": "blend"}
+__all__ = ["Sampler", "TokenStore", "BlendedSampler", "prepare", "BPETokenizer", "ByteTokenizer", "DataError",
            "check_same_tokenizer", "load_tokenizer"]
 __getattr__ = lazy_names(__name__, _WHERE)

@@ -26,6 +26,12 @@ def add_parser(subparsers) -> None:
     d.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
     d.add_argument("--force", action="store_true", help="rebuild even if --out is already prepared")
     d.add_argument("--separator", help=SEPARATOR_HELP)
+    d.add_argument("--workers", type=int,
+                   help="tokenizing processes, one core each (default: one per core this process may use); "
+                        "the output is the same for any number")
+    d.add_argument("--bpe-sample-bytes", type=int, default=256_000_000,
+                   help="with --tokenizer bpe: train it on a seeded random sample of about this many bytes "
+                        "of the training documents (default 256 MB; 0 = all of them)")
     d.set_defaults(func=cmd_prepare)
 
 
@@ -36,7 +42,15 @@ def cmd_prepare(args) -> None:
         raise UsageError(f"--seed={args.seed} must be >= 0.")
     if args.max_bytes < 0:
         raise UsageError(f"--max-bytes={args.max_bytes} must be >= 0 (0 = the whole corpus).")
+    if args.bpe_sample_bytes < 0:
+        raise UsageError(f"--bpe-sample-bytes={args.bpe_sample_bytes} must be >= 0 (0 = every training "
+                         f"document).")
+    if args.workers is not None and args.workers < 1:
+        from .prepare import default_workers
+        raise UsageError(f"--workers={args.workers} must be >= 1 (default: one per core, here "
+                         f"{default_workers()}).")
     setup_logging()
     prepare(args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
             val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
-            max_bytes=args.max_bytes or None, force=args.force, separator=args.separator)
+            max_bytes=args.max_bytes or None, force=args.force, separator=args.separator,
+            workers=args.workers, bpe_sample_bytes=args.bpe_sample_bytes or None)

@@ -14,18 +14,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .documents import Packing
 from .tokenizer import DataError
 
 
 class TokenStore:
     """A prepared data directory: meta.json plus one memory-mapped token array per split."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, what: str = "data.dir"):
         self.dir = Path(directory)
+        self.what = what  # how errors name this directory (a blend names its source)
         meta_path = self.dir / "meta.json"
         if not meta_path.is_file():
-            raise DataError(f"data.dir {str(self.dir)!r} holds no prepared data (no meta.json); run "
-                            f"`megatron-lite prepare-data --out {self.dir}` first or fix data.dir.")
+            raise DataError(f"{what} {str(self.dir)!r} holds no prepared data (no meta.json); run "
+                            f"`megatron-lite prepare-data --out {self.dir}` first or fix {what}.")
         try:
             self.meta = json.loads(meta_path.read_text())
             self.vocab_size = int(self.meta["vocab_size"])
@@ -49,7 +51,7 @@ class TokenStore:
 
     def split(self, name: str) -> np.ndarray:
         if name not in self.splits:
-            raise DataError(f"data.dir {str(self.dir)!r} has no {name!r} split; prepare it again.")
+            raise DataError(f"{self.what} {str(self.dir)!r} has no {name!r} split; prepare it again.")
         return self.splits[name]
 
     def documents(self, name: str) -> np.ndarray:
@@ -59,11 +61,13 @@ class TokenStore:
 class Sampler:
     """Fixed-length (seq_len + 1)-token windows from a token array, shuffled per epoch."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True):
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True,
+                 packing: Packing | None = None):
         self.tokens = tokens
         self.seq_len = seq_len
         self.seed = seed
         self.shuffle = shuffle
+        self.packing = packing  # documents and separator targets (data/documents.py); None: neither
         self.num_windows = (len(tokens) - 1) // seq_len
         if self.num_windows < 1:
             raise DataError(f"a split of {len(tokens)} tokens is too short for one sequence of "
@@ -81,13 +85,16 @@ class Sampler:
             self._perm, self._perm_epoch = torch.randperm(self.num_windows, generator=g), epoch
         return int(self._perm[j])
 
-    def batch(self, cursor: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples [cursor, cursor + size) as (inputs, labels), each (size, seq_len) int64."""
+    def batch(self, cursor: int, size: int) -> tuple:
+        """Samples [cursor, cursor + size) as (inputs, labels), each (size, seq_len) int64, and
+        their model.gpt.Documents third when the sampler's packing masks documents."""
         L = self.seq_len
-        rows = [np.asarray(self.tokens[w * L: w * L + L + 1], dtype=np.int64)
-                for w in (self.window(cursor + i) for i in range(size))]
+        offsets = [self.window(cursor + i) * L for i in range(size)]
+        rows = [np.asarray(self.tokens[o: o + L + 1], dtype=np.int64) for o in offsets]
         xy = torch.from_numpy(np.stack(rows))  # (size, L + 1)
-        return xy[:, :-1], xy[:, 1:]
+        if self.packing is None:
+            return xy[:, :-1], xy[:, 1:]
+        return self.packing.apply(offsets, xy[:, :-1], xy[:, 1:])
 
 
 def rank_micro_batch_starts(cursor: int, micro_batch: int, microbatches: int, dp: int,

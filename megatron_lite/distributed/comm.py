@@ -349,6 +349,19 @@ def reduce_scatter_async(t: torch.Tensor, group) -> Pending:
     return Pending("reduce_scatter", work, out, operand=t)
 
 
+def all_to_all(t: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Rows of t sent to every rank of the group (the first in_splits[0] to group rank 0, the next
+    in_splits[1] to rank 1, ...); returns the rows received, out_splits[j] from rank j, in rank order.
+    Counted on the input (every row sent, the rank's own included)."""
+    if size(group) == 1:
+        return t
+    _count("all_to_all", t)
+    out = t.new_empty((sum(out_splits),) + tuple(t.shape[1:]))
+    t = t.contiguous()
+    work = dist.all_to_all_single(out, t, out_splits, in_splits, group=group, async_op=True)
+    return Pending("all_to_all", work, out, operand=t).wait()
+
+
 def all_gather_object(obj, group) -> list:
     """Every rank's (small, picklable) object, in group rank order; in-memory only."""
     if size(group) == 1:

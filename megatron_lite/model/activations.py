@@ -15,6 +15,8 @@ sbh·(10 + 24/t) with tensor parallelism t, 34·sbh/t with sequence parallelism)
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -126,10 +128,12 @@ class Recomputed:
 
 
 def saved_terms(mc: ModelConfig, b: int, s: int, tp: int = 1, sp: bool = False, e: int = 2,
-                recompute: str = "none", device: str = "cpu", dropout: bool = True) -> dict[str, int]:
-    """Bytes one block keeps for backward on one tp rank, term by term, for this code: the model in
-    one dtype of e bytes (no autocast), attention through SDPA's flash kernel (no dropout inside
-    attention), `dropout` the residual dropouts on. Parameters are not activations."""
+                recompute: str = "none", device: str = "cpu", dropout: bool = True,
+                layer: int = 0) -> dict[str, int]:
+    """Bytes block `layer` keeps for backward on one tp rank, term by term, for this code: the model
+    in one dtype of e bytes (no autocast), attention through SDPA's flash kernel (no dropout inside
+    attention), `dropout` the residual dropouts on. Parameters are not activations. A MoE block
+    (model.moe) keeps moe_terms in place of the dense MLP's."""
     h, D = mc.hidden_size, mc.head_dim
     N = b * s  # tokens of the micro-batch
     Ns = N // tp if sp else N  # tokens of this rank's residual stream
@@ -161,6 +165,52 @@ def saved_terms(mc: ModelConfig, b: int, s: int, tp: int = 1, sp: bool = False, 
         "activation output (fc2 input)": 0 if selective else N * inter * e,
         "dropout masks": 0,  # replayed from the RNG state (Dropout)
     }
+    if mc.moe.is_moe(layer):  # the router and experts in place of fc1 / the activation (the norm output
+        # before them is the router's input, counted above)
+        del terms["fc1 output (activation input)"], terms["activation output (fc2 input)"]
+        terms.update(moe_terms(mc, N, e))
+    return terms
+
+
+def moe_terms(mc: ModelConfig, N: int, e: int) -> dict[str, int]:
+    """Bytes a MoE block's MLP (model/moe.py) keeps for backward over N tokens (every tp rank runs it
+    on the whole sequence; selective recompute keeps all of it: the experts' activations are not
+    recomputed). M = N x top_k routed rows (dropless; with a capacity factor at most E capacities: an
+    upper bound, the rows kept depend on the routing);
+    under expert parallelism a rank keeps the rows its experts received instead of those it sent,
+    on average the same count."""
+    m = mc.moe
+    E, k, I, C = m.num_experts, m.top_k, m.intermediate_size, mc.hidden_size  # noqa: E741
+    M = N * k
+    if m.capacity_factor is not None:
+        M = min(M, E * math.ceil(m.capacity_factor * N * k / E))
+    w = 2 if mc.activation == "swiglu" else 1
+    terms = {
+        # softmax / sigmoid keep their output; top-k its indices (int64), which gather shares
+        "router scores (fp32), chosen experts (int64)": N * E * 4 + N * k * 8,
+        # renormalised top-k weights: the division keeps the weights and their sum
+        "top-k weights (fp32)": N * k * 4 + N * 4 if m.norm_topk_prob or m.router == "sigmoid" else 0,
+        # the gathered rows (or, under ep, those received), the experts' GEMM input
+        "routed rows (expert fc1 inputs)": M * C * e,
+        "token and sort-order indices (int64)": 2 * M * 8,
+        "expert fc1 outputs": M * w * I * e,
+        # SwiGLU: silu(gate) and the product (fc2's input); GELU: its output
+        "expert activation outputs": M * I * e * w,
+        # the expert outputs and their routing weights, kept by the weighting product, and the
+        # weighted rows, kept by the index_add that scatters them back to their tokens
+        "expert outputs, weights, weighted rows": 2 * M * C * e + M * e,
+        # the capacity mask, kept by weights * keep
+        "capacity mask": N * k if m.capacity_factor is not None else 0,
+        # the router's losses: z keeps the fp32 logits and their log-sum-exp; the balancing loss its
+        # shares f (and, sigmoid, the scores' per-token sums)
+        "router losses": (N * E * 4 + N * 4 if m.z_loss_coeff > 0 else 0)
+        + (E * 4 + (N * 4 if m.router == "sigmoid" else 0) if m.aux_loss_coeff > 0 else 0),
+    }
+    if m.num_shared_experts:  # a SwiGLU / GELU MLP of their summed width S, and Qwen2-MoE's gate
+        S = m.shared_intermediate_size
+        terms["shared experts (fc1 output, activation output)"] = N * w * S * e + N * S * e
+        if m.shared_expert_gate:
+            terms["shared expert gate (sigmoid, shared output)"] = N * e + N * C * e
     return terms
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,7 @@ from ..config import ModelConfig
 from .activations import Dropout, Recomputed
 from .init import init_weights, master_init
 from .loss import linear_cross_entropy
+from .moe import MoE, RouterStats, shared_config
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -179,13 +181,19 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
-    def rotate_qkv_(self, qkv: torch.Tensor, heads: int, start: int) -> torch.Tensor:
+    def rotate_qkv_(self, qkv: torch.Tensor, heads: int, start: int,
+                    positions: torch.Tensor | None = None) -> torch.Tensor:
         """Rotate the first `heads` heads (q's and k's) of the fused (B, T, (H + 2K) D) projection
         in place: q, k, v stay views of one tensor, so attention keeps (H + 2K) D per token instead
-        of that plus rotated copies of q and k."""
+        of that plus rotated copies of q and k. Token t sits at position start + t, or at
+        positions[b, t] when given (packed documents restarting their positions)."""
         T = qkv.shape[1]
-        cos = self.cos[start:start + T, None].to(qkv.dtype)  # (T, 1, D/2)
-        sin = self.sin[start:start + T, None].to(qkv.dtype)
+        if positions is None:
+            cos = self.cos[start:start + T, None].to(qkv.dtype)  # (T, 1, D/2)
+            sin = self.sin[start:start + T, None].to(qkv.dtype)
+        else:
+            cos = self.cos[positions][:, :, None].to(qkv.dtype)  # (B, T, 1, D/2)
+            sin = self.sin[positions][:, :, None].to(qkv.dtype)
         return _RotateInPlace.apply(qkv, heads, cos, sin)
 
 
@@ -238,6 +246,51 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, K, S, D)
 
 
+class Documents(NamedTuple):
+    """Packed documents of a batch (data.document_mask): attention stays inside each document.
+
+    segments  (B, T) int64: the document each input token belongs to, non-decreasing along T.
+    positions (B, T) int64 or None: each token's position (data.reset_position_ids restarts it at
+              every document); None = 0..T-1 as without packing."""
+    segments: torch.Tensor
+    positions: torch.Tensor | None = None
+
+    def to(self, device) -> Documents:
+        positions = None if self.positions is None else self.positions.to(device)
+        return Documents(self.segments.to(device), positions)
+
+    def attention(self, dtype: torch.dtype) -> Attend:
+        """What every block's attention reads, for activations of `dtype`."""
+        s = self.segments
+        T = s.shape[1]
+        same = s[:, :, None] == s[:, None, :]  # (B, T, T): both tokens in one document
+        causal = torch.ones(T, T, dtype=torch.bool, device=s.device).tril()  # (T, T)
+        return Attend(additive_mask((same & causal)[:, None], dtype), self.positions)  # mask (B, 1, T, T)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True: may attend) as the float mask SDPA adds to the scores: 0 or -inf.
+    Built once per forward: SDPA converts a boolean mask to this on every call and keeps the
+    copy for its backward, which would be one (B, 1, T, T) float tensor per layer; handed the float
+    mask, every layer keeps the same one."""
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)  # (B, 1, Tq, Tk)
+    return zeros.masked_fill_(~allowed, float("-inf"))
+
+
+class Attend(NamedTuple):
+    """Per-forward inputs of attention besides x: mask (B, 1, T, T) additive (0 where a query may
+    see a key, -inf where not; None = plain causal), in the activations' dtype, and positions
+    (B, T) (None = start..start + T - 1)."""
+    mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, Documents | None]:
+    """A micro-batch is (ids, labels) or (ids, labels, Documents)."""
+    ids, labels, *docs = batch
+    return ids, labels, (docs[0] if docs else None)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -256,13 +309,15 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.bias)
         self.resid_drop = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: KVCache | None = None):
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, cache: KVCache | None = None,
+                attend: Attend | None = None):
         H, K, D = self.n_head, self.n_kv, self.head_dim
         qkv = self.qkv(x)  # (B, T, (H + 2K) D); T is the full sequence even if x is a shard (SP)
         B, T, _ = qkv.shape
         start = cache.length if cache is not None else 0
+        attend = attend or Attend()
         if rope is not None:
-            qkv = rope.rotate_qkv_(qkv, H + K, start)  # (B, T, (H + 2K) D), q and k rotated
+            qkv = rope.rotate_qkv_(qkv, H + K, start, attend.positions)  # (B, T, (H + 2K) D), q, k rotated
         q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
@@ -271,7 +326,11 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D), S = start + T
         S = k.shape[2]
         mask, causal = None, False
-        if S == T:
+        if attend.mask is not None:  # packed documents (or context parallelism's shard)
+            mask = attend.mask  # (B, 1, T, T) additive
+            if mask.dtype != q.dtype:  # autocast computes in another dtype than the activations
+                mask = mask.to(q.dtype)
+        elif S == T:
             causal = True
         elif T > 1:  # chunked prefill after a cached prefix: query i sees keys <= start + i
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
@@ -352,24 +411,29 @@ class _SwiGLU(torch.autograd.Function):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); the mlp is a mixture of
+    experts (model/moe.py) in the blocks model.moe makes MoE."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, router_stats: RouterStats | None = None):
         super().__init__()
         self.ln1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer_idx)
         self.ln2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        if cfg.moe.is_moe(layer_idx):
+            shared = shared_config(cfg)
+            self.mlp = MoE(cfg, layer_idx, router_stats or RouterStats(), MLP(shared) if shared else None)
+        else:
+            self.mlp = MLP(cfg)
         self.recompute_norms = False  # selective recompute: keep the norms' inputs only (GPT.set_recompute)
 
-    def forward(self, x, rope=None, cache=None):
+    def forward(self, x, rope=None, cache=None, attend=None):
         if not (self.recompute_norms and cache is None and self.training and torch.is_grad_enabled()):
-            x = x + self.attn(self.ln1(x), rope, cache)  # (B, T, C)
+            x = x + self.attn(self.ln1(x), rope, cache, attend)  # (B, T, C)
             return x + self.mlp(self.ln2(x))  # (B, T, C)
         # Each norm's output is what the next GEMM (qkv, fc1) saves; it is freed after the sub-block's
         # forward and recomputed from the norm's input (kept as the residual anyway) in its backward.
         n1 = Recomputed(self.ln1, self.ln1)
-        a = self.attn(n1(x), rope, cache)  # (B, T, C)
+        a = self.attn(n1(x), rope, cache, attend)  # (B, T, C)
         n1.discard(a)
         x = x + a  # (B, T, C)
         n2 = Recomputed(self.ln2, self.ln2)
@@ -420,8 +484,11 @@ class GPT(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_sequence_length, cfg.rope_theta) \
             if cfg.position_embedding == "rope" else None
         self.drop = Dropout(cfg.dropout) if embed else None
+        # what the MoE blocks measure (expert load, aux losses) and their aux losses' gradient scale
+        self.router_stats = RouterStats([i for i in range(cfg.num_layers) if cfg.moe.is_moe(i)],
+                                        cfg.moe.num_experts)
         # A dict keyed by the global index, so a stage's blocks keep their global names.
-        self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in self.layers})
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, i, self.router_stats) for i in self.layers})
         self.ln_f = make_norm(cfg) if head else None
         self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size) if head else None
         if head and embed and cfg.tie_embeddings:
@@ -458,39 +525,44 @@ class GPT(nn.Module):
         self.recompute_context = context_fn or noop_context_fn
 
     # The three pieces a pipeline stage composes: embed (first stage), blocks, head (last stage).
-    def embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
         x = self.tok_emb(ids)  # (B, T, C)
         if self.pos_emb is not None:
-            pos = torch.arange(start, start + ids.shape[1], device=ids.device)
-            x = x + self.pos_emb(pos)  # (T, C) broadcast over B
+            if positions is None:
+                positions = torch.arange(start, start + ids.shape[1], device=ids.device)  # (T,)
+            x = x + self.pos_emb(positions)  # (T, C) broadcast over B, or (B, T, C)
         return self.drop(x)
 
     def head(self, x: torch.Tensor, labels: torch.Tensor | None = None):
         x = self.ln_f(x)  # (B, T, C)
         return self.lm_head(x, labels)
 
-    def run_block(self, i: int, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def run_block(self, i: int, x: torch.Tensor, cache: KVCache | None = None,
+                  attend: Attend | None = None) -> torch.Tensor:
         block = self.blocks[str(i)]
         if self.recompute == "full" and cache is None and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, self.rope, None, use_reentrant=False,
+            return checkpoint(block, x, self.rope, None, attend, use_reentrant=False,
                               context_fn=self.recompute_context)
-        return block(x, self.rope, cache)
+        return block(x, self.rope, cache, attend)
 
     def run(self, x: torch.Tensor, layers, labels: torch.Tensor | None = None, first: bool = True,
-            last: bool = True):
+            last: bool = True, docs: Documents | None = None):
         """One pipeline chunk: embed x (ids) if first, the given blocks, the head if last.
         Returns (logits, loss) from the last chunk, else the hidden states (B, T, C)."""
         if first:
-            x = self.embed(x)
+            x = self.embed(x, positions=docs.positions if docs is not None else None)
+        attend = docs.attention(x.dtype) if docs is not None else None
         for i in layers:
-            x = self.run_block(i, x)
+            x = self.run_block(i, x, attend=attend)
         return self.head(x, labels) if last else x
 
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None,
+                docs: Documents | None = None):
         """ids (B, T) -> (logits (B, T, V), mean cross-entropy over labels or None).
 
         With labels and autograd on (training), logits are None: the loss is computed by the fused
-        linear + cross-entropy, which never materialises them (model/loss.py)."""
+        linear + cross-entropy, which never materialises them (model/loss.py). `docs` keeps the
+        attention of packed documents inside each one (and may restart their positions)."""
         if not (self.has_embed and self.has_head):
             raise RuntimeError("this GPT holds one pipeline stage; run its chunks with GPT.run")
         T = ids.shape[1]
@@ -498,9 +570,12 @@ class GPT(nn.Module):
         if start + T > self.config.max_sequence_length:
             raise ValueError(f"sequence of {start + T} tokens exceeds model.max_sequence_length="
                              f"{self.config.max_sequence_length}")
-        x = self.embed(ids, start)
+        if docs is not None and cache is not None:
+            raise ValueError("packed documents (docs) are for training and evaluation, not for decoding")
+        x = self.embed(ids, start, docs.positions if docs is not None else None)
+        attend = docs.attention(x.dtype) if docs is not None else None
         for i in self.layers:
-            x = self.run_block(i, x, cache)
+            x = self.run_block(i, x, cache, attend)
         if cache is not None:
             cache.length += T
         return self.head(x, labels)

@@ -6,8 +6,8 @@ it holds — a pipeline stage builds only its own blocks, a tensor-parallel laye
 tensor — and all layouts start from bit-identical weights.
 
 Rules (GPT-2 / Megatron): weights ~ N(0, std); the two residual output projections of each block
-(attn.proj, mlp.fc2) ~ N(0, std / sqrt(2 * num_layers)) so the residual stream's variance does not
-grow with depth; biases 0; norm scales 1.
+(attn.proj, mlp.fc2; an MoE's experts' and shared experts' fc2) ~ N(0, std / sqrt(2 * num_layers))
+so the residual stream's variance does not grow with depth; biases 0; norm scales 1.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 
 from ..config import ModelConfig
 
-RESIDUAL_OUTPUTS = ("attn.proj.weight", "mlp.fc2.weight")
+# (MoE: each expert's and the shared experts' down projections, model/moe.py)
+RESIDUAL_OUTPUTS = ("attn.proj.weight", "mlp.fc2.weight", "mlp.experts.fc2", "mlp.shared.fc2.weight")
 NORM_MODULES = ("ln1", "ln2", "ln_f")
 
 

@@ -72,11 +72,13 @@ class PlainAdamW:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, precision: str, sync, dp_group=None,
-                   overlap_grad_reduce: bool = True, overlap_param_gather: bool = True):
+                   overlap_grad_reduce: bool = True, overlap_param_gather: bool = True,
+                   expert_groups=(None, None)):
     """The optimizer of the native backends: PlainAdamW for fp32 with one replica (exactly the
     serial reference), else the distributed optimizer: bf16 weights with fp32 main gradients and
     masters, and/or data parallelism over dp_group — its buckets reduce during the backward
-    (overlap_grad_reduce), ZeRO-1-3 shard over it. `sync` is the layout's GradSync (tp, pp groups)."""
+    (overlap_grad_reduce), ZeRO-1-3 shard over it. `sync` is the layout's GradSync (tp, pp groups);
+    expert_groups: (expert-data-parallel, expert-parallel) groups under parallel.ep > 1."""
     if precision == "fp32" and dp_group is None:
         return PlainAdamW(model, cfg, sync)
     from .distributed import DistributedOptimizer
@@ -85,7 +87,8 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, precision: str, syn
                                 dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
                                 stage=cfg.zero.stage, bucket_elements=cfg.zero.bucket_elements,
                                 overlap_grad_reduce=overlap_grad_reduce,
-                                overlap_param_gather=overlap_param_gather)
+                                overlap_param_gather=overlap_param_gather,
+                                expert_dp_group=expert_groups[0], ep_group=expert_groups[1])
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -59,6 +59,14 @@ shard: they are all linear, so they commute with the data-parallel reduction):
   3. pipelining with tied embeddings: sum of the first and last stage's copies (the copy gets a
      bucket of its own, so both stages cut it into the same shards);
 the global norm sums the shards' squares over dp (disjoint) as well as over tp and pp.
+
+Expert parallelism (parallel.ep): the experts' parameters (tagged expert_parallel) are split over
+the expert-parallel group, and the ranks holding the same experts form the expert-data-parallel
+group (dp / ep ranks). Their buckets are their own, reduced, sharded and gathered over that group;
+their gradient holds the contributions of every rank that sent them tokens, so it is averaged over
+the whole data-parallel group (divided by dp, like the others). The global norm adds their squares
+summed over the expert-data-parallel shards and then over the expert-parallel group (disjoint
+experts) to the dense parameters'.
 """
 
 from __future__ import annotations
@@ -98,9 +106,10 @@ class Bucket:
     """A run of parameters sharing one flat weight buffer, reduced and gathered together."""
 
     def __init__(self, params: list[torch.nn.Parameter], shards: int, index: int, dtype: torch.dtype,
-                 full_grads: bool, sharded_weights: bool = False):
+                 full_grads: bool, sharded_weights: bool = False, group=None):
         device = params[0].device
         self.params = params
+        self.group = group  # the data-parallel group it is reduced, sharded and gathered over
         self.offsets, n = [], 0
         for p in params:
             self.offsets.append(n)
@@ -175,7 +184,9 @@ class DistributedOptimizer:
     def __init__(self, model: torch.nn.Module, cfg, dp_group=None, tp_group=None, pp_group=None,
                  embed_group=None, dtype: torch.dtype = torch.bfloat16, stage: int = 1,
                  bucket_elements: int = BUCKET_ELEMENTS, overlap_grad_reduce: bool = True,
-                 overlap_param_gather: bool = True):
+                 overlap_param_gather: bool = True, expert_dp_group=None, ep_group=None):
+        """expert_dp_group, ep_group: under expert parallelism, the groups of the parameters tagged
+        expert_parallel (module docstring); None: every parameter is reduced over dp_group."""
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"stage {stage}")
         self.model = model
@@ -189,8 +200,7 @@ class DistributedOptimizer:
         self._inflight: list[tuple[comm.Pending, object]] = []  # gradient reductions started, in order
         self._drain_queued = False  # stages 2-3: the end of this backward will wait for them
         self.dtype = dtype
-        shards = self.dp if self.stage >= 1 else 1
-        index = comm.rank(dp_group) if shards > 1 else 0
+        self.edp_group, self.ep_group = expert_dp_group, ep_group
         # reversed: about the order in which backward finishes them
         params = [p for p in model.parameters() if p.requires_grad][::-1]
         tied = tied_embedding_copy(model) if pp_group is not None else None
@@ -209,8 +219,17 @@ class DistributedOptimizer:
             runs += [run] if run else []
             if tied is not None:  # a bucket of its own: the first and last stage shard it identically
                 runs.append([tied])
-        self.buckets = [Bucket(r, shards, index, dtype, full_grads=self.stage < 2,
-                               sharded_weights=self.stage == 3) for r in runs]
+            users = [[] for _ in runs]
+        # experts' parameters in buckets of their own (another group reduces them), each run split
+        runs, users = map(list, zip(*[(part, u) for r, u in zip(runs, users, strict=True)
+                                      for part in _by_group(r, ep_group is not None) if part], strict=True))
+        self.buckets = []
+        for r in runs:
+            group = self.group_of(r[0])
+            shards = comm.size(group) if self.stage >= 1 and group is not None else 1
+            self.buckets.append(Bucket(r, shards, comm.rank(group) if shards > 1 else 0, dtype,
+                                       full_grads=self.stage < 2,
+                                       sharded_weights=self.stage == 3 and shards > 1, group=group))
         self.bucket_of = {id(p): (b, o) for b in self.buckets
                           for p, o in zip(b.params, b.offsets, strict=True)}
         self.fragments: list[Fragment] = []
@@ -238,6 +257,8 @@ class DistributedOptimizer:
         if self.stage == 3:  # gather each bucket just in time (module docstring)
             self._neighbours = _block_neighbours(model, self.buckets, users) if self.overlap_param else {}
             for b, modules in zip(self.buckets, users, strict=True):
+                if not b.sharded_weights:  # (experts held whole by one rank of their group)
+                    continue
                 for m in modules:
                     self._hooks += [m.register_forward_pre_hook(functools.partial(self._before_forward, b)),
                                     m.register_forward_hook(functools.partial(self._after_forward, b))]
@@ -254,6 +275,10 @@ class DistributedOptimizer:
     @property
     def param_groups(self) -> list[dict]:
         return self.adamw.param_groups
+
+    def group_of(self, p: torch.nn.Parameter):
+        """The data-parallel group p's gradient is reduced over (and its state sharded over)."""
+        return self.edp_group if self.ep_group is not None and _is_expert(p) else self.dp_group
 
     # ---- gradients ------------------------------------------------------------------------
     def begin_accumulation(self, backwards: int) -> None:
@@ -285,13 +310,13 @@ class DistributedOptimizer:
         """Stages 0-1: the step's reduction of b's main gradients, started (finish() waits)."""
         b.launched = True
         if self.stage == 0:
-            self._inflight.append((comm.all_reduce_async(b.grad, self.dp_group), None))
+            self._inflight.append((comm.all_reduce_async(b.grad, b.group), None))
         else:  # gloo reduces b.grad in place, and its result is then b.grad_shard itself
-            self._inflight.append((comm.reduce_scatter_async(b.grad, self.dp_group), b.grad_shard))
+            self._inflight.append((comm.reduce_scatter_async(b.grad, b.group), b.grad_shard))
 
     def _reduce_staging(self, b: Bucket, in_backward: bool = True) -> None:
         """Stages 2-3: one backward's gradients of b, reduce-scattered into its shard."""
-        pending = comm.reduce_scatter_async(b.staging, self.dp_group)  # (numel/d,) when done
+        pending = comm.reduce_scatter_async(b.staging, b.group)  # (numel/d,) when done
         self._inflight.append((pending, b))
         b.staging, b.arrived = None, 0
         if b.sharded_weights:  # the backward is done with these weights (each parameter's last use
@@ -317,10 +342,10 @@ class DistributedOptimizer:
 
     # ---- ZeRO-3: the weights just in time ---------------------------------------------------------
     def _before_forward(self, b: Bucket, module, args) -> None:
-        b.gather(self.dp_group)
-        nxt = self._neighbours.get((id(b), "forward"))
-        if nxt is not None and not b.pending:  # (not a recomputation inside the backward)
-            nxt.start_gather(self.dp_group)  # arrives while this block computes
+        b.gather(b.group)
+        if not b.pending:  # (not a recomputation inside the backward)
+            for nxt in self._neighbours.get((id(b), "forward"), ()):
+                nxt.start_gather(nxt.group)  # arrives while this block computes
 
     def _after_forward(self, b: Bucket, module, args, output) -> None:
         if torch.is_grad_enabled():
@@ -332,10 +357,9 @@ class DistributedOptimizer:
 
     def _before_backward(self, b: Bucket, grad: torch.Tensor) -> None:
         b.pending = True
-        b.gather(self.dp_group)
-        prev = self._neighbours.get((id(b), "backward"))
-        if prev is not None:
-            prev.start_gather(self.dp_group)  # the block whose backward comes next
+        b.gather(b.group)
+        for prev in self._neighbours.get((id(b), "backward"), ()):
+            prev.start_gather(prev.group)  # the block whose backward comes next
 
     # ---- ZeRO-1/2: the step's all-gather behind the next forward -----------------------------------
     def _wait_weights(self, buckets: tuple, module, args) -> None:
@@ -385,11 +409,16 @@ class DistributedOptimizer:
     def clip(self, max_norm: float) -> float:
         """Scale the finished gradients so the global norm is at most max_norm (0: no clipping);
         returns the norm before clipping; a non-finite norm leaves them unscaled."""
-        masters = [f.master for f in self.fragments]
         copies = tuple(f.master for f in self.by_param.get(id(self._tied), [])) \
             if self._tied is not None and not self.model.has_embed else ()
+        sharded = self.stage >= 1
+        experts = None
+        if self.ep_group is not None:  # shards over the expert-data-parallel group, experts over ep
+            experts = ([f.master for f in self.fragments if _is_expert(f.param)],
+                       self.edp_group if sharded else None, self.ep_group)
+        masters = [f.master for f in self.fragments if experts is None or not _is_expert(f.param)]
         norm = global_norm(masters, self.tp_group, self.pp_group, copies,
-                           shard_group=self.dp_group if self.stage >= 1 else None)
+                           shard_group=self.dp_group if sharded else None, experts=experts)
         if max_norm > 0 and math.isfinite(norm):
             coef = max_norm / (norm + 1e-6)
             if coef < 1.0:
@@ -415,7 +444,7 @@ class DistributedOptimizer:
             if b.weights.dtype != torch.float32:
                 b.shard_weights.copy_(b.master)  # round the fp32 master to the compute dtype
             if self.stage in (1, 2):  # (ZeRO-3 gathers on use); in place: the shard is a view of it
-                b.gathering = comm.all_gather_into_async(b.weights, b.shard_weights, self.dp_group)
+                b.gathering = comm.all_gather_into_async(b.weights, b.shard_weights, b.group)
                 if not self.overlap_param:
                     b.wait_gather()
 
@@ -426,7 +455,7 @@ class DistributedOptimizer:
         self.settle()
         held = [b for b in self.buckets if not b.gathered]
         for b in held:
-            b.gather(self.dp_group)
+            b.gather(b.group)
         try:
             yield
         finally:
@@ -439,8 +468,8 @@ class DistributedOptimizer:
         out = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)  # (n,)
         for f in self.by_param.get(id(p), []):
             out[f.lo:f.hi] = part(f)
-        if self.stage >= 1:
-            comm.all_reduce(out, self.dp_group)  # the fragments are disjoint: the sum assembles them
+        if self.stage >= 1:  # the fragments are disjoint: the sum assembles them
+            comm.all_reduce(out, self.group_of(p))
         return out
 
     def get_param(self, p: torch.nn.Parameter) -> torch.Tensor:
@@ -474,7 +503,7 @@ class DistributedOptimizer:
             flat[2 * n] = float(steps[0])
             flat[2 * n + 1] = 1.0
         if self.stage >= 1:
-            comm.all_reduce(flat, self.dp_group)
+            comm.all_reduce(flat, self.group_of(p))
         if flat[2 * n + 1] == 0:
             return None
         step = (flat[2 * n] / flat[2 * n + 1]).cpu()  # every holder steps together: the same count
@@ -521,18 +550,34 @@ def _units(model: torch.nn.Module, params: list[torch.nn.Parameter], tied):
     return runs, users
 
 
+def _is_expert(p: torch.nn.Parameter) -> bool:
+    return getattr(p, "expert_parallel", False)
+
+
+def _by_group(run: list[torch.nn.Parameter], experts: bool) -> list[list[torch.nn.Parameter]]:
+    """A run of parameters split into its dense and (under expert parallelism) expert parameters."""
+    if not experts:
+        return [run]
+    return [[p for p in run if not _is_expert(p)], [p for p in run if _is_expert(p)]]
+
+
 def _block_neighbours(model: torch.nn.Module, buckets: list[Bucket], users) -> dict:
-    """ZeRO-3 prefetch: (id(bucket), "forward") -> the bucket of the block that runs next in the
-    forward, (id(bucket), "backward") -> the one whose backward comes next; only between blocks of
+    """ZeRO-3 prefetch: (id(bucket), "forward") -> the buckets of the block that runs next in the
+    forward, (id(bucket), "backward") -> those whose backward comes next; only between blocks of
     one contiguous run of layers (a pipeline chunk), whose order is certain."""
     blocks = getattr(model, "blocks", {})
-    of_block = {id(mods[0]): b for b, mods in zip(buckets, users, strict=True) if len(mods) == 1}
+    of_block: dict[int, list[Bucket]] = {}
+    for b, mods in zip(buckets, users, strict=True):
+        if len(mods) == 1 and b.sharded_weights:
+            of_block.setdefault(id(mods[0]), []).append(b)
     out = {}
     for key, blk in blocks.items():
         nxt = blocks[str(int(key) + 1)] if str(int(key) + 1) in blocks else None
         if nxt is not None and id(blk) in of_block and id(nxt) in of_block:
-            out[(id(of_block[id(blk)]), "forward")] = of_block[id(nxt)]
-            out[(id(of_block[id(nxt)]), "backward")] = of_block[id(blk)]
+            for b in of_block[id(blk)]:
+                out[(id(b), "forward")] = of_block[id(nxt)]
+            for b in of_block[id(nxt)]:
+                out[(id(b), "backward")] = of_block[id(blk)]
     return out
 
 

@@ -71,11 +71,12 @@ def compile_blocks(model: nn.Module, device: torch.device) -> int:
 
 
 def _compiled_forward(eager):
-    """eager(x, rope, cache) compiled for training and evaluation; decoding (cache) stays eager."""
+    """eager(x, rope, cache, attend) compiled for training and evaluation; decoding (cache) stays
+    eager."""
     compiled = torch.compile(eager, options={"fallback_random": True})
 
-    def forward(x, rope=None, cache=None):
+    def forward(x, rope=None, cache=None, attend=None):
         if cache is not None:
-            return eager(x, rope, cache)
-        return compiled(x, rope)
+            return eager(x, rope, cache, attend)
+        return compiled(x, rope, None, attend)
     return forward

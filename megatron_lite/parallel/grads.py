@@ -68,11 +68,24 @@ class GradSync:
 
 
 def global_norm(params: list[torch.Tensor], tp_group, pp_group=None,
-                duplicates: tuple[torch.Tensor, ...] = (), shard_group=None) -> float:
+                duplicates: tuple[torch.Tensor, ...] = (), shard_group=None, experts=None) -> float:
     """L2 norm of the grads of `params`: tp-sharded ones (tagged tensor_parallel) summed over tp,
     replicated ones counted once, every pipeline stage's share summed over pp; `duplicates` (e.g.
     the last stage's copy of a tied embedding) not counted. shard_group: the params are disjoint
-    shards over this group (the distributed optimizer's data-parallel shards): summed over it."""
+    shards over this group (the distributed optimizer's data-parallel shards): summed over it.
+    experts: (params, shard_group, ep_group) of expert-parallel parameters, kept apart: their
+    shards summed over their own group, then the disjoint experts over ep_group."""
+    total = _squares(params, tp_group, duplicates, shard_group)
+    if experts is not None:
+        expert_params, expert_shards, ep_group = experts
+        total = total + comm.all_reduce(_squares(expert_params, tp_group, (), expert_shards), ep_group)
+    if pp_group is not None:
+        comm.all_reduce(total, pp_group)
+    return math.sqrt(total.item())
+
+
+def _squares(params: list[torch.Tensor], tp_group, duplicates, shard_group) -> torch.Tensor:
+    """The sum of squares of global_norm, before the sum over pipeline stages."""
     device = params[0].grad.device if params else torch.device("cpu")
     acc = torch.promote_types(params[0].grad.dtype if params else torch.float32,
                               torch.float32)  # fp64 in tests
@@ -92,9 +105,7 @@ def global_norm(params: list[torch.Tensor], tp_group, pp_group=None,
     total = sharded + replicated
     if shard_group is not None:
         comm.all_reduce(total, shard_group)
-    if pp_group is not None:
-        comm.all_reduce(total, pp_group)
-    return math.sqrt(total.item())
+    return total
 
 
 def sync_sequence_parallel_grads(model: nn.Module, group) -> None:

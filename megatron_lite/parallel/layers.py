@@ -51,7 +51,15 @@ class _GatherLinear(torch.autograd.Function):
             w = weight if cast is None else weight.to(cast)  # (out / tp, in)
             b = bias if bias is None or cast is None else bias.to(cast)
             total = comm.all_gather(x, group, dim=SEQ_DIM)  # (B, T, in)
-            y = F.linear(total, w, b)  # (B, T, out / tp)
+            # F.linear's (B, T, out / tp) would be a view of its 2-D product, and a custom Function
+            # must not return a view that is later changed in place (RoPE rotates q, k inside the
+            # qkv output): the same product, written into a tensor of the output's own shape.
+            y = torch.empty(*total.shape[:-1], w.shape[0], dtype=total.dtype, device=total.device)
+            flat = total.reshape(-1, total.shape[-1])  # (B T, in)
+            if b is None:
+                torch.mm(flat, w.t(), out=y.view(-1, w.shape[0]))
+            else:
+                torch.addmm(b, flat, w.t(), out=y.view(-1, w.shape[0]))  # (B T, out / tp)
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.cast, ctx.has_bias = group, cast, bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype

@@ -9,6 +9,8 @@ The plan (Megatron's):
     blocks.*.mlp.fc2     RowParallelLinear
     lm_head              VocabParallelHead: column-parallel logits + vocab-parallel cross-entropy
     norms, pos_emb       replicated
+    blocks.*.mlp (MoE)   replicated: every tp rank runs the MoE block on the whole sequence (its
+                         experts split over ep instead, parallel/expert_parallel.py)
 With sequence parallelism, the residual stream between blocks is split along the sequence:
 embeddings are scattered, column-parallel layers all-gather their input, row-parallel layers
 reduce-scatter their output, and norm weights / row biases (which then see only a shard) get
@@ -37,8 +39,10 @@ from ..distributed import comm
 from ..model.activations import Dropout
 from ..model.gpt import GPT
 from ..model.init import init_source, master_init
+from ..model.moe import MoE
 from ..slicing import TPSharder
 from .cross_entropy import vocab_parallel_cross_entropy
+from .expert_parallel import apply_expert_parallel
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, gather_linear, mark
 from .mappings import copy_to_tp, gather_from_tp, scatter_to_sp
 from .random import RNGTracker
@@ -144,8 +148,9 @@ def parallelize(model: GPT, group, sequence_parallel: bool = False, make_vocab_d
         block.attn.n_head //= tp
         block.attn.n_kv //= tp
         block.attn.core_rng = tracker.fork  # local heads: a per-rank dropout stream
-        block.mlp.fc1 = linear(ColumnParallelLinear, f"{p}.mlp.fc1")
-        block.mlp.fc2 = linear(RowParallelLinear, f"{p}.mlp.fc2")
+        if not isinstance(block.mlp, MoE):  # a MoE block stays whole on every tp rank (experts: ep)
+            block.mlp.fc1 = linear(ColumnParallelLinear, f"{p}.mlp.fc1")
+            block.mlp.fc2 = linear(RowParallelLinear, f"{p}.mlp.fc2")
         if sp:
             block.attn.resid_drop = ForkedDropout(cfg.dropout, tracker)
             block.mlp.drop = ForkedDropout(cfg.dropout, tracker)
@@ -169,13 +174,18 @@ def set_sequence_parallel(model: nn.Module, on: bool) -> None:
 
 
 @torch.no_grad()
-def materialize(model: GPT, seed: int, device, tp: TensorParallel | None = None) -> None:
+def materialize(model: GPT, seed: int, device, tp: TensorParallel | None = None,
+                sharder: TPSharder | None = None, serial_shapes: dict | None = None) -> None:
     """Give every meta parameter and buffer of `model` (a stage built on the meta device, then
-    parallelized into `tp` if given) its storage on `device` and its initial value: the full
-    master_init tensor of the parameter (on CPU), sliced by the sharder parallelize() used, so the
-    values are those of building the serial stage and slicing it. Only one full parameter exists at
-    a time, and only on CPU; the device receives the shards. Parameter objects are replaced, keeping
-    their attributes (tensor_parallel, sequence_parallel) and ties (one object under two names)."""
+    parallelized into `tp` if given, its experts sliced by expert parallelism if `sharder` says so)
+    its storage on `device` and its initial value: the full master_init tensor of the parameter (on
+    CPU), sliced by the sharder that cut it (`sharder`, else tp's), so the values are those of
+    building the serial stage and slicing it. Only one full parameter exists at a time, and only on
+    CPU; the device receives the shards. Parameter objects are replaced, keeping their attributes
+    (tensor_parallel, sequence_parallel, expert_parallel) and ties (one object under two names).
+    serial_shapes: the serial stage's parameter shapes (default tp's)."""
+    sharder = sharder or (tp.sharder if tp is not None else None)
+    serial_shapes = serial_shapes or (tp.serial_shapes if tp is not None else None)
     cfg = model.config
     made: dict[int, nn.Parameter] = {}  # id(meta parameter) -> its materialised Parameter
     for prefix, module in model.named_modules():
@@ -184,9 +194,9 @@ def materialize(model: GPT, seed: int, device, tp: TensorParallel | None = None)
                 continue
             if id(p) not in made:  # a tied parameter is drawn once, under its first name (tok_emb)
                 name = f"{prefix}.{key}" if prefix else key
-                shape = tp.serial_shapes[name] if tp is not None else p.shape
+                shape = serial_shapes[name] if serial_shapes is not None else p.shape
                 full = master_init(init_source(name, cfg, model.has_embed), shape, cfg, seed)
-                local = tp.sharder(name, full) if tp is not None else full
+                local = sharder(name, full) if sharder is not None else full
                 if local.shape != p.shape:  # the sharder is not the slicing parallelize() did
                     raise RuntimeError(f"{name}: materialised {tuple(local.shape)}, the module holds "
                                        f"{tuple(p.shape)}")
@@ -211,19 +221,28 @@ def materialize(model: GPT, seed: int, device, tp: TensorParallel | None = None)
 
 def build_stage(cfg: ModelConfig, seed: int, layers, embed: bool, head: bool, device, group=None,
                 sequence_parallel: bool = False, make_vocab_divisible_by: int = 128,
-                tracker: RNGTracker | None = None) -> tuple[GPT, TensorParallel | None]:
+                tracker: RNGTracker | None = None, ep_group=None) -> tuple[GPT, TensorParallel | None]:
     """One rank's stage (`layers`, the embedding, the head), tensor-parallel over `group` when it has
-    more than one rank: built and parallelized on the meta device, then materialised on `device`
-    from the master values. Bit-identical to build_stage_unsliced, holding the shards only."""
+    more than one rank, its experts split over `ep_group` (expert parallelism) when that has more
+    than one: built, parallelized and its experts sliced on the meta device, then materialised on
+    `device` from the master values. Bit-identical to build_stage_unsliced (then
+    apply_expert_parallel), holding the shards only: at Mixtral 8x7B a rank never holds the 45B
+    parameters of every expert."""
     with torch.device("meta"):
         model = GPT(cfg, seed=None, layers=layers, embed=embed, head=head)
+    serial_shapes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
     tp = None
     if group is not None and comm.size(group) > 1:
         if tracker is None:  # parallelize would place it on the model's (meta) device
             tracker = RNGTracker(0, comm.rank(group), torch.device(device))
         tp = parallelize(model, group, sequence_parallel=sequence_parallel,
                          make_vocab_divisible_by=make_vocab_divisible_by, tracker=tracker)
-    materialize(model, seed, device, tp)
+    ep = comm.size(ep_group) if ep_group is not None else 1
+    if ep > 1:
+        apply_expert_parallel(model, ep_group)
+    sharder = TPSharder(cfg, tp.sharder.tp if tp else 1, tp.sharder.rank if tp else 0,
+                        make_vocab_divisible_by, ep, comm.rank(ep_group) if ep > 1 else 0)
+    materialize(model, seed, device, tp, sharder, serial_shapes)
     return model, tp
 
 

@@ -30,6 +30,7 @@ from functools import lru_cache
 import torch
 
 from ..distributed import comm
+from ..model.gpt import split_batch
 from ..parallel.grads import nan_if_nonfinite
 from .partition import Chunk
 from .schedules import Action, build, build_forward_only, message, send_releases
@@ -109,10 +110,12 @@ class PipelineEngine:
         kind, mb, vs = message(a, self.stage, self.pp)
         return (mb * self.pp * self.v + vs) * 2 + (kind == "B")
 
-    def run(self, batches: list[tuple[torch.Tensor, torch.Tensor]],
-            forward_only: bool = False) -> torch.Tensor:
-        """Run one step over the micro-batches; returns the mean loss (on every stage)."""
+    def run(self, batches: list[tuple], forward_only: bool = False,
+            weights: list[float] | None = None) -> torch.Tensor:
+        """Run one step over the micro-batches; returns the mean loss (on every stage), micro-batch
+        j's loss weighted by weights[j] (train/backends.loss_weights; None: 1 each)."""
         m = len(batches)
+        weights = weights or [1.0] * m
         actions, releases = _stage_plan(self.schedule, self.pp, m, self.v, forward_only, self.stage)
         inbox: dict[tuple, torch.Tensor] = {}
         inputs: dict[tuple, torch.Tensor] = {}
@@ -153,13 +156,15 @@ class PipelineEngine:
                 work.wait()
                 inbox[(a.kind, *key)] = buf
             elif a.kind == "F":
-                x, y = batches[a.mb]
+                x, y, docs = split_batch(batches[a.mb])
                 inp = x if chunk.first else inbox.pop(("RECV_F", *key)).requires_grad_(not forward_only)
                 with grad_ctx, self.autocast():
                     out = self.model.run(inp, chunk.layers, y if chunk.last else None, first=chunk.first,
-                                         last=chunk.last)
+                                         last=chunk.last, docs=docs)
                 if chunk.last:
                     loss = out[1]
+                    if weights[a.mb] != 1.0:
+                        loss = loss * weights[a.mb]
                     loss_sum += loss.detach()
                     if self.poison_nonfinite:
                         loss = nan_if_nonfinite(loss)

@@ -5,16 +5,16 @@ GPU is booked.
     result = plan(Config.from_yaml("configs/gpt-1.3b.yaml"), cluster, global_batch=512)
     print(format_table(result, top=10))
 
-Every candidate (tp x pp x dp, sequence parallelism, schedule and virtual stages, micro-batch size,
-ZeRO stage and backend) is built with `Layout.build(cfg, world_size)`, the object training builds,
-so a layout training would refuse is never proposed (LayoutError: skipped and counted). For each
-valid one the model predicts, per rank, memory and step time. The modules:
+Every candidate (tp x cp x pp x dp and the cp algorithm, sequence parallelism, schedule and virtual
+stages, micro-batch size, ZeRO stage and backend) is built with `Layout.build(cfg, world_size)`, the
+object training builds, so a layout training would refuse is never proposed (LayoutError: skipped
+and counted). For each valid one the model predicts, per rank, memory and step time. The modules:
 
   cluster      Cluster presets, implementation Profiles, collective and p2p times
   stage        what one rank holds (a meta-device GPT of its stage, sliced by the TP table) and
                the schedule simulator's facts (in-flight micro-batches, bubble, sends)
   memory       peak bytes per rank: weights, grads, optimizer, activations, pipeline buffers
-  timing       step time as compute + tp + pp + dp terms; GEMM_EFFICIENCY, the one calibrated constant
+  timing       step time as compute + tp + cp + pp + dp terms; GEMM_EFFICIENCY, the one calibrated constant
   search       enumerate, validate through Layout.build, predict, rank: plan()
   report       the table and the JSON
   calibration  Narayanan et al. 2021 Table 1 and fit_gemm_efficiency (tests and benchmarks read it)

@@ -22,6 +22,7 @@ def add_parser(subparsers) -> None:
     for flag, kind, what in (("--gpus-per-node", int, "GPUs per node"),
                              ("--gpu-memory-gb", float, "GB per GPU"),
                              ("--peak-tflops", float, "dense bf16 TFLOP/s per GPU"),
+                             ("--fp32-tflops", float, "fp32 TFLOP/s per GPU without tensor cores"),
                              ("--hbm-gbps", float, "GPU memory bandwidth, GB/s"),
                              ("--intra-gbps", float, "NVLink GB/s per GPU and direction"),
                              ("--inter-gbps", float, "InfiniBand GB/s per node (all NICs)"),
@@ -44,10 +45,15 @@ def add_parser(subparsers) -> None:
     # pin a dimension instead of enumerating it
     for flag, what in (("--tp", "tensor-parallel size"), ("--pp", "pipeline stages"),
                        ("--dp", "data-parallel size"),
-                       ("--cp", "context-parallel size (only 1: not implemented)"),
+                       ("--cp", "context-parallel size (default: each size that leaves every cp rank "
+                                "at least 4096 tokens)"),
+                       ("--ep", "expert-parallel size of a MoE model (default: every one dividing dp x cp "
+                                "and the experts)"),
                        ("--virtual-stages", "interleaved virtual stages per rank"),
                        ("--micro-batch", "micro-batch size (one of --micro-batch-sizes)")):
         n.add_argument(flag, type=int, help=f"pin the {what}")
+    n.add_argument("--cp-algorithm", choices=["allgather", "ring"],
+                   help="pin the context-parallel algorithm (default: both where cp > 1)")
     n.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
                    help="pin sequence parallelism on (--sp) or off (--no-sp); default: on where allowed")
     n.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"], help="pin the pipeline schedule")
@@ -76,9 +82,14 @@ def cmd_plan(args) -> None:
     cfg = Config.from_yaml(path, args.overrides)
     cluster = Cluster.preset(args.cluster, args.nodes, gpus_per_node=args.gpus_per_node,
                              gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops,
+                             fp32_tflops=args.fp32_tflops,
                              hbm_gbps=args.hbm_gbps, intra_gbps=args.intra_gbps, inter_gbps=args.inter_gbps,
                              intra_latency_us=args.intra_latency_us, inter_latency_us=args.inter_latency_us)
     check_pins(args, cluster.gpus_per_node, cluster.world_size)
+    seq = args.seq or cfg.seq_length
+    if args.cp and seq % (2 * args.cp):
+        raise UsageError(f"--cp {args.cp} needs a sequence length divisible by 2 x {args.cp} (each cp rank "
+                         f"holds two of 2 cp equal chunks), not {seq}; change --seq or --cp.")
     result = plan(cfg, cluster, args.global_batch, seq=args.seq, profile=PROFILES[args.profile],
                   recompute=tuple(args.recompute), headroom=args.headroom,
                   micro_batch_sizes=tuple(args.micro_batch_sizes), schedules=tuple(args.schedules),
@@ -97,9 +108,6 @@ def pinned(args) -> dict:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')}={value} must be >= 1.")
-    if args.cp not in (None, 1):
-        raise UsageError(f"--cp {args.cp}: context parallelism is not implemented in megatron_lite, so only "
-                         f"--cp 1 can be planned; split long sequences with --tp and --sp instead.")
     v = args.virtual_stages
     if args.schedule:
         if v is not None and v > 1 and args.schedule != "interleaved":
@@ -113,7 +121,10 @@ def pinned(args) -> dict:
     if args.micro_batch is not None:
         args.micro_batch_sizes = [args.micro_batch]
     out = {"tp_values": [args.tp] if args.tp else None, "pp_values": [args.pp] if args.pp else None,
-           "dp_values": [args.dp] if args.dp else None, "virtual_stages": v}
+           "dp_values": [args.dp] if args.dp else None, "virtual_stages": v,
+           "cp_values": [args.cp] if args.cp else None, "ep_values": [args.ep] if args.ep else None}
+    if args.cp_algorithm:
+        out["cp_algorithms"] = (args.cp_algorithm,)
     if args.sp is not None:
         out["sequence_parallel"] = "on" if args.sp else "off"
     return out
@@ -126,13 +137,17 @@ def check_pins(args, gpus_per_node: int, world: int) -> None:
                          f"tensor parallelism within a node, so pick a divisor of {gpus_per_node}.")
     if args.sp and args.tp == 1:
         raise UsageError("--sp needs --tp > 1 (sequence parallelism splits the sequence over the tp ranks).")
-    if args.tp and args.pp and args.dp and args.tp * args.pp * args.dp != world:
-        raise UsageError(f"--tp {args.tp} x --pp {args.pp} x --dp {args.dp} = {args.tp * args.pp * args.dp} "
-                         f"but the cluster has {world} GPUs; make the product equal it (or change --nodes).")
-    given = [x for x in (args.tp, args.pp, args.dp) if x]
-    if world % math.prod(given):
-        raise UsageError(f"--tp/--pp/--dp {' x '.join(map(str, given))} does not divide the cluster's "
-                         f"{world} GPUs; pick sizes whose product divides it (or change --nodes).")
+    sizes = (("tp", args.tp), ("cp", args.cp), ("pp", args.pp), ("dp", args.dp))
+    pins = [(f"--{flag}", x) for flag, x in sizes if x]
+    named = " x ".join(f"{flag} {x}" for flag, x in pins)
+    product = math.prod(x for _, x in pins)
+    # tp, pp and dp all pinned leave cp nothing to fill: cp is 1 unless --cp says otherwise
+    if args.tp and args.pp and args.dp and product != world:
+        raise UsageError(f"{named} = {product} but the cluster has {world} GPUs; make the product equal it "
+                         f"(or change --nodes).")
+    if world % product:
+        raise UsageError(f"{named} does not divide the cluster's {world} GPUs; pick sizes whose product "
+                         f"divides it (or change --nodes).")
 
 
 def resolve_config(name: str) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from ..errors import UsageError
 
@@ -22,6 +23,9 @@ class Cluster:
     hbm_gbps: float  # device memory bandwidth
     intra_gbps: float  # NVLink, per GPU
     inter_gbps: float  # InfiniBand, per node (all NICs)
+    # dense fp32 without tensor cores (torch's default for fp32 matmuls: no TF32): what ring
+    # attention's fp32 block matmuls run at (parallel/context_parallel._probs)
+    fp32_tflops: float = 19.5
     intra_latency_us: float = 3.0
     inter_latency_us: float = 8.0
     device: str = "cuda"  # "cpu" only for checking the memory model on this machine
@@ -51,12 +55,12 @@ class Cluster:
 
 
 CLUSTERS = {
-    # DGX A100 (80 GB): 312 TFLOP/s bf16, HBM2e 2.04 TB/s, NVLink 3 (600 GB/s bidirectional),
+    # DGX A100 (80 GB): 312 TFLOP/s bf16 (19.5 fp32), HBM2e 2.04 TB/s, NVLink 3 (600 GB/s bidirectional),
     # 8 x 200 Gb/s HDR InfiniBand per node (Selene, the cluster of Narayanan et al.).
-    "a100-80gb": Cluster("a100-80gb", 1, 8, 80.0, 312.0, 2039.0, 300.0, 8 * 200 / 8),
-    # DGX H100: 989 TFLOP/s dense bf16, HBM3 3.35 TB/s, NVLink 4 (900 GB/s bidirectional),
+    "a100-80gb": Cluster("a100-80gb", 1, 8, 80.0, 312.0, 2039.0, 300.0, 8 * 200 / 8, fp32_tflops=19.5),
+    # DGX H100: 989 TFLOP/s dense bf16 (67 fp32), HBM3 3.35 TB/s, NVLink 4 (900 GB/s bidirectional),
     # 8 x 400 Gb/s NDR InfiniBand per node.
-    "h100": Cluster("h100", 1, 8, 80.0, 989.0, 3350.0, 450.0, 8 * 400 / 8),
+    "h100": Cluster("h100", 1, 8, 80.0, 989.0, 3350.0, 450.0, 8 * 400 / 8, fp32_tflops=67.0),
 }
 
 
@@ -96,14 +100,34 @@ def collective_time(nbytes: float, ranks: list[int], c: Cluster, kind: str = "al
     n = len(ranks)
     if n <= 1 or nbytes <= 0:
         return 0.0
-    per_node = Counter(r // c.gpus_per_node for r in ranks)
-    k, nodes = max(per_node.values()), len(per_node)
+    k, nodes = _placement(tuple(ranks), c.gpus_per_node)
     factor = 2.0 if kind == "all_reduce" else 1.0
     t = factor * (k - 1) / k * nbytes / (c.intra_gbps * GB) + factor * (k - 1) * c.intra_latency_us * 1e-6
     if nodes > 1:
         t += factor * (nodes - 1) / nodes * nbytes / k / (c.nic_gbps * GB) \
             + factor * (nodes - 1) * c.inter_latency_us * 1e-6
     return t
+
+
+def all_to_all_time(nbytes: float, ranks: list[int], c: Cluster) -> float:
+    """One all-to-all in which every rank of `ranks` sends `nbytes` split evenly over the group (its
+    own share stays): the shares for ranks on its node over NVLink, the others' over its NIC."""
+    n = len(ranks)
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    k, nodes = _placement(tuple(ranks), c.gpus_per_node)
+    t = (k - 1) / n * nbytes / (c.intra_gbps * GB) + (k - 1) * c.intra_latency_us * 1e-6
+    if nodes > 1:
+        t += (n - k) / n * nbytes / (c.nic_gbps * GB) + (nodes - 1) * c.inter_latency_us * 1e-6
+    return t
+
+
+@lru_cache(maxsize=4096)
+def _placement(ranks: tuple[int, ...], gpus_per_node: int) -> tuple[int, int]:
+    """(most ranks of the group on one node, nodes it spans): a plan asks for the same few groups
+    hundreds of thousands of times (every bucket of every candidate), each up to thousands of ranks."""
+    per_node = Counter(r // gpus_per_node for r in ranks)
+    return max(per_node.values()), len(per_node)
 
 
 def p2p_time(nbytes: float, a: int, b: int, c: Cluster, tp: int, scatter_gather: bool) -> float:

@@ -12,24 +12,35 @@ of a step, or after it: gradients exist), and the optimizer step.
   grads       fp32 main gradients: the whole buckets (ZeRO 0 and 1), this rank's 1/dp shard of each
               (ZeRO-2 and -3); fp32 with dp = 1 (PlainAdamW) param.grad; DeepSpeed stage 2/3 keep their
               partition and a reduce bucket
+  (every "dp" of the optimizer terms is dp x cp: the cp ranks of a replica hold the same weights, and
+  the distributed optimizer reduces and shards over the dp x cp group, train/backends.build_backend)
   optimizer   AdamW exp_avg + exp_avg_sq (8 bytes per element this rank steps) + the fp32 master
               weights under bf16 (4 bytes; fp32 weights are their own master): all of the buckets
               without ZeRO, this rank's 1/dp shard of each with ZeRO-1/2; DeepSpeed: its fp32
               master partition (4/dp) + moments (8/dp)
   activations what autograd saves per block, model/activations.saved_terms (the one count, equal to
-              saved_tensors_hooks in tests), times the peak number of micro-batch chunks in flight
+              saved_tensors_hooks in tests) at the rank's T/cp tokens plus context parallelism's own
+              (context_terms), times the peak number of micro-batch chunks in flight
               on the stage from the schedule simulator (pipeline/schedules.simulate: 1F1B p on stage
               0, GPipe m, interleaved its own count); full recompute keeps each block's input plus one
               block's whole set while it is recomputed; the head (final norm as saved_terms counts a
               block's norm; at tp=1 the fused linear + cross-entropy keeps grad_x and grad_w; at tp>1
               the linear's input, a sequence shard under SP, and the fp32 softmax over the padded
-              vocabulary slice)
+              vocabulary slice); an attention mask: with packed documents (any cp) one additive
+              float tensor per chunk-forward (attention_mask_bytes: GPT.run builds it after the
+              embedding and every block of the chunk keeps that same storage), so one per in-flight
+              chunk-micro-batch, and under cp every micro-batch of the step also carries its
+              (B, 1, T/cp, T) bool mask from the moment the trainer shards the global batch
+              (train/trainer.next_batches builds all m of them first) until forward_backward
+              returns; under cp without documents one (1, 1, T/cp, T) bool mask and its additive
+              form for the whole run (parallel/context_parallel.ContextSharder), whatever is in
+              flight (mask_bytes)
   pipeline    the message buffers the engine holds at once (chunk outputs until their send's
               release, when the engine frees a sent output still awaiting its backward; posted
               receives; gradients until their send is released; pipeline/schedules.held_messages
               walks the stage's list as the engine keeps them: flat in m for 1F1B and
               interleaving, m + 2 for GPipe, whose forward sends are known received only once the
-              first gradient comes back) x b x s (/tp under SP) x h x the
+              first gradient comes back) x b x s/cp (/tp under SP) x h x the
               engine's message dtype (the compute dtype; fp32 under DeepSpeed)
   transient   the largest short-lived buffer at the peak: a chunk of logits (fused CE) or the
               vocab-parallel logits and their fp32 copy, the block recomputed under full recompute,
@@ -39,7 +50,9 @@ of a step, or after it: gradients exist), and the optimizer step.
               fp32 staging, in a backward, plus the embedding + head bucket when one stage holds
               both), the optimizer step's temporaries (the reduce-scatter's shard-sized outputs on
               NCCL, where gloo reduces in place; AdamW's per-tensor temporaries; the flat output
-              gloo's all_gather allocates inside, where NCCL gathers straight into the weights), or
+              gloo's all_gather allocates inside, where NCCL gathers straight into the weights), ring
+              attention's fp32 score-sized temporaries (context_transients), the bool temporaries
+              of building a chunk-forward's document mask (mask_build_transient), or
               what building the model holds (the stage's fp32 shards, built on the meta device and
               materialised one parameter at a time from its full value on the host; the
               distributed optimizer's fp32 copy of a bucket)
@@ -83,13 +96,106 @@ def dtype_bytes(cfg: Config) -> int:
     return 2 if cfg.train.precision == "bf16" else 4
 
 
+def context_terms(mc: ModelConfig, b: int, s: int, tp: int, cp: int, algorithm: str,
+                  e: int) -> dict[str, int]:
+    """Bytes one block keeps per micro-batch on one rank under context parallelism besides what
+    saved_terms counts at its T/cp tokens (parallel/context_parallel.py; measured against
+    saved_tensors_hooks in tests/unit/test_plan.py). s is the whole sequence T; each rank holds
+    T/cp queries. Both algorithms also keep the chunk-forward's additive mask, the same storage in
+    every block (attention_mask_bytes, counted once per in-flight chunk, not here).
+
+      allgather  SDPA keeps the gathered K and V (all T keys: K heads each, cheap with GQA)
+      ring       nothing more: RingAttention keeps what SDPA keeps (saved_terms): q, k, v as views into
+                 the fused qkv output, its output laid out as SDPA's (the output projection's input
+                 a view of it) and the fp32 log-sum-exp"""
+    if cp == 1 or algorithm != "allgather":
+        return {}
+    K, D = mc.num_kv_heads // tp, mc.head_dim
+    return {"gathered k, v (all T keys)": 2 * b * K * s * D * e}
+
+
+def attention_mask_bytes(b: int, s: int, cp: int, e: int, docs: bool) -> int:
+    """The additive float mask (0 / -inf, in the activations' dtype: e bytes) one chunk-forward builds
+    (GPT.run / GPT.forward, after the embedding: Documents.attention or ContextShard.attention), which
+    every block of that chunk hands to its attention and keeps for its backward: SDPA (cp = 1 with
+    data.document_mask; allgather) and RingAttention save that same storage, full recompute's
+    checkpoint holds the Attend it recomputes with (no second mask). (B, 1, T/cp, T) with
+    data.document_mask (each sample its own documents), else (1, 1, T/cp, T) under cp; none at cp = 1
+    without documents (SDPA's is_causal). With documents each pipeline chunk's forward builds its
+    own, held from that forward until its backward; under cp without documents the rank's one shared
+    shard keeps it, built once (mask_bytes). (DeepSpeed's autocast would convert it in every layer,
+    but its bf16 casts the parameters, so the embedding's output and the mask are bf16 already, and
+    Layout refuses it with pp > 1, where a chunk's input would be the engine's fp32 message.)"""
+    if cp == 1 and not docs:
+        return 0
+    return (b if docs else 1) * (s // cp) * s * e
+
+
+def mask_build_transient(b: int, s: int, cp: int, docs: bool) -> int:
+    """Bytes of the bool temporaries beside the additive mask while a chunk-forward builds it: the
+    inverted mask (additive_mask's ~allowed); at cp = 1 also Documents.attention's same-document and
+    allowed masks (the ContextShard's bool mask is the micro-batch's, mask_bytes). None under cp
+    without documents: the shared mask is built once, in the first forward, before any block's
+    activations exist."""
+    if not docs:
+        return 0
+    return attention_mask_bytes(b, s, cp, 1, docs) * (3 if cp == 1 else 1)
+
+
+def context_transients(mc: ModelConfig, b: int, s: int, tp: int, cp: int, algorithm: str,
+                       e: int) -> tuple[float, float]:
+    """(forward, backward) bytes of context parallelism's largest short-lived tensors in one block.
+    ring: its blocks are computed by plain matmuls in at least fp32 (context_parallel._probs), so
+    score-sized (B, H, T/cp, T/cp) tensors live during each step: in the forward the scores, their
+    difference to the log-sum-exp and its exp, beside the previous step's probabilities (4); in the
+    backward the same three beside the previous step's probabilities and dS (5). allgather: the
+    backward's gathered dK, dV before their reduce-scatter."""
+    if cp == 1:
+        return 0.0, 0.0
+    H, K, D, local = mc.num_attention_heads // tp, mc.num_kv_heads // tp, mc.head_dim, s // cp
+    if algorithm == "allgather":
+        return 0.0, 2 * b * K * s * D * e
+    score = b * H * local * local * max(e, 4)  # _wide: fp32 for bf16 and fp32 inputs
+    return 4 * score, 5 * score
+
+
+def mask_bytes(layout: Layout) -> float:
+    """The masks a rank holds under context parallelism besides the blocks' (ContextShard). With
+    data.document_mask: each micro-batch's (B, 1, T/cp, T) bool mask; every micro-batch is sharded,
+    mask included, before the step runs (train/trainer.next_batches), so all m are held through the
+    forward and backward. Without: ContextSharder's one shared shard, its (1, 1, T/cp, T) bool mask
+    and additive mask (attention_mask_bytes), held for the whole run (shared_masks)."""
+    cp = layout.cp
+    if cp == 1:
+        return 0.0
+    cfg = layout.config
+    s = cfg.seq_length
+    if not cfg.data.document_mask:
+        return (s // cp) * s * (1 + dtype_bytes(cfg))
+    return layout.micro_batches * cfg.data.micro_batch_size * (s // cp) * s
+
+
+def shared_masks(layout: Layout) -> bool:
+    """One mask for every micro-batch and forward of the run (cp without packed documents)."""
+    return layout.cp > 1 and not layout.config.data.document_mask
+
+
 def block_activations(mc: ModelConfig, tp: int, sp: bool, b: int, s: int, e: int, device: str,
-                      recompute: str) -> tuple[int, int]:
+                      recompute: str, cp: int = 1, algorithm: str = "allgather",
+                      layer: int = 0) -> tuple[int, int]:
     """(bytes one block keeps per micro-batch on one tp rank under `recompute`, bytes of its whole set
-    without recompute): model/activations.saved_terms, summed."""
-    kept = sum(saved_terms(mc, b, s, tp, sp, e=e, recompute=recompute, device=device).values())
-    whole = sum(saved_terms(mc, b, s, tp, sp, e=e, recompute="none", device=device).values())
-    return kept, whole
+    without recompute): model/activations.saved_terms at the rank's s/cp tokens, summed, plus
+    context_terms (full recompute keeps only the block's input: the gathered keys are made again when
+    the block is recomputed). The chunk's shared attention mask is not a block's (attention_mask_bytes).
+    `layer` decides whether the block is a MoE one (model.moe.layer_freq)."""
+    local = s // cp
+    extra = sum(context_terms(mc, b, s, tp, cp, algorithm, e).values())
+
+    def terms(mode: str) -> int:
+        return sum(saved_terms(mc, b, local, tp, sp, e=e, recompute=mode, device=device,
+                               layer=layer).values())
+    kept, whole = terms(recompute), terms("none") + extra
+    return kept + (extra if recompute != "full" else 0), whole
 
 
 def head_activations(mc: ModelConfig, tp: int, sp: bool, b: int, s: int, e: int, device: str,
@@ -135,46 +241,87 @@ class State:
     gathered_backward: float = 0.0
 
 
-def buckets(layout: Layout, stage: int) -> list[int]:
-    """Elements of each of the distributed optimizer's buckets on a rank of `stage`, before padding,
-    as optim/distributed.py cuts them: parameters in reverse module order (about the order backward
-    finishes them) in runs of at most optim.zero.bucket_elements, the tied embedding's copy (pp > 1)
-    in a bucket of its own."""
+def bucket_runs(layout: Layout, stage: int) -> list[tuple[int, bool]]:
+    """(elements, expert?) of each of the distributed optimizer's buckets on a rank of `stage`, before
+    padding, as optim/distributed.py cuts them: parameters in reverse module order (about the order
+    backward finishes them) in runs of at most optim.zero.bucket_elements, the tied embedding's copy
+    (pp > 1) in a bucket of its own, and under expert parallelism each run split into its dense and
+    its expert parameters (the experts' own group reduces them)."""
     mc = layout.config.model
-    sizes = list(rank_params(layout, stage).sizes)[::-1]
+    params = rank_params(layout, stage)
+    sizes = list(params.sizes)[::-1]
+    expert = list(params.expert or (False,) * len(sizes))[::-1]
     chunks = chunks_of(layout, stage)
     embed, head = any(c.first for c in chunks), any(c.last for c in chunks)
     tied = None
     if layout.pp > 1 and mc.tie_embeddings and embed != head:
         # the embedding is first in module order (last here), the head's copy last (first here)
-        tied = sizes.pop(-1 if embed else 0)
+        at = -1 if embed else 0
+        tied = sizes.pop(at)
+        expert.pop(at)
     limit = layout.config.optim.zero.bucket_elements
-    runs, size = [], 0
-    for n in sizes:
+    runs: list[list[tuple[int, bool]]] = []
+    size = 0
+    for n, e in zip(sizes, expert, strict=True):
         if runs and size and size + n > limit:
-            runs.append(0)
+            runs.append([])
             size = 0
         if not runs:
-            runs.append(0)
-        runs[-1] += n
+            runs.append([])
+        runs[-1].append((n, e))
         size += n
-    return runs + ([tied] if tied is not None else [])
+    out = [part for run in runs for part in _by_kind(run)]
+    return out + ([(tied, False)] if tied is not None else [])
 
 
-def zero3_buckets(layout: Layout, stage: int) -> tuple[list[int], int, int]:
-    """ZeRO-3's buckets on a rank of `stage` as optim/distributed.py cuts them: one per block, one
-    for the rest (embeddings, final norm, head), the tied embedding's copy (pp > 1) apart; returns
-    (bucket sizes, one block's size, the rest's size)."""
+def _by_kind(run: list[tuple[int, bool]]) -> list[tuple[int, bool]]:
+    """A run's dense and expert elements, each a bucket when non-empty (optim/distributed._by_group)."""
+    return [(total, kind) for kind in (False, True) if (total := sum(n for n, e in run if e == kind))]
+
+
+def buckets(layout: Layout, stage: int) -> list[int]:
+    """Elements of each bucket (bucket_runs without the kinds)."""
+    return [n for n, _ in bucket_runs(layout, stage)]
+
+
+def zero3_runs(layout: Layout, stage: int) -> tuple[list[tuple[int, bool]], int, int]:
+    """ZeRO-3's buckets on a rank of `stage` as optim/distributed.py cuts them: one per block (its
+    dense and, under expert parallelism, its expert parameters apart), one for the rest (embeddings,
+    final norm, head), the tied embedding's copy (pp > 1) apart; returns ((elements, expert?) of each
+    bucket, the largest block's elements, the rest's)."""
     mc = layout.config.model
     params = rank_params(layout, stage)
     chunks = chunks_of(layout, stage)
-    layers = sum(len(c.layers) for c in chunks)
     embed, head = any(c.first for c in chunks), any(c.last for c in chunks)
-    block = stage_params(mc, 1, False, False, layout.tp, layout.config.parallel.make_vocab_divisible_by).total
+    expert = params.expert or (False,) * len(params.sizes)
+    blocks: dict[int, list[tuple[int, bool]]] = {}  # in module order (a dense stage's numbered from 0)
+    for n, e, blk in zip(params.sizes, expert, params.block, strict=True):
+        if blk >= 0:
+            blocks.setdefault(blk, []).append((n, e))
     # pp > 1 with tied embeddings: the first stage's embedding and the last stage's copy alone
     tied = params.sizes[0 if embed else -1] if layout.pp > 1 and mc.tie_embeddings and embed != head else 0
-    rest = params.total - layers * block - tied
-    return [block] * layers + [n for n in (rest, tied) if n], block, rest
+    rest = params.total - sum(n for run in blocks.values() for n, _ in run) - tied
+    runs = [part for run in blocks.values() for part in _by_kind(run)]
+    biggest = max((sum(n for n, _ in run) for run in blocks.values()), default=0)
+    return runs + [(n, False) for n in (rest, tied) if n], biggest, rest
+
+
+def zero3_buckets(layout: Layout, stage: int) -> tuple[list[int], int, int]:
+    """zero3_runs without the kinds: (bucket sizes, the largest block's size, the rest's size)."""
+    runs, block, rest = zero3_runs(layout, stage)
+    return [n for n, _ in runs], block, rest
+
+
+def replicas(layout: Layout) -> int:
+    """Ranks holding the same weights, over which gradients are reduced and ZeRO shards: dp x cp (the
+    cp ranks of a replica compute on other tokens of the same samples; train/backends.build_backend
+    hands the optimizer the dp_cp group)."""
+    return layout.dp * layout.cp
+
+
+def expert_replicas(layout: Layout) -> int:
+    """Ranks holding the same experts: dp x cp / ep (the expert-data-parallel group)."""
+    return layout.dp * layout.cp // layout.ep
 
 
 def _shard(numel: int, shards: int, index: int) -> tuple[int, int]:
@@ -186,7 +333,7 @@ def _shard(numel: int, shards: int, index: int) -> tuple[int, int]:
 def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cuda") -> State:
     """The model state of the rank at (stage, dp_rank), as the backend allocates it."""
     cfg = layout.config
-    z, dp = cfg.optim.zero, layout.dp
+    z, dp = cfg.optim.zero, replicas(layout)
     bf16 = cfg.train.precision == "bf16"
     params = rank_params(layout, stage)
     n = params.total
@@ -206,14 +353,21 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
     # optim/distributed.py: flat buckets of the compute dtype, fp32 main grads, fp32 masters + moments
     e = 2 if bf16 else 4
     stage_z = z.stage if dp > 1 else 0
-    shards = dp if stage_z >= 1 else 1
-    index = dp_rank if shards > 1 else 0
-    runs = zero3_buckets(layout, stage)[0] if stage_z == 3 else buckets(layout, stage)
-    padded = [_shard(nb, shards, index)[0] * shards for nb in runs]
-    owned = [_shard(nb, shards, index)[1] for nb in runs]  # elements this rank steps (no padding)
+    runs = zero3_runs(layout, stage)[0] if stage_z == 3 else bucket_runs(layout, stage)
+    # each bucket sharded over its group: dp x cp, or for the experts the ranks holding the same ones
+    group = [expert_replicas(layout) if x else dp for _, x in runs]
+    split = [k if stage_z >= 1 else 1 for k in group]
+    # this rank's shard of each: its dp x cp index, or among the expert replicas (ep consecutive ranks
+    # of dp x cp hold different experts, the next ep the same ones again)
+    index = [(dp_rank // layout.ep if x else dp_rank) if k > 1 else 0
+             for (_, x), k in zip(runs, split, strict=True)]
+    padded = [_shard(nb, k, i)[0] * k for (nb, _), k, i in zip(runs, split, index, strict=True)]
+    owned = [_shard(nb, k, i)[1] for (nb, _), k, i in zip(runs, split, index, strict=True)]  # (no padding)
+    shard_of = [p // k for p, k in zip(padded, split, strict=True)]
+    shards = max(split)  # (the dense buckets')
     weights = e * sum(padded)
-    grads = 4 * (sum(padded) if stage_z < 2 else sum(p // shards for p in padded))
-    master = 4 * sum(p // shards for p in padded) if bf16 else 0
+    grads = 4 * (sum(padded) if stage_z < 2 else sum(shard_of))
+    master = 4 * sum(shard_of) if bf16 else 0
     optimizer = master + 8 * sum(owned)
     biggest = max(padded)
     overlap = cfg.parallel.overlap_grad_reduce
@@ -222,14 +376,15 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
     pair = sorted(padded)[-MAX_STAGING_BUCKETS:] if overlap else [biggest]
     staging = 4 * sum(pair) if stage_z == 2 else 0.0
     fwd_gather = bwd_gather = 0.0
-    if stage_z == 3:  # the weights' shards persist; full buckets only around their use
-        weights /= shards
-        _, block, rest = zero3_buckets(layout, stage)
+    if stage_z == 3:  # the weights' shards persist (a group of one holds its bucket whole); full
+        # buckets only around their use
+        weights = e * sum(sh if k > 1 else p for p, sh, k in zip(padded, shard_of, split, strict=True))
+        _, block, rest = zero3_runs(layout, stage)
         chunks = chunks_of(layout, stage)
         # with the embedding and the head on one stage the rest bucket is gathered (and its fp32
         # staging alive) from the head's backward to the embedding's, across every block's backward
         whole = rest if any(c.first for c in chunks) and any(c.last for c in chunks) else 0
-        block_p = _shard(block, shards, index)[0] * shards if block else 0
+        block_p = _shard(block, shards, dp_rank)[0] * shards if block else 0
         # parallel.overlap_param_gather prefetches one block ahead: the block in use and the next
         # one's gathered weights are alive together, in a forward and in a backward
         ahead = block_p if cfg.parallel.overlap_param_gather else 0
@@ -282,15 +437,28 @@ def memory_of(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cuda"
     rank holds the same amount)."""
     cfg = layout.config
     mc, p = cfg.model, cfg.parallel
-    tp, pp, m = layout.tp, layout.pp, layout.micro_batches
-    b, s, h = cfg.data.micro_batch_size, cfg.seq_length, mc.hidden_size
+    tp, pp, m, cp = layout.tp, layout.pp, layout.micro_batches, layout.cp
+    b, h = cfg.data.micro_batch_size, mc.hidden_size
+    seq = cfg.seq_length
+    s = seq // cp  # this rank's tokens: every per-token term scales with T/cp
     e = dtype_bytes(cfg)
     sp = layout.sequence_parallel
     rc = cfg.train.recompute
     ds = layout.backend == "deepspeed"
     vocab = padded_vocab(mc.vocab_size, tp, p.make_vocab_divisible_by) // tp
     facts = schedule_facts(p.schedule, pp, m, p.virtual_stages, 2.0) if pp > 1 else None
-    per_block, whole_block = block_activations(mc, tp, sp, b, s, e, device, rc)
+    per_block, whole_block = block_activations(mc, tp, sp, b, seq, e, device, rc, cp, p.cp_algorithm)
+    if mc.moe.num_experts:  # MoE blocks keep another set than the dense ones (every layer_freq-th)
+        first_moe = next(i for i in range(mc.num_layers) if mc.moe.is_moe(i))
+        moe_kept, moe_whole = block_activations(mc, tp, sp, b, seq, e, device, rc, cp, p.cp_algorithm,
+                                                layer=first_moe)
+        dense = [i for i in range(mc.num_layers) if not mc.moe.is_moe(i)]
+        dense_kept, dense_whole = block_activations(mc, tp, sp, b, seq, e, device, rc, cp, p.cp_algorithm,
+                                                    layer=dense[0]) if dense else (0, 0)
+        whole_block = max(moe_whole, dense_whole)
+    attn_mask = attention_mask_bytes(b, seq, cp, e, cfg.data.document_mask)
+    cp_fwd, cp_bwd = context_transients(mc, b, seq, tp, cp, p.cp_algorithm, e)
+    masks = mask_bytes(layout)
     chunks = chunks_of(layout, stage)
     head = any(c.last for c in chunks)
     st = model_state(layout, stage, dp_rank, device)
@@ -298,8 +466,17 @@ def memory_of(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cuda"
     # that count once the first backward has allocated the gradients
     inflight = facts.peak[stage] if facts else 1
     inflight_g = facts.peak_after_backward[stage] if facts else (1 if m > 1 else 0)
-    per_mb = max(len(c.layers) for c in chunks) * per_block
+    layers = max(len(c.layers) for c in chunks)
+    if mc.moe.num_experts:  # the chunk holding the most: its MoE and dense blocks counted apart
+        blocks = max(sum(moe_kept if mc.moe.is_moe(i) else dense_kept for i in c.layers) for c in chunks)
+    else:
+        blocks = layers * per_block
+    # a chunk-micro-batch in flight: its blocks' saved tensors and the mask its forward built (a
+    # chunk without blocks, the embedding or the head alone, keeps none; a shared one is in masks)
+    per_mb = blocks + (attn_mask if layers and not shared_masks(layout) else 0)
     fwd_t = bwd_t = whole_block if rc == "full" else 0.0  # one block recomputed during backward
+    fwd_t, bwd_t = fwd_t + cp_fwd, bwd_t + cp_bwd  # (the recomputed block's are the same ones)
+    fwd_t = max(fwd_t, mask_build_transient(b, seq, cp, cfg.data.document_mask))
     if head:
         head_inflight = m if p.schedule == "gpipe" and pp > 1 else 1
         head_saved, head_fwd, head_bwd = head_activations(mc, tp, sp, b, s, e, device, vocab)
@@ -309,8 +486,8 @@ def memory_of(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cuda"
     msg = 4 if ds else e
     pipeline = facts.held[stage] * b * (s // tp if sp else s) * h * msg if facts else 0.0
     # before the first backward no gradient exists; after it, all of them (accumulated in place)
-    before = inflight * per_mb + head_inflight * head_saved
-    after = inflight_g * per_mb + min(head_inflight, max(inflight_g, 1)) * head_saved
+    before = inflight * per_mb + head_inflight * head_saved + masks
+    after = inflight_g * per_mb + min(head_inflight, max(inflight_g, 1)) * head_saved + masks
     state = st.weights + st.optimizer
     phases = [  # (name, grads, activations, pipeline, transient)
         ("forward", st.grads if st.grads_kept else 0.0, before, pipeline, fwd_t + st.gathered_forward),
@@ -320,8 +497,8 @@ def memory_of(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cuda"
          max(bwd_t + st.staging + st.gathered_backward, fwd_t + st.gathered_forward if inflight_g else 0.0)),
         # a bucket reduced once its last gradient arrived: the micro-batch whose backward
         # finished it holds no activations any more, the other in-flight ones still do
-        ("reduce", st.grads, max(inflight_g - 1, 0) * per_mb, pipeline, st.reduce),
-        ("step", st.grads, 0.0, 0.0, st.step_transient),
+        ("reduce", st.grads, max(inflight_g - 1, 0) * per_mb + masks, pipeline, st.reduce),
+        ("step", st.grads, masks if shared_masks(layout) else 0.0, 0.0, st.step_transient),
     ]
     name, grads, acts, held, transient = max(phases, key=lambda ph: sum(ph[1:]))
     total = state + grads + acts + held + transient

@@ -4,6 +4,7 @@ each one's memory and step time, rank the ones that fit."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import re
@@ -66,23 +67,42 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+# Context parallelism is enumerated only where each cp rank keeps at least this many tokens: below it
+# the per-layer K/V exchange and the dense mask cost more than the activations it splits (tensor +
+# sequence parallelism already split them within a node), and each cp size multiplies the search.
+# --cp pins any size the sequence allows.
+MIN_CP_TOKENS = 4096
+CP_ALGORITHMS = ("allgather", "ring")
+
+
+def cp_sizes(seq: int, world: int) -> list[int]:
+    """The context-parallel sizes worth trying: the load-balanced layout needs seq % (2 cp) == 0."""
+    return [c for c in _divisors(world) if seq % (2 * c) == 0 and seq // c >= MIN_CP_TOKENS] or [1]
+
+
 def candidate_overrides(cfg: Config, cluster: Cluster, global_batch: int, micro_batch_sizes=(1, 2, 4, 8),
                         schedules=("1f1b", "interleaved"), max_virtual_stages: int = 4,
                         zero=DEFAULT_ZERO,
                         sequence_parallel: str = "auto", tp_values=None, pp_values=None, dp_values=None,
-                        virtual_stages=None):
-    """Every (tp, pp, dp, sp, schedule, v, micro-batch, ZeRO) to try, as config overrides; the
-    *_values / virtual_stages arguments pin a dimension (plan's --tp, --pp, --dp, --virtual-stages)."""
+                        virtual_stages=None, cp_values=None, cp_algorithms=CP_ALGORITHMS, ep_values=None):
+    """Every (tp, cp, pp, dp, sp, schedule, v, micro-batch, ZeRO, and for a MoE model ep) to try, as
+    config overrides; the *_values / virtual_stages arguments pin a dimension (plan's --tp, --cp,
+    --pp, --dp, --ep, --virtual-stages), cp_algorithms the context-parallel algorithms tried where
+    cp > 1. Expert parallelism: every ep dividing dp x cp and the experts."""
     world = cluster.world_size
-    L, par = cfg.model.num_layers, cfg.parallel
-    for tp in tp_values or [t for t in _divisors(cluster.gpus_per_node) if world % t == 0]:
-        for pp in pp_values or [q for q in _divisors(world // tp) if q <= L]:
-            dp = world // (tp * pp)
+    L, par, seq = cfg.model.num_layers, cfg.parallel, cfg.seq_length
+    for tp, cp in _tp_cp(cluster, world, seq, tp_values, cp_values):
+        for pp in pp_values or [q for q in _divisors(world // (tp * cp)) if q <= L]:
+            dp = world // (tp * cp * pp)
             if global_batch % dp or dp_values and dp not in dp_values:
                 continue
             per_replica = global_batch // dp
             sps = [False] if tp == 1 else {"auto": [True, False], "on": [True],
                                              "off": [False]}[sequence_parallel]
+            algorithms = [(cp, a) for a in cp_algorithms] if cp > 1 else [(1, None)]
+            experts = cfg.model.moe.num_experts
+            eps = [e for e in _divisors(dp * cp) if experts % e == 0] if experts else [1]
+            eps = [e for e in eps if e in ep_values] if ep_values else eps
             scheds = [("1f1b", 1)] if pp == 1 else []
             if pp > 1:
                 for name in schedules:
@@ -96,20 +116,31 @@ def candidate_overrides(cfg: Config, cluster: Cluster, global_batch: int, micro_
             for b in micro_batch_sizes:
                 if per_replica % b:
                     continue
-                for sp in sps:
-                    for sched, v in scheds:
-                        for stage, backend in zero:
-                            if dp == 1 and stage > 0:
-                                continue
-                            if sequence_parallel == "auto" and tp > 1 and sp != (
-                                    cfg.seq_length % tp == 0 and not (backend == "deepspeed" and stage > 0)):
-                                continue  # SP wherever it is allowed (it is never worse), else without
-                            yield {"parallel.tp": tp, "parallel.pp": pp, "parallel.dp": dp,
-                                   "parallel.sequence_parallel": sp, "parallel.schedule": sched,
-                                   "parallel.virtual_stages": v, "parallel.microbatches": per_replica // b,
-                                   "data.micro_batch_size": b, "data.global_batch_size": global_batch,
-                                   "optim.zero.stage": stage, "optim.zero.backend": backend,
-                                   "train.grad_accum": 1}
+                for sp, (sched, v), (stage, backend), (c, algorithm), ep in itertools.product(
+                        sps, scheds, zero, algorithms, eps):
+                    if dp * c == 1 and stage > 0:  # ZeRO shards over dp x cp
+                        continue
+                    sp_allowed = seq // c % tp == 0 and not (backend == "deepspeed" and stage > 0) \
+                        and not experts  # (MoE blocks run on the whole sequence)
+                    if sequence_parallel == "auto" and tp > 1 and sp != sp_allowed:
+                        continue  # SP wherever it is allowed (it is never worse), else without
+                    ov = {"parallel.tp": tp, "parallel.cp": c, "parallel.pp": pp, "parallel.dp": dp,
+                          "parallel.sequence_parallel": sp, "parallel.schedule": sched,
+                          "parallel.virtual_stages": v, "parallel.microbatches": per_replica // b,
+                          "data.micro_batch_size": b, "data.global_batch_size": global_batch,
+                          "optim.zero.stage": stage, "optim.zero.backend": backend,
+                          "train.grad_accum": 1, "parallel.ep": ep}
+                    if algorithm:
+                        ov["parallel.cp_algorithm"] = algorithm
+                    yield ov
+
+
+def _tp_cp(cluster: Cluster, world: int, seq: int, tp_values, cp_pins):
+    """(tp, cp) pairs: tp within a node, cp from cp_sizes (or the pinned ones) dividing what is left."""
+    for tp in tp_values or [t for t in _divisors(cluster.gpus_per_node) if world % t == 0]:
+        for cp in cp_pins or cp_sizes(seq, world // tp):
+            if (world // tp) % cp == 0:
+                yield tp, cp
 
 
 def build_config(base: Config, overrides: dict) -> Config:
@@ -123,6 +154,8 @@ def build_config(base: Config, overrides: dict) -> Config:
 def _candidate_config(base: Config, ov: dict) -> Config:
     """build_config for the keys candidate_overrides sets, without re-parsing the whole tree."""
     p = replace(base.parallel, tp=ov["parallel.tp"], pp=ov["parallel.pp"], dp=ov["parallel.dp"],
+                cp=ov.get("parallel.cp", 1), ep=ov.get("parallel.ep", 1),
+                cp_algorithm=ov.get("parallel.cp_algorithm", base.parallel.cp_algorithm),
                 sequence_parallel=ov["parallel.sequence_parallel"], schedule=ov["parallel.schedule"],
                 virtual_stages=ov["parallel.virtual_stages"], microbatches=ov["parallel.microbatches"])
     d = replace(base.data, micro_batch_size=ov["data.micro_batch_size"],

@@ -4,18 +4,34 @@ InfiniBand), as the sum of four terms, each its own function:
   compute     GEMM FLOPs per chunk per micro-batch / (peak x GEMM_EFFICIENCY), attention included,
               backward = 2 x forward, full recompute adds the blocks' forward again; plus the
               memory-bound element-wise kernels (norms, residual adds, activation functions, casts,
-              softmax or flash attention, cross-entropy) as bytes / HBM bandwidth, counted per
+              softmax or flash attention, cross-entropy) as bytes / HBM bandwidth, and the additive
+              document mask (packed documents) built once per chunk-forward (mask_term), counted per
               implementation profile (OURS: this code, what the planner ranks with; MEGATRON_2021:
               Megatron-LM's fused kernels and scatter/gather, for checking against its paper)
   tp / sp     the all-reduces (or all-gathers + reduce-scatters) of every layer, embedding and
               vocab-parallel loss in the compute dtype, ring time at the group's bandwidth (intra-node
               when tp fits a node); under SP backward all-gathers the QKV / FC1 (and LM head) inputs
               again, as they are saved as sequence shards (Megatron does the same)
+  cp          context parallelism (cp_term): allgather's all-gather of K, V and reduce-scatter of
+              dK, dV every layer, exposed; ring's K/V hops behind its attention blocks (with the fp32
+              dK/dV accumulators in the backward), exposed where a hop outlasts a block, plus the
+              accumulator's last hop home. Every per-token term runs over the rank's T/cp tokens and
+              the attention core is attention_term (1/cp of all T x T pairs per rank: the mask is a
+              tensor, so no causal tile is skipped, as at cp = 1 with data.document_mask; the ring's
+              matmuls at the fp32 rate)
+  ep          expert parallelism (ep_term): every MoE layer's dispatch and combine all-to-alls of the
+              N x top_k routed rows (C values each, the compute dtype; forward, and again in the
+              backward, and once more for full recompute's forward), the share leaving each rank
+              over NVLink or the NIC as the ep group is placed, exposed (the code waits for each);
+              MoE blocks' FLOPs are their active FLOPs (the top_k experts, model/counts.mlp_flops)
+              averaged over the model's blocks, plus the routing's gather / weighting / scatter
+              passes over the rows as HBM traffic
   pp          point-to-point per action (messages in the compute dtype); the bubble from simulate()
               with those chunk times
-  dp / zero   the fp32 main gradients' all-reduce (no ZeRO) or reduce-scatter (ZeRO-1 once; ZeRO-2
-              and -3 every micro-batch), the all-gather of the updated weights in the compute dtype
-              (ZeRO-3: each block's before its forward and its backward, every micro-batch). OURS
+  dp / zero   over dp x cp (where gradients are reduced and ZeRO shards): the fp32 main gradients'
+              all-reduce (no ZeRO) or reduce-scatter (ZeRO-1 once; ZeRO-2 and -3 every micro-batch),
+              the all-gather of the updated weights in the compute dtype (ZeRO-3: each block's
+              before its forward and its backward, every micro-batch). OURS
               (native backends, parallel.overlap_grad_reduce / overlap_param_gather) overlaps them
               as the code does (dp_overlap: the reduction behind the rest of the backward, the
               gathers behind the next forward, ZeRO-3 one block ahead): only what does not fit is
@@ -31,15 +47,18 @@ FLOPs (model/counts.py, the trainer's definition). The one calibrated constant i
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 
 from ..config import ModelConfig
+from ..distributed.topology import Topology
 from ..layout import Layout
-from ..model.counts import layer_flops, model_flops
+from ..model.counts import layer_flops, mlp_flops, model_flops
 from ..slicing import padded_vocab
-from .cluster import GB, MEGATRON_2021, OURS, Cluster, Profile, collective_time, p2p_time
-from .stage import MAX_STAGING_BUCKETS, chunks_of, rank_params, schedule_facts
+from .cluster import GB, MEGATRON_2021, OURS, Cluster, Profile, all_to_all_time, collective_time, p2p_time
+from .stage import MAX_STAGING_BUCKETS, chunks_of, rank_params, schedule_time
 
 # The one calibrated constant: the fraction of the bf16 tensor-core peak a transformer GEMM reaches.
 # Fitted on row 1 of Narayanan et al. 2021, Table 1 (1.7B, tp=pp=1, 32 A100s: 137 TFLOP/s per GPU)
@@ -63,6 +82,7 @@ class Timing:
     exposed: dict = field(default_factory=dict)
     dp_hidden_s: float = 0.0
     overlapped: tuple = ()
+    cp_hidden_s: float = 0.0  # ring attention's K/V hops that ran behind its blocks
 
     @property
     def comm_share(self) -> float:
@@ -108,7 +128,13 @@ class Step:
 
     @property
     def s(self) -> int:
+        """The whole sequence (what attention's keys span)."""
         return self.layout.config.seq_length
+
+    @property
+    def local(self) -> int:
+        """This rank's tokens of each sequence: T / cp (every per-token term scales with it)."""
+        return self.layout.config.seq_length // self.layout.cp
 
     @property
     def recompute(self) -> str:
@@ -119,16 +145,28 @@ class Step:
         return self.cluster.hbm_gbps * GB
 
     def ranks(self, dim: str) -> list[int]:
-        """The first group of parallel dimension `dim` (tp, pp or dp): placement by rank id."""
+        """The first group of parallel dimension `dim` (tp, cp, pp or dp): placement by rank id."""
         return first_group(self.layout.topology, dim)
 
+    def replica_ranks(self) -> list[int]:
+        """The first dp x cp group: where gradients are reduced and ZeRO shards (the cp ranks of a
+        replica hold the same weights; train/backends hands the optimizer the dp_cp group)."""
+        return first_group(self.layout.topology, "dp", "cp")
 
-def first_group(topo, dim: str) -> list[int]:
-    """The ranks of `dim`'s group whose other coordinates are all 0, by the topology's own
-    rank_of: one group's worth of work. (Topology.group_ranks lists every group, world-size
-    rank_of calls; at 16,384 GPUs that made each planned layout cost ~45 ms per call.)"""
-    return [topo.rank_of(**{a: (i if a == dim else 0) for a in ("tp", "pp", "dp")})
-            for i in range(topo.sizes[dim])]
+
+def first_group(topo, *dims: str) -> list[int]:
+    """The ranks of the group spanning `dims` whose other coordinates are all 0, by the topology's
+    own rank_of: one group's worth of work. (Topology.group_ranks lists every group, world-size
+    rank_of calls; at 16,384 GPUs that made each planned layout cost ~45 ms per call.) Cached per
+    shape: a plan asks for the same groups of thousands of candidates."""
+    return list(_first_group(topo.tp, topo.cp, topo.pp, topo.dp, "-".join(topo.order), dims))
+
+
+@lru_cache(maxsize=4096)
+def _first_group(tp: int, cp: int, pp: int, dp: int, order: str, dims: tuple[str, ...]) -> tuple[int, ...]:
+    topo = Topology(tp, pp, dp, order, cp)
+    return tuple(topo.rank_of(**dict(zip(dims, coord, strict=True)))
+                 for coord in itertools.product(*(range(topo.sizes[d]) for d in dims)))
 
 
 def _elementwise_bytes(mc: ModelConfig, tp: int, sp: bool, b: int, s: int, e: int, prof: Profile,
@@ -162,23 +200,125 @@ def _elementwise_bytes(mc: ModelConfig, tp: int, sp: bool, b: int, s: int, e: in
     return N * (norms + casts + adds + rope + copy_out + act + tp_extra) + attn
 
 
+def _core_flops(mc: ModelConfig, b: int, queries: int, keys: int) -> float:
+    """Forward FLOPs of the attention core (q k^T and the weighted sum of v) over every (query, key)
+    pair, all heads."""
+    return 4 * b * queries * keys * mc.num_attention_heads * mc.head_dim
+
+
+def causal_share(st: Step) -> float:
+    """The share of all T x T (query, key) pairs SDPA computes at cp = 1: half under is_causal with
+    the flash kernel (OURS: it skips the masked tiles), all of them under a mask tensor (packed
+    documents: the mask is data, so no tile is skipped; on CUDA flash takes no mask and the
+    memory-efficient kernel computes every pair) or with materialised scores (MEGATRON_2021)."""
+    docs = st.layout.config.data.document_mask
+    return 0.5 if st.profile.flash_attention and not docs else 1.0
+
+
+def attention_term(st: Step) -> tuple[float, float]:
+    """Seconds of one block's attention core (forward, backward) on one rank.
+
+    cp = 1: SDPA with is_causal (the flash kernel skips the masked half under the OURS profile), or
+    under the packed documents' additive mask, every pair (causal_share).
+    cp > 1: load balancing gives every rank 1/cp of the attention (chunks r and 2cp-1-r), but both
+    algorithms compute all T/cp x T (query, key) pairs of the rank, not the causal half of them:
+      allgather  one SDPA under the (B|1, 1, T/cp, T) additive mask, which is data to the kernel (no
+                 tile is skipped; the memory-efficient / cuDNN kernels take masks, flash does not),
+                 at the GEMM efficiency (a document mask is built once per chunk-forward: mask_term)
+      ring       cp blocks of T/cp x T/cp, none fully masked under the load-balanced layout, by
+                 torch.matmul in fp32 (context_parallel._probs: at least fp32, so the GPU's fp32
+                 rate, torch's default being no TF32), the backward five matmuls per block to the
+                 forward's two; and the fp32 (B, H, T/cp, T/cp) scores written and read by the
+                 element-wise ops around them (counted from the code: ~44 bytes per score in the
+                 forward - matmul out, scale, adding the mask, logsumexp, subtract, exp - and ~60 in
+                 the backward, which recomputes them and forms dP and dS)"""
+    mc, b, s, tp, cp = st.mc, st.b, st.s, st.layout.tp, st.layout.cp
+    if cp == 1:
+        gemm = _core_flops(mc, b, s, s) * causal_share(st) / tp / st.peak
+        return gemm, 2 * gemm
+    pairs = b * st.local * s * mc.num_attention_heads / tp  # (query, key) pairs on this rank, all heads
+    if st.layout.config.parallel.cp_algorithm == "allgather":
+        gemm = _core_flops(mc, b, st.local, s) / tp / st.peak
+        return gemm, 2 * gemm
+    fp32 = st.peak * st.cluster.fp32_tflops / st.cluster.peak_tflops  # at the same GEMM efficiency
+    flops = _core_flops(mc, b, st.local, s) / tp
+    return flops / fp32 + 44 * pairs / st.hbm, 2.5 * flops / fp32 + 60 * pairs / st.hbm
+
+
+def mask_term(st: Step) -> float:
+    """Seconds of building one chunk-forward's additive document mask (memory traffic), which every
+    block of the chunk then reads as it is: none without packed documents (is_causal at cp = 1).
+    Per (query, key) element of the (B|1, 1, T/cp, T) mask (memory.attention_mask_bytes), from the
+    code: model/gpt.additive_mask writes zeros (e), inverts the bool mask (read 1, write 1) and
+    masked_fill_s in place (read 1 + e, write e): 3 + 3e bytes; at cp = 1 Documents.attention first
+    compares the segments (write 1) and ands that with the causal mask (read 2, write 1): 4 more.
+    (ContextShard's bool mask is built once per micro-batch when the step's batch is sharded.) None
+    under cp without documents either: the rank's one shared mask is built once for the run
+    (parallel/context_parallel.ContextSharder)."""
+    if not st.layout.config.data.document_mask:
+        return 0.0
+    per_element = 3 + 3 * st.e + (4 if st.layout.cp == 1 else 0)
+    return st.b * st.local * st.s * per_element / st.hbm
+
+
 def compute_term(st: Step) -> tuple[float, float, float, float]:
     """Seconds of (block forward, block backward, head forward, head backward) for one micro-batch on
-    one tp rank, without communication; the block's backward includes what recompute repeats."""
-    mc, b, s, tp = st.mc, st.b, st.s, st.layout.tp
-    flash = st.profile.flash_attention
-    gemm = layer_flops(mc, b, s, causal_half=flash) / tp / st.peak
-    elem = _elementwise_bytes(mc, tp, st.layout.sequence_parallel, b, s, st.e, st.profile,
-                              st.autocast) / st.hbm
-    fwd, bwd = gemm + elem, 2 * gemm + 2 * elem
+    one tp rank, without communication; the block's backward includes what recompute repeats. Every
+    per-token term runs over the rank's T/cp tokens; the attention core is attention_term."""
+    mc, b, n, tp = st.mc, st.b, st.local, st.layout.tp
+    # projections and MLP (MoE: the blocks' mean, each MoE block its active experts); a MoE block
+    # runs whole on every tp rank (its experts are split by ep instead)
+    dense = (sum(_block_flops(mc, b, n, i, tp) for i in range(mc.num_layers)) / mc.num_layers
+             - _core_flops(mc, b, n, n) / tp) / st.peak
+    core_f, core_b = attention_term(st)
+    elem = (_elementwise_bytes(mc, tp, st.layout.sequence_parallel, b, n, st.e, st.profile, st.autocast)
+            + _routing_bytes(mc, b * n, st.e)) / st.hbm
+    fwd, bwd = dense + core_f + elem, 2 * dense + core_b + 2 * elem
     if st.recompute == "full":
         bwd += fwd
-    elif st.recompute == "selective":  # the attention core again
-        bwd += 4 * b * s * s * mc.num_attention_heads * mc.head_dim / tp / st.peak * (0.5 if flash else 1.0)
-    N, h, vocab = b * s, mc.hidden_size, st.vocab
+    elif st.recompute == "selective" and st.layout.cp == 1:  # the attention core again (under cp the
+        # core is never checkpointed: Layout refuses dropout, the one case the model recomputes it)
+        bwd += _core_flops(mc, b, n, n) / tp / st.peak * causal_share(st)
+    N, h, vocab = b * n, mc.hidden_size, st.vocab
     head_gemm = 2 * N * h * vocab / st.peak
     ce_bytes = 12 * N * vocab * 4 + 2 * vocab * h * 4  # softmax passes + the embedding's dense gradient
     return fwd, bwd, head_gemm + ce_bytes / 3 / st.hbm, 2 * head_gemm + 2 * ce_bytes / 3 / st.hbm
+
+
+def _block_flops(mc: ModelConfig, b: int, n: int, layer: int, tp: int) -> float:
+    """Forward FLOPs of block `layer` on one tp rank: the attention and a dense MLP split over tp, a
+    MoE MLP whole on every tp rank."""
+    if not mc.moe.is_moe(layer):
+        return layer_flops(mc, b, n, layer=layer) / tp
+    moe = mlp_flops(mc, b * n, layer)
+    return (layer_flops(mc, b, n, layer=layer) - moe) / tp + moe
+
+
+def _routing_bytes(mc: ModelConfig, N: int, e: int) -> float:
+    """Per block on average (MoE blocks' share of the model): the bytes the routing moves besides the
+    GEMMs, forward: the rows gathered per expert (read N C, write M C), weighted (read and write M C)
+    and scattered back (read M C, write N C), M = N x top_k."""
+    m = mc.moe
+    if not m.num_experts:
+        return 0.0
+    M = N * m.top_k
+    moe_share = sum(m.is_moe(i) for i in range(mc.num_layers)) / mc.num_layers
+    return moe_share * (2 * N + 4 * M) * mc.hidden_size * e
+
+
+def ep_term(st: Step) -> tuple[float, float]:
+    """Seconds of one micro-batch's expert-parallel all-to-alls per block on average (MoE blocks'
+    share of the model): (forward, backward including what full recompute repeats). Each of the
+    dispatch and the combine sends the N x top_k routed rows; (ep - 1) / ep of them leave the rank."""
+    mc, layout = st.mc, st.layout
+    if layout.ep == 1 or not mc.moe.num_experts:
+        return 0.0, 0.0
+    rows = st.b * st.local * mc.moe.top_k
+    ranks = st.replica_ranks()[:layout.ep]  # the first ep group: consecutive ranks of dp x cp
+    one = all_to_all_time(rows * mc.hidden_size * st.e, ranks, st.cluster)
+    moe_share = sum(mc.moe.is_moe(i) for i in range(mc.num_layers)) / mc.num_layers
+    fwd = 2 * one * moe_share
+    return fwd, 2 * fwd if st.recompute == "full" else fwd
 
 
 def tp_term(st: Step) -> tuple[float, float, float]:
@@ -188,7 +328,7 @@ def tp_term(st: Step) -> tuple[float, float, float]:
     if tp == 1:
         return 0.0, 0.0, 0.0
     ranks, c = st.ranks("tp"), st.cluster
-    N, h, e = st.b * st.s, st.mc.hidden_size, st.e
+    N, h, e = st.b * st.local, st.mc.hidden_size, st.e
     act = N * h * e
     wide = N * h * (4 if st.autocast else e)  # under autocast the norms' outputs (and their grads) are fp32
     gather = collective_time(act, ranks, c, "gather")  # an all-gather or a reduce-scatter of (b, s, h)
@@ -210,6 +350,48 @@ def tp_term(st: Step) -> tuple[float, float, float]:
 
 
 @dataclass(frozen=True)
+class ContextComm:
+    """One block's context-parallel communication on one rank, in seconds."""
+    fwd: float = 0.0  # exposed in the block's forward
+    bwd: float = 0.0  # exposed in its backward (full recompute's forward again included)
+    hidden: float = 0.0  # ring hops that ran behind the attention blocks (forward + backward)
+
+
+def cp_term(st: Step, core_f: float, core_b: float) -> ContextComm:
+    """Context parallelism's messages per block, on the link the cp group spans (placement by rank
+    id: cp right after tp in the default order, so with tp = 8 each cp rank is on another node).
+
+      allgather  all-gather K and V (B, K/tp, T, D) in the compute dtype before the attention,
+                 reduce-scatter dK and dV in its backward: synchronous collectives, all exposed
+      ring       forward: cp - 1 hops of this rank's (2, B, K/tp, T/cp, D) K/V block to the next
+                 rank, each in flight while the current block is computed (exposed only where a hop
+                 outlasts a block: core_f / cp); backward: per step the K/V block and the fp32
+                 dK/dV accumulator of the same shape travel together behind that step's block
+                 (core_b / cp), then one last hop of the accumulator home, exposed"""
+    layout, c = st.layout, st.cluster
+    cp = layout.cp
+    if cp == 1:
+        return ContextComm()
+    ranks = st.ranks("cp")
+    kv = st.b * st.mc.num_kv_heads // layout.tp * st.mc.head_dim * st.e  # one token of K (or V), bytes
+    again = st.recompute == "full"  # the recomputed forward exchanges its keys again
+    if layout.config.parallel.cp_algorithm == "allgather":
+        gather = 2 * collective_time(kv * st.s, ranks, c, "gather")  # K and V
+        return ContextComm(gather, gather * (2 if again else 1))
+
+    def hop(nbytes: float) -> float:  # the slowest neighbour pair of the ring
+        return max(p2p_time(nbytes, ranks[i], ranks[(i + 1) % cp], c, layout.tp, False) for i in range(cp))
+    block = 2 * kv * st.local  # (2, B, K/tp, T/cp, D)
+    acc = block * max(4, st.e) / st.e  # the dK/dV accumulator: at least fp32 (_wide)
+    f_hop, b_hop, home = hop(block), hop(block + acc), hop(acc)
+    f_exposed = (cp - 1) * max(0.0, f_hop - core_f / cp)
+    b_exposed = (cp - 1) * max(0.0, b_hop - core_b / cp) + home
+    hidden = (cp - 1) * (f_hop + b_hop) - f_exposed - (b_exposed - home)
+    return ContextComm(f_exposed, b_exposed + (f_exposed if again else 0.0),
+                       hidden + ((cp - 1) * f_hop - f_exposed if again else 0.0))
+
+
+@dataclass(frozen=True)
 class Pipe:
     time: float  # seconds of all micro-batch chunks on the busiest stage, bubble included
     bubble: float
@@ -225,7 +407,7 @@ def pp_term(st: Step, f_chunk: float, b_chunk: float) -> Pipe:
     if pp == 1:
         return Pipe(m * (f_chunk + b_chunk), 0.0, m, 0.0)
     tp, sp = layout.tp, layout.sequence_parallel
-    msg = st.b * (st.s // tp if sp else st.s) * st.mc.hidden_size * st.message_bytes
+    msg = st.b * (st.local // tp if sp else st.local) * st.mc.hidden_size * st.message_bytes
     ranks = st.ranks("pp")
     p2p = max(p2p_time(msg, ranks[i], ranks[i + 1], c, tp, profile.scatter_gather) for i in range(pp - 1))
     if profile.p2p_overlap:  # the receive was posted one action ahead: only its latency shows
@@ -234,9 +416,9 @@ def pp_term(st: Step, f_chunk: float, b_chunk: float) -> Pipe:
     f_chunk += p2p
     b_chunk += p2p
     ratio = max(0.25, round(b_chunk / f_chunk * 4) / 4)  # a few shapes to simulate, cached
-    facts = schedule_facts(layout.config.parallel.schedule, pp, m, v, ratio)
+    finish, bubble = schedule_time(layout.config.parallel.schedule, pp, m, v, ratio)
     busy = m * v * (f_chunk + b_chunk)
-    return Pipe(max(busy, facts.finish * (f_chunk + b_chunk) / (1 + ratio)), facts.bubble, m * v, p2p)
+    return Pipe(max(busy, finish * (f_chunk + b_chunk) / (1 + ratio)), bubble, m * v, p2p)
 
 
 def dp_term(st: Step, n_rank: int, grads: bool = True, params: bool = True) -> float:
@@ -245,10 +427,10 @@ def dp_term(st: Step, n_rank: int, grads: bool = True, params: bool = True) -> f
     (What the Megatron-2021 profile, DeepSpeed and overlap_*=false get; dp_overlap the rest.)"""
     layout, c = st.layout, st.cluster
     zero = layout.config.optim.zero.stage
-    ranks = st.ranks("dp")
+    ranks = st.replica_ranks()  # dp x cp
     grad_bytes = 4 * n_rank  # fp32 (main) gradients
     t = 0.0
-    if layout.dp == 1:
+    if len(ranks) == 1:
         return t
     if layout.backend == "deepspeed":
         t += 1.5 * collective_time(grad_bytes, ranks, c)  # reduce-scatter + all-gather
@@ -285,8 +467,11 @@ def optimizer_term(st: Step, n_rank: int) -> float:
     optimizer (bf16, or dp > 1 on the native backend) also adds each micro-batch's gradient
     into the fp32 main gradients (read it, read + write fp32) and rounds the masters into the weights."""
     layout = st.layout
-    zero, dp = layout.config.optim.zero.stage, layout.dp
-    t = st.profile.optimizer_bytes_per_param * n_rank / (dp if zero >= 1 else 1) / st.hbm
+    zero, dp = layout.config.optim.zero.stage, layout.dp * layout.cp  # the optimizer shards over dp x cp
+    # the experts this rank holds shard over the ranks holding the same ones (dp x cp / ep)
+    experts = max(rank_params(layout, s).experts for s in range(layout.pp))
+    stepped = (n_rank - experts) / dp + experts * layout.ep / dp if zero >= 1 else n_rank
+    t = st.profile.optimizer_bytes_per_param * stepped / st.hbm
     if zero >= 1:
         t += 16 * n_rank / st.hbm  # clipping and bucketing still touch every gradient
     native = layout.backend != "deepspeed" and st.profile is not MEGATRON_2021
@@ -344,7 +529,7 @@ def dp_overlap(st: Step, stage: int, f_block: float, b_block: float, f_chunk: fl
     layout, c = st.layout, st.cluster
     cfg = layout.config
     zero, pp, m, v = cfg.optim.zero.stage, layout.pp, layout.micro_batches, cfg.parallel.virtual_stages
-    ranks = st.ranks("dp")
+    ranks = st.replica_ranks()  # dp x cp
     sizes = _stage_buckets(st, stage)
     per_chunk = max(1, len(sizes) // v)  # buckets filled by one chunk action (chunks hold equal loads)
     f_add = b_add = after = hidden = 0.0
@@ -426,18 +611,24 @@ def step_time(layout: Layout, cluster: Cluster, profile: Profile = OURS,
     st = Step.of(layout, cluster, profile, gemm_efficiency)
     f, b, head_f, head_b = compute_term(st)
     tp_f, tp_b, head_comm = tp_term(st)
+    ctx = cp_term(st, *attention_term(st))
+    ep_f, ep_b = ep_term(st)
+    # a block's exposed communication: tensor-, context- and expert-parallel, all inside the blocks
+    tp_f, tp_b, tp_only = tp_f + ctx.fwd + ep_f, tp_b + ctx.bwd + ep_b, tp_f + tp_b
     # per chunk (the slowest stage decides); the stage holding the head runs it once per
     # micro-batch, spread over its v chunks
     v = layout.config.parallel.virtual_stages
     chunk_layers = max(len(c.layers) for s in range(layout.pp) for c in chunks_of(layout, s))
-    f_chunk = chunk_layers * (f + tp_f) + (head_f + head_comm / 2) / v
+    # each chunk's forward builds its own attention mask, shared by its blocks (full recompute's
+    # replay reuses it)
+    f_chunk = chunk_layers * (f + tp_f) + mask_term(st) + (head_f + head_comm / 2) / v
     b_chunk = chunk_layers * (b + tp_b) + (head_b + head_comm / 2) / v
     totals = [rank_params(layout, s).total for s in range(layout.pp)]
     n_rank = max(totals)
     zero = layout.config.optim.zero.stage
     native = layout.backend != "deepspeed"
     ov = Overlap()
-    if profile.dp_overlap and native and layout.dp > 1:
+    if profile.dp_overlap and native and layout.dp * layout.cp > 1:
         ov = dp_overlap(st, totals.index(n_rank), f + tp_f, b + tp_b, f_chunk, b_chunk)
     # what the overlap model does not cover stays after the backward, as dp_term counts it
     rest = dp_term(st, n_rank, grads=not ov.overlapped or not layout.config.parallel.overlap_grad_reduce,
@@ -454,8 +645,12 @@ def step_time(layout: Layout, cluster: Cluster, profile: Profile = OURS,
     mf = model_flops(st.mc, layout.global_batch_size, st.s)
     compute = pipe.chunks * (f_chunk + b_chunk + 2 * pipe.p2p) - comm * pipe.chunks
     dp_exposed = rest + ov.after + pipe.chunks * (ov.f_add + ov.b_add)
-    exposed = {"tp": ((tp_f + tp_b) * chunk_layers + head_comm / v) * pipe.chunks,
+    exposed = {"tp": (tp_only * chunk_layers + head_comm / v) * pipe.chunks,
+               "cp": (ctx.fwd + ctx.bwd) * chunk_layers * pipe.chunks,
                "pp_p2p": 2 * pipe.p2p * pipe.chunks, "dp": dp_exposed, "tied_embedding": tied}
+    if st.mc.moe.num_experts:
+        exposed["ep_all_to_all"] = (ep_f + ep_b) * chunk_layers * pipe.chunks
+    overlapped = ov.overlapped + (("ring K/V passes (behind attention)",) if ctx.hidden else ())
     return Timing(step, compute, sum(exposed.values()), pipe.bubble, opt, tokens / step,
                   hw / step / world / 1e12, mf / step / world / (cluster.peak_tflops * 1e12),
-                  profile.name, exposed, ov.hidden, ov.overlapped)
+                  profile.name, exposed, ov.hidden, overlapped, ctx.hidden * chunk_layers * pipe.chunks)

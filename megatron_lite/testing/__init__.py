@@ -58,10 +58,17 @@ def run_ranks(fn, world: int, *args) -> None:
     _spawn(_in_group, world, fn, args)
 
 
+def _json_rank(rank: int, world: int, worker, args, out: str) -> None:
+    value = worker(rank, world, *args)
+    if rank == 0:
+        Path(out).write_text(json.dumps(value))
+
+
 def spawn_json(worker, world: int, *args):
-    """Run worker(rank, world, store_path, *args, out_path) on `world` processes (the worker joins
-    the file store itself) and return the JSON rank 0 wrote to out_path."""
+    """worker(rank, world, *args) on `world` gloo ranks (run_ranks: the default group set up, torn
+    down, the process ended without native teardown); returns what rank 0's worker returned, through
+    JSON."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "out.json")
-        _spawn(worker, world, *args, out)
+        run_ranks(_json_rank, world, worker, args, out)
         return json.loads(Path(out).read_text())

@@ -60,21 +60,11 @@ def measure_block(mc, b: int, s: int, modes, group=None, sp: bool = False,
     return out
 
 
-def _worker(rank, world, store, mc_fields, b, s, modes, sp, out_path):
-    import json
-
+def _worker(rank, world, mc_fields, b, s, modes, sp):
     import torch.distributed as dist
 
     from ..config import ModelConfig
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        result = measure_block(ModelConfig(**mc_fields), b, s, modes, dist.group.WORLD, sp)
-        if rank == 0:
-            with open(out_path, "w") as f:
-                json.dump(result, f)
-    finally:
-        dist.destroy_process_group()
+    return measure_block(ModelConfig(**mc_fields), b, s, modes, dist.group.WORLD, sp)
 
 
 def measure(mc, b: int, s: int, tp: int, sp: bool, modes=("none", "selective", "full")) -> dict[str, int]:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..distributed.env import child_environ
+from ..distributed.env import child_environ, parent_pids
 from ..train.metrics import read_metrics
 from . import ROOT, tiny_overrides
 
@@ -66,16 +66,7 @@ def finish(proc: subprocess.Popen, log_path: Path, timeout: float = 300) -> tupl
 
 def children(pid: int) -> list[int]:
     """Direct children of pid (from /proc: no name matching)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return sorted(out)
+    return sorted(child for child, parent in parent_pids().items() if parent == pid)
 
 
 def alive(pid: int) -> bool:

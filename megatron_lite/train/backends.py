@@ -35,11 +35,14 @@ from torch.utils.hooks import RemovableHandle
 from ..checkpoint import Stateful
 from ..distributed import comm
 from ..layout import Layout
+from ..model.gpt import split_batch
+from ..model.moe import MoE, RouterStats
 from ..optim import build_optimizer, make_optimizer, set_lr
 from ..parallel.grads import GradSync, nan_if_nonfinite, sync_tied_embeddings
 from ..pipeline.engine import PipelineEngine
 
-Batches = list[tuple[torch.Tensor, torch.Tensor]]
+# (ids, labels) or (ids, labels, model.gpt.Documents) per micro-batch
+Batches = list[tuple]
 # Called with (global parameter name, this rank's finished gradient of it) once per step.
 GradHook = Callable[[str, torch.Tensor], None]
 
@@ -60,22 +63,30 @@ class Backend:
         self.autocast = autocast
         self.rng_tracker = rng_tracker
         self.grad_owner = grad_owner or optimizer  # the torch optimizer over the model's own .grad
+        # Labels may be ignored (-100, data.mask_separator_loss): weigh micro-batches by their counted
+        # targets (loss_weights; one scalar all-reduce per step). Else each counts alike, for free.
+        self.weigh_targets = False
+        self.pp_group = None  # the pipeline stages, whose MoE layers' metrics router_metrics() sums
         self._grad_hooks: OrderedDict[int, GradHook] = OrderedDict()  # RemovableHandle holds a weakref
 
     def forward_backward(self, batches: Batches, forward_only: bool = False) -> float:
         """Run this rank's micro-batches of one global batch (forward and backward, or forward
         only); returns the mean loss over the whole global batch, the same on every rank."""
         self.model.train(not forward_only)
+        # MoE's auxiliary losses join the objective as the main loss does: averaged over micro-batches
+        self.router_stats.scale = 1.0 / len(batches)
         if not forward_only:
             self.grad_owner.zero_grad(set_to_none=True)
             self._begin_accumulation(len(batches))
-        total = self._run(batches, forward_only)
+        weights = loss_weights(batches, self.dp_group) if self.weigh_targets else [1.0] * len(batches)
+        total = self._run(batches, forward_only, weights)
         if self.dp_group is not None:
             comm.all_reduce(total, self.dp_group)
             total = total / comm.size(self.dp_group)
         return total.item()
 
-    def _run(self, batches: Batches, forward_only: bool) -> torch.Tensor:
+    def _run(self, batches: Batches, forward_only: bool, weights: list[float]) -> torch.Tensor:
+        """The micro-batches' mean loss, micro-batch j's weighted by weights[j] (loss_weights)."""
         raise NotImplementedError
 
     def _begin_accumulation(self, backwards: int) -> None:
@@ -88,8 +99,45 @@ class Backend:
 
     def step(self, lr: float, loss: float) -> StepOutcome:
         """Finish the accumulated gradients, clip them, and apply them at learning rate lr unless
-        the loss or the gradient norm is not finite."""
+        the loss or the gradient norm is not finite; then move the MoE routers' balancing biases
+        by the step's expert load (model.moe.bias_update_rate)."""
+        out = self._step(lr, loss)
+        if not out.skipped:
+            self._update_router_bias()
+        return out
+
+    def _step(self, lr: float, loss: float) -> StepOutcome:
         raise NotImplementedError
+
+    @property
+    def router_stats(self) -> RouterStats:
+        return self.model.router_stats
+
+    def _moe_layers(self) -> list[MoE]:
+        return [m for m in self.model.modules() if isinstance(m, MoE)]
+
+    def _update_router_bias(self) -> None:
+        layers = [m for m in self._moe_layers() if m.bias_rate > 0]
+        if not layers:
+            return
+        loads = torch.stack([m.load_since_update if m.load_since_update is not None
+                             else torch.zeros_like(m.expert_bias, dtype=torch.long) for m in layers])
+        # (layers, E): the step's tokens per expert, this rank's
+        if self.dp_group is not None:
+            comm.all_reduce(loads, self.dp_group)  # every rank moves its biases alike
+        for m, load in zip(layers, loads, strict=True):
+            m.update_bias(load)
+
+    def router_metrics(self) -> dict[str, float]:
+        """The MoE layers' load and loss metrics since the last call, over the data-parallel ranks
+        and the pipeline stages (every rank must call it: an all-reduce per group); {} without MoE."""
+        groups = [g for g in (self.dp_group, self.pp_group) if g is not None]
+
+        def reduce(t):
+            for g in groups:
+                comm.all_reduce(t, g)
+        device = next(self.model.parameters()).device
+        return self.router_stats.take(reduce if groups else None, device)
 
     def stateful(self) -> Stateful:
         return Stateful(self.model, self.optimizer, self.rng_tracker)
@@ -117,13 +165,36 @@ class Backend:
         return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
-def _accumulate(model, batches: Batches, forward_only: bool, autocast, backward) -> torch.Tensor:
-    """Mean loss of the micro-batches; each loss is handed to `backward` (unless forward only)."""
+def loss_weights(batches: Batches, group) -> list[float]:
+    """Each micro-batch's loss weight, so that the step's loss (and gradient) is the mean over every
+    counted target of the global batch rather than the mean of the micro-batches' means: a
+    micro-batch (or context-parallel shard) whose targets are partly ignored (label -100, e.g.
+    data.mask_separator_loss) counts for its share of the targets. `group` holds the other ranks'
+    micro-batches (dp x cp; None: this rank alone). All 1.0 when every micro-batch counts alike,
+    which is the layout-independent answer without ignored targets."""
+    counts = torch.stack([(split_batch(b)[1] != -100).sum() for b in batches]).double()  # (m,)
+    total = counts.sum()
+    units = len(batches)
+    if group is not None:
+        comm.all_reduce(total, group)
+        units *= comm.size(group)
+    if total.item() == 0:
+        return [1.0] * len(batches)
+    return (counts * units / total).tolist()
+
+
+def _accumulate(model, batches: Batches, forward_only: bool, autocast, backward,
+                weights: list[float]) -> torch.Tensor:
+    """Mean loss of the micro-batches, each weighted (loss_weights); each weighted loss is handed to
+    `backward` (unless forward only)."""
     total = torch.zeros((), device=batches[0][0].device)
     grad = torch.no_grad() if forward_only else contextlib.nullcontext()
-    for x, y in batches:
+    for batch, w in zip(batches, weights, strict=True):
+        x, y, docs = split_batch(batch)
         with grad, autocast():
-            _, loss = model(x, y)
+            _, loss = model(x, y, docs=docs)
+        if w != 1.0:
+            loss = loss * w
         if not forward_only:
             backward(loss)
         total += loss.detach().float()
@@ -149,12 +220,12 @@ class LocalBackend(Backend):
         """The weights, and the AdamW state (and fp32 masters) as the optimizer exposes them."""
         return Stateful(self.model, rng_tracker=self.rng_tracker, **self.optimizer.checkpoint_view())
 
-    def _run(self, batches, forward_only):
+    def _run(self, batches, forward_only, weights):
         m = len(batches)
         return _accumulate(self.model, batches, forward_only, self.autocast,
-                           lambda loss: (loss / m).backward())
+                           lambda loss: (loss / m).backward(), weights)
 
-    def step(self, lr: float, loss: float) -> StepOutcome:
+    def _step(self, lr: float, loss: float) -> StepOutcome:
         set_lr(self.optimizer, lr)
         self.optimizer.finish()
         self._call_grad_hooks()
@@ -177,8 +248,8 @@ class PipelineBackend(LocalBackend):
         super().__init__(*args, **kwargs)
         self.engine = engine
 
-    def _run(self, batches, forward_only):
-        return self.engine.run(batches, forward_only=forward_only).float()
+    def _run(self, batches, forward_only, weights):
+        return self.engine.run(batches, forward_only=forward_only, weights=weights).float()
 
 
 class DeepSpeedBackend(Backend):
@@ -194,15 +265,15 @@ class DeepSpeedBackend(Backend):
         self.engine = engine
         self.embed_group = embed_group
 
-    def _run(self, batches, forward_only):
+    def _run(self, batches, forward_only, weights):
         if self.engine is not None:
-            total = self.engine.run(batches, forward_only=forward_only).float()
+            total = self.engine.run(batches, forward_only=forward_only, weights=weights).float()
             if not forward_only:
                 sync_tied_embeddings(self.model, self.embed_group)
                 self.ds.optimizer.reduce_gradients(pipeline_parallel=True)
             return total
         if forward_only:
-            return _accumulate(self.model, batches, True, self.autocast, None)
+            return _accumulate(self.model, batches, True, self.autocast, None, weights)
         m, seen = len(batches), [0]
 
         def backward(loss):
@@ -211,9 +282,9 @@ class DeepSpeedBackend(Backend):
             if seen[0] < m:  # the last micro-batch's step() is the optimizer step, in step()
                 self.ds.step()
         # DeepSpeed's bf16 mode holds bf16 weights itself: no autocast around its engine.
-        return _accumulate(self.ds, batches, False, contextlib.nullcontext, backward)
+        return _accumulate(self.ds, batches, False, contextlib.nullcontext, backward, weights)
 
-    def step(self, lr: float, loss: float) -> StepOutcome:
+    def _step(self, lr: float, loss: float) -> StepOutcome:
         set_lr(self.client_optimizer, lr)
         set_lr(self.ds.optimizer, lr)
         self._call_grad_hooks()  # reduced by its last backward (or reduce_gradients); step clips
@@ -290,7 +361,8 @@ def build_backend(layout: Layout, model, groups, device: torch.device, autocast,
     cfg = layout.config
     tp_group = groups.tp if groups is not None and layout.tp > 1 else None
     pp_group = groups.pp if groups is not None and layout.pp > 1 else None
-    dp_group = groups.dp if groups is not None and layout.dp > 1 else None
+    # the cp ranks of a replica see different tokens of the same samples: reduce over dp x cp
+    dp_group = groups.dp_cp if groups is not None and layout.dp * layout.cp > 1 else None
     ds = layout.backend == "deepspeed"
     engine = None
     if pp_group is not None:
@@ -302,14 +374,18 @@ def build_backend(layout: Layout, model, groups, device: torch.device, autocast,
         from ..optim.deepspeed import initialize
         optimizer = build_optimizer(model, cfg.optim)
         wrapped = initialize(model, optimizer, layout, groups, local_rank)
-        return DeepSpeedBackend(wrapped, optimizer, model, dp_group, autocast, engine, groups.embed,
-                                rng_tracker)
+        backend = DeepSpeedBackend(wrapped, optimizer, model, dp_group, autocast, engine, groups.embed,
+                                   rng_tracker)
+        backend.weigh_targets = cfg.data.mask_separator_loss
+        return backend
     sync = GradSync(tp_group=tp_group, pp_group=pp_group,
                     embed_group=groups.embed if pp_group is not None else None)
     optimizer = make_optimizer(model, cfg.optim, cfg.train.precision, sync, dp_group,
                                overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-                               overlap_param_gather=cfg.parallel.overlap_param_gather)
+                               overlap_param_gather=cfg.parallel.overlap_param_gather,
+                               expert_groups=(groups.edp, groups.ep) if layout.ep > 1 else (None, None))
     args = (model, optimizer, cfg.optim.grad_clip, dp_group, autocast, rng_tracker)
-    if engine is not None:
-        return PipelineBackend(engine, *args)
-    return LocalBackend(*args)
+    backend = PipelineBackend(engine, *args) if engine is not None else LocalBackend(*args)
+    backend.weigh_targets = cfg.data.mask_separator_loss
+    backend.pp_group = pp_group
+    return backend

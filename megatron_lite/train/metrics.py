@@ -83,11 +83,13 @@ class ScalarLog:
 
 
 def read_metrics(out_dir: str | Path, key: str) -> dict[int, float]:
-    """step -> value of one scalar from out_dir/metrics.jsonl (a later line for a step wins)."""
+    """step -> value of one scalar from out_dir/metrics.jsonl (a later line for a step wins). A run
+    may be writing the file: a last line not yet ended by its newline is not read."""
     out: dict[int, float] = {}
     path = Path(out_dir) / "metrics.jsonl"
     if path.is_file():
-        for line in path.read_text().splitlines():
+        text = path.read_text()
+        for line in text[:text.rfind("\n") + 1].splitlines():
             row = json.loads(line)
             if key in row:
                 out[row["step"]] = row[key]

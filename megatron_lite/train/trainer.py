@@ -34,8 +34,10 @@ from tqdm import tqdm
 
 from ..checkpoint import CheckpointManager, RunLock, TrainState, describe_layout, verify
 from ..config import Config
-from ..data import Sampler, TokenStore, check_same_tokenizer, load_tokenizer
+from ..data import BlendedSampler, Sampler, TokenStore, check_same_tokenizer, load_tokenizer
+from ..data.blend import open_sources, source_sampler, source_seed
 from ..data.dataset import rank_micro_batch_starts
+from ..data.documents import Packing
 from ..distributed import comm
 from ..distributed.env import RunEnv
 from ..distributed.stop import requeue_marker
@@ -45,8 +47,10 @@ from ..model import GPT, generate
 from ..model.counts import flops_per_token
 from ..optim import lr_at
 from ..parallel.compile import compile_blocks
+from ..parallel.context_parallel import ContextSharder, apply_context_parallel, whole_sequence_attention
 from ..parallel.random import RNGTracker, recompute_context_fn
 from ..parallel.tensor_parallel import TensorParallel, build_stage, set_sequence_parallel
+from ..slicing import TPSharder
 from .backends import build_backend
 from .metrics import ScalarLog, memory_gb, peak_flops
 
@@ -83,15 +87,21 @@ def _none_verifies(directory: Path) -> CheckpointError:
                            f"delete the damaged ones or choose a new train.out_dir.")
 
 
-def open_data(cfg: Config) -> TokenStore:
-    """The prepared token store, checked against the model's vocabulary."""
-    store = TokenStore(cfg.data.dir)
-    if store.vocab_size > cfg.model.vocab_size:
+def open_data(cfg: Config) -> list[TokenStore]:
+    """The prepared token store of each source (data.dir, or every source of data.blend: all of
+    one tokenizer), checked against the model's vocabulary."""
+    if cfg.data.blend is None:
+        stores, where = [TokenStore(cfg.data.dir)], f"data.dir {cfg.data.dir!r}"
+    else:
+        sources = cfg.data.blend
+        stores = open_sources([s.dir for s in sources], [s.label for s in sources])
+        where = f"the data.blend sources ({', '.join(repr(s.dir) for s in sources)})"
+    vocab = stores[0].vocab_size  # one tokenizer, one vocabulary
+    if vocab > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-            f"({store.vocab_size}) in data.dir {cfg.data.dir!r}; set model.vocab_size >= "
-            f"{store.vocab_size}.")
-    return store
+            f"({vocab}) in {where}; set model.vocab_size >= {vocab}.")
+    return stores
 
 
 def newest_resumable(cfg: Config) -> Path | None:
@@ -116,7 +126,7 @@ def newest_resumable(cfg: Config) -> Path | None:
 
 def check_resumable(cfg: Config, path: Path) -> None:
     """A checkpoint must hold this model (at any layout: it is resharded on load), trained on tokens
-    of data.dir's tokenizer."""
+    of the data's tokenizer (data.dir's, or the one all of data.blend's sources share)."""
     saved_yaml = path / "config.yaml"
     if saved_yaml.is_file():
         saved = Config.from_yaml(saved_yaml).model
@@ -126,7 +136,7 @@ def check_resumable(cfg: Config, path: Path) -> None:
                 f"train.out_dir {cfg.train.out_dir!r} holds a checkpoint of a different model "
                 f"({', '.join(diff)} changed); restore those settings to resume, or choose a new "
                 f"train.out_dir.")
-    check_same_tokenizer(cfg.data.dir, path)
+    check_same_tokenizer(cfg.data.tokenizer_dir, path)
 
 
 def preflight(cfg: Config, world_size: int) -> Layout:
@@ -186,12 +196,38 @@ class Trainer:
     def _open_inputs(self) -> None:
         """The data, the newest resumable checkpoint and the device: still no process group."""
         cfg = self.cfg
-        self.store = open_data(cfg)
         self.seq_len = cfg.seq_length
-        self.train_data = Sampler(self.store.split("train"), self.seq_len, cfg.data.seed)
-        self.val_data = Sampler(self.store.split("val"), self.seq_len, cfg.data.seed, shuffle=False)
+        self.blend = cfg.data.blend is not None
+        self.train_data, self.val_data = self._samplers(open_data(cfg))
         self.resumed_from = newest_resumable(cfg)
         self.device = resolve_device(cfg.train.device, local_rank=self.env.local_rank)
+
+    def _samplers(self, stores: list[TokenStore]) -> tuple[Sampler | BlendedSampler, dict[str, Sampler]]:
+        """The training sampler (of global samples) and each source's validation sampler by name."""
+        data, L = self.cfg.data, self.seq_len
+        sources = data.sources
+
+        def packing(store: TokenStore, split: str) -> Packing | None:
+            if not (data.document_mask or data.mask_separator_loss):
+                return None
+            return Packing(store.documents(split) if data.document_mask else None, data.reset_position_ids,
+                           store.eot_id if data.mask_separator_loss else None)
+        if not self.blend:
+            st = stores[0]
+            val = Sampler(st.split("val"), L, data.seed, shuffle=False, packing=packing(st, "val"))
+            return (Sampler(st.split("train"), L, data.seed, packing=packing(st, "train")),
+                    {sources[0].label: val})
+        train = [source_sampler(st, "train", L, source_seed(data.seed, k), s.label, shuffle=True,
+                                packing=packing(st, "train"))
+                 for k, (s, st) in enumerate(zip(sources, stores, strict=True))]
+        val = {s.label: source_sampler(st, "val", L, data.seed, s.label, shuffle=False,
+                                       packing=packing(st, "val"))
+               for s, st in zip(sources, stores, strict=True)}
+        total = sum(s.weight for s in sources)
+        for s, t in zip(sources, train, strict=True):
+            log.info(f"data.blend: {s.label} ({s.dir}): {s.weight / total:.1%} of the samples, "
+                     f"{t.num_windows:,} training sequences per epoch")
+        return BlendedSampler(train, [s.weight for s in sources], [s.label for s in sources]), val
 
     def _build(self) -> None:
         """The job's process groups, then this rank's model and backend, resumed."""
@@ -202,12 +238,18 @@ class Trainer:
             comm.init(self.device, self.env, timeout)
             self.groups = self.layout.topology.build(self.env.rank, timeout)
         self.rank = self.env.rank
-        self.coord = self.layout.topology.coord(self.rank)  # (tp, pp, dp) of this process
+        self.coord = self.layout.topology.coord(self.rank)  # (tp, cp, pp, dp) of this process
+        # this cp rank's share of each micro-batch (one shared mask for document-free sequences)
+        self.sharder = ContextSharder(self.layout.cp, self.coord.cp, self.device)
         self.is_main = self.rank == 0
         # Dropout RNG: the same default stream on every tp rank (replicated regions); init uses its
         # own per-parameter seeds, so every layout starts from the same weights.
         torch.manual_seed(cfg.train.seed)
         self.model, self.tp = self._build_model()
+        # this rank's slice of any serial parameter (its tp and ep slices), e.g. to compare with serial
+        self.slicer = TPSharder(cfg.model, self.layout.tp, self.coord.tp,
+                                cfg.parallel.make_vocab_divisible_by, self.layout.ep,
+                                self.layout.topology.ep_rank(self.coord))
         self.state = TrainState()
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", keep=cfg.checkpoint.keep,
                                              rank=self.rank,
@@ -226,6 +268,7 @@ class Trainer:
                 log.info(f"resharded {self.resumed_from}: written with {describe_layout(written)}, "
                          f"now {describe_layout(self.layout.as_dict())}")
             log.info(f"resumed from {self.resumed_from} (step {self.state.step}, sample {self.state.cursor})")
+            self._check_source_cursors()
         self._start_step = self.state.step  # where this process's run began (for exit_interval)
         # model FLOPs (model/counts.py: the matmuls, no recompute), the same count plan's MFU uses
         self.flops_per_token = flops_per_token(cfg.model, self.seq_len)
@@ -244,8 +287,9 @@ class Trainer:
 
     def _build_model(self) -> tuple[GPT, TensorParallel | None]:
         """This rank's part of the model: its pipeline stage's pieces (all of them when pp = 1),
-        tensor-parallel when tp > 1. Built on the meta device and materialised shard by shard
-        (build_stage): the serial stage in fp32 would outgrow the training peak at scale."""
+        tensor-parallel when tp > 1, its experts split when ep > 1. Built on the meta device and
+        materialised shard by shard (build_stage): the serial stage in fp32 would outgrow the
+        training peak at scale."""
         cfg, layout = self.cfg, self.layout
         chunks = layout.chunks(self.coord.pp)
         tracker = RNGTracker(cfg.train.seed, self.coord.tp, self.device) if layout.tp > 1 else None
@@ -253,13 +297,37 @@ class Trainer:
                                 any(c.first for c in chunks), any(c.last for c in chunks), self.device,
                                 self.groups.tp if layout.tp > 1 else None,
                                 sequence_parallel=cfg.parallel.sequence_parallel,
-                                make_vocab_divisible_by=cfg.parallel.make_vocab_divisible_by, tracker=tracker)
+                                make_vocab_divisible_by=cfg.parallel.make_vocab_divisible_by, tracker=tracker,
+                                ep_group=self.groups.ep if layout.ep > 1 else None)
         model.set_recompute(cfg.train.recompute, recompute_context_fn(tp.tracker) if tp else None)
+        if layout.cp > 1:
+            apply_context_parallel(model, self.groups.cp, self.groups.cp_ranks, self.coord.cp,
+                                   cfg.parallel.cp_algorithm)
         if cfg.train.compile:  # last: it reads the recompute mode; the backend's hooks go around it
             n = compile_blocks(model, self.device)
             log.info(f"train.compile: torch.compile (inductor, {self.device.type}) on each of this rank's "
                      f"{n} transformer blocks; the first steps include compiling them")
         return model, tp
+
+    def source_cursors(self) -> dict[str, dict]:
+        """Per blend source: its weight and the samples it has given so far (derived from the global
+        cursor; saved with each checkpoint, so a resume can check them). Empty without a blend."""
+        if not self.blend:
+            return {}
+        cursors = self.train_data.cursors(self.state.cursor)
+        return {s.label: {"weight": s.weight, "samples": cursors[s.label]} for s in self.cfg.data.sources}
+
+    def _check_source_cursors(self) -> None:
+        """A blend resumed as saved continues every source where it stopped; another blend (changed
+        weights or sources) continues on its own schedule, which can repeat or skip a source's samples."""
+        saved, now = self.state.extra.get("data_sources", {}), self.source_cursors()
+        if saved != now:
+            def said(d: dict) -> str:
+                return ", ".join(f"{n} {v['samples']} (weight {v['weight']:g})" for n, v in d.items()) \
+                    or "data.dir alone"
+            log.warning(f"warning: at sample {self.state.cursor} the checkpoint's data sources had given "
+                        f"{said(saved)}; this run's data gives {said(now)}: training goes on with this run's "
+                        f"data, so a source's samples may repeat or be skipped")
 
     def autocast(self):
         """torch.autocast for DeepSpeed's bf16 (the native backends hold bf16 weights instead)."""
@@ -273,13 +341,18 @@ class Trainer:
         [cursor, cursor + mb * m * dp); micro-batch j of dp rank r is its slice j * dp + r, so the
         ranks together see every sample once, in the order serial accumulation would."""
         mb, m, dp = self.cfg.data.micro_batch_size, self.layout.micro_batches, self.layout.dp
-        out = []
-        for start in rank_micro_batch_starts(self.state.cursor, mb, m, dp, self.coord.dp):
-            x, y = self.train_data.batch(start, mb)
-            out.append((x.to(self.device), y.to(self.device)))
+        out = [self._place(self.train_data.batch(start, mb))
+               for start in rank_micro_batch_starts(self.state.cursor, mb, m, dp, self.coord.dp)]
         self.state.cursor += self.layout.global_batch_size
         self.state.tokens += self.layout.global_batch_size * self.seq_len
         return out
+
+    def _place(self, batch: tuple) -> tuple:
+        """A micro-batch of whole sequences (ids, labels[, Documents]) -> this rank's, on its device:
+        under context parallelism its cp rank's tokens (ids, labels, ContextShard)."""
+        if self.layout.cp > 1:
+            return self.sharder(batch)
+        return tuple(t.to(self.device) for t in batch)
 
     def train_step(self) -> StepResult:
         lr = lr_at(self.state.step, self.cfg.optim, self.cfg.train.steps)
@@ -292,22 +365,36 @@ class Trainer:
         return StepResult(loss, out.grad_norm, lr, out.skipped)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate_sources(self) -> dict[str, float]:
+        """Each source's validation loss: the first train.eval_iters micro-batches of its val split."""
         mb = self.cfg.data.micro_batch_size
-        batches = [tuple(t.to(self.device) for t in self.val_data.batch(i * mb, mb))
-                   for i in range(self.cfg.train.eval_iters)]
-        return self.backend.forward_backward(batches, forward_only=True)
+        losses = {}
+        for name, sampler in self.val_data.items():
+            batches = [self._place(sampler.batch(i * mb, mb)) for i in range(self.cfg.train.eval_iters)]
+            losses[name] = self.backend.forward_backward(batches, forward_only=True)
+        return losses
+
+    def validation_loss(self, losses: dict[str, float]) -> float:
+        """The sources' losses weighted as the blend draws them (the one source's loss alone);
+        a source of weight 0 is evaluated, never trained on, and left out."""
+        weighted = [(s.weight, losses[s.label]) for s in self.cfg.data.sources if s.weight > 0]
+        return sum(w * v for w, v in weighted) / sum(w for w, _ in weighted)
+
+    def evaluate(self) -> float:
+        return self.validation_loss(self.evaluate_sources())
 
     def save(self, background: bool = False) -> Path:
+        if self.blend:
+            self.state.extra["data_sources"] = self.source_cursors()
         return self.checkpoints.save(self.state.step, self.backend.stateful(), self.state, self.cfg.to_yaml(),
-                                     data_dir=self.cfg.data.dir, background=background)
+                                     data_dir=self.cfg.data.tokenizer_dir, background=background)
 
     def sample(self, prompt: str = "def ", max_new_tokens: int | None = None) -> str | None:
         """Generate from the model in memory; None under pipelining (no single rank holds the
         whole forward pass: use `megatron-lite generate` on the checkpoint)."""
         if self.layout.pp > 1:
             return None
-        tok = load_tokenizer(self.cfg.data.dir)
+        tok = load_tokenizer(self.cfg.data.tokenizer_dir)
         n = self.cfg.train.sample_tokens if max_new_tokens is None else max_new_tokens
         ids = torch.tensor([tok.encode(prompt)], device=self.device)
         g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
@@ -315,7 +402,9 @@ class Trainer:
         if sp:  # decoding's one-token steps cannot be split along the sequence
             set_sequence_parallel(self.model, False)
         try:
-            out = generate(self.model, ids, n, temperature=0.8, top_k=50, generator=g)
+            # nor across cp ranks: each holds the whole model and decodes the whole sequence
+            with whole_sequence_attention(self.model):
+                out = generate(self.model, ids, n, temperature=0.8, top_k=50, generator=g)
         finally:
             if sp:
                 set_sequence_parallel(self.model, True)
@@ -341,7 +430,7 @@ class Trainer:
             self._lock.acquire()
         self._start_step = self.state.step
         self._scalars = ScalarLog(self.out_dir, self.is_main, self.cfg.log.tensorboard)
-        self._history: dict = {"train_loss": [], "val_loss": [], "skipped": []}
+        self._history: dict = {"train_loss": [], "val_loss": [], "val_loss_sources": [], "skipped": []}
         self._last_save = self.state.step
         bar = tqdm(total=self.cfg.train.steps, initial=self.state.step, dynamic_ncols=True, mininterval=1.0,
                    desc="train", disable=not (self.cfg.train.progress and self.is_main))
@@ -400,12 +489,15 @@ class Trainer:
         t0, tokens0 = self._window
         tps = (st.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
         mfu = tps * self.flops_per_token / self.peak
+        samples = {f"data/{name}/samples": v["samples"] for name, v in self.source_cursors().items()}
+        moe = self.backend.router_metrics()  # expert load and router losses since the last log
         self._scalars.scalars(st.step, {"train/loss": r.loss, "train/lr": r.lr,
                                         "train/grad_norm": r.grad_norm,
                                         "train/tokens_per_s": tps, "train/mfu": mfu,
-                                        "train/memory_gb": memory_gb(self.device)})
+                                        "train/memory_gb": memory_gb(self.device), **samples, **moe})
+        experts = f" | expert load max/mean {moe['moe/load_max_over_mean']:.2f}" if moe else ""
         log.info(f"step {st.step:>6} | loss {r.loss:.4f} | lr {r.lr:.2e} | grad norm {r.grad_norm:.3f} | "
-                 f"{tps:,.0f} tok/s | mfu {100 * mfu:.1f}%")
+                 f"{tps:,.0f} tok/s | mfu {100 * mfu:.1f}%{experts}")
         self._window = (time.perf_counter(), st.tokens)
 
     def _maybe_evaluate(self) -> None:
@@ -413,11 +505,15 @@ class Trainer:
             self._evaluate_and_log()
 
     def _evaluate_and_log(self) -> None:
-        val, step = self.evaluate(), self.state.step
+        losses, step = self.evaluate_sources(), self.state.step
+        val = self.validation_loss(losses)
         ppl = math.exp(min(val, 50))
         self._history["val_loss"].append((step, val))
-        self._scalars.scalars(step, {"val/loss": val, "val/perplexity": ppl})
-        log.info(f"step {step:>6} | val loss {val:.4f} | ppl {ppl:.1f}")
+        self._history["val_loss_sources"].append((step, losses))
+        per_source = {f"val/{name}/loss": v for name, v in losses.items()} if self.blend else {}
+        self._scalars.scalars(step, {"val/loss": val, "val/perplexity": ppl, **per_source})
+        each = "".join(f" | {name} {v:.4f}" for name, v in losses.items()) if self.blend else ""
+        log.info(f"step {step:>6} | val loss {val:.4f} | ppl {ppl:.1f}{each}")
 
     def _maybe_save(self) -> None:
         if self.state.step % self.cfg.checkpoint.interval == 0:

@@ -90,13 +90,13 @@ def compare(run: Run, ref: Run, rank: int, tol: dict[str, float] = TOLERANCES) -
                     "evaluation loss")
     for i, (got, want) in enumerate(zip(run.norms, ref.norms, strict=True)):
         out["norm"].add(abs(got - want), abs(want), tol["norm"], f"step {i + 1} grad norm")
-    tp = run.trainer.tp
+    slicer = run.trainer.slicer  # this rank's tp slice of a tensor-parallel tensor, its ep share of experts
     compared: dict[str, set[str]] = {"grad": set(), "param": set()}
     for kind, mine, serial in (("grad", run.grads, ref.grads), ("param", run.params, ref.params)):
         for name, t in mine.items():
             # a pipeline's last stage holds its own copy of a tied embedding; the serial model one
             full = serial[name if name in serial else "tok_emb.weight"]
-            want = tp.sharder(name, full) if tp is not None else full
+            want = slicer(name, full)
             where = f"{kind} {name} (rank {rank})"
             if want.shape != t.shape:
                 out[kind].add(math.inf, 1.0, 1.0, f"{where}: shape {tuple(t.shape)} not {tuple(want.shape)}")

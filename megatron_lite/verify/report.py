@@ -3,6 +3,7 @@ and the JSON file."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,7 +66,7 @@ def report(sel: Selection, dev: torch.device, ref: Run, rows: list[Row], wall: f
         Path(json_path).write_text(json.dumps({
             "world_size": sel.world, "device": dev.type, "steps": sel.steps,
             "global_batch": global_batch(sel.world), "precision": sel.precision,
-            "tolerances": tolerances_for(sel.precision), "model": vars(sel.probe.model),
+            "tolerances": tolerances_for(sel.precision), "model": dataclasses.asdict(sel.probe.model),
             "model_overrides": sel.model_overrides,
             "serial": {"losses": ref.losses, "grad_norms": ref.norms, "val_loss": ref.val_loss},
             "not_verified": sel.unfit, "wall_s": round(wall, 3), "passed": not failed,

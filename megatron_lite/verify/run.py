@@ -30,17 +30,28 @@ DATA_SEED = 20240917
 
 
 def write_token_store(directory: Path, vocab_size: int, seq_len: int, train_windows: int,
-                      val_windows: int) -> None:
+                      val_windows: int, documents: bool = False) -> None:
     """A token store (meta.json + train/val .bin) of random ids from a fixed seed: the same bytes on
-    every rank, so no rank depends on another's filesystem."""
+    every rank, so no rank depends on another's filesystem. documents: many short documents (1 to
+    seq_len / 2 tokens, the last the separator), so windows pack several; else one document."""
     rng = np.random.default_rng(DATA_SEED)
     directory.mkdir(parents=True, exist_ok=True)
     splits = {}
+    eot = vocab_size - 1
     for split, windows in (("train", train_windows), ("val", val_windows)):
-        ids = rng.integers(0, vocab_size, size=windows * seq_len + 1, dtype=np.int64).astype(np.uint16)
+        n = windows * seq_len + 1
+        ids = rng.integers(0, eot, size=n, dtype=np.int64)  # (n,) no separator by chance
+        starts = np.zeros(1, dtype=np.int64)
+        if documents:
+            lengths = rng.integers(1, max(2, seq_len // 2) + 1, size=n)  # more than enough
+            ends = np.cumsum(lengths)
+            ends = ends[ends <= n]
+            ids[ends - 1] = eot  # each document ends with the separator, as prepare-data writes
+            starts = np.concatenate([[0], ends[ends < n]]).astype(np.int64)
+        ids = ids.astype(np.uint16)
         ids.tofile(directory / f"{split}.bin")
-        np.save(directory / f"{split}.idx.npy", np.zeros(1, dtype=np.int64))
-        splits[split] = {"tokens": int(ids.size), "documents": 1}
+        np.save(directory / f"{split}.idx.npy", starts)
+        splits[split] = {"tokens": int(ids.size), "documents": int(starts.size)}
     meta = {"vocab_size": vocab_size, "eot_id": vocab_size - 1, "dtype": "uint16", "splits": splits,
             "tokenizer": {"type": "verify-random"}}
     (directory / "meta.json").write_text(json.dumps(meta))
@@ -95,7 +106,8 @@ def run_layouts(env: RunEnv, sel: Selection, dev: torch.device, scratch: Path, s
     prints the header and each row as soon as it is known."""
     data_dir = scratch / "data"
     g = global_batch(sel.world)
-    write_token_store(data_dir, sel.probe.model.vocab_size, sel.probe.seq_length, g * sel.steps + 1, g)
+    write_token_store(data_dir, sel.probe.model.vocab_size, sel.probe.seq_length, g * sel.steps + 1, g,
+                      sel.documents)
     serial_env = RunEnv(local_rank=env.local_rank, local_world_size=env.local_world_size, source="explicit")
     t0 = time.perf_counter()
     ref = train_run(sel.config(None, data_dir, scratch / "serial"), serial_env, sel.steps)
@@ -111,10 +123,11 @@ def run_layouts(env: RunEnv, sel: Selection, dev: torch.device, scratch: Path, s
 
 
 def verify(env: RunEnv, steps: int = 3, patterns: list[str] | None = None, model_overrides: list[str] = (),
-           json_path: str | None = None, device: str = "auto", precision: str = "fp32") -> int:
+           json_path: str | None = None, device: str = "auto", precision: str = "fp32",
+           documents: bool = False, moe: bool = False) -> int:
     """Verify every selected layout on this job; returns the exit status (0: all passed, 1: not)."""
     started = time.perf_counter()
-    sel = select_layouts(env.world_size, steps, patterns, model_overrides, device, precision)
+    sel = select_layouts(env.world_size, steps, patterns, model_overrides, device, precision, documents, moe)
     dev = _join(env, sel)
     main = env.rank == 0
     say = print_now if main else (lambda *a: None)

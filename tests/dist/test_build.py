@@ -110,6 +110,32 @@ def test_build_stage_is_bit_identical_to_the_serial_build_then_parallelize():
     run_ranks(_check_builds, 4)
 
 
+def _check_expert_builds(rank, world):
+    import torch.distributed as dist
+
+    from megatron_lite.parallel.expert_parallel import apply_expert_parallel
+    from megatron_lite.parallel.tensor_parallel import build_stage, build_stage_unsliced
+    cfg = ModelConfig(num_layers=4, max_sequence_length=16, **VARIANTS["llama"],
+                      moe=dict(num_experts=4, top_k=2, intermediate_size=24, layer_freq=2,
+                               num_shared_experts=1))
+    for layers, embed, head in STAGES:
+        where = f"[moe ep=2 {layers} embed={embed} head={head} rank={rank}]"
+        old, _ = build_stage_unsliced(cfg, 5, layers, embed, head, "cpu")
+        apply_expert_parallel(old, dist.group.WORLD)
+        new, _ = build_stage(cfg, 5, layers, embed, head, "cpu", ep_group=dist.group.WORLD)
+        _compare(old, new, where)
+        experts = [p for n, p in new.named_parameters() if ".experts." in n]
+        assert all(p.shape[0] == 2 and p.expert_parallel for p in experts), where  # this rank's 2 of 4
+        assert len(experts) == 2 * sum(cfg.moe.is_moe(i) for i in layers), where
+
+
+def test_build_stage_slices_the_experts_before_materialising_them():
+    """Under expert parallelism build_stage slices each MoE layer's experts on the meta device and
+    materialises only this rank's (from their sliced master values): bit-identical to building the
+    serial stage and then apply_expert_parallel, for every stage shape."""
+    run_ranks(_check_expert_builds, 2)
+
+
 # ---- peak memory -----------------------------------------------------------------------------------
 PEAK_MODEL = dict(vocab_size=8000, hidden_size=1024, num_layers=8, num_attention_heads=16,
                   max_sequence_length=128)  # 8 x 12.6M + 8.2M (tied) + 0.1M: ~109M fp32 parameters

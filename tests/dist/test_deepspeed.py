@@ -64,12 +64,13 @@ def _nonfinite(rank, world, data_dir, out, layouts):
                 return loss * float("nan")
             return loss + float("inf") if step == 3 else loss  # inf: d(loss)/d(weights) stays finite
 
-        def forward(ids, labels=None, cache=None, real=real, spoil=spoil, model=trainer.model):
-            logits, loss = real(ids, labels, cache)
+        def forward(ids, labels=None, cache=None, docs=None, real=real, spoil=spoil, model=trainer.model):
+            logits, loss = real(ids, labels, cache, docs=docs)
             return logits, spoil(loss) if labels is not None and model.training else loss
 
-        def run(x, layers, labels=None, first=True, last=True, real_run=real_run, spoil=spoil, model=trainer.model):
-            out = real_run(x, layers, labels, first=first, last=last)  # the pipeline engine's chunk call
+        def run(x, layers, labels=None, first=True, last=True, docs=None, real_run=real_run, spoil=spoil,
+                model=trainer.model):
+            out = real_run(x, layers, labels, first=first, last=last, docs=docs)  # the engine's chunk call
             return (out[0], spoil(out[1])) if last and labels is not None and model.training else out
         trainer.model.forward, trainer.model.run = forward, run
         where = f"{extra} rank {rank}"

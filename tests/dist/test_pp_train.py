@@ -7,7 +7,7 @@ import pytest
 
 from megatron_lite.testing import tiny_overrides
 from tests.conftest import cli
-from tests.dist.test_tp_train import train
+from tests.dist.test_tp_train import train, train_serial
 
 
 @pytest.mark.slow
@@ -15,7 +15,7 @@ def test_pipeline_training_matches_serial(corpus_dir, tmp_path):
     base = tiny_overrides(corpus_dir, "model.num_layers=4", "data.micro_batch_size=2",
                           "parallel.microbatches=4", "data.global_batch_size=8", "train.steps=8",
                           "train.eval_interval=4", "optim.warmup_steps=2", "log.interval=2")
-    serial = train(tmp_path, "serial", 1, *base, f"train.out_dir={tmp_path / 's'}")
+    serial = train_serial(tmp_path, "serial", *base, f"train.out_dir={tmp_path / 's'}")
     pp = train(tmp_path, "pp", 2, *base, "parallel.pp=2", "parallel.schedule=1f1b", "train.recompute=full",
                f"train.out_dir={tmp_path / 'p'}")
     # uneven interleaved pieces: stage 0 holds the embedding alone and blocks 2, 3; stage 1 blocks 0, 1
@@ -50,7 +50,7 @@ def test_3d_tp2_pp2_dp2_zero1_eight_ranks(corpus_dir, tmp_path):
     base = tiny_overrides(corpus_dir, "model.num_layers=4", "data.micro_batch_size=2", "train.steps=4",
                           "train.eval_interval=4", "train.eval_iters=1", "optim.warmup_steps=1",
                           "log.interval=1")
-    serial = train(tmp_path, "serial", 1, *base, "train.grad_accum=4", f"train.out_dir={tmp_path / 's'}")
+    serial = train_serial(tmp_path, "serial", *base, "train.grad_accum=4", f"train.out_dir={tmp_path / 's'}")
     three_d = train(tmp_path, "3d", 8, *base, "parallel.tp=2", "parallel.pp=2", "parallel.dp=2",
                     "parallel.microbatches=2", "data.global_batch_size=8", "optim.zero.stage=1",
                     f"train.out_dir={tmp_path / '3d'}")

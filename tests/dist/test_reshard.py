@@ -16,7 +16,7 @@ from megatron_lite.checkpoint import CheckpointManager, read_manifest
 from megatron_lite.checkpoint.store import Store
 from megatron_lite.testing import tiny_overrides
 from tests.conftest import cli
-from tests.dist.test_tp_train import train
+from tests.dist.test_tp_train import train, train_serial
 
 DS = "optim.zero.backend=deepspeed"
 LAYOUTS = {  # name -> (processes, overrides): every layout's global batch is 2 x 4 = 8 samples
@@ -72,8 +72,8 @@ def serial_reference(corpus_dir, tmp_path_factory):
         if precision not in runs:
             name = "serial" if precision == "fp32" else "serial_bf16"
             out = tmp_path_factory.mktemp(f"reshard_ref_{precision}")
-            runs[precision] = train(out, name, 1, *_base(corpus_dir), *LAYOUTS[name][1],
-                                    f"train.out_dir={out / 'run'}")
+            runs[precision] = train_serial(out, name, *_base(corpus_dir), *LAYOUTS[name][1],
+                                           f"train.out_dir={out / 'run'}")
         return runs[precision]
     return get
 

@@ -27,10 +27,12 @@ if __name__ == "__main__":
             copy.save(trainer.state.step, trainer.backend.stateful(), trainer.state, trainer.cfg.to_yaml())
         start = {"step": trainer.state.step, "cursor": trainer.state.cursor}
         hist = trainer.fit()
+        # what `megatron-lite train` does after fit (every rank takes part), when asked for
+        sample = trainer.sample() if trainer.cfg.train.sample_tokens else None
         if trainer.is_main:
             with open(out, "w") as f:
                 json.dump({"train_loss": hist["train_loss"], "val_loss": hist["val_loss"],
-                           "resumed": trainer.resumed_from is not None, "start": start}, f)
+                           "resumed": trainer.resumed_from is not None, "start": start, "sample": sample}, f)
     finally:
         comm.destroy()
     comm.exit_process(0)  # finished: skip native teardown (see comm.exit_process)

@@ -43,6 +43,16 @@ LLAMA = ["model.position_embedding=rope", "model.norm=rmsnorm", "model.activatio
 ARCHS = {"gpt2": ([], "GPT2LMHeadModel"), "llama": (LLAMA, "LlamaForCausalLM")}
 
 
+MOE = {  # our MoE overrides -> the transformers class that expresses them
+    "mixtral": ([*LLAMA, "model.num_layers=3", "model.moe.num_experts=4", "model.moe.top_k=2",
+                 "model.moe.intermediate_size=24", "model.moe.aux_loss_coeff=0.02"], "MixtralForCausalLM"),
+    "qwen2_moe": ([*LLAMA, "model.num_layers=3", "model.moe.num_experts=4", "model.moe.top_k=2",
+                   "model.moe.intermediate_size=24", "model.moe.num_shared_experts=1",
+                   "model.moe.shared_intermediate_size=40", "model.moe.shared_expert_gate=true",
+                   "model.moe.layer_freq=2", "model.moe.norm_topk_prob=false"], "Qwen2MoeForCausalLM"),
+}
+
+
 def _serial(path: Path) -> GPT:
     model = GPT(Config.from_yaml(path / "config.yaml").model, seed=None)
     load_model_weights(path, model)
@@ -226,6 +236,58 @@ def test_import_a_model_written_by_transformers(arch, corpus_dir, tmp_path):
     assert load_tokenizer(path).encode(SAMPLE) == tok(SAMPLE)["input_ids"]
 
 
+def _perturbed(model) -> None:
+    """Non-trivial norms, and routers that prefer some experts, so a mapping mistake cannot hide."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name or name.endswith(("router.weight", "gate.weight")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("arch", list(MOE))
+def test_moe_exports_and_imports_with_transformers_logits(arch, corpus_dir, tmp_path):
+    """A mixture of experts (Mixtral: every block, no shared expert; Qwen2-MoE: every other block, a
+    gated shared expert, top-k weights not renormalised) exported: transformers loads it as its MoE
+    class with our logits (atol 1e-5) and greedy text; imported back bit for bit. And a model
+    transformers built and saved itself imports with its logits and greedy text."""
+    overrides, cls = MOE[arch]
+    cfg = Config.from_yaml(None, tiny_overrides(corpus_dir, *overrides))
+    model = GPT(cfg.model, seed=1)
+    _perturbed(model)
+    run = tmp_path / "run"
+    CheckpointManager(run / "checkpoints").save(0, Stateful(model), TrainState(), cfg.to_yaml(),
+                                                data_dir=corpus_dir)
+    out = tmp_path / "hf"
+    assert main(["checkpoint", "export", str(run), "--format", "hf", "--out", str(out)]) == 0
+    hf, _ = _hf(out)
+    assert type(hf).__name__ == cls
+    ours = _serial(resolve(run))
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(hf, ids), _logits(ours, ids), atol=ATOL, rtol=0)
+    prompt = torch.tensor([[5, 6, 7]])
+    got = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False)
+    assert torch.equal(generate(ours, prompt, 20, temperature=0), got)
+    back = resolve(_import(out, tmp_path / "imported"))
+    assert Config.from_yaml(back / "config.yaml").model.moe == cfg.model.moe.__class__(
+        **{**cfg.model.moe.__dict__, "z_loss_coeff": 0.0})  # (transformers has no z-loss coefficient)
+    for (name, a), b in zip(ours.state_dict().items(), _serial(back).state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+    # transformers' own model, saved by it (its files hold the experts one by one)
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(hf.config).eval()
+    _perturbed(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    shutil.copy(out / "tokenizer.json", tmp_path / "theirs")
+    shutil.copy(out / "tokenizer_config.json", tmp_path / "theirs")
+    mine = _serial(resolve(_import(tmp_path / "theirs", tmp_path / "run2")))
+    torch.testing.assert_close(_logits(mine, ids), _logits(theirs, ids), atol=ATOL, rtol=0)
+    theirs.generation_config.eos_token_id = None
+    got = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False)
+    assert torch.equal(generate(mine, prompt, 20, temperature=0), got)
+
+
 def _import(hf_dir: Path, run: Path) -> Path:
     assert main(["checkpoint", "import", str(hf_dir), "--out", str(run)]) == 0
     return run
@@ -254,6 +316,11 @@ def test_bytes_tokenizer_exports_as_a_fast_tokenizer(tmp_path):
     (["model.activation=swiglu"], "model.activation=swiglu"),
     (["model.position_embedding=rope", "model.norm=rmsnorm"], "model.activation=gelu"),
     (["model.num_kv_heads=2"], "model.num_kv_heads=2"),
+    ([*MOE["mixtral"][0], "model.moe.router=sigmoid"], "model.moe.router=sigmoid"),
+    ([*MOE["mixtral"][0], "model.moe.bias_update_rate=0.001"], "model.moe.bias_update_rate=0.001"),
+    ([*MOE["mixtral"][0], "model.moe.layer_freq=2"], "model.moe.layer_freq=2"),
+    ([*MOE["qwen2_moe"][0], "model.moe.shared_expert_gate=false"], "model.moe.shared_expert_gate=false"),
+    (["model.moe.num_experts=4"], "model.position_embedding=learned"),
 ])
 def test_a_model_transformers_cannot_express_is_refused(overrides, key, corpus_dir, tmp_path, capsys):
     _checkpoint(tmp_path / "run", corpus_dir, *overrides)

@@ -100,10 +100,12 @@ echo done
     assert info["Reason"] == "BeginTime", info
     delay = (datetime.fromisoformat(info["EligibleTime"]) - datetime.fromisoformat(info["SubmitTime"]))
     assert delay.total_seconds() >= 60, info
+    # Restarts=1 is the proof the in-script requeue worked. Its `echo` may never run: the requeue
+    # cancels the batch step, which can kill the shell before scontrol's exit status is printed.
     text = out.read_text()
-    assert "requeue rc=0" in text
     print(f"\n(a) after requeue: {info['JobState']} Reason={info['Reason']} eligible "
-          f"{delay.total_seconds():.0f} s after requeue; in-script update ran: {'update rc=' in text}")
+          f"{delay.total_seconds():.0f} s after requeue; requeue echo ran: {'requeue rc=' in text}; "
+          f"in-script update ran: {'update rc=' in text}")
     # Root resets the eligibility from outside: the job runs again at once.
     t0 = time.monotonic()
     c.run("scontrol", "update", f"JobId={job}", "StartTime=now")

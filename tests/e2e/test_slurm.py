@@ -96,7 +96,7 @@ def test_sbatch_two_rank_job_completes_with_a_checkpoint(slurm_one_node, corpus_
 def test_scancel_usr1_checkpoints_requeues_and_resumes_exactly(slurm_one_node, corpus_dir, tmp_path):
     """`scancel --signal=USR1` reaches the tasks (the torchrun agents, which forward it): every rank
     stops at one step with a checkpoint, the job requeues itself and resumes."""
-    out, steps = tmp_path / "run", 1500
+    out, steps = tmp_path / "run", 600  # still training when scancel comes after step 20
     ovr = overrides(corpus_dir, out, f"train.steps={steps}", "parallel.dp=2")
     job = submit(slurm_one_node, "--nodes", "1", "--config", "configs/tiny.yaml", *ovr)
     deadline = time.monotonic() + 180
@@ -120,13 +120,14 @@ def test_scancel_usr1_checkpoints_requeues_and_resumes_exactly(slurm_one_node, c
 
 
 def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm_one_node, corpus_dir, tmp_path):
-    """`--time=2 --signal=USR1@60`: SLURM signals 60-90 s before the limit (30-60 s into the job);
+    """`--time=2 --signal=USR1@75`: SLURM signals 75-105 s before the limit (15-45 s into the job);
     the run checkpoints, the job requeues itself; the rerun gets a longer limit and completes."""
-    # ~100 s of training at this machine's ~300 steps/s: still running when the signal comes. The
-    # LR schedule is pinned (optim.decay_steps), so a shorter uninterrupted run is the reference.
-    out, steps = tmp_path / "run", 30000
+    # ~100 s of training on CI's 2 cores (~150 steps/s; >= 50 s at twice that): still running when
+    # the signal comes. The LR schedule is pinned (optim.decay_steps), so a shorter uninterrupted run
+    # is the reference.
+    out, steps = tmp_path / "run", 15000
     schedule = [f"optim.decay_steps={steps}", "log.interval=50"]
-    job = submit(slurm_one_node, "--nodes", "1", "--mode", "srun", "--time", "2", "--signal", "USR1@60",
+    job = submit(slurm_one_node, "--nodes", "1", "--mode", "srun", "--time", "2", "--signal", "USR1@75",
                  "--config", "configs/tiny.yaml",
                  *overrides(corpus_dir, out, f"train.steps={steps}", *schedule))
     wait_requeued(slurm_one_node, job, out, timeout=200)
@@ -134,17 +135,21 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm_one_no
     assert "SIGUSR1 received" in first, first[-3000:]
     stopped = json.loads((out / "requeue.json").read_text())["step"]
     assert 0 < stopped < steps
-    release(slurm_one_node, job, out, "TimeLimit=10")
-    assert slurm_one_node.wait(job, timeout=400) == "COMPLETED", job_log(out, job)[-3000:]
+    # The uninterrupted run through the checkpoint and 500 steps past it: one process, on the core
+    # the requeued job (one process) leaves free, while that job finishes.
+    ref_out, ref_steps = tmp_path / "reference", stopped + 500
+    uninterrupted = start(["megatron_lite.cli", "train", "--config", "configs/tiny.yaml",
+                           *overrides(corpus_dir, ref_out, f"train.steps={ref_steps}", *schedule)],
+                          tmp_path / "reference.log")
+    try:
+        release(slurm_one_node, job, out, "TimeLimit=10")
+        assert slurm_one_node.wait(job, timeout=400) == "COMPLETED", job_log(out, job)[-3000:]
+    finally:
+        code, log = finish(uninterrupted, tmp_path / "reference.log", timeout=400)
     text = job_log(out, job)
     assert "(restart 1)" in text and f"resumed from {out / 'checkpoints' / f'step_{stopped:08d}'}" in text
     got = json_losses_every(out, 50)
     assert max(got) == steps and len(got) == steps // 50
-    # The uninterrupted run through the checkpoint and 500 steps past it.
-    ref_out, ref_steps = tmp_path / "reference", stopped + 500
-    code, log = run(["megatron_lite.cli", "train", "--config", "configs/tiny.yaml",
-                     *overrides(corpus_dir, ref_out, f"train.steps={ref_steps}", *schedule)],
-                    tmp_path / "reference.log")
     assert code == 0, log[-3000:]
     ref = json_losses_every(ref_out, 50)
     assert {s: got[s] for s in ref} == ref
@@ -154,6 +159,22 @@ def json_losses_every(out: Path, interval: int) -> dict[int, float]:
     from megatron_lite.train.metrics import read_metrics
     got = read_metrics(out, "train/loss")
     return {s: v for s, v in got.items() if s % interval == 0}
+
+
+def test_verify_inside_a_slurm_allocation(slurm_one_node, tmp_path):
+    """`srun -n 2 megatron-lite verify`: one task per rank, the run environment read from SLURM_*;
+    the table covers every 2-rank layout and they all pass."""
+    out = tmp_path / "verify.json"
+    script = ("#!/bin/bash\n"
+              f"cd {ROOT}\n"
+              f"srun {sys.executable} -m megatron_lite.cli verify --steps 2 --json {out}\n")
+    job = slurm_one_node.sbatch(script, workdir=tmp_path, ntasks=2, output=str(tmp_path / "verify.out"))
+    state = slurm_one_node.wait(job, timeout=300)
+    text = (tmp_path / "verify.out").read_text()
+    assert state == "COMPLETED", text[-3000:]
+    table = json.loads(out.read_text())
+    assert table["world_size"] == 2 and table["passed"] and len(table["layouts"]) == 14
+    assert all(row["passed"] for row in table["layouts"]) and "FAIL" not in text
 
 
 def test_two_node_sbatch_job_completes(slurm_two_nodes, corpus_dir, tmp_path):
@@ -196,19 +217,3 @@ def test_multi_node_torchrun_across_namespaces_equals_one_node(slurm_two_nodes, 
                      tmp_path / "single.log")
     assert code == 0, text[-3000:]
     assert losses(out) == losses(single)
-
-
-def test_verify_inside_a_slurm_allocation(slurm_one_node, tmp_path):
-    """`srun -n 2 megatron-lite verify`: one task per rank, the run environment read from SLURM_*;
-    the table covers every 2-rank layout and they all pass."""
-    out = tmp_path / "verify.json"
-    script = ("#!/bin/bash\n"
-              f"cd {ROOT}\n"
-              f"srun {sys.executable} -m megatron_lite.cli verify --steps 2 --json {out}\n")
-    job = slurm_one_node.sbatch(script, workdir=tmp_path, ntasks=2, output=str(tmp_path / "verify.out"))
-    state = slurm_one_node.wait(job, timeout=300)
-    text = (tmp_path / "verify.out").read_text()
-    assert state == "COMPLETED", text[-3000:]
-    table = json.loads(out.read_text())
-    assert table["world_size"] == 2 and table["passed"] and len(table["layouts"]) == 12
-    assert all(row["passed"] for row in table["layouts"]) and "FAIL" not in text

@@ -68,8 +68,8 @@ def _poison(trainer, bad_steps):
     real = trainer.model.forward
     calls = {"n": 0}
 
-    def forward(ids, labels=None, cache=None):
-        logits, loss = real(ids, labels, cache)
+    def forward(ids, labels=None, cache=None, docs=None):
+        logits, loss = real(ids, labels, cache, docs=docs)
         if labels is not None and trainer.model.training:
             calls["n"] += 1
             if trainer.state.step + 1 in bad_steps:

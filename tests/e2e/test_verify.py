@@ -3,6 +3,7 @@ the real code, and a planted bug (tests/e2e/verify_bug.py) fails exactly the lay
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -26,6 +27,24 @@ def verify(tmp_path, nproc: int, *args: str, bug: str | None = None):
     return r, json.loads(out.read_text()), wall
 
 
+def verify_bugs(tmp_path, nproc: int, bugs: list[str], *args: str):
+    """verify_bug.py with several bugs: one torchrun launch, one verify per bug (each planted alone).
+    Returns (process, {bug: (its JSON, its exit status, its part of rank 0's output)})."""
+    out = tmp_path / f"verify_{nproc}_bugs.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "tests/e2e/verify_bug.py", ",".join(bugs), "--json", str(out), *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    runs, rest = {}, r.stdout
+    for bug in bugs:
+        path = out.with_name(f"{out.name}.{bug}")
+        m = re.search(rf"^==== bug {re.escape(bug)} \(exit (\d+)\)$", rest, re.M)
+        assert path.is_file() and m, r.stdout[-5000:] + r.stderr[-10000:]
+        runs[bug] = json.loads(path.read_text()), int(m.group(1)), rest[:m.start()]
+        rest = rest[m.end():]
+    return r, runs
+
+
 def failed(report: dict) -> set[str]:
     return {row["layout"] for row in report["layouts"] if not row["passed"]}
 
@@ -35,7 +54,9 @@ BUGS = {
     "row-allreduce": lambda name: "tp" in name and "+sp" not in name,  # the non-SP row-parallel path
     "sp-grad-sync": lambda name: "+sp" in name,
     "pp-drop-grad": lambda name: "pp" in name,
-    "dp-sum": lambda name: "dp" in name and "ds-zero" not in name,  # DeepSpeed reduces by itself
+    # the data-parallel reduction, which context parallelism also runs (over dp x cp); DeepSpeed
+    # reduces by itself
+    "dp-sum": lambda name: ("dp" in name or "cp" in name) and "ds-zero" not in name,
 }
 
 
@@ -53,10 +74,14 @@ def test_verify_four_ranks_every_layout_matches_serial(tmp_path, record_property
         assert any(n.startswith(shape) for n in names), (shape, names)
     for shape in ("tp2.dp2:zero3", "pp2:gpipe.dp2:zero3"):  # ZeRO-3 composed with tp and with pp
         assert any(n.startswith(shape) for n in names), (shape, names)
-    assert len(names) == 27 and report["passed"] and not failed(report)
+    # Context parallelism: cp4 with both algorithms, composed with tp (+sp), pp and dp (ZeRO).
+    for shape in ("cp4:allgather", "cp4:ring", "tp2.cp2:", "tp2+sp.cp2:", "cp2:ring.pp2:",
+                  "cp2:ring.dp2:zero1"):
+        assert any(n.startswith(shape) for n in names), (shape, names)
+    assert len(names) == 38 and report["passed"] and not failed(report)
     assert all(row[k]["worst_ratio_to_tolerance"] < 0.2 for row in report["layouts"]
                for k in ("loss", "norm", "grad", "param")), report["layouts"]  # margin on the real code
-    assert r.stdout.count("max|Δloss|") == 1 and r.stdout.count(" PASS") == 27  # rank 0 prints the table
+    assert r.stdout.count("max|Δloss|") == 1 and r.stdout.count(" PASS") == 38  # rank 0 prints the table
     # Clipping engaged on every step (so parity covers the clipped updates).
     assert min(report["serial"]["grad_norms"]) > 0.3
     record_property("verify_wall_s_4_ranks", round(wall, 1))
@@ -64,18 +89,35 @@ def test_verify_four_ranks_every_layout_matches_serial(tmp_path, record_property
           f"wall with torchrun start-up")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("bug", ["row-allreduce", "pp-drop-grad"])
-def test_verify_four_ranks_fails_exactly_the_layouts_a_bug_touches(tmp_path, bug):
+FOUR_RANK_BUGS = ["row-allreduce", "pp-drop-grad"]
+# 16 of the 38 default layouts (CI time): every tp and pp path these two bugs break, composed with
+# each other axis, and layouts they must leave alone (SP, dp, cp, ZeRO, DeepSpeed)
+FOUR_RANK_BUG_LAYOUTS = ["tp4", "tp2.dp2:ds-zero1", "tp2.pp2:gpipe", "tp2.pp2:interleaved", "tp2+sp.pp2:1f1b",
+                         "tp2.cp2:allgather", "tp2+sp.cp2:ring", "pp4:", "pp2:gpipe.dp2:zero3",
+                         "pp2:gpipe.dp2:ds-zero1", "cp2:ring.pp2:1f1b", "cp4:ring", "dp4:zero1"]
+
+
+@pytest.fixture(scope="module")
+def four_rank_bug_runs(tmp_path_factory):
     # one step: every planted bug shows in step 1's gradients (the clean run above checks three)
-    r, report, _ = verify(tmp_path, 4, "--steps", "1", bug=bug)
-    print(f"\nverify with {bug} planted:\n" + "\n".join(line for line in r.stdout.splitlines()
+    r, runs = verify_bugs(tmp_path_factory.mktemp("verify_bugs_4"), 4, FOUR_RANK_BUGS, "--steps", "1",
+                          "--layouts", *FOUR_RANK_BUG_LAYOUTS)
+    assert r.returncode != 0, r.stdout[-5000:] + r.stderr[-10000:]
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bug", FOUR_RANK_BUGS)
+def test_verify_four_ranks_fails_exactly_the_layouts_a_bug_touches(four_rank_bug_runs, bug):
+    report, code, stdout = four_rank_bug_runs[bug]
+    print(f"\nverify with {bug} planted:\n" + "\n".join(line for line in stdout.splitlines()
                                                        if " PASS" in line or " FAIL" in line))
     names = [row["layout"] for row in report["layouts"]]
+    assert len(names) == 16 and stdout.count("max|Δloss|") == 1  # this bug's table alone
     expected = {n for n in names if BUGS[bug](n)}
     assert expected and expected != set(names)
     assert failed(report) == expected, (bug, sorted(failed(report)), sorted(expected))
-    assert r.returncode != 0 and "FAIL" in r.stdout
+    assert code != 0 and "FAIL" in stdout
     for row in report["layouts"]:
         if row["layout"] in expected:  # far outside the tolerance, not at its edge
             assert max(row[k]["worst_ratio_to_tolerance"] for k in ("norm", "grad")) > 100, row
@@ -92,7 +134,7 @@ def test_verify_two_ranks(tmp_path, bug, record_property):
     names = [row["layout"] for row in report["layouts"]]
     assert sorted(names) == sorted(["tp2", "tp2+sp", "pp2:gpipe", "pp2:1f1b", "pp2:interleaved", "dp2",
                                     "dp2:zero1", "dp2:zero2", "dp2:zero3", "dp2:ds-zero1", "dp2:ds-zero2",
-                                    "dp2:ds-zero3"])
+                                    "dp2:ds-zero3", "cp2:allgather", "cp2:ring"])
     if bug is None:
         assert r.returncode == 0 and report["passed"], r.stdout[-5000:] + r.stderr[-10000:]
         record_property("verify_wall_s_2_ranks", round(wall, 1))
@@ -101,6 +143,32 @@ def test_verify_two_ranks(tmp_path, bug, record_property):
     expected = {n for n in names if BUGS[bug](n)}
     assert failed(report) == expected, (bug, sorted(failed(report)), sorted(expected))
     assert r.returncode != 0
+
+
+@pytest.mark.slow
+def test_verify_two_ranks_packed_documents(tmp_path):
+    """--document-mask: every run, the serial one too, trains on packed documents with attention kept
+    inside each, restarted positions and ignored separator targets; every layout still matches."""
+    r, report, _ = verify(tmp_path, 2, "--document-mask")
+    assert r.returncode == 0 and report["passed"], r.stdout[-5000:] + r.stderr[-10000:]
+    assert len(report["layouts"]) == 14 and not failed(report)
+    assert all(row[k]["worst_ratio_to_tolerance"] < 0.2 for row in report["layouts"]
+               for k in ("loss", "norm", "grad", "param")), report["layouts"]
+
+
+@pytest.mark.slow
+def test_verify_two_ranks_moe_expert_parallel(tmp_path):
+    """--moe: every dp, tp and pp layout of the MoE model at 2 ranks (ep2 under each native ZeRO
+    stage, tp2 without sp, each schedule) matches the serial MoE run."""
+    r, report, wall = verify(tmp_path, 2, "--moe", "--layouts", "dp2", "tp2", "pp2")
+    assert r.returncode == 0 and report["passed"], r.stdout[-5000:] + r.stderr[-10000:]
+    assert sorted(row["layout"] for row in report["layouts"]) == sorted(
+        ["dp2", "dp2:zero1", "dp2:zero2", "dp2:zero3", "dp2.ep2", "dp2:zero1.ep2", "dp2:zero2.ep2",
+         "dp2:zero3.ep2", "tp2", "pp2:gpipe", "pp2:1f1b", "pp2:interleaved"])
+    assert report["model"]["moe"]["num_experts"] == 4
+    assert all(row[k]["worst_ratio_to_tolerance"] < 0.2 for row in report["layouts"]
+               for k in ("loss", "norm", "grad", "param")), report["layouts"]
+    print(f"\nverify --moe at 2 ranks: {report['wall_s']:.1f}s inside verify, {wall:.1f}s wall")
 
 
 @pytest.mark.slow
@@ -144,6 +212,43 @@ def test_default_selection_covers_every_variant():
     assert "tp8" in unfit and "num_attention_heads=4" in unfit["tp8"]
 
 
+def test_moe_selection_adds_expert_parallel_layouts():
+    """--moe: every ep dividing dp and the experts, composed with tp (no sp), pp and native ZeRO;
+    nothing the layout rules refuse MoE (sp, DeepSpeed; cp as they have it); a dense model has no ep
+    layout; and every run, the serial one too, takes micro-batches of the same size (the balancing
+    loss is per micro-batch)."""
+    from megatron_lite.verify import select
+    from megatron_lite.verify.select import MOE, candidates, default_selection, make_config
+    cands, unfit = candidates(4, MOE)
+    names = {v.name for v in cands}
+    assert {"dp4.ep2", "dp4.ep4", "dp4:zero1.ep2", "dp4:zero3.ep4", "tp2.dp2.ep2", "tp2.dp2:zero3.ep2",
+            "pp2:1f1b.dp2.ep2", "pp2:interleaved.dp2:zero2.ep2", "tp4", "pp4:interleaved"} <= names, names
+    assert {v.ep for v in cands} == {1, 2, 4} and all(v.dp * v.cp % v.ep == 0 for v in cands)
+    assert not any(v.sp or (v.zero or "").startswith("ds-") for v in cands), names
+    # cp as the MoE rules have it: refused, every cp shape reported with the rule's sentence; or
+    # accepted (dropless), the experts then split over the dp x cp ranks
+    cp = {"cp4", "tp2.cp2", "cp2.pp2", "cp2.dp2"}
+    assert (set(unfit) == cp and "parallel.cp=" in unfit["cp4"] and not any(v.cp > 1 for v in cands)) or \
+        (not unfit and "cp4:ring.ep4" in names), (unfit, names)
+    chosen = {v.name for v in default_selection(cands)}
+    assert {"dp4", "dp4:zero1.ep2", "dp4:zero2.ep4"} <= chosen, chosen
+    assert any(n.startswith("tp2.dp2") and n.endswith(".ep2") for n in chosen), chosen
+    assert any(n.startswith("pp2:") and n.endswith(".ep2") for n in chosen), chosen
+    two, _ = candidates(2, MOE)
+    assert {"dp2", "dp2.ep2", "dp2:zero1.ep2", "dp2:zero3.ep2", "tp2", "pp2:gpipe"} <= {v.name for v in two}
+    # the overrides after --moe apply on top: 2 experts cannot be split 4 ways
+    assert {v.ep for v in candidates(4, MOE + ["model.moe.num_experts=2"])[0]} == {1, 2}
+    dense, _ = candidates(4, [])
+    assert all(v.ep == 1 and ".ep" not in v.name for v in dense)
+    sel = select.select_layouts(4, moe=True, patterns=["dp4.ep4", "dp4:*.ep4"])
+    assert sel.probe.model.moe.num_experts == 4 and sel.model_overrides[:len(MOE)] == MOE
+    assert {v.name for v in sel.layouts} == {"dp4.ep4", "dp4:zero1.ep4", "dp4:zero2.ep4", "dp4:zero3.ep4"}
+    for v in (None, *sel.layouts, next(v for v in cands if v.name == "tp2.pp2:interleaved")):
+        cfg = make_config(v, 4, 1, "d", "o", sel.model_overrides, micro_batch=sel.micro_batch)
+        assert cfg.data.micro_batch_size == select.MOE_MICRO_BATCH, v
+    assert select.select_layouts(4, patterns=["dp4"]).micro_batch is None  # dense: 2 micro-batches per stage
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bug", [None, "dp-sum"])
 def test_verify_two_ranks_bf16(tmp_path, bug):
@@ -153,8 +258,9 @@ def test_verify_two_ranks_bf16(tmp_path, bug):
     r, report, _ = verify(tmp_path, 2, "--precision", "bf16", bug=bug)
     assert report["precision"] == "bf16" and report["tolerances"] == BF16_TOLERANCES
     names = [row["layout"] for row in report["layouts"]]
-    assert len(names) == 12
-    assert {"dp2:zero1", "dp2:zero2", "dp2:zero3", "dp2:ds-zero3", "tp2+sp", "pp2:1f1b"} <= set(names)
+    assert len(names) == 14
+    assert {"cp2:allgather", "cp2:ring", "dp2:zero1", "dp2:zero2", "dp2:zero3", "dp2:ds-zero3", "tp2+sp",
+            "pp2:1f1b"} <= set(names)
     if bug is None:
         assert r.returncode == 0 and report["passed"], r.stdout[-5000:] + r.stderr[-10000:]
         assert "tolerances (bf16)" in r.stdout, r.stdout[-3000:]

@@ -133,6 +133,120 @@ def test_head_activation_bytes_equal_what_autograd_saves(precision, pos, saves_o
     assert measured == head_activations(mc, 1, False, 2, 32, e, "cpu", 512)[0]
 
 
+CP_VARIANTS = list(itertools.product(["allgather", "ring"], ["fp32", "bf16"], [None, 2], [False, True],
+                                     ["none", "selective", "full"]))
+
+
+def _mask_held(model, x, box: list) -> dict:
+    """One block run under box[0], an Attend, as GPT.run runs it (box holds the only reference): what
+    it saves for backward without and with the additive mask's storage (the model's weights left
+    out), that storage's bytes, and whether the block's graph alone holds it from the forward until
+    the backward (the saved tensors, or full recompute's checkpoint) and lets it go after."""
+    import weakref
+
+    from megatron_lite.testing.activations import LAYER
+    weights = [*model.parameters(), *model.buffers()]
+    out = {"mask": box[0].mask.untyped_storage().nbytes()}
+    y, out["kept"] = saved_bytes(lambda: model.run_block(LAYER, x, attend=box[0]),
+                                 exclude=weights + [box[0].mask])
+    y.float().square().mean().backward()
+    y, with_mask = saved_bytes(lambda: model.run_block(LAYER, x, attend=box[0]), exclude=weights)
+    out["mask_saved"] = with_mask - out["kept"]
+    ref = weakref.ref(box[0].mask)
+    box.clear()  # only the graph of y may hold the mask now
+    out["held_until_backward"] = ref() is not None
+    y.float().square().mean().backward()
+    del y
+    out["freed_after_backward"] = ref() is None
+    return out
+
+
+def _cp_saved_bytes(rank, world, variants):
+    """Rank `rank` of a real cp group of `world` gloo ranks: per variant, what one block keeps (its
+    weights and the chunk-forward's additive mask left out), what it keeps of that mask, and the
+    micro-batch's bool mask (ContextShard), measured as test_block_activation_bytes_equal_what_autograd_saves
+    measures a serial block, the block run as the trainer runs it (apply_context_parallel,
+    shard_batch's ContextShard, its attention(dtype) built once as GPT.run builds it)."""
+    import torch.distributed as dist
+
+    from megatron_lite.model.gpt import Documents
+    from megatron_lite.parallel.context_parallel import apply_context_parallel, shard_batch
+    from megatron_lite.testing.activations import LAYER
+    out = {}
+    for algorithm, precision, kv, docs, recompute in variants:
+        mc = _mc("swiglu", kv, "rope")
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        torch.manual_seed(0)
+        model = GPT(mc, seed=0, layers=[LAYER], embed=False, head=False)
+        model.set_recompute(recompute)
+        apply_context_parallel(model, dist.group.WORLD, list(range(world)), rank, algorithm)
+        model.to(dtype).train()
+        ids = torch.randint(0, 512, (2, 32))
+        segments = torch.tensor([[0] * 5 + [1] * 27, [0] * 20 + [1] * 12])  # a document spans both ranks
+        batch = (ids, ids, Documents(segments)) if docs else (ids, ids)
+        _, _, shard = shard_batch(batch, world, rank)
+        x = torch.randn(2, 32 // world, 64, dtype=dtype, requires_grad=True)  # this rank's tokens
+        got = _mask_held(model, x, [shard.attention(dtype)])
+        got["bool"] = shard.mask.untyped_storage().nbytes()
+        out[repr((algorithm, precision, kv, docs, recompute))] = got
+    return out
+
+
+def _expected_mask(precision, docs, recompute, cp):
+    """What plan says of the chunk-forward's additive mask in _mask_held's measurement (b 2, T 32)."""
+    from megatron_lite.plan.memory import attention_mask_bytes
+    additive = attention_mask_bytes(2, 32, cp, 2 if precision == "bf16" else 4, docs)
+    return {"mask": additive, "mask_saved": additive if recompute != "full" else 0,
+            "held_until_backward": True, "freed_after_backward": True}
+
+
+def test_context_parallel_block_bytes_equal_what_autograd_saves():
+    """plan's per-block bytes under cp (saved_terms at T/cp tokens + memory.context_terms) against
+    what a block of a real 2-rank cp group saves, for both algorithms, fp32 and bf16, MHA and GQA,
+    with and without packed documents, every recompute mode. The chunk-forward's additive mask
+    (memory.attention_mask_bytes: with documents once per in-flight chunk-micro-batch, else once
+    per rank, test_context_parallel.test_in_flight_micro_batches_hold_one_mask_without_documents)
+    is left out of a block's
+    bytes and checked apart: its size; that the block saves that very storage (SDPA under allgather,
+    RingAttention) except under full recompute, whose checkpoint holds it instead; that the graph
+    alone keeps it alive until the backward and frees it then. The micro-batch's bool mask
+    (ContextShard, in memory.mask_bytes) is its own storage."""
+    from megatron_lite.testing import spawn_json
+    measured = spawn_json(_cp_saved_bytes, 2, CP_VARIANTS)
+    wrong = []
+    for algorithm, precision, kv, docs, recompute in CP_VARIANTS:
+        got = measured[repr((algorithm, precision, kv, docs, recompute))]
+        e = 2 if precision == "bf16" else 4
+        kept, _ = block_activations(_mc("swiglu", kv, "rope"), 1, False, 2, 32, e, "cpu", recompute, cp=2,
+                                    algorithm=algorithm)
+        want = {"kept": kept, "bool": (2 if docs else 1) * 16 * 32,  # (B|1, 1, T/cp, T)
+                **_expected_mask(precision, docs, recompute, 2)}
+        if got != want:
+            wrong.append((algorithm, precision, kv, docs, recompute, got, want))
+    assert not wrong, wrong
+
+
+@pytest.mark.parametrize("precision, recompute", list(itertools.product(["fp32", "bf16"],
+                                                                          ["none", "selective", "full"])))
+def test_document_mask_block_bytes_equal_what_autograd_saves(precision, recompute):
+    """Packed documents at cp = 1 (data.document_mask): a block under Documents.attention(dtype) saves
+    saved_terms' bytes besides the (B, 1, T, T) additive mask, which it keeps as the chunk-forward's
+    one storage (memory.attention_mask_bytes), not a copy of its own; measured as the cp case is."""
+    from megatron_lite.model.gpt import Documents
+    from megatron_lite.testing.activations import LAYER
+    mc = _mc("swiglu", 2, "rope")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    torch.manual_seed(0)
+    model = GPT(mc, seed=0, layers=[LAYER], embed=False, head=False)
+    model.set_recompute(recompute)
+    model.to(dtype).train()
+    docs = Documents(torch.tensor([[0] * 5 + [1] * 27, [0] * 20 + [1] * 12]))
+    x = torch.randn(2, 32, 64, dtype=dtype, requires_grad=True)
+    got = _mask_held(model, x, [docs.attention(dtype)])
+    kept, _ = block_activations(mc, 1, False, 2, 32, 2 if precision == "bf16" else 4, "cpu", recompute)
+    assert got == {"kept": kept, **_expected_mask(precision, True, recompute, 1)}
+
+
 def test_schedule_facts_come_from_the_simulator():
     f = plan.schedule_facts("1f1b", 4, 8, 1, 2.0)
     assert f.peak == (4, 3, 2, 1)  # 1F1B: p micro-batches in flight on the first stage
@@ -327,9 +441,9 @@ def test_llama3_405b_interleaved_on_tp8_pp16_dp128_with_embedding_and_head_piece
             mc.vocab_size, cfg.seq_length) == (126, 16384, 128, 8, 53248, 128256, 8192)
     assert param_count(mc) / 1e9 == pytest.approx(405.85, abs=0.01)
     cluster = plan.Cluster.preset("h100", nodes=2048)  # 16384 GPUs
-    result = plan.plan(cfg, cluster, global_batch=2048, tp_values=[8], pp_values=[16], micro_batch_sizes=(1,),
-                       schedules=("interleaved",), max_virtual_stages=8, zero=((1, "native"),),
-                       recompute=("full",))
+    result = plan.plan(cfg, cluster, global_batch=2048, tp_values=[8], pp_values=[16], cp_values=[1],
+                       micro_batch_sizes=(1,), schedules=("interleaved",), max_virtual_stages=8,
+                       zero=((1, "native"),), recompute=("full",))
     found = {c.layout.config.parallel.virtual_stages: c for c in result.ranked + result.too_big}
     assert sorted(found) == [2, 4, 8] and not result.rejected, (sorted(found), result.rejected)
     block = plan.stage_params(mc, 1, False, False, 8).total  # one block on one tp rank
@@ -357,8 +471,9 @@ def test_llama3_405b_fits_at_its_published_layout_with_headroom():
     cfg = Config.from_yaml(ROOT / "configs" / "llama3-405b.yaml")
     assert cfg.optim.zero.stage == 2 and cfg.model.norm_saves_output
     cluster = plan.Cluster.preset("h100", nodes=2048)
-    result = plan.plan(cfg, cluster, global_batch=2048, tp_values=[8], pp_values=[16], micro_batch_sizes=(1,),
-                       schedules=("interleaved",), max_virtual_stages=8, zero=((2, "native"),),
+    result = plan.plan(cfg, cluster, global_batch=2048, tp_values=[8], pp_values=[16], cp_values=[1],
+                       micro_batch_sizes=(1,), schedules=("interleaved",), max_virtual_stages=8,
+                       zero=((2, "native"),),
                        recompute=("none",), headroom=0.1)
     fits = {c.layout.config.parallel.virtual_stages: c.memory.total for c in result.ranked}
     assert 2 in fits and fits[2] <= 0.9 * 80e9, (fits, [c.memory.total for c in result.too_big])
@@ -395,6 +510,163 @@ def test_llama3_405b_published_layout_predicts_at_least_90_percent_of_its_mfu():
     off = plan.step_time(_llama3_405b(zero2[2], 2, **{"parallel.overlap_grad_reduce": False,
                                                       "parallel.overlap_param_gather": False}), cluster)
     assert off.overlapped == () and off.mfu < timing.mfu and off.exposed["dp"] > 1.5 * timing.exposed["dp"]
+
+
+def _llama3_128k(algorithm: str = "allgather", recompute: str = "full", zero: int = 1, v: int = 8,
+                 **extra) -> Layout:
+    cfg = Config.from_yaml(ROOT / "configs" / "llama3-405b.yaml", ["model.max_sequence_length=131072"])
+    return Layout.build(plan.build_config(cfg, {**extra,
+        "data.seq_length": 131072, "parallel.tp": 8, "parallel.cp": 16, "parallel.pp": 16, "parallel.dp": 8,
+        "parallel.cp_algorithm": algorithm, "parallel.sequence_parallel": True,
+        "parallel.schedule": "interleaved" if v > 1 else "1f1b", "parallel.virtual_stages": v,
+        "parallel.microbatches": 16, "data.micro_batch_size": 1, "data.global_batch_size": 128,
+        "train.recompute": recompute, "optim.zero.stage": zero}), 16384)
+
+
+def test_llama3_405b_128k_stage_at_its_published_layout():
+    """Llama 3 405B's long-context stage (Llama Team 2024, arXiv 2407.21783, Table 4): TP8 CP16 PP16 on
+    16,384 H100s, sequence 131,072, 16 sequences per DP group, 16M tokens per batch: 380 TFLOP/s per
+    GPU, 38% BF16 MFU. The table prints DP 4, which contradicts its own GPU count (8 x 16 x 16 x 4 =
+    8,192) and tokens per batch (16 x 4 x 131,072 = 8M); DP 8 agrees with both and is planned here
+    (every rank's work is the same at DP 4).
+
+    The attention mask there is (1, 1, 8192, 131072) per rank: 2 GiB in bf16 (and 1 GiB as bool).
+    Without packed documents it depends on the sequence length alone, so the rank builds it once and
+    every chunk-forward of the run shares it (parallel/context_parallel.ContextSharder): one copy
+    however many chunk-micro-batches interleaving keeps in flight (v = 8: all 128 before the first
+    backward). The best layout that fits 80 GB is then the published one interleaved v = 8 with
+    selective recompute, allgather, ZeRO-1: plan predicts 45% MFU, 1.18x the published 38% (the
+    planner has no term for what a real run also loses: stragglers, the data loader, failures, the
+    warm-up of each step). Full recompute fits in ~28 GB at ~34%. With packed documents each
+    micro-batch has its own mask, each chunk-forward its own additive copy: v = 8 then holds ~3x
+    80 GB, and only 1F1B with full recompute fits (~20%, its 16 micro-batches on 16 stages leave a
+    48% bubble). The ring runs at a few % MFU: its block matmuls are fp32 (context_parallel._probs),
+    at the GPU's fp32 rate."""
+    from megatron_lite.plan.memory import attention_mask_bytes, mask_bytes
+    cluster = plan.Cluster.preset("h100", nodes=2048)
+    cfg = Config.from_yaml(ROOT / "configs" / "llama3-405b.yaml", ["model.max_sequence_length=131072"])
+    result = plan.plan(cfg, cluster, global_batch=128, seq=131072, tp_values=[8], cp_values=[16],
+                       pp_values=[16], micro_batch_sizes=(1,), max_virtual_stages=8, headroom=0.0)
+    assert result.ranked and not result.rejected
+    best = result.ranked[0]
+    o = best.overrides
+    assert (o["parallel.cp_algorithm"], o["train.recompute"], o["parallel.virtual_stages"],
+            o["optim.zero.stage"]) == ("allgather", "selective", 8, 1), best.describe()
+    assert best.memory.total <= 80e9
+    assert 0.9 * 0.38 <= best.timing.mfu <= 1.25 * 0.38, (best.describe(), best.timing.mfu)
+    assert best.timing.exposed["cp"] > 0  # synchronous K/V collectives
+    mask = attention_mask_bytes(1, 131072, 16, 2, False)
+    assert mask == 8192 * 131072 * 2 and mask_bytes(_llama3_128k(v=8)) == 1.5 * mask  # + the bool mask
+    full = _llama3_128k(v=8)
+    assert plan.peak_memory(full).total < 0.4 * 80e9 and 0.8 * 0.38 <= plan.step_time(full, cluster).mfu
+    # packed documents: one mask per micro-batch and per chunk-forward in flight
+    docs = {"data.document_mask": True}
+    v8 = _llama3_128k(v=8, **docs)
+    assert plan.peak_memory(v8).total > 3 * 80e9 and plan.peak_memory(v8).activations > 128 * mask
+    one = _llama3_128k(v=1, **docs)
+    assert plan.peak_memory(one).total <= 80e9 and plan.peak_memory(_llama3_128k(v=2, **docs)).total > 80e9
+    assert 0.45 * 0.38 <= plan.step_time(one, cluster).mfu <= 0.6 * 0.38
+    # without recompute: v = 8 does not fit
+    assert plan.peak_memory(_llama3_128k(recompute="none")).total > 80e9
+    ring = _llama3_128k("ring", "full")
+    assert plan.step_time(ring, cluster).mfu < 0.1
+
+
+def test_context_parallel_time_terms(monkeypatch):
+    """cp's terms in plan/timing.py: allgather's K/V all-gathers (forward) and reduce-scatters
+    (backward) on the cp group, which sits right after tp in the rank order (with tp = 8 on another
+    node), all exposed; the ring's hops behind its blocks; the attention core per rank 1/cp of every
+    T x T pair (as at cp = 1 under packed documents' mask: no causal half skipped); the additive mask
+    built once per chunk-forward, not per layer; the gradient reduction over dp x cp."""
+    from megatron_lite.plan import timing
+    from megatron_lite.plan.cluster import collective_time
+    from megatron_lite.plan.timing import GEMM_EFFICIENCY, Step, attention_term, cp_term, mask_term
+    cluster = plan.Cluster.preset("h100", nodes=2)
+    model = {"hidden_size": 128, "num_attention_heads": 8, "num_kv_heads": 8, "max_sequence_length": 8192}
+    cfg = {"model": model, "data": {"micro_batch_size": 1}, "train": {"precision": "bf16"}}
+    layouts = {cp: _layout({**cfg, "parallel": {"tp": 8, "cp": cp}}) for cp in (1, 2)}
+    steps = {cp: Step.of(lay, cluster, plan.OURS, GEMM_EFFICIENCY) for cp, lay in layouts.items()}
+    st = steps[2]
+    assert st.ranks("cp") == [0, 8] and st.replica_ranks() == [0, 8]  # the second node
+    mc = layouts[2].config.model
+    kv_bytes = (mc.num_kv_heads // 8) * mc.head_dim * 2 * 8192  # (b, K/tp, T, D), bf16
+    core_f, core_b = attention_term(st)
+    ctx = cp_term(st, core_f, core_b)
+    gather = collective_time(kv_bytes, [0, 8], cluster, "gather")
+    assert (ctx.fwd, ctx.bwd, ctx.hidden) == (2 * gather, 2 * gather, 0.0)
+    # attention: all 4096 x 8192 (query, key) pairs of a rank (the mask is a tensor); without
+    # documents the rank's one mask is built once for the run (ContextSharder): no time per step;
+    # with them once per chunk-forward (zeros, invert, masked_fill_: 3 + 3e bytes per element)
+    pairs = 4 * 4096 * 8192 * mc.num_attention_heads * mc.head_dim / 8
+    assert core_f == pytest.approx(pairs / st.peak, rel=1e-12) and mask_term(st) == 0.0
+    cp_docs = _layout({**cfg, "parallel": {"tp": 8, "cp": 2}, "data": {"micro_batch_size": 1,
+                                                                      "document_mask": True}})
+    cp_docs_st = Step.of(cp_docs, cluster, plan.OURS, GEMM_EFFICIENCY)
+    assert mask_term(cp_docs_st) == pytest.approx(4096 * 8192 * (3 + 3 * 2) / st.hbm, rel=1e-12)
+    serial_f, _ = attention_term(steps[1])  # flash over the causal half of 8192 x 8192: as many pairs
+    assert serial_f == pytest.approx(pairs / st.peak, rel=1e-12) and mask_term(steps[1]) == 0.0
+    # packed documents at cp = 1: SDPA under the (B, 1, T, T) mask computes every pair, twice the
+    # causal half; Documents.attention also compares segments and ands the causal mask (4 bytes more)
+    packed = {**cfg, "parallel": {"tp": 8}, "data": {"micro_batch_size": 1, "document_mask": True}}
+    docs = Step.of(_layout(packed), cluster, plan.OURS, GEMM_EFFICIENCY)
+    assert attention_term(docs)[0] == pytest.approx(2 * serial_f, rel=1e-12)
+    assert mask_term(docs) == pytest.approx(8192 * 8192 * (3 + 3 * 2 + 4) / st.hbm, rel=1e-12)
+    # once per chunk-forward, not per block: each of the m micro-batches' forward pays it once (pp = 1,
+    # four blocks)
+    with_mask = plan.step_time(cp_docs, cluster)
+    monkeypatch.setattr(timing, "mask_term", lambda st: 0.0)
+    assert cp_docs.config.model.num_layers == 4 and cp_docs.micro_batches == 2
+    assert with_mask.step_s - plan.step_time(cp_docs, cluster).step_s == pytest.approx(
+        2 * mask_term(cp_docs_st), rel=1e-9)
+    ring = _layout({**cfg, "parallel": {"tp": 8, "cp": 2, "cp_algorithm": "ring"}})
+    rst = Step.of(ring, cluster, plan.OURS, GEMM_EFFICIENCY)
+    rctx = cp_term(rst, *attention_term(rst))
+    assert rctx.hidden > 0 and rctx.fwd == 0.0  # its one hop runs behind a whole block
+    timing = plan.step_time(ring, cluster)
+    assert "ring K/V passes (behind attention)" in timing.overlapped and timing.cp_hidden_s > 0
+    assert plan.step_time(layouts[2], cluster).exposed["cp"] > 0
+
+
+def test_context_parallel_memory_per_rank_and_zero_over_dp_cp():
+    """Per-token activations and pipeline messages per rank fall as 1/cp, exactly; what cp adds is
+    its own (context_terms per block: allgather's gathered K/V, nothing for the ring; without
+    documents one shared bool + additive mask for the rank, whatever is in flight, also through the
+    optimizer step; with documents an additive mask per in-flight chunk-micro-batch and the step's
+    bool masks); packed documents at cp = 1 add only their (B, 1, T, T) additive mask per in-flight
+    chunk; ZeRO shards over dp x cp as over dp."""
+    from megatron_lite.plan.memory import attention_mask_bytes, context_terms, mask_bytes
+    from megatron_lite.plan.stage import chunks_of
+    base = {"model": {"max_sequence_length": 8192}, "data": {"micro_batch_size": 1},
+            "train": {"precision": "bf16", "recompute": "none"}}
+    layouts = {cp: _layout({**base, "parallel": {"cp": cp, "pp": 2}}) for cp in (1, 2, 4)}
+    mem = {cp: plan.memory_of(lay, 0, 0, "cpu") for cp, lay in layouts.items()}
+    mc = layouts[1].config.model
+    serial, _ = block_activations(mc, 1, False, 1, 8192, 2, "cpu", "none")
+    blocks = mem[1].activations / serial  # block-micro-batches in flight: the schedule's, any cp
+    chunks = blocks / len(chunks_of(layouts[1], 0)[0].layers)  # chunk-micro-batches in flight
+    assert chunks == 2  # 1F1B, stage 0 of 2
+    for cp in (2, 4):
+        own = sum(context_terms(mc, 1, 8192, 1, cp, "allgather", 2).values())
+        kept, _ = block_activations(mc, 1, False, 1, 8192, 2, "cpu", "none", cp=cp)
+        assert kept - own == serial / cp and own == 2 * 8192 * mc.num_kv_heads * mc.head_dim * 2
+        ring, _ = block_activations(mc, 1, False, 1, 8192, 2, "cpu", "none", cp=cp, algorithm="ring")
+        assert ring == serial / cp
+        additive = attention_mask_bytes(1, 8192, cp, 2, False)
+        assert additive == 8192 // cp * 8192 * 2 and mask_bytes(layouts[cp]) == additive * 3 / 2
+        assert mem[cp].activations == pytest.approx(blocks * kept + additive * 3 / 2, rel=1e-12)
+        assert mem[cp].pipeline == mem[1].pipeline / cp
+        docs = _layout({**base, "parallel": {"cp": cp, "pp": 2},
+                        "data": {"micro_batch_size": 1, "document_mask": True}})
+        m = docs.micro_batches
+        assert mask_bytes(docs) == m * additive / 2
+        assert plan.memory_of(docs, 0, 0, "cpu").activations == pytest.approx(
+            blocks * kept + chunks * additive + m * additive / 2, rel=1e-12)
+    docs = _layout({**base, "parallel": {"pp": 2}, "data": {"micro_batch_size": 1, "document_mask": True}})
+    assert plan.memory_of(docs, 0, 0, "cpu").activations == mem[1].activations + chunks * 8192 * 8192 * 2
+    sharded = [model_state(_layout({"parallel": {"dp": dp, "cp": cp}, "train": {"precision": "bf16"},
+                                    "optim": {"zero": {"stage": 1}}}), 0, 0, "cpu")
+               for dp, cp in ((2, 1), (1, 2))]
+    assert sharded[0] == sharded[1]
 
 
 def test_zero2_every_backward_waits_for_its_reductions():
@@ -501,11 +773,29 @@ def test_cli_plan_pins_the_layout_and_names_the_profile(tmp_path, capsys):
     assert (o["parallel.tp"], o["parallel.pp"], o["parallel.dp"], o["parallel.sequence_parallel"],
             o["parallel.virtual_stages"], o["data.micro_batch_size"], o["optim.zero.stage"]) == \
         (2, 2, 2, False, 2, 2, 1)
-    assert set(row["timing"]["exposed"]) == {"tp", "pp_p2p", "dp", "tied_embedding"}
+    assert set(row["timing"]["exposed"]) == {"tp", "cp", "pp_p2p", "dp", "tied_embedding"}
+    assert row["timing"]["exposed"]["cp"] == 0 and o["parallel.cp"] == 1
     assert main(["plan", "--config", "gpt2-125m", "--cluster", "h100", "--global-batch", "32", "--tp", "2",
                  "--pp", "2", "--profile", "megatron-2021", "--zero", "1", "--micro-batch", "2",
                  "train.eval_iters=8"]) == 0
     assert "overlapped behind compute: nothing" in capsys.readouterr().out
+
+
+def test_cli_plan_pins_context_parallelism_and_names_its_communication(tmp_path, capsys):
+    """--cp 2 --cp-algorithm ring: every candidate has cp 2 and the ring; the table names cp in the
+    layout, its exposed seconds and the ring hops overlapped behind attention."""
+    out = tmp_path / "plan.json"
+    code = main(["plan", "--config", "gpt2-125m", "--cluster", "h100", "--global-batch", "32", "--tp", "2",
+                 "--cp", "2", "--cp-algorithm", "ring", "--zero", "0", "1", "--micro-batch", "4",
+                 "--json", str(out), "train.eval_iters=8"])
+    text = capsys.readouterr().out
+    assert code == 0 and "cp 2 (ring)" in text and "ring K/V passes (behind attention)" in text
+    assert "cp " in text.split("#1 exposed communication per step:")[1].split(";")[0]
+    data = json.loads(out.read_text())
+    rows = data["ranked"] + data["too_big"]
+    assert rows and all(
+        (r["overrides"]["parallel.cp"], r["overrides"]["parallel.cp_algorithm"]) == (2, "ring") for r in rows)
+    assert all(r["timing"]["exposed"]["cp"] > 0 and r["timing"]["cp_hidden_s"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -515,7 +805,8 @@ def test_cli_plan_pins_the_layout_and_names_the_profile(tmp_path, capsys):
     (["--zero", "4"], ["--zero '4'"]),
     (["--peak-tflops", "-1"], ["--peak-tflops=-1"]),
     (["--seq", "4096"], ["data.seq_length=4096", "max_sequence_length"]),
-    (["--cp", "2"], ["--cp 2", "context parallelism", "--cp 1"]),
+    (["--cp", "3", "--nodes", "3"], ["--cp 3", "divisible by 2 x 3", "1024"]),
+    (["--tp", "2", "--cp", "2", "--pp", "2", "--dp", "4"], ["--cp 2", "= 32", "8 GPUs"]),
     (["--tp", "3"], ["--tp 3", "divisor of 8"]),
     (["--tp", "2", "--pp", "2", "--dp", "4"], ["= 16", "8 GPUs"]),
     (["--schedule", "1f1b", "--virtual-stages", "2"], ["--virtual-stages 2", "interleaved"]),
@@ -543,7 +834,7 @@ def test_plan_at_16k_gpus_does_per_group_not_per_rank_work(monkeypatch):
     monkeypatch.setattr(Topology, "rank_of", counted)
     cfg = Config.from_yaml(ROOT / "configs" / "llama3-405b.yaml")
     result = plan.plan(cfg, plan.Cluster.preset("h100", nodes=2048), global_batch=2048, tp_values=[8],
-                       pp_values=[16], micro_batch_sizes=(1,), schedules=("interleaved",),
+                       pp_values=[16], cp_values=[1], micro_batch_sizes=(1,), schedules=("interleaved",),
                        max_virtual_stages=2, zero=((1, "native"),), recompute=("none",))
     assert len(result.ranked + result.too_big) == 1
     assert calls["rank_of"] < 1000, calls  # the world is 16,384 ranks; a layout needs ~tp + pp + dp
@@ -576,3 +867,55 @@ def test_zero3_prefetch_holds_two_blocks_and_overlapped_reductions_their_staging
         if stage == 3:
             assert a.gathered_forward - b.gathered_forward == 2 * unit
             assert a.gathered_backward - b.gathered_backward == 2 * unit
+
+
+MOE_VARIANTS = [{}, {"num_shared_experts": 1, "shared_expert_gate": True},
+                {"aux_loss_coeff": 0.01, "z_loss_coeff": 0.001}, {"norm_topk_prob": False},
+                {"router": "sigmoid", "aux_loss_coeff": 0.01}, {"num_shared_experts": 2}]
+
+
+@pytest.mark.parametrize("moe", MOE_VARIANTS + [{"capacity_factor": 1.0}])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_moe_block_terms_equal_what_autograd_saves(moe, activation):
+    """A MoE block's saved bytes (saved_terms with moe_terms in place of the dense MLP's) against
+    saved_tensors_hooks, fp32 and bf16, every recompute mode, each router and shared-expert variant:
+    equal when dropless; with a capacity factor the terms bound it from above (the kept rows depend on
+    the routing), within 5%."""
+    from megatron_lite.model.activations import saved_terms
+    mc = ModelConfig(vocab_size=128, hidden_size=64, num_layers=1, num_attention_heads=4,
+                     max_sequence_length=64, activation=activation, norm="rmsnorm", position_embedding="rope",
+                     bias=False, dropout=0.0, moe=dict(num_experts=4, top_k=2, intermediate_size=32, **moe))
+    for dtype, e in ((torch.float32, 4), (torch.bfloat16, 2)):
+        got = measure_block(mc, 2, 64, ("none", "selective", "full"), dtype=dtype)
+        for mode, n in got.items():
+            want = sum(saved_terms(mc, 2, 64, e=e, recompute=mode, device="cpu").values())
+            if "capacity_factor" in moe and mode != "full":
+                assert n <= want <= 1.05 * n, (mode, e, n, want)
+            else:
+                assert n == want, (mode, e, n, want)
+
+
+def test_plan_a_mixtral_8x7b_shape_ranks_expert_parallel_layouts(capsys):
+    """plan on configs/mixtral-8x7b.yaml (46.7B parameters, 12.9B active) on 4 nodes of 8 H100: the
+    experts split over ep ranks carved from dp (every ep dividing dp and 8), MFU on active FLOPs, the
+    all-to-all exposed; --ep pins it; sequence parallelism is never proposed for MoE. (Under tp every
+    tp rank runs the MoE block on the whole sequence: the experts' FLOPs are repeated tp times, which
+    the MFU shows.)"""
+    from megatron_lite.cli import main
+    cfg = Config.from_yaml("configs/mixtral-8x7b.yaml")
+    result = plan.plan(cfg, plan.Cluster.preset("h100", nodes=4), 128, recompute=("full",), tp_values=[2],
+                       micro_batch_sizes=(1,))
+    assert result.ranked and not any(c.layout.sequence_parallel for c in result.ranked + result.too_big)
+    assert {c.layout.ep for c in result.ranked + result.too_big} == {1, 2, 4, 8}
+    best = result.ranked[0]
+    assert best.layout.ep > 1 and best.timing.exposed["ep_all_to_all"] > 0
+    # active FLOPs: 6 x 12.9B active parameters per token, plus attention over 4096 tokens (~1B
+    # parameters' worth), far below 6 x 46.7B
+    assert best.timing.mfu < 0.7 and 13.0e9 < flops_per_token(cfg.model, 4096) / 6 < 14.5e9
+    ep1 = [c for c in result.ranked + result.too_big if c.layout.ep == 1 and c.layout.pp == best.layout.pp
+           and c.layout.config.optim.zero.stage == best.layout.config.optim.zero.stage]
+    assert ep1 and all(c.memory.total > best.memory.total for c in ep1)  # ep shards the experts' state
+    assert main(["plan", "--config", "configs/mixtral-8x7b.yaml", "--cluster", "h100", "--nodes", "4",
+                 "--global-batch", "128", "--tp", "2", "--ep", "4", "--micro-batch", "1", "--recompute",
+                 "full", "--top", "1"]) == 0
+    assert "(ep 4)" in capsys.readouterr().out
