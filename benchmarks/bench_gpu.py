@@ -82,20 +82,47 @@ def random_tokens_dir(path: Path, vocab: int, tokens: int, seed: int = 0) -> Pat
     return path
 
 
-def _timed(step, warmup: int, steps: int, sync) -> tuple[float, float]:
-    """(seconds of the first warmup step, mean seconds per step after warmup)."""
+def _timed(step, a) -> tuple[float, float]:
+    """(seconds of the first warmup step, mean seconds per step after warmup); with --profile DIR, then
+    three more steps under torch.profiler, their tables written to DIR."""
+    sync = _sync(a.device)
     t0 = time.perf_counter()
     step()
     sync()
     first = time.perf_counter() - t0
-    for _ in range(warmup - 1):
+    for _ in range(a.warmup - 1):
         step()
     sync()
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(a.steps):
         step()
     sync()
-    return first, (time.perf_counter() - t0) / steps
+    per_step = (time.perf_counter() - t0) / a.steps
+    if a.profile:
+        _profile(step, a, sync)
+    return first, per_step
+
+
+def _profile(step, a, sync, steps: int = 3) -> None:
+    """Where a step's time goes: kernels by device time, operators by host time, and the device's busy
+    time per step against the step's wall time (a host-bound step has the device idle)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    wall = (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events) / steps if a.device == "cuda" else 0.0
+    sort = "self_cuda_time_total" if a.device == "cuda" else "self_cpu_time_total"
+    name = f"profile_{a.impl}_{a.case}{'_compile' if a.compile else ''}.txt"
+    Path(a.profile).mkdir(parents=True, exist_ok=True)
+    (Path(a.profile) / name).write_text(
+        f"{a.impl} {a.case} compile={a.compile}: wall {1e3 * wall:.2f} ms/step under the profiler, device "
+        f"busy {device_us / 1e3:.2f} ms/step\n\nby device time:\n{events.table(sort_by=sort, row_limit=40)}\n"
+        f"by host time:\n{events.table(sort_by='self_cpu_time_total', row_limit=30)}\n")
 
 
 def run_ours(a) -> dict:
@@ -111,13 +138,13 @@ def run_ours(a) -> dict:
         cfg = Config.from_yaml(preset, overrides(a.case, a.data, out, a.device, a.compile))
         predicted = plan.memory_of(Layout.build(cfg), 0, 0, "cuda")
         trainer = Trainer(cfg, RunEnv())
-        losses = []
+        losses, tokens = [], [trainer.state.tokens]
 
         def step():
             losses.append(trainer.train_step().loss)
-        tokens0 = trainer.state.tokens
-        first, per_step = _timed(step, a.warmup, a.steps, _sync(a.device))
-        tokens_per_step = (trainer.state.tokens - tokens0) // (a.warmup + a.steps)
+            tokens.append(trainer.state.tokens)
+        first, per_step = _timed(step, a)
+        tokens_per_step = tokens[1] - tokens[0]  # the trainer's own count (every step is one batch)
         flops, peak = trainer.flops_per_token, trainer.peak
         trainer.close()
     r = _result(a, tokens_per_step, per_step, first, flops, peak, losses)
@@ -165,7 +192,7 @@ def run_nanogpt(a) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())  # as ours: the step's loss on the host
-    first, per_step = _timed(step, a.warmup, a.steps, _sync(a.device))
+    first, per_step = _timed(step, a)
     flops = flops_per_token(mc, seq)
     return _result(a, micro * seq, per_step, first, flops, peak_flops(device, None), losses)
 
@@ -222,6 +249,7 @@ def measure(a) -> None:
             cmd = [sys.executable, __file__, "--child", impl, "--case", case, "--data", str(data), "--device",
                    a.device, "--steps", str(a.steps), "--warmup", str(a.warmup)]
             cmd += ["--compile"] if compile_ else []
+            cmd += ["--profile", a.profile] if a.profile else []
             t0 = time.time()
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.run_timeout)
@@ -309,6 +337,7 @@ def main() -> None:
     ap.add_argument("--case", choices=list(CASES))
     ap.add_argument("--data")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--profile", help="also profile 3 steps of each row; tables written to this directory")
     a = ap.parse_args()
     if a.impl:
         return child(a)
