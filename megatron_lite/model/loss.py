@@ -36,15 +36,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # One (chunk, V) buffer for the whole loop, not a fresh one per chunk: on CPU each fresh
         # allocation this large is an mmap whose pages fault in (and are zeroed) on first touch.
         # (torch.logsumexp needs no (chunk, V) temporary of its own: no second buffer.)
-        n0 = min(chunk, x.shape[0])
-        buf = torch.empty((n0, weight.shape[0]), dtype=torch.promote_types(x.dtype, torch.float32),
-                          device=x.device)  # the chunk's logits, then its softmax gradient
+        n0, V = min(chunk, x.shape[0]), weight.shape[0]
+        # The (chunk, V) buffers are views of (chunk, Vp) ones: rows Vp = V rounded up to 64 elements
+        # apart, so every row starts 128-byte aligned. cuBLAS's tensor-core GEMMs need aligned leading
+        # dimensions; with an odd V (GPT-2's 50257) the three head GEMMs otherwise fall back to
+        # kernels that took 40% of a GPT-2 small step on an H200 (docs/benchmarks.md, bench_gpu).
+        Vp = -(-V // 64) * 64
+        buf = torch.empty((n0, Vp), dtype=torch.promote_types(x.dtype, torch.float32),
+                          device=x.device)[:, :V]  # the chunk's logits, then its softmax gradient
+        # 16-bit compute: the product lands in a padded 16-bit buffer, which later holds the 16-bit
+        # softmax gradient that the two gradient GEMMs read (same bytes as the temporaries it replaces)
+        half = (torch.empty((n0, Vp), dtype=x.dtype, device=x.device)[:, :V]
+                if direct and buf.dtype != x.dtype else None)
         for s in range(0, x.shape[0], chunk):
             xc, yc, vc = x[s:s + chunk], labels[s:s + chunk], valid[s:s + chunk]
             n = xc.shape[0]
             if direct and buf.dtype == x.dtype:
                 logits = torch.mm(xc, weight.t(), out=buf[:n])  # (n, V)
-            else:  # softmax in fp32 even when the product is 16-bit
+            elif half is not None:  # softmax in fp32 even when the product is 16-bit
+                logits = buf[:n].copy_(torch.mm(xc, weight.t(), out=half[:n]))  # (n, V)
+            else:  # autocast: torch's own 16-bit product
                 logits = buf[:n].copy_(xc @ weight.t())  # (n, V)
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
             safe_y = torch.where(vc, yc, torch.zeros_like(yc))
@@ -54,7 +65,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(lse[:, None]).exp_()  # (n, V)
             probs[rows, safe_y] -= 1.0
             probs.mul_((vc.to(probs.dtype) / n_valid)[:, None])
-            g = probs.to(x.dtype)  # (n, V) no copy unless the compute dtype is 16-bit
+            g = half[:n].copy_(probs) if half is not None else probs.to(x.dtype)  # (n, V)
             if direct:
                 torch.mm(g, weight, out=grad_x[s:s + chunk])  # (n, C), straight into its rows
             else:
