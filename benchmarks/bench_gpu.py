@@ -238,7 +238,8 @@ def measure(a) -> None:
     from megatron_lite.config import Config
     runs = [(impl, case, c) for impl, case, c in RUNS + [(i, "tiny", c) for i in ("ours", "nanogpt") for c in
                                                           (False, True)]
-            if case in (a.cases or [k for k in CASES if k != "tiny"]) and (a.compile_runs or not c)]
+            if case in (a.cases or [k for k in CASES if k != "tiny"]) and (a.compile_runs or not c)
+            and f"{impl}:{case}{':compile' if c else ''}" not in a.skip]
     with tempfile.TemporaryDirectory() as d:
         dirs: dict[int, Path] = {}
         for impl, case, compile_ in runs:
@@ -329,6 +330,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--cases", nargs="+", choices=list(CASES), help="only these models")
     ap.add_argument("--no-compile", dest="compile_runs", action="store_false", help="eager rows only")
+    ap.add_argument("--skip", nargs="+", default=[], help="rows to leave out, as impl:case[:compile]")
     ap.add_argument("--run-timeout", type=int, default=240, help="seconds per row")
     ap.add_argument("--data-tokens", type=int, default=4_000_000)
     ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"), help="where the section goes")
