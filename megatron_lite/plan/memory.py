@@ -65,6 +65,7 @@ from dataclasses import asdict, dataclass
 from ..config import Config, ModelConfig
 from ..layout import Layout
 from ..model.activations import saved_terms
+from ..model.loss import HEAD_PAD
 from ..slicing import padded_vocab
 from .stage import MAX_STAGING_BUCKETS, chunks_of, rank_params, schedule_facts, stage_params
 
@@ -211,10 +212,13 @@ def head_activations(mc: ModelConfig, tp: int, sp: bool, b: int, s: int, e: int,
     if tp == 1:
         # model/loss.py: grad_x (N, h) and grad_w (V, h) computed in the forward and saved (grad_w
         # accumulated in fp32, saved in the weights' dtype); per chunk of 1024 rows the logits in the
-        # compute dtype, their fp32 copy, logsumexp's temporary, the probabilities cast back
+        # compute dtype, their fp32 copy, logsumexp's temporary, the probabilities cast back; on CUDA
+        # over the vocabulary rounded up to HEAD_PAD, with the weight's zero-padded copy beside them
+        vp = -(-vocab // HEAD_PAD) * HEAD_PAD if device == "cuda" else vocab
         saved = norm + N * h * e + vocab * h * e
-        chunk = min(1024, N) * vocab * 4 * 2
-        forward = chunk + (vocab * h * 4 if e != 4 else 0)  # the fp32 accumulator of grad_w
+        chunk = min(1024, N) * vp * 4 * 2
+        forward = chunk + (vp * h * 4 if e != 4 else 0)  # the fp32 accumulator of grad_w
+        forward += vp * h * e if vp != vocab else 0
         return saved, forward, vocab * h * e  # backward: grad_w x grad_out
     # vocab-parallel head: the linear's input (the sequence shard under SP: gather_linear), the fp32
     # softmax over this rank's slice and three per-token vectors (int64 label, two bool masks)

@@ -203,6 +203,37 @@ def test_fused_linear_cross_entropy_equals_the_plain_head(variant):
     torch.testing.assert_close(plain, grads[True][0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fused_loss_over_a_padded_vocabulary(dtype):
+    """The CUDA path (pad_to=64: the head's GEMMs over an odd vocabulary rounded up, on zero weight
+    rows) gives the unpadded loss and gradients, several chunks and ignored rows included; in fp64 both
+    equal torch's plain log-softmax cross-entropy."""
+    from torch.nn import functional as F
+
+    from megatron_lite.model.loss import linear_cross_entropy
+    g = torch.Generator().manual_seed(0)
+    V, N, C = 1001, 300, 48  # 1001 = 15 x 64 + 41: the last 23 padded rows
+    x0, w0 = torch.randn(N, C, generator=g).to(dtype), (0.3 * torch.randn(V, C, generator=g)).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::11] = -100
+    out = {}
+    for pad in (1, 64, "plain"):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if pad == "plain":
+            if dtype != torch.float64:
+                continue
+            loss = F.cross_entropy(x @ w.t(), labels, ignore_index=-100)
+        else:
+            loss = linear_cross_entropy(x, w, labels, chunk=128, pad_to=pad)
+        (2.0 * loss).backward()
+        out[pad] = (loss.detach(), x.grad, w.grad)
+    assert out[64][2].shape == (V, C)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    for other in [k for k in out if k != 64]:
+        for a, b in zip(out[64], out[other], strict=True):
+            torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("variant", ["gpt2", "llama_gqa"])
 def test_recompute_gives_the_same_gradients(variant):
     """Activation checkpointing (full blocks or the attention core only) recomputes in backward:
