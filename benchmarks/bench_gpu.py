@@ -104,8 +104,8 @@ def _timed(step, a) -> tuple[float, float]:
 
 
 def _profile(step, a, sync, steps: int = 3) -> None:
-    """Where a step's time goes: kernels by device time, operators by host time, and the device's busy
-    time per step against the step's wall time (a host-bound step has the device idle)."""
+    """Where a step's time goes: kernels by device time, operators by host time, and the wall time per
+    profiled step (against the device's busy time: a host-bound step has the device idle)."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
     t0 = time.perf_counter()
@@ -115,14 +115,14 @@ def _profile(step, a, sync, steps: int = 3) -> None:
         sync()
     wall = (time.perf_counter() - t0) / steps
     events = prof.key_averages()
-    device_us = sum(e.self_device_time_total for e in events) / steps if a.device == "cuda" else 0.0
     sort = "self_cuda_time_total" if a.device == "cuda" else "self_cpu_time_total"
     name = f"profile_{a.impl}_{a.case}{'_compile' if a.compile else ''}.txt"
     Path(a.profile).mkdir(parents=True, exist_ok=True)
     (Path(a.profile) / name).write_text(
-        f"{a.impl} {a.case} compile={a.compile}: wall {1e3 * wall:.2f} ms/step under the profiler, device "
-        f"busy {device_us / 1e3:.2f} ms/step\n\nby device time:\n{events.table(sort_by=sort, row_limit=40)}\n"
-        f"by host time:\n{events.table(sort_by='self_cpu_time_total', row_limit=30)}\n")
+        f"{a.impl} {a.case} compile={a.compile}: wall {1e3 * wall:.2f} ms/step under the profiler, {steps} "
+        f"steps (the first table's 'Self CUDA time total' is the device's busy time)\n\nby device time:\n"
+        f"{events.table(sort_by=sort, row_limit=40)}\nby host time:\n"
+        f"{events.table(sort_by='self_cpu_time_total', row_limit=30)}\n")
 
 
 def run_ours(a) -> dict:
@@ -315,6 +315,8 @@ def section(res: dict) -> str:
                   f"block: the dense model's active FLOPs): {moe['tokens_per_s']:,} tok/s, "
                   f"{moe['tokens_per_s'] / dense['tokens_per_s']:.3f}x the dense gpt2-125m row, peak "
                   f"{moe.get('peak_gib', 0):.2f} GiB (plan {moe.get('plan_predicted_gib', 0):.2f})."]
+    for note in res.get("notes", []):  # what later runs and profiles found, kept with the numbers
+        lines += ["", note]
     failed = [r for r in res["runs"] if "error" in r]
     for r in failed:
         last = r["error"].strip().splitlines()[-1]
