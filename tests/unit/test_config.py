@@ -181,3 +181,19 @@ def test_the_lr_bound_is_where_adamw_really_overflows():
                 opt.step()
         else:
             opt.step()
+
+
+def test_every_preset_loads_lays_out_and_has_its_published_size():
+    """configs/*.yaml are the models they name: each loads, lays out on one process, and counts the
+    parameters its paper or model card gives (millions, rounded)."""
+    from megatron_lite.model.counts import param_count
+    published = {"tiny": None, "tiny-moe": None, "gpt2-125m": 124, "gpt2-350m": 355, "gpt-1.3b": 1316,
+                 "llama2-7b": 6738, "llama3-405b": 405853, "mixtral-8x7b": 46703}
+    presets = {p.stem: p for p in (ROOT / "configs").glob("*.yaml")}
+    assert set(presets) == set(published), "a new preset: add its published size here"
+    for name, path in presets.items():
+        cfg = Config.from_yaml(path)
+        assert Layout.build(cfg).world_size >= 1
+        if published[name] is not None:
+            assert round(param_count(cfg.model) / 1e6) == published[name], name
+    assert Config.from_yaml(presets["tiny-moe"]).model.moe.num_experts == 8
