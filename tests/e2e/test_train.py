@@ -133,17 +133,20 @@ def test_vocab_smaller_than_the_tokenizer_is_refused(tiny_config):
 
 
 @pytest.mark.slow
-def test_cli_prepare_train_generate(tmp_path):
+@pytest.mark.parametrize("config", ["tiny", "tiny-moe"])
+def test_cli_prepare_train_generate(tmp_path, config):
+    """`make train`'s path, for the dense demo and its mixture-of-experts twin (configs/tiny-moe.yaml)."""
     data, run = tmp_path / "data", tmp_path / "run"
     r = cli("prepare-data", "--source", "stdlib", "--out", str(data), "--max-bytes", "1500000",
             "--vocab-size", "1024")
     assert r.returncode == 0, r.stderr
-    r = cli("train", "--config", "configs/tiny.yaml", f"data.dir={data}", f"train.out_dir={run}",
+    r = cli("train", "--config", f"configs/{config}.yaml", f"data.dir={data}", f"train.out_dir={run}",
             "model.vocab_size=1024", "train.steps=120", "train.eval_interval=60", "train.progress=false",
             "train.sample_tokens=30", "checkpoint.interval=60")
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     assert "validation loss: first" in out and "---- sample ----" in out
+    assert ("expert load max/mean" in r.stderr + out) == (config == "tiny-moe")  # the router's metrics
     first, last = (float(x.split()[0]) for x in out.split("validation loss: first ")[1].split("-> last ")[:2])
     assert last < first - 2.0, out
     assert (sorted(p.name for p in (run / "checkpoints").iterdir())
