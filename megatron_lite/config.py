@@ -148,7 +148,9 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size (Megatron column/row layers)
     pp: int = 1  # pipeline-parallel size
-    dp: int = 1  # data-parallel size
+    # data-parallel size, or auto: the job's processes / (tp x cp x pp), so a job restarted on more or
+    # fewer nodes keeps its layout's other axes (and, with data.global_batch_size, its batches)
+    dp: int | Literal["auto"] = "auto"
     # context-parallel size: every layer's sequence split over cp ranks (parallel/context_parallel.py)
     cp: int = 1
     # how attention sees the other cp ranks' keys: allgather (all K/V gathered) or ring (K/V blocks
@@ -179,6 +181,8 @@ class ParallelConfig:
 
     def validate(self) -> None:
         for key in ("tp", "pp", "dp", "cp", "ep"):
+            if key == "dp" and self.dp == "auto":
+                continue
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"parallel.{key}={getattr(self, key)!r} must be a positive integer.")
         for key in ("overlap_grad_reduce", "overlap_param_gather"):
@@ -287,7 +291,9 @@ class DataConfig:
     blend: Optional[list[BlendSource]] = None
     seq_length: Optional[int] = None  # None -> model.max_sequence_length
     micro_batch_size: int = 8
-    # Optional check: must equal micro_batch_size x micro-batches per step x parallel.dp.
+    # Samples per optimizer step over the job. Set with train.grad_accum / parallel.microbatches left
+    # unset, it is the invariant: micro-batches per step = global / (micro_batch_size x dp), so the
+    # optimizer sees the same batches at any dp (an elastic job's). With them set, a check.
     global_batch_size: Optional[int] = None
     seed: int = 1234  # shuffling seed of the sampler (independent of the init seed)
     # Packed documents: attention stays inside each document of a training sequence (the starts come
@@ -558,7 +564,18 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for option in inner[:-1]:  # int | Literal["auto"]: the first that takes the value
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        try:
+            return _coerce(value, inner[-1], key)
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+        raise ConfigError(f"{key}={value!r} has the wrong type; it must be "
+                          f"{' or '.join(_type_name(a) for a in inner)}.")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}={value!r} must be a list, e.g. [2, 2].")
@@ -598,5 +615,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
 
 
 def _type_name(typ: Any) -> str:
+    if typing.get_origin(typ) is Literal:
+        return " or ".join(map(str, typing.get_args(typ)))
     return {bool: "true or false", int: "an integer", float: "a number",
             str: "a string"}.get(typ, str(typ))

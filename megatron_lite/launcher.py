@@ -1,14 +1,24 @@
 """Launchers: torchrun on one or many nodes, and SLURM batch scripts that requeue on preemption.
 
-    megatron-lite launch torchrun --config C [--nnodes N --rdzv-endpoint HOST:PORT | --master-addr A
+    megatron-lite launch torchrun --config C [--nnodes N|MIN:MAX --rdzv-endpoint HOST:PORT | --master-addr A
                                   --node-rank R] [--max-restarts K] [overrides]
-    megatron-lite launch slurm --nodes N --config C [--time 2:00:00 --signal USR1@120] [--submit]
+    megatron-lite launch slurm --nodes N|MIN-MAX --config C [--time 2:00:00 --signal USR1@120] [--submit]
 
 Both check the config once, before any worker starts (the layout against the process count, the
 data directory, a checkpoint to resume): a mistake is one sentence and exit status 2, not one
 sentence per rank followed by the launcher's traceback.
 
-The process count is the layout's (parallel.tp x pp x dp), split evenly over the nodes.
+The process count is the layout's (parallel.tp x cp x pp x dp), split evenly over the nodes; with
+parallel.dp=auto it is --nproc-per-node x the nodes, and dp follows from it.
+
+Elastic jobs (parallel.dp=auto, data.global_batch_size set). `--nnodes MIN:MAX` runs torchrun's
+elastic c10d rendezvous: when a node dies, the survivors' collectives fail, their agent restarts them
+(one of --max-restarts) and the new, smaller group resumes from the newest checkpoint; when a node
+joins, every agent stops its workers with SIGTERM, which is a stop request (a checkpoint at the next
+step boundary, nothing lost) and the larger group resumes from it. Every size keeps the global batch:
+micro-batches per step = global / (micro-batch x dp), so the optimizer sees the same batches. The
+trainer logs each change of world (train/trainer.py). `launch slurm --nodes MIN-MAX` asks SLURM for
+any count in the range; a requeued job that comes back on another count resumes the same way.
 
 Preemption protocol. A stop signal (launch.stop_signals) reaching any worker stops every rank at the
 same step with a checkpoint; rank 0 then writes train.out_dir/requeue.json, and the launcher exits
@@ -41,40 +51,82 @@ TORCHRUN_DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 
 @dataclass
 class Job:
-    """How many processes, where: the layout's world split over nodes."""
+    """How many processes, where: the layout's world split over nodes (a range of node counts for an
+    elastic job: its world is that of the fewest, and grows by nproc_per_node per node)."""
     config: Config
     world_size: int
     nnodes: int
     nproc_per_node: int
+    max_nnodes: int | None = None  # elastic: the most nodes (torchrun --nnodes MIN:MAX)
+
+    @property
+    def elastic(self) -> bool:
+        return self.max_nnodes is not None and self.max_nnodes != self.nnodes
+
+    @property
+    def nnodes_arg(self) -> str:
+        return f"{self.nnodes}:{self.max_nnodes}" if self.elastic else str(self.nnodes)
 
 
-def size_job(config_path: str, overrides: list[str], nnodes: int, nproc_per_node: int | None) -> Job:
-    """Load and check the config (everything a worker would refuse) for nnodes nodes."""
+def parse_nnodes(value: str | int) -> tuple[int, int]:
+    """--nnodes N or MIN:MAX (torchrun's spelling; SLURM's MIN-MAX is read too)."""
+    text = str(value).replace("-", ":")
+    try:
+        lo, _, hi = text.partition(":")
+        low, high = int(lo), int(hi or lo)
+    except ValueError:
+        raise LaunchError(f"--nnodes={value!r} must be a node count (2) or a range MIN:MAX (1:2).") from None
+    if not 1 <= low <= high:
+        raise LaunchError(f"--nnodes={value!r} must be >= 1 (and MIN <= MAX in MIN:MAX).")
+    return low, high
+
+
+def size_job(config_path: str, overrides: list[str], nnodes: int | str, nproc_per_node: int | None) -> Job:
+    """Load and check the config (everything a worker would refuse) for nnodes nodes, or for every
+    node count of an elastic range MIN:MAX."""
     from .train.trainer import preflight
     cfg = Config.from_yaml(config_path, overrides)
     p = cfg.parallel
-    world = p.tp * p.pp * p.dp
-    if nnodes < 1:
-        raise LaunchError(f"--nnodes={nnodes} must be >= 1.")
+    low, high = parse_nnodes(nnodes)
+    replica = p.tp * p.cp * p.pp
+    said = f"parallel.tp={p.tp} x cp={p.cp} x pp={p.pp} x dp={p.dp}"
+    if p.dp != "auto" and low != high:
+        raise LaunchError(f"--nnodes={low}:{high} lets the process count change, but parallel.dp={p.dp} "
+                          f"fixes it; set parallel.dp=auto (data-parallel size from the processes) and "
+                          f"data.global_batch_size (the batch every size keeps).")
+    if low != high and cfg.data.global_batch_size is None:
+        raise LaunchError(f"--nnodes={low}:{high}: an elastic job keeps the math only with a fixed global "
+                          f"batch; set data.global_batch_size (micro-batches per step then follow dp).")
     if nproc_per_node is None:
-        if world % nnodes:
-            raise LaunchError(f"parallel.tp={p.tp} x pp={p.pp} x dp={p.dp} = {world} processes do not split "
-                              f"evenly over {nnodes} nodes; change the node count or parallel.dp.")
-        nproc_per_node = world // nnodes
-    if nproc_per_node * nnodes != world:
-        raise LaunchError(f"{nnodes} nodes x {nproc_per_node} processes per node = "
-                          f"{nproc_per_node * nnodes}, but parallel.tp={p.tp} x pp={p.pp} x dp={p.dp} = "
-                          f"{world}; make them equal (or leave --nproc-per-node out to derive it).")
-    preflight(cfg, world)
-    return Job(cfg, world, nnodes, nproc_per_node)
+        world = replica * (1 if p.dp == "auto" else p.dp)
+        if world % low:
+            raise LaunchError(f"{said} = {world} processes do not split evenly over {low} nodes; change the "
+                              f"node count, parallel.dp, or give --nproc-per-node.")
+        nproc_per_node = world // low
+    if p.dp != "auto" and nproc_per_node * low != replica * p.dp:
+        raise LaunchError(f"{low} nodes x {nproc_per_node} processes per node = {nproc_per_node * low}, "
+                          f"but {said} = {replica * p.dp}; make them equal (or leave --nproc-per-node out to "
+                          f"derive it, or set parallel.dp=auto).")
+    for n in range(low, high + 1):  # every size the job may run at refuses now, not at that restart
+        try:
+            preflight(cfg, n * nproc_per_node, check_lock=low == high)
+        except Exception as e:
+            if low == high:
+                raise
+            raise type(e)(f"at {n} nodes ({n * nproc_per_node} processes): {e}") from None
+    return Job(cfg, low * nproc_per_node, low, nproc_per_node, high)
 
 
 # ---- torchrun -------------------------------------------------------------------------------------
 def torchrun_argv(args, p: Job) -> list[str]:
     """torch.distributed.run's arguments for this job (the worker is `python -m megatron_lite.cli`)."""
-    argv = ["--nnodes", str(p.nnodes), "--nproc-per-node", str(p.nproc_per_node),
-            "--max-restarts", str(args.max_restarts)]
-    if p.nnodes == 1 and not (args.rdzv_endpoint or args.master_addr):
+    restarts = args.max_restarts if args.max_restarts is not None else 3 if p.elastic else 0
+    argv = ["--nnodes", p.nnodes_arg, "--nproc-per-node", str(p.nproc_per_node),
+            "--max-restarts", str(restarts)]
+    if p.elastic and not args.rdzv_endpoint:
+        raise LaunchError(f"--nnodes={p.nnodes_arg} (elastic) needs the c10d rendezvous: --rdzv-endpoint "
+                          f"HOST:PORT, the same on every node (the static --master-addr has fixed members).")
+    if p.nnodes == 1 and not p.elastic and not (args.rdzv_endpoint or args.master_addr):
         argv.append("--standalone")  # a local c10d store on a free port
     elif args.rdzv_endpoint:
         argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint,
@@ -89,23 +141,42 @@ def torchrun_argv(args, p: Job) -> list[str]:
                           f"same on every node) or --master-addr HOST --node-rank R (static).")
     if args.local_addr == "slurm":  # this node's NodeAddr: its hostname may resolve to loopback
         args.local_addr = slurm_node_addr(slurm_node_name())
+    conf = [args.rdzv_conf] if args.rdzv_conf else []
     if args.local_addr:
         argv += ["--local-addr", args.local_addr]
         if args.rdzv_endpoint and args.rdzv_endpoint.rsplit(":", 1)[0] == args.local_addr:
             # torchrun decides who hosts the c10d store by matching the endpoint against this
             # machine's hostname and its addresses; where the hostname resolves to loopback nobody
             # matches and every node waits as a client. The node whose address it is hosts it.
-            argv += ["--rdzv-conf", "is_host=true"]
+            conf.append("is_host=true")
+    if conf:
+        argv += ["--rdzv-conf", ",".join(conf)]
     return argv + ["-m", "megatron_lite.cli", "train", "--config", args.config, *args.overrides]
 
 
-def torchrun_env(cfg: Config, grace_s: int) -> dict[str, str]:
+def torchrun_env(cfg: Config, grace_s: int, elastic: bool = False) -> dict[str, str]:
     """Make the agent forward our stop signals (SLURM's USR1 would otherwise kill it and orphan the
     workers) and wait grace_s for the workers' checkpoint before it kills them. Both the newer
-    PET_* spellings and the older variables, so any torch >= 2.4 reads one of them."""
+    PET_* spellings and the older variables, so any torch >= 2.4 reads one of them.
+
+    Elastic: the rendezvous store is not shared with the workers. With sharing (torch's default)
+    the first round's rank-0 agent keeps its bootstrap address and does not publish it again, so a
+    node joining a later round waits for MASTER_ADDR forever while rank 0 waits for the newcomer's
+    role (measured with torch 2.13: both time out after 60 s). Unshared, every round's rank 0
+    publishes a fresh address for that round's workers."""
     signals = ",".join(dict.fromkeys([*TORCHRUN_DEFAULT_SIGNALS, *cfg.launch.stop_signals]))
-    return {"PET_SIGNALS_TO_HANDLE": signals, "TORCHELASTIC_SIGNALS_TO_HANDLE": signals,
-            "PET_SHUTDOWN_TIMEOUT": str(grace_s), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(grace_s)}
+    env = {"PET_SIGNALS_TO_HANDLE": signals, "TORCHELASTIC_SIGNALS_TO_HANDLE": signals,
+           "PET_SHUTDOWN_TIMEOUT": str(grace_s), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(grace_s)}
+    if elastic:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    return env
+
+
+def show_agent_log() -> None:
+    """The torchrun agent's own account (rendezvous rounds, a failed worker group restarted, new
+    nodes detected): what an elastic job's log must say about each membership change. torch logs
+    it through its own handler, at WARNING unless told."""
+    logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.INFO)
 
 
 def slurm_node_addr(node: str) -> str | None:
@@ -129,8 +200,9 @@ def cmd_torchrun(args) -> int:
     from .logs import setup_logging
     setup_logging()
     p = size_job(args.config, args.overrides, args.nnodes, args.nproc_per_node)
+    show_agent_log()
     argv = torchrun_argv(args, p)
-    export_env(torchrun_env(p.config, args.grace))  # read by the agent torchrun_main starts in-process
+    export_env(torchrun_env(p.config, args.grace, p.elastic))  # read by the agent torchrun_main starts
     marker = requeue_marker(p.config.train.out_dir)
     if args.node_rank in (None, 0):
         marker.unlink(missing_ok=True)
@@ -169,9 +241,11 @@ def sbatch_script(args, p: Job) -> str:
     train_args = shlex.join(["--config", args.config, *args.overrides])
     lines = ["#!/bin/bash",
              f"# Generated by `megatron-lite launch slurm` for {out_dir} "
-             f"(layout {cfg.parallel.tp}x{cfg.parallel.pp}x{cfg.parallel.dp} = tp x pp x dp).",
+             f"(layout {cfg.parallel.tp}x{cfg.parallel.cp}x{cfg.parallel.pp}x{cfg.parallel.dp} = "
+             f"tp x cp x pp x dp).",
              f"#SBATCH --job-name={args.job_name or 'mlite-' + out_dir.name}",
-             f"#SBATCH --nodes={p.nnodes}"]
+             f"#SBATCH --nodes={p.nnodes_arg.replace(':', '-')}"
+             + ("  # any count SLURM grants in this range: dp=auto follows it" if p.elastic else "")]
     if args.mode == "torchrun":
         lines += ["#SBATCH --ntasks-per-node=1  # one torchrun agent per node; it starts the ranks"]
     else:
@@ -249,9 +323,11 @@ def add_parsers(sub) -> None:
 
     t = lsub.add_parser("torchrun", help="run torchrun for this config on this node (validates it first)")
     t.add_argument("--config", required=True)
-    t.add_argument("--nnodes", type=int, default=1)
+    t.add_argument("--nnodes", default="1",
+                   help="node count, or MIN:MAX for an elastic job (parallel.dp=auto): nodes may leave or "
+                        "join; the workers restart at the new size from the newest checkpoint")
     t.add_argument("--nproc-per-node", type=int, default=None,
-                   help="default: parallel.tp x pp x dp / --nnodes")
+                   help="default: parallel.tp x cp x pp x dp (dp=auto: 1) / --nnodes")
     t.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the c10d rendezvous (multi-node)")
     t.add_argument("--rdzv-id", default="megatron-lite", help="job id shared by the nodes (c10d)")
     t.add_argument("--master-addr", default=None, help="static rendezvous: the master node's address")
@@ -260,8 +336,12 @@ def add_parsers(sub) -> None:
     t.add_argument("--local-addr", default=None,
                    help="this node's address for the rendezvous (when its hostname resolves to loopback); "
                         "'slurm': the node's NodeAddr")
-    t.add_argument("--max-restarts", type=int, default=0,
-                   help="restart the workers after a failure; they resume from the newest checkpoint")
+    t.add_argument("--max-restarts", type=int, default=None,
+                   help="restart the workers after a failure; they resume from the newest checkpoint "
+                        "(default 0; elastic: 3)")
+    t.add_argument("--rdzv-conf", default=None,
+                   help="torchrun's rendezvous settings, e.g. last_call_timeout=5 (seconds an elastic "
+                        "rendezvous waits for more nodes once MIN have joined; torch's default 30)")
     t.add_argument("--grace", type=int, default=120,
                    help="seconds the agent waits for the workers' checkpoint after a stop signal")
     t.add_argument("overrides", nargs="*")
@@ -269,9 +349,11 @@ def add_parsers(sub) -> None:
 
     s = lsub.add_parser("slurm", help="print (or --submit) an sbatch script for this config")
     s.add_argument("--config", required=True)
-    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--nodes", default="1",
+                   help="node count, or MIN-MAX: the job starts on what SLURM grants (parallel.dp=auto), "
+                        "and a requeued job may come back on another count and resumes")
     s.add_argument("--nproc-per-node", type=int, default=None,
-                   help="default: parallel.tp x pp x dp / --nodes")
+                   help="default: parallel.tp x cp x pp x dp (dp=auto: 1) / --nodes")
     s.add_argument("--mode", choices=["torchrun", "srun"], default="torchrun",
                    help="torchrun: one task per node starting torchrun; srun: one task per rank")
     s.add_argument("--time", default=None, help="time limit, e.g. 2:00:00")

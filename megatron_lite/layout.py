@@ -15,6 +15,7 @@ builds exactly one.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -36,7 +37,11 @@ class Layout:
 
     @classmethod
     def build(cls, cfg: Config, world_size: int | None = None) -> "Layout":
-        """Check every layout rule for `cfg` (and the job's process count, when given)."""
+        """Check every layout rule for `cfg` (and the job's process count, when given). The layout's
+        config is `cfg` with parallel.dp=auto resolved (for the world size: one data-parallel
+        replica without it)."""
+        auto = cfg.parallel.dp == "auto"
+        cfg = resolve_dp(cfg, world_size)
         p, z = cfg.parallel, cfg.optim.zero
         n = cfg.model.moe.num_experts
         if p.ep > 1 and not n:
@@ -51,14 +56,15 @@ class Layout:
             _check_context_parallel(cfg)
         if cfg.model.moe.num_experts:
             _check_moe(cfg)
-        m = _micro_batches(cfg)
+        m = _micro_batches(cfg, f" (auto: {world_size} processes / (tp x cp x pp))" if auto else "")
         if cfg.data.global_batch_size is not None:
             per_step = cfg.data.micro_batch_size * m * p.dp
             if cfg.data.global_batch_size != per_step:
                 raise LayoutError(
                     f"data.global_batch_size={cfg.data.global_batch_size} is not data.micro_batch_size="
                     f"{cfg.data.micro_batch_size} x {m} micro-batches x parallel.dp={p.dp} = {per_step}; "
-                    f"choose micro-batches that divide the global batch.")
+                    f"choose micro-batches that divide the global batch (or leave them unset: they then "
+                    f"follow from it).")
         if cfg.train.compile and (why := compile_unsupported()):
             raise LayoutError(why)
         deepspeed = z.backend == "deepspeed" and z.stage > 0
@@ -161,9 +167,33 @@ class Layout:
         return out
 
 
-def _micro_batches(cfg: Config) -> int:
-    """parallel.microbatches (the pipeline's name) or train.grad_accum: the same number."""
-    p, t = cfg.parallel, cfg.train
+def resolve_dp(cfg: Config, world_size: int | None) -> Config:
+    """`cfg` with parallel.dp=auto replaced by the data-parallel size of a job of `world_size`
+    processes (tp x cp x pp of them per replica; 1 when the world is not known)."""
+    p = cfg.parallel
+    if p.dp != "auto":
+        return cfg
+    replica = p.tp * p.cp * p.pp
+    if world_size is not None and (world_size < replica or world_size % replica):
+        raise LayoutError(f"parallel.dp=auto: the job's {world_size} processes are not a multiple of "
+                          f"parallel.tp={p.tp} x cp={p.cp} x pp={p.pp} = {replica} (one data-parallel "
+                          f"replica); run a multiple of {replica} processes or change tp, cp or pp.")
+    dp = 1 if world_size is None else world_size // replica
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp=dp))
+
+
+def _micro_batches(cfg: Config, dp_said: str = "") -> int:
+    """parallel.microbatches (the pipeline's name) or train.grad_accum: the same number; with neither
+    set and data.global_batch_size given, what that global batch needs at this dp."""
+    p, t, d = cfg.parallel, cfg.train, cfg.data
+    if p.microbatches is None and t.grad_accum == 1 and d.global_batch_size is not None:
+        replica_batch = d.micro_batch_size * p.dp
+        if d.global_batch_size % replica_batch:
+            raise LayoutError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
+                              f"data.micro_batch_size={d.micro_batch_size} x parallel.dp={p.dp}{dp_said} = "
+                              f"{replica_batch}; choose a data-parallel size (process count) or micro-batch "
+                              f"size whose product divides the global batch.")
+        return d.global_batch_size // replica_batch
     if p.microbatches is None:
         return t.grad_accum
     if t.grad_accum not in (1, p.microbatches):

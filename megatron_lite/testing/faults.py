@@ -69,6 +69,28 @@ def children(pid: int) -> list[int]:
     return sorted(child for child, parent in parent_pids().items() if parent == pid)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (children, theirs, ...), from one snapshot of /proc."""
+    parents = parent_pids()
+    out, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        out += frontier
+    return sorted(out)
+
+
+def kill_node(pid: int) -> list[int]:
+    """A node dying: SIGKILL to a launcher and every process below it at once (torchrun's workers
+    run in sessions of their own, so a process-group kill would leave them); the pids killed."""
+    victims = [pid, *descendants(pid)]
+    for p in victims:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return victims
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

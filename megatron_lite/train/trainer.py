@@ -52,7 +52,7 @@ from ..parallel.random import RNGTracker, recompute_context_fn
 from ..parallel.tensor_parallel import TensorParallel, build_stage, set_sequence_parallel
 from ..slicing import TPSharder
 from .backends import build_backend
-from .metrics import ScalarLog, memory_gb, peak_flops
+from .metrics import ScalarLog, memory_gb, peak_flops, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +139,13 @@ def check_resumable(cfg: Config, path: Path) -> None:
     check_same_tokenizer(cfg.data.tokenizer_dir, path)
 
 
-def preflight(cfg: Config, world_size: int) -> Layout:
+def preflight(cfg: Config, world_size: int, check_lock: bool = True) -> Layout:
     """Every check a user's mistake can fail, without starting anything: what a launcher runs once
-    before it starts workers (each worker's Trainer runs the same checks again)."""
+    before it starts workers (each worker's Trainer runs the same checks again). An elastic node
+    joining a running job skips the lock (its own job holds it: the workers check it again)."""
     layout = Layout.build(cfg.validate(), world_size)
-    RunLock(cfg.train.out_dir).check_free()  # no worker of ours exists yet: any holder is another run
+    if check_lock:
+        RunLock(cfg.train.out_dir).check_free()  # no worker of ours exists yet: any holder is another run
     open_data(cfg)
     newest_resumable(cfg)
     return layout
@@ -171,6 +173,45 @@ def claim_run_dir(out_dir: Path, env: RunEnv) -> RunLock | None:
     return None
 
 
+@dataclass
+class Resume:
+    """What a resume cost, recorded at the first step after it: the world before and now (a
+    membership change when they differ: an elastic job, a requeue on other nodes), the steps
+    computed since the checkpoint and lost (the newest step the metrics hold beyond it: exact with
+    log.interval=1, a lower bound otherwise), and the seconds from the previous run's last record
+    (metrics.jsonl's modification) to the end of this run's first step."""
+    world_before: int
+    world: int
+    layout_before: str  # the layout keys that changed, as they were
+    layout: str  # and as they are
+    step: int
+    steps_lost: int
+    last_record: float | None  # time.time() of the previous run's last metrics line
+
+    @classmethod
+    def of(cls, written: dict, layout: Layout, step: int, out_dir: Path) -> "Resume":
+        before, now = {"tp": 1, "pp": 1, "dp": 1, "cp": 1, **written}, layout.as_dict()
+        changed = [k for k in now if k in before and before[k] != now[k]]
+        logged = read_metrics(out_dir, "train/loss")
+        metrics = out_dir / "metrics.jsonl"
+        return cls(before["tp"] * before["pp"] * before["dp"] * before["cp"], layout.world_size,
+                   " ".join(f"{k}={before[k]}" for k in changed), " ".join(f"{k}={now[k]}" for k in changed),
+                   step, max([s - step for s in logged if s > step], default=0),
+                   metrics.stat().st_mtime if metrics.is_file() else None)
+
+    def record(self) -> dict[str, float]:
+        seconds = time.time() - self.last_record if self.last_record is not None else math.nan
+        return {"resume/world_before": self.world_before, "resume/world": self.world,
+                "resume/steps_lost": self.steps_lost, "resume/seconds": seconds}
+
+    def describe(self) -> str:
+        r = self.record()
+        what = (f"membership change: world {self.world_before} -> {self.world} ({self.layout_before} -> "
+                f"{self.layout})" if self.world != self.world_before else f"resume at world {self.world}")
+        return (f"{what}; resumed at step {self.step}, {self.steps_lost} steps lost, first step "
+                f"{r['resume/seconds']:.1f} s after the previous run's last record")
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: RunEnv | None = None, stop_hooks: tuple[StopHook, ...] = ()):
         self.cfg = cfg.validate()
@@ -178,6 +219,7 @@ class Trainer:
         self.stop_hooks = list(stop_hooks)
         # ---- checks: nothing here talks to another process --------------------------------------
         self.layout = Layout.build(cfg, self.env.world_size)
+        self.cfg = cfg = self.layout.config  # parallel.dp=auto resolved for this job's world
         self.out_dir = Path(cfg.train.out_dir)
         self._lock = claim_run_dir(self.out_dir, self.env)  # before anything reads the run directory
         try:
@@ -262,6 +304,7 @@ class Trainer:
         self.backend = build_backend(self.layout, self.model, self.groups, self.device, self.autocast,
                                      rng_tracker=self.tp.tracker if self.tp else None,
                                      local_rank=self.env.local_rank)
+        self.resume: Resume | None = None
         if self.resumed_from is not None:
             written = self.checkpoints.load_state(self.resumed_from, self.backend.stateful(), self.state)
             if describe_layout(written) != describe_layout(self.layout.as_dict()):
@@ -269,6 +312,7 @@ class Trainer:
                          f"now {describe_layout(self.layout.as_dict())}")
             log.info(f"resumed from {self.resumed_from} (step {self.state.step}, sample {self.state.cursor})")
             self._check_source_cursors()
+            self.resume = Resume.of(written, self.layout, self.state.step, self.out_dir)
         self._start_step = self.state.step  # where this process's run began (for exit_interval)
         # model FLOPs (model/counts.py: the matmuls, no recompute), the same count plan's MFU uses
         self.flops_per_token = flops_per_token(cfg.model, self.seq_len)
@@ -440,6 +484,10 @@ class Trainer:
             while (reason := self.should_stop()) is None:
                 r = self.train_step()
                 bar.update(1)
+                if self.resume is not None:  # the first step since the resume: what it cost
+                    self._scalars.scalars(self.resume.step, self.resume.record())
+                    log.info(self.resume.describe())
+                    self.resume = None
                 if self.checkpoints.in_flight:  # a background save: commit it at this step boundary
                     log.info(f"saved {self.checkpoints.finish()}")
                 if self._record(r):
@@ -494,6 +542,7 @@ class Trainer:
         self._scalars.scalars(st.step, {"train/loss": r.loss, "train/lr": r.lr,
                                         "train/grad_norm": r.grad_norm,
                                         "train/tokens_per_s": tps, "train/mfu": mfu,
+                                        "train/samples": st.cursor,
                                         "train/memory_gb": memory_gb(self.device), **samples, **moe})
         experts = f" | expert load max/mean {moe['moe/load_max_over_mean']:.2f}" if moe else ""
         log.info(f"step {st.step:>6} | loss {r.loss:.4f} | lr {r.lr:.2e} | grad norm {r.grad_norm:.3f} | "
