@@ -86,6 +86,38 @@ def test_layout_rules_one_sentence_each_and_no_process_group():
     assert issubclass(LayoutError, ConfigError) and issubclass(ConfigError, UserError)
 
 
+def test_dp_auto_follows_the_world_and_the_global_batch_fixes_the_micro_batches():
+    """An elastic job's invariant: whatever the world, the optimizer sees global batches of 16."""
+    cfg = Config.from_yaml(None, ["parallel.tp=2", "data.micro_batch_size=2", "data.global_batch_size=16"])
+    assert cfg.parallel.dp == "auto"  # the default
+    for world, dp, micro in ((2, 1, 8), (4, 2, 4), (8, 4, 2), (16, 8, 1)):
+        layout = Layout.build(cfg, world)
+        assert (layout.dp, layout.micro_batches, layout.global_batch_size) == (dp, micro, 16)
+        assert layout.config.parallel.dp == dp and cfg.parallel.dp == "auto"  # resolved in a copy
+    assert Layout.build(cfg).dp == 1  # no world given: one replica
+    with pytest.raises(LayoutError, match=r"parallel.dp=auto: the job's 3 processes are not a multiple of "
+                                          r"parallel.tp=2 x cp=1 x pp=1 = 2 \(one data-parallel replica\)"):
+        Layout.build(cfg, 3)
+    with pytest.raises(LayoutError, match=r"data.global_batch_size=16 is not a multiple of "
+                                          r"data.micro_batch_size=2 x parallel.dp=3 \(auto: 6 processes / "
+                                          r"\(tp x cp x pp\)\) = 6"):
+        Layout.build(cfg, 6)
+    # Micro-batches set explicitly stay a check of the global batch.
+    fixed = Config.from_yaml(None, ["parallel.tp=2", "data.micro_batch_size=2", "data.global_batch_size=16",
+                                    "train.grad_accum=2"])
+    assert Layout.build(fixed, 8).micro_batches == 2
+    with pytest.raises(LayoutError, match=r"not data.micro_batch_size=2 x 2 micro-batches x parallel.dp=2"):
+        Layout.build(fixed, 4)
+    # A fixed dp is still checked against the world.
+    with pytest.raises(LayoutError, match="the job has 4 processes"):
+        Layout.build(Config.from_yaml(None, ["parallel.tp=2", "parallel.dp=1"]), 4)
+    with pytest.raises(ConfigError, match=r"parallel.dp='many' has the wrong type; it must be an integer or "
+                                          r"auto"):
+        Config.from_yaml(None, ["parallel.dp=many"])
+    with pytest.raises(ConfigError, match="parallel.dp=0 must be a positive integer"):
+        Config.from_yaml(None, ["parallel.dp=0"])
+
+
 def test_a_missing_data_dir_fails_before_the_process_group_exists(tmp_path):
     """Under a launcher (world of 2) the data check runs before init_process_group would block
     waiting for the peer that never comes."""

@@ -66,6 +66,42 @@ def test_torchrun_arguments_single_node_c10d_and_static(ovr):
         torchrun_argv(_parse("torchrun", "--nnodes", "2", "--master-addr", "h", "--config", "c.yaml"), p2)
 
 
+def test_an_elastic_job_is_checked_at_every_node_count(ovr):
+    elastic = [*ovr, "data.global_batch_size=16"]  # micro-batch 4: 2 per step at dp 2, 1 at dp 4
+    p = size_job("configs/tiny.yaml", elastic, "1:2", 2)
+    assert (p.nnodes, p.max_nnodes, p.nproc_per_node, p.world_size, p.elastic) == (1, 2, 2, 2, True)
+    argv = torchrun_argv(_parse("torchrun", "--nnodes", "1:2", "--nproc-per-node", "2", "--rdzv-endpoint",
+                                "10.0.0.1:29400", "--local-addr", "10.0.0.1", "--rdzv-conf",
+                                "last_call_timeout=5", "--config", "c.yaml"), p)
+    assert argv[:6] == ["--nnodes", "1:2", "--nproc-per-node", "2", "--max-restarts", "3"]  # a death restarts
+    assert argv[argv.index("--rdzv-conf") + 1] == "last_call_timeout=5,is_host=true"
+    with pytest.raises(LaunchError, match="needs the c10d rendezvous"):
+        torchrun_argv(_parse("torchrun", "--nnodes", "1:2", "--master-addr", "h", "--node-rank", "0",
+                             "--config", "c.yaml"), p)
+    assert torchrun_env(p.config, 60, elastic=True)["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in torchrun_env(p.config, 60)
+    with pytest.raises(LaunchError, match=r"parallel.dp=2 fixes it; set parallel.dp=auto"):
+        size_job("configs/tiny.yaml", [*elastic, "parallel.dp=2"], "1:2", 2)
+    with pytest.raises(LaunchError, match="set data.global_batch_size"):
+        size_job("configs/tiny.yaml", ovr, "1:2", 2)
+    # A size that cannot keep the global batch is refused before any worker starts, naming it.
+    with pytest.raises(ConfigError, match=r"at 3 nodes \(6 processes\): data.global_batch_size=16 is not a "
+                                          r"multiple of data.micro_batch_size=4 x parallel.dp=6"):
+        size_job("configs/tiny.yaml", elastic, "1:3", 2)
+    with pytest.raises(LaunchError, match="must be a node count"):
+        size_job("configs/tiny.yaml", elastic, "a:b", 2)
+    with pytest.raises(LaunchError, match="MIN <= MAX"):
+        size_job("configs/tiny.yaml", elastic, "2:1", 2)
+    # dp=auto without --nproc-per-node: one data-parallel replica over the nodes.
+    assert size_job("configs/tiny.yaml", [*ovr, "parallel.tp=2"], 1, None).world_size == 2
+    # SLURM: a node range; torchrun inside runs on the count granted.
+    args = _parse("slurm", "--nodes", "1-2", "--nproc-per-node", "2", "--config", "configs/tiny.yaml",
+                  *elastic)
+    script = sbatch_script(args, size_job(args.config, args.overrides, args.nodes, args.nproc_per_node))
+    assert "#SBATCH --nodes=1-2  # any count SLURM grants" in script
+    assert 'launch torchrun --nnodes "$SLURM_NNODES" --nproc-per-node 2' in script
+
+
 def test_the_agent_forwards_every_stop_signal_and_waits_the_grace(ovr):
     cfg = Config.from_yaml("configs/tiny.yaml", [*ovr, "launch.stop_signals=[SIGTERM, SIGUSR2]"])
     env = torchrun_env(cfg, grace_s=90)
@@ -137,3 +173,21 @@ def test_a_dead_parent_becomes_a_stop_request():
     stops._parent = -1  # as if the parent pid had changed since we started
     stops._watch()
     assert stops.local == ORPHANED
+
+
+def test_a_resume_records_the_membership_change_and_the_steps_lost(tmp_path):
+    from megatron_lite.layout import Layout
+    from megatron_lite.train.trainer import Resume
+    lines = [f'{{"step": {s}, "train/loss": 1.0}}\n' for s in range(1, 14)]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines))
+    layout = Layout.build(Config.from_yaml(None, []), 2)
+    written = {**Layout.build(Config.from_yaml(None, []), 4).as_dict()}
+    r = Resume.of(written, layout, 10, tmp_path)
+    assert (r.world_before, r.world, r.steps_lost) == (4, 2, 3)  # steps 11-13 ran after the checkpoint
+    row = r.record()
+    assert row["resume/world_before"] == 4 and row["resume/steps_lost"] == 3
+    assert 0 <= row["resume/seconds"] < 60
+    assert r.describe().startswith("membership change: world 4 -> 2 (dp=4 -> dp=2); resumed at step 10, "
+                                   "3 steps lost, first step")
+    same = Resume.of(layout.as_dict(), layout, 13, tmp_path)
+    assert same.steps_lost == 0 and same.describe().startswith("resume at world 2;")
