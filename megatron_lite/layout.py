@@ -75,6 +75,8 @@ class Layout:
             # e.g. interleaving needs m % pp == 0 (evaluation's forward-only lists take any train.eval_iters)
             build_schedule(p.schedule, p.pp, m, p.virtual_stages)
         if world_size is not None:
+            if auto:
+                _check_auto_world(p, world_size)
             topology.check_world(world_size)
         backend = "deepspeed" if deepspeed else "pipeline" if p.pp > 1 else "local"
         return cls(cfg, topology, m, backend)
@@ -169,17 +171,22 @@ class Layout:
 
 def resolve_dp(cfg: Config, world_size: int | None) -> Config:
     """`cfg` with parallel.dp=auto replaced by the data-parallel size of a job of `world_size`
-    processes (tp x cp x pp of them per replica; 1 when the world is not known)."""
+    processes (tp x cp x pp of them per replica; 1 when the world is not known, or is no multiple of
+    a replica: Layout.build then refuses it after the rules of the layout itself)."""
     p = cfg.parallel
     if p.dp != "auto":
         return cfg
     replica = p.tp * p.cp * p.pp
-    if world_size is not None and (world_size < replica or world_size % replica):
+    dp = world_size // replica if world_size and world_size % replica == 0 else 1
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp=dp))
+
+
+def _check_auto_world(p, world_size: int) -> None:
+    replica = p.tp * p.cp * p.pp
+    if world_size % replica:
         raise LayoutError(f"parallel.dp=auto: the job's {world_size} processes are not a multiple of "
                           f"parallel.tp={p.tp} x cp={p.cp} x pp={p.pp} = {replica} (one data-parallel "
                           f"replica); run a multiple of {replica} processes or change tp, cp or pp.")
-    dp = 1 if world_size is None else world_size // replica
-    return dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp=dp))
 
 
 def _micro_batches(cfg: Config, dp_said: str = "") -> int:
