@@ -313,15 +313,20 @@ def test_elastic_torchrun_survives_a_node_death_and_takes_a_joining_node(slurm_t
 
 
 def test_elastic_sbatch_job_requeued_onto_fewer_nodes_resumes(slurm_two_nodes, corpus_dir, tmp_path):
-    """`launch slurm --nodes 1-2`: SLURM starts the job on both nodes (dp4); node 2 is drained and
-    the job preempted (USR1): it checkpoints, requeues, comes back on node 1 alone at dp2 and
-    completes with the losses of an uninterrupted dp4 run (1e-6 relative)."""
+    """`launch slurm --nodes 1-2`: the job runs on both nodes (dp4); node 2 is drained and the job
+    preempted (USR1): it checkpoints, requeues, comes back on node 1 alone at dp2 and completes with
+    the losses of an uninterrupted dp4 run (1e-6 relative). This cluster's scheduler (cons_tres)
+    grants a range's minimum when that fits, so the test holds the job at submission and raises its
+    node count to 2 for the first start (as a user may update a pending job), and gives the range
+    back when it releases the requeued job."""
     c, steps = slurm_two_nodes, 400
     c.env["GLOO_SOCKET_IFNAME"] = c.ifname
     out = tmp_path / "run"
     extra = [f"train.steps={steps}", "data.global_batch_size=16"]
-    job = submit(c, "--nodes", "1-2", "--nproc-per-node", "2", "--config", "configs/tiny.yaml",
-                 *overrides(corpus_dir, out, *extra))
+    job = submit(c, "--nodes", "1-2", "--nproc-per-node", "2", "--sbatch-arg=--hold", "--config",
+                 "configs/tiny.yaml", *overrides(corpus_dir, out, *extra))
+    c.run("scontrol", "update", f"JobId={job}", "NumNodes=2")
+    c.run("scontrol", "release", job)
     try:
         deadline = time.monotonic() + 180
         while len(read_metrics(out, "train/loss")) < 20:
@@ -332,7 +337,7 @@ def test_elastic_sbatch_job_requeued_onto_fewer_nodes_resumes(slurm_two_nodes, c
         c.run("scontrol", "update", f"NodeName={c.nodes[1]}", "State=DRAIN", "Reason=elastic-test")
         c.run("scancel", "--signal=USR1", job)
         wait_requeued(c, job, out)
-        release(c, job, out)
+        release(c, job, out, "NumNodes=1-2", "NumTasks=1")
         assert c.wait(job, timeout=300) == "COMPLETED", f"{c.job(job)}\n{job_log(out, job)[-3000:]}"
         assert c.job(job)["NumNodes"] == "1"
     finally:
