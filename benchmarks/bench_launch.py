@@ -12,16 +12,21 @@ through the CLI on this machine (gloo, CPU).
   nodes     (root only) the same tp2 x dp2 job on one node and on two "nodes" (network namespaces of
             launch/local-cluster.sh, 2 ranks each, gloo over a veth bridge): median step time. Both
             share this machine's 2 cores, so this is for the record, not a network measurement.
+  elastic   (root only) `launch torchrun --nnodes 1:2`, 2 ranks per namespace node, global batch 16:
+            a node killed (launcher and workers SIGKILLed) during a dp4 run, and a node joining a dp2
+            run: seconds from the death (the newcomer's launch) to the first step of the new group,
+            and the steps lost (computed after the newest checkpoint, every 10 steps here).
 
 Pick SLURM's `--signal=USR1@T` from the first table: T > signal-to-commit + 60 s (SLURM may send
 the signal up to a minute late).
 
-    python benchmarks/bench_launch.py [--timeout 10]
+    python benchmarks/bench_launch.py [--timeout 10] [--only elastic]   # --only: the rest from --out
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import statistics
 import sys
@@ -38,6 +43,7 @@ from megatron_lite.testing.faults import (  # noqa: E402
     children,
     finish,
     hurt_one_rank,
+    kill_node,
     overrides,
     start,
     torchrun_argv,
@@ -124,22 +130,87 @@ def nodes(tmp: Path, data: Path, steps: int = 300) -> list[dict]:
     return rows
 
 
+def _resume_row(out: Path) -> dict | None:
+    text = (out / "metrics.jsonl").read_text() if (out / "metrics.jsonl").is_file() else ""
+    rows = [json.loads(line) for line in text.splitlines() if "resume/world" in line]
+    return rows[-1] if rows else None
+
+
+def elastic(tmp: Path, data: Path) -> list[dict]:
+    """A node dying under a dp4 job and a node joining a dp2 job, both `--nnodes 1:2`."""
+    from megatron_lite.testing.cluster import ClusterManager, skip_reason
+    if skip_reason():
+        return []
+    manager = ClusterManager()
+    cluster = manager.up(2)
+    rows = []
+
+    def node(i: int, out: Path, port: int, steps: int):
+        argv = torchrun_argv(*_ovr(data, out, "tiny", f"train.steps={steps}", "data.global_batch_size=16",
+                                   "checkpoint.interval=10"),
+                             launcher=["--nnodes", "1:2", "--nproc-per-node", "2", "--rdzv-endpoint",
+                                       f"{cluster.addrs[0]}:{port}", "--rdzv-id", f"bench-{port}",
+                                       "--local-addr", cluster.addrs[i],
+                                       "--rdzv-conf", "last_call_timeout=3"])
+        return start(argv, tmp / f"elastic-{port}-{i}.log", prefix=cluster.netns_cmd(cluster.nodes[i]),
+                     GLOO_SOCKET_IFNAME=cluster.ifname)
+
+    def first_step_after(out: Path, since: float, proc) -> dict:
+        while (row := _resume_row(out)) is None:
+            assert proc.poll() is None and time.time() - since < 300, "no resume recorded"
+            time.sleep(0.05)
+        return {**row, "to_first_step_s": (out / "metrics.jsonl").stat().st_mtime - since}
+
+    try:
+        out = tmp / "elastic-death"
+        a, b = node(0, out, 29491, 60), node(1, out, 29491, 60)
+        wait_step(out, 15, a, timeout=300)
+        t0 = time.time()
+        kill_node(b.pid)
+        row = first_step_after(out, t0, a)
+        finish(a, tmp / "elastic-29491-0.log")
+        b.wait()
+        rows.append({"event": "node killed (dp4 -> dp2)", **row})
+
+        out = tmp / "elastic-join"
+        a = node(0, out, 29492, 3000)
+        wait_step(out, 20, a, timeout=300)
+        t0 = time.time()
+        b = node(1, out, 29492, 3000)
+        row = first_step_after(out, t0, a)
+        for p in (a, b):
+            p.send_signal(signal.SIGTERM)  # enough measured: stop both with a checkpoint
+        for p, i in ((a, 0), (b, 1)):
+            finish(p, tmp / f"elastic-29492-{i}.log")
+        rows.append({"event": "node joined (dp2 -> dp4)", **row})
+    finally:
+        manager.down()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--timeout", type=float, default=10.0, help="launch.collective_timeout_s for failures")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/launch.json"))
+    ap.add_argument("--only", choices=["elastic"], default=None,
+                    help="run only this part; the others' rows are read from --out")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         data = tmp / "data"
         prepare(data)
-        signals = [signal_to_checkpoint(tmp, data, m, launcher) for m in ("tiny", "gpt2-125m")
-                   for launcher in ("single", "torchrun")]
-        failures = [failure(tmp, data, how, a.timeout) for how in ("kill", "stall")]
-        multinode = nodes(tmp, data)
+        if a.only:
+            old = json.loads(Path(a.out).read_text())
+            signals, failures, multinode = old["signals"], old["failures"], old["nodes"]
+        else:
+            signals = [signal_to_checkpoint(tmp, data, m, launcher) for m in ("tiny", "gpt2-125m")
+                       for launcher in ("single", "torchrun")]
+            failures = [failure(tmp, data, how, a.timeout) for how in ("kill", "stall")]
+            multinode = nodes(tmp, data)
+        membership = elastic(tmp, data)
     import torch
     write_json(a.out, {"torch": torch.__version__, "signals": signals, "failures": failures,
-                       "nodes": multinode})
+                       "nodes": multinode, "elastic": membership})
     table = ["SIGTERM to a training run on this machine (CPU, gloo; torchrun: dp=2, the signal to the "
              "agent). The stop is taken at the next step boundary; the checkpoint is committed when "
              "`latest` is renamed into place.", "",
@@ -163,6 +234,16 @@ def main() -> None:
                   "the two network-namespace nodes of launch/local-cluster.sh (all on these 2 cores; gloo "
                   "over a veth bridge between the nodes):", "", "| nodes | median step (ms) |", "|---|---|"]
         table += [f"| {r['nodes']} | {1000 * r['step_s']:.1f} |" for r in multinode]
+    if membership:
+        table += ["", "Elastic `launch torchrun --nnodes 1:2` (2 ranks per namespace node, global batch 16, "
+                  "a checkpoint every 10 steps): from the node's death (the newcomer's launch) to the "
+                  "first step of the new group, and the steps computed since the newest checkpoint "
+                  "(lost). A joining node stops the running group with SIGTERM: it checkpoints first, so "
+                  "nothing is lost; its time includes the newcomer's own startup.", "",
+                  "| event | resumed at step | world | steps lost | to the first new step (s) |",
+                  "|---|---|---|---|---|"]
+        table += [f"| {r['event']} | {r['step']} | {r['resume/world_before']} -> {r['resume/world']} | "
+                  f"{r['resume/steps_lost']} | {r['to_first_step_s']:.1f} |" for r in membership]
     write_section(ROOT / "docs/benchmarks.md", "launch", "\n".join(table))
     print("\n".join(table))
 
