@@ -117,7 +117,7 @@ def test_a_bad_config_is_one_sentence_before_any_worker_starts(corpus_dir, tmp_p
     code, text = run(torchrun_argv(*overrides(corpus_dir, out, "parallel.dp=2"),
                                    launcher=["--nproc-per-node", "3"]), tmp_path / "b.log", timeout=120)
     assert code == 2 and text.count("error:") == 1 and "Traceback" not in text, text
-    assert "1 nodes x 3 processes per node = 3, but parallel.tp=1 x pp=1 x dp=2 = 2" in text
+    assert "1 nodes x 3 processes per node = 3, but parallel.tp=1 x cp=1 x pp=1 x dp=2 = 2" in text
 
 
 def test_a_bad_config_under_plain_torchrun_is_said_once(corpus_dir, tmp_path):
