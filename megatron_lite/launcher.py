@@ -41,7 +41,7 @@ from pathlib import Path
 from .config import Config
 from .distributed.env import export as export_env
 from .distributed.env import slurm_node_name
-from .errors import LaunchError
+from .errors import LaunchError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def size_job(config_path: str, overrides: list[str], nnodes: int | str, nproc_pe
     for n in range(low, high + 1):  # every size the job may run at refuses now, not at that restart
         try:
             preflight(cfg, n * nproc_per_node, check_lock=low == high)
-        except Exception as e:
+        except UserError as e:
             if low == high:
                 raise
             raise type(e)(f"at {n} nodes ({n * nproc_per_node} processes): {e}") from None

@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 
-from .config import Config
+from .config import Config, ParallelConfig
 from .distributed.topology import Topology
 from .errors import LayoutError
 from .parallel.compile import unsupported as compile_unsupported
@@ -56,7 +56,8 @@ class Layout:
             _check_context_parallel(cfg)
         if cfg.model.moe.num_experts:
             _check_moe(cfg)
-        m = _micro_batches(cfg, f" (auto: {world_size} processes / (tp x cp x pp))" if auto else "")
+        said = f" (auto: {world_size} processes / (tp x cp x pp))" if auto and world_size else ""
+        m = _micro_batches(cfg, said)
         if cfg.data.global_batch_size is not None:
             per_step = cfg.data.micro_batch_size * m * p.dp
             if cfg.data.global_batch_size != per_step:
@@ -181,7 +182,7 @@ def resolve_dp(cfg: Config, world_size: int | None) -> Config:
     return dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp=dp))
 
 
-def _check_auto_world(p, world_size: int) -> None:
+def _check_auto_world(p: ParallelConfig, world_size: int) -> None:
     replica = p.tp * p.cp * p.pp
     if world_size % replica:
         raise LayoutError(f"parallel.dp=auto: the job's {world_size} processes are not a multiple of "

@@ -204,8 +204,9 @@ class Resume:
         return {"resume/world_before": self.world_before, "resume/world": self.world,
                 "resume/steps_lost": self.steps_lost, "resume/seconds": seconds}
 
-    def describe(self) -> str:
-        r = self.record()
+    def describe(self, r: dict[str, float] | None = None) -> str:
+        """One log line; `r`: the record() it goes with (taken now when not given)."""
+        r = r or self.record()
         what = (f"membership change: world {self.world_before} -> {self.world} ({self.layout_before} -> "
                 f"{self.layout})" if self.world != self.world_before else f"resume at world {self.world}")
         return (f"{what}; resumed at step {self.step}, {self.steps_lost} steps lost, first step "
@@ -485,8 +486,9 @@ class Trainer:
                 r = self.train_step()
                 bar.update(1)
                 if self.resume is not None:  # the first step since the resume: what it cost
-                    self._scalars.scalars(self.resume.step, self.resume.record())
-                    log.info(self.resume.describe())
+                    row = self.resume.record()
+                    self._scalars.scalars(self.resume.step, row)
+                    log.info(self.resume.describe(row))
                     self.resume = None
                 if self.checkpoints.in_flight:  # a background save: commit it at this step boundary
                     log.info(f"saved {self.checkpoints.finish()}")
