@@ -307,8 +307,11 @@ def test_elastic_torchrun_survives_a_node_death_and_takes_a_joining_node(slurm_t
     code_b, text_b = finish(b, tmp_path / f"{c.nodes[1]}-29482.log", timeout=300)
     code, text = finish(a, log_a, timeout=300)
     assert code == 0 and code_b == 0, text[-2000:] + text_b[-2000:]
-    assert "stopping at step 5: SIGTERM" in text
-    assert "membership change: world 2 -> 4 (dp=2 -> dp=4); resumed at step 5, 0 steps lost" in text
+    # The pause may come a step after step 5 was logged: the stop is at whichever step was running.
+    stopped = re.search(r"stopping at step (\d+): SIGTERM", text)
+    assert stopped, text[-3000:]
+    assert (f"membership change: world 2 -> 4 (dp=2 -> dp=4); resumed at step {stopped[1]}, 0 steps lost"
+            in text), text[-3000:]
     _same_math(out, reference, steps)
 
 
