@@ -5,6 +5,8 @@ dispatch     Training steps of configs/tiny-moe.yaml's model on 2 gloo ranks at 
                ep1   parallel.dp=2: every rank holds all 8 experts; no all-to-all
                ep2   parallel.dp=2, parallel.ep=2: each rank 4 experts, tokens dispatched and combined
                      by all-to-all (parallel/expert_parallel.py)
+               ep1_loop  ep1 with model.moe.grouped_gemm=false: the experts' GEMMs one expert at a
+                     time (the reference loop) instead of torch._grouped_mm
              comm.CommStats counts the all-to-all payload each rank sends (every row, its own share
              included) against the analytic volume: per MoE layer and micro-batch, the dispatch and
              the combine move the N x top_k routed rows of C values forward and again backward
@@ -52,7 +54,7 @@ from benchmarks.bench_peers import alternate  # noqa: E402
 from benchmarks.report import write_json, write_section  # noqa: E402
 
 PARTS = ("dispatch", "balance", "convergence")
-VARIANTS = ("ep1", "ep2")
+VARIANTS = ("ep1", "ep2", "ep1_loop")
 BALANCE = {  # name -> overrides of configs/tiny-moe.yaml
     "aux_loss": [],
     "none": ["model.moe.aux_loss_coeff=0", "model.moe.z_loss_coeff=0"],
@@ -70,7 +72,7 @@ def _overrides(a, variant: str, out: str) -> list[str]:
     over = [f"data.dir={a.data}", f"data.micro_batch_size={a.micro}", "train.grad_accum=1", "parallel.dp=2",
             "train.device=cpu", "train.progress=false", "train.sample_tokens=0", "train.eval_interval=100000",
             "checkpoint.interval=100000", f"train.out_dir={out}/{variant}", "log.interval=100000"]
-    return over + (["parallel.ep=2"] if variant == "ep2" else [])
+    return over + {"ep2": ["parallel.ep=2"], "ep1_loop": ["model.moe.grouped_gemm=false"]}.get(variant, [])
 
 
 def _dispatch_worker(rank, world, a):
@@ -132,6 +134,7 @@ def summarize_dispatch(r: dict, a) -> dict:
             "seconds_per_step": {v: [round(s, 4) for s in sec[v]] for v in VARIANTS},
             "tokens_per_s": {v: round(tps[v], 1) for v in VARIANTS},
             "ep2_over_ep1": round(tps["ep2"] / tps["ep1"], 3),
+            "grouped_over_loop": round(tps["ep1"] / tps["ep1_loop"], 3),
             "all_to_all_bytes_per_rank": got, "analytic_bytes_per_rank": want,
             "bytes_over_analytic": [round(g / want, 4) for g in got], "group_bytes_over_analytic": total,
             "all_to_all_calls_per_step": [statistics.median(e["calls"]["ep2"]) for e in everyone],
@@ -195,10 +198,11 @@ def section(result: dict) -> str:
                   f"1-minute load {d['load']}):", "",
                   "| layout | tokens/s | s/step (per round) | all-to-all bytes/step/rank | ÷ analytic |",
                   "|---|---:|---|---:|---:|"]
-        for v in VARIANTS:
+        named = {"ep1": "dp2", "ep2": "dp2, ep2", "ep1_loop": "dp2, grouped_gemm=false"}
+        for v in (v for v in VARIANTS if v in d["tokens_per_s"]):
             sent = d["all_to_all_bytes_per_rank"] if v == "ep2" else d["ep1_all_to_all_bytes"]
             ratio = ", ".join(f"{x:.4f}" for x in d["bytes_over_analytic"]) if v == "ep2" else "—"
-            lines.append(f"| {v} (dp2{', ep2' if v == 'ep2' else ''}) | {d['tokens_per_s'][v]:,.0f} | "
+            lines.append(f"| {v} ({named[v]}) | {d['tokens_per_s'][v]:,.0f} | "
                          f"{', '.join(f'{s:.3f}' for s in d['seconds_per_step'][v])} | "
                          f"{', '.join(f'{int(s):,}' for s in sent)} | {ratio} |")
         lines += ["", f"ep2 / ep1 tokens/s: **{d['ep2_over_ep1']:.3f}**. All-to-all bytes of the group ÷ "
@@ -209,6 +213,10 @@ def section(result: dict) -> str:
                   f"expert parameters and their AdamW work but adds four all-to-alls and the regrouping "
                   f"per MoE layer and micro-batch, with experts' GEMMs of half the rows each, which is "
                   f"what the ratio measures; the point of ep is the memory (plan: Mixtral 8x7B)."]
+        if "grouped_over_loop" in d:
+            lines += ["", f"torch._grouped_mm (all experts' GEMMs in one call, the group sizes never read on "
+                      f"the host) over the loop over experts, ep1: **{d['grouped_over_loop']:.3f}** on CPU. "
+                      f"The GPU number is not measured yet."]
     b = result.get("balance")
     if b:
         lines += ["", f"**Load balance** (configs/tiny-moe.yaml, {b['steps']} steps, one process; the "

@@ -47,6 +47,9 @@ class MoEConfig:
     # DeepSeek-V3's auxiliary-loss-free balancing: per-expert bias step after each optimizer step (0: off)
     bias_update_rate: float = 0.0
     capacity_factor: Optional[float] = None  # None: dropless; else each expert's capacity per micro-batch
+    # the experts' GEMMs as torch._grouped_mm (one kernel for all experts, no host sync) where torch
+    # has it and the widths are 16-byte multiples; false: a loop over the experts (the reference)
+    grouped_gemm: bool = True
 
     def validate(self) -> None:
         if self.num_experts < 0:

@@ -8,7 +8,8 @@ from outside, as TP swaps layers; everything before and after that call stays on
              weights are the chosen scores, renormalised to sum to 1 (norm_topk_prob; always for
              sigmoid)
   experts    E SwiGLU / GELU MLPs without biases, stacked: fc1 (E, 2I | I, C), fc2 (E, C, I); the
-             tokens are grouped by expert (one sort) and each group runs two GEMMs (grouped_mlp)
+             tokens are grouped by expert (one sort) and each group runs two GEMMs (grouped_mlp: one
+             torch._grouped_mm for all experts where torch has it, else a loop over the experts)
   shared     num_shared_experts always-on experts as one MLP of their summed width (DeepSeek,
              Qwen2-MoE), optionally scaled per token by sigmoid(x w_g) (Qwen2-MoE's gate)
   capacity   dropless by default; with capacity_factor each expert takes at most
@@ -129,21 +130,89 @@ class AddAuxLoss(torch.autograd.Function):
         return grad, scale, None
 
 
-def grouped_mlp(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, counts: list[int],
-                swiglu: bool, gelu_approximate: str) -> torch.Tensor:
-    """x (M, C) rows grouped by expert (counts[e] rows for expert e, in order), fc1 (E, 2I | I, C),
-    fc2 (E, C, I) -> (M, C): each group through its expert's MLP. One loop over the experts (two
-    GEMMs each); a grouped GEMM would do all of them at once on a GPU. An expert without rows still
-    runs its (empty) GEMMs: the output stays in the graph of the weights and of x, so a backward
-    always reaches whatever produced x (expert parallelism's all-to-all, which every rank must join)."""
+def _grouped_mm_usable(*tensors: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm (torch >= 2.8; bf16 on Hopper-class GPUs, fp32/bf16 on CPU) takes
+    these operands: one dtype, every row stride and start address a multiple of 16 bytes, and a
+    probe of the three forms GroupedLinear calls succeeding once per (device type, dtype)."""
+    if not hasattr(torch, "_grouped_mm") or len({t.dtype for t in tensors}) != 1:
+        return False
+    if any(t.data_ptr() % 16 or (t.shape[-1] * t.element_size()) % 16 for t in tensors):
+        return False
+    t = tensors[0]
+    key = (t.device.type, t.dtype)
+    if key not in _PROBED:
+        try:
+            x = torch.ones(4, 8, device=t.device, dtype=t.dtype)  # (M, K)
+            w = torch.ones(2, 8, 8, device=t.device, dtype=t.dtype)  # (E, N, K)
+            offs = torch.tensor([1, 4], device=t.device, dtype=torch.int32)
+            y = torch._grouped_mm(x, w.transpose(1, 2), offs=offs)  # forward (M, N)
+            torch._grouped_mm(y, w, offs=offs)  # input gradient (M, K)
+            torch._grouped_mm(y.t(), x, offs=offs)  # weight gradient (E, N, K)
+            _PROBED[key] = True
+        except (RuntimeError, NotImplementedError):
+            _PROBED[key] = False
+    return _PROBED[key]
+
+
+_PROBED: dict[tuple[str, torch.dtype], bool] = {}  # (device type, dtype) -> torch._grouped_mm works
+
+
+class GroupedLinear(torch.autograd.Function):
+    """x (M, K) rows grouped by expert, w (E, N, K) stacked nn.Linear weights, offs (E,) int32 end
+    row of each group -> (M, N): row block e times w[e]^T, all groups in one torch._grouped_mm; the
+    backward is two more (input gradient: grad (M, N) x w[e]; weight gradient: grad^T x x summed
+    over each group's rows). Written out rather than left to autograd so that the gradient handed
+    in is made contiguous (the kernel refuses an expanded one) and an expert without rows gets an
+    exact zero gradient (some GPU kernels leave that block unwritten). Nothing here waits for the
+    device: the group sizes stay a tensor."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x, w, offs)
+        if not x.shape[0]:  # no rows at all (an expert-parallel rank sent nothing): an empty GEMM
+            return x.new_empty(0, w.shape[1])
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)  # (M, N)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, offs = ctx.saved_tensors
+        if not x.shape[0]:
+            return x.new_empty(x.shape), torch.zeros_like(w), None
+        grad = grad.contiguous()  # (M, N)
+        grad_x = torch._grouped_mm(grad, w, offs=offs) if ctx.needs_input_grad[0] else None  # (M, K)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch._grouped_mm(grad.t(), x, offs=offs)  # (E, N, K)
+            empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0  # (E,) experts without rows
+            grad_w.masked_fill_(empty.view(-1, 1, 1), 0)
+        return grad_x, grad_w, None
+
+
+def _activation(h: torch.Tensor, swiglu: bool, gelu_approximate: str) -> torch.Tensor:
+    """(n, 2I | I) -> (n, I): the expert MLP's nonlinearity."""
+    if swiglu:
+        gate, up = h.chunk(2, dim=-1)  # (n, I) each
+        return F.silu(gate) * up  # (n, I)
+    return F.gelu(h, approximate=gelu_approximate)  # (n, I)
+
+
+def grouped_mlp(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, counts: torch.Tensor,
+                swiglu: bool, gelu_approximate: str, grouped: bool = True) -> torch.Tensor:
+    """x (M, C) rows grouped by expert (counts[e] rows for expert e, in order; counts an (E,) tensor),
+    fc1 (E, 2I | I, C), fc2 (E, C, I) -> (M, C): each group through its expert's MLP.
+
+    grouped (and torch._grouped_mm usable for these operands): two grouped GEMMs for all experts,
+    without reading counts on the host. Otherwise one loop over the experts, two GEMMs each (the
+    reference); an expert without rows still runs its (empty) GEMMs there. Either way the output
+    stays in the graph of the weights and of x, so a backward always reaches whatever produced x
+    (expert parallelism's all-to-all, which every rank must join)."""
+    if grouped and _grouped_mm_usable(x, fc1, fc2):
+        offs = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+        h = _activation(GroupedLinear.apply(x, fc1, offs), swiglu, gelu_approximate)  # (M, I)
+        return GroupedLinear.apply(h.contiguous(), fc2, offs)  # (M, C)
     outs = []
-    for e, rows in enumerate(x.split(counts)):  # rows (counts[e], C)
-        h = F.linear(rows, fc1[e])  # (n, 2I) or (n, I)
-        if swiglu:
-            gate, up = h.chunk(2, dim=-1)  # (n, I) each
-            h = F.silu(gate) * up  # (n, I)
-        else:
-            h = F.gelu(h, approximate=gelu_approximate)  # (n, I)
+    for e, rows in enumerate(x.split(counts.tolist())):  # rows (counts[e], C)
+        h = _activation(F.linear(rows, fc1[e]), swiglu, gelu_approximate)  # (n, I)
         outs.append(F.linear(h, fc2[e]))  # (n, C)
     return torch.cat(outs)
 
@@ -158,9 +227,10 @@ class Experts(nn.Module):
         C = cfg.hidden_size
         self.fc1 = nn.Parameter(torch.empty(num_experts, inter * (2 if self.swiglu else 1), C))
         self.fc2 = nn.Parameter(torch.empty(num_experts, C, inter))
+        self.grouped = cfg.moe.grouped_gemm
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return grouped_mlp(x, self.fc1, self.fc2, counts, self.swiglu, self.gelu_approximate)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return grouped_mlp(x, self.fc1, self.fc2, counts, self.swiglu, self.gelu_approximate, self.grouped)
 
 
 def shared_config(cfg: ModelConfig) -> ModelConfig | None:
@@ -256,7 +326,7 @@ class MoE(nn.Module):
             order = order[keep.flatten()[order]]  # dropped ones never reach their expert
         token = order // self.top_k  # (M,) the token of each kept assignment
         counts = torch.bincount(chosen.flatten()[order], minlength=self.num_experts)  # (E,)
-        y = self.experts(flat[token], counts.tolist())  # (M, C)
+        y = self.experts(flat[token], counts)  # (M, C)
         y = y * weights.flatten()[order, None].to(y.dtype)  # (M, C)
         out = torch.zeros_like(flat).index_add_(0, token, y)  # (N, C)
         if self.shared is not None:

@@ -62,23 +62,26 @@ class ExpertParallelExperts(nn.Module):
         self.local = num_experts // self.ep
         lo = rank * self.local
         self.swiglu, self.gelu_approximate = experts.swiglu, experts.gelu_approximate
+        self.grouped = experts.grouped
         # (E/ep, 2I | I, C) and (E/ep, C, I): experts [lo, lo + E/ep) of the serial stack, kept under
         # the serial names; tagged so the optimizer reduces them over the expert-data-parallel group
         self.fc1 = mark(nn.Parameter(experts.fc1.detach()[lo:lo + self.local].clone()), expert_parallel=True)
         self.fc2 = mark(nn.Parameter(experts.fc2.detach()[lo:lo + self.local].clone()), expert_parallel=True)
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         ep, n = self.ep, self.local
-        send = torch.tensor(counts, dtype=torch.long, device=x.device)  # (E,) rows per global expert
+        send = counts.to(torch.long)  # (E,) rows per global expert
         # (ep, E/ep): received[s, e] = rows source s sends for local expert e
-        received = comm.all_to_all(send, [n] * ep, [n] * ep, self.group).view(ep, n).tolist()
+        exchanged = comm.all_to_all(send, [n] * ep, [n] * ep, self.group).view(ep, n)
+        received = exchanged.tolist()  # the splits on the host: the one sync expert parallelism needs
         send_splits = send.view(ep, n).sum(1).tolist()  # rows to each rank
         recv_splits = [sum(row) for row in received]  # rows from each rank
         rows = AllToAll.apply(x, recv_splits, send_splits, self.group)  # (R, C) source-major
         parts = rows.split([c for row in received for c in row])  # [s * n + e]
         grouped = torch.cat([parts[s * n + e] for e in range(n) for s in range(ep)])  # (R, C) expert-major
-        per_expert = [sum(received[s][e] for s in range(ep)) for e in range(n)]
-        y = grouped_mlp(grouped, self.fc1, self.fc2, per_expert, self.swiglu, self.gelu_approximate)  # (R, C)
+        per_expert = exchanged.sum(0)  # (E/ep,) rows for each local expert
+        y = grouped_mlp(grouped, self.fc1, self.fc2, per_expert, self.swiglu, self.gelu_approximate,
+                        self.grouped)  # (R, C)
         outs = y.split([received[s][e] for e in range(n) for s in range(ep)])  # [e * ep + s]
         back = torch.cat([outs[e * ep + s] for s in range(ep) for e in range(n)])  # (R, C) source-major
         return AllToAll.apply(back, send_splits, recv_splits, self.group)  # (M, C) in x's order

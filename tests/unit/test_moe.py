@@ -253,3 +253,42 @@ def test_dense_config_roundtrips_and_moe_fills_its_widths():
     again = ModelConfig(**dataclasses.asdict(mc))
     assert again == mc and isinstance(again.moe, MoEConfig)
     assert ModelConfig().moe.num_experts == 0 and not ModelConfig().moe.is_moe(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sizes", [[5, 0, 9, 2], [0, 0, 0, 0]], ids=["an-empty-expert", "no-rows"])
+@pytest.mark.parametrize("swiglu", [True, False], ids=["swiglu", "gelu"])
+def test_grouped_gemm_equals_the_loop_over_experts(dtype, sizes, swiglu):
+    """torch._grouped_mm's path (forward, input and weight gradients) against the per-expert loop,
+    including an expert without rows (an exact zero gradient) and a call without any rows."""
+    from megatron_lite.model.moe import _grouped_mm_usable, grouped_mlp
+
+    torch.manual_seed(0)
+    E, C, inter = 4, 16, 24
+    x = torch.randn(sum(sizes), C, dtype=dtype)
+    fc1 = (0.3 * torch.randn(E, inter * (2 if swiglu else 1), C)).to(dtype)
+    fc2 = (0.3 * torch.randn(E, C, inter)).to(dtype)
+    counts = torch.tensor(sizes)
+    assert _grouped_mm_usable(x, fc1, fc2) or not sum(sizes)  # the grouped path really runs here
+    results = []
+    for grouped in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, fc1, fc2)]
+        y = grouped_mlp(*leaves, counts, swiglu, "tanh", grouped=grouped)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype))
+        results.append([y] + [t.grad for t in leaves])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, **tol)
+    empty = counts == 0
+    assert not results[0][2][empty].any() and not results[0][3][empty].any()
+
+
+def test_grouped_gemm_falls_back_to_the_loop_on_unaligned_widths():
+    from megatron_lite.model.moe import _grouped_mm_usable
+
+    assert not _grouped_mm_usable(torch.randn(4, 6), torch.randn(2, 6, 6), torch.randn(2, 6, 6))
+    assert not _grouped_mm_usable(torch.randn(4, 8), torch.randn(2, 8, 8),
+                                  torch.randn(2, 8, 8, dtype=torch.bfloat16))  # mixed dtypes
+    layer = _moe(grouped_gemm=False).eval()  # the loop is a config switch and computes the same
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(layer(x), _reference(layer, x), rtol=1e-5, atol=1e-6)
