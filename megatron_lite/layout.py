@@ -253,18 +253,21 @@ def _check_context_parallel(cfg: Config) -> None:
 
 def _check_moe(cfg: Config) -> None:
     """Mixture-of-experts blocks (model/moe.py) train serially, data- and expert-parallel, under
-    tensor parallelism without sequence parallelism (each tp rank runs the MoE block on the whole
-    sequence, its experts replicated over tp), context-parallel (dropless: the balancing loss counts
-    the whole sequences' assignments) and pipelined, with the native backends (every ZeRO stage);
-    not over sequence-parallel shards, nor given to DeepSpeed or torch.compile."""
+    tensor parallelism (its experts replicated over tp: without sequence parallelism each tp rank
+    runs the MoE block on the whole sequence, with it on its sequence shard), context-parallel, and
+    pipelined, with the native backends (every ZeRO stage). Where the tokens of a sequence are split
+    over ranks (cp, SP) only dropless routing: the balancing loss counts the whole sequences'
+    assignments, but a capacity's first come, first served would need the whole sequence. Not given
+    to DeepSpeed or torch.compile."""
     p, n = cfg.parallel, cfg.model.moe.num_experts
     rules = [
-        (p.tp > 1 and p.sequence_parallel,
-         f"model.moe.num_experts={n} with parallel.sequence_parallel=true: the router's balancing loss would "
-         f"see only a tensor-parallel rank's share of each sequence; set parallel.sequence_parallel=false."),
         (p.cp > 1 and cfg.model.moe.capacity_factor is not None,
          f"model.moe.capacity_factor={cfg.model.moe.capacity_factor} with parallel.cp={p.cp}: first come, "
          f"first served runs over the whole sequence, which no cp rank holds; unset it (dropless)."),
+        (p.tp > 1 and p.sequence_parallel and cfg.model.moe.capacity_factor is not None,
+         f"model.moe.capacity_factor={cfg.model.moe.capacity_factor} with parallel.sequence_parallel=true: "
+         f"first come, first served runs over the whole sequence, which each tp rank holds only a shard "
+         f"of; unset it (dropless) or set parallel.sequence_parallel=false."),
         (cfg.optim.zero.backend == "deepspeed" and cfg.optim.zero.stage > 0,
          f"model.moe.num_experts={n} with optim.zero.backend=deepspeed: its engine is not given the MoE "
          f"parameters' groups; use optim.zero.backend=native."),

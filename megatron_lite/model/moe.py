@@ -268,12 +268,23 @@ class MoE(nn.Module):
         # tokens per expert since the last update_bias (E,), this rank's: a step's count, not state
         # (no buffer: made on the activations' device by the first forward)
         self.load_since_update: torch.Tensor | None = None
-        # When the micro-batch's sequences are split over ranks (context parallelism sets these, from
-        # outside): the balancing loss's assignment shares f_e are the whole micro-batch's, summed
-        # over the `sequence_shards` ranks by sum_over_shards (no gradient); the mean scores P_e stay
-        # this rank's, whose gradients the data-parallel mean over those ranks averages.
+        # When the micro-batch's tokens are split over ranks (context parallelism, and sequence
+        # parallelism's tp ranks, call add_token_shards from outside): the balancing loss's
+        # assignment shares f_e are the whole micro-batch's, summed over the `sequence_shards` ranks
+        # by sum_over_shards (no gradient); the mean scores P_e and the z-loss's mean stay this
+        # rank's. Their gradients must add up to the serial ones over those ranks: the data-parallel
+        # mean averages them over cp; over tp, where the gradients are summed, loss_share = 1 / tp.
         self.sequence_shards = 1
         self.sum_over_shards = None
+        self.loss_share = 1.0
+
+    def add_token_shards(self, shards: int, reduce, loss_share: float = 1.0) -> None:
+        """The micro-batch's tokens are split over `shards` more ranks, whose sum `reduce` computes
+        (in place or returned); their auxiliary losses' gradients are weighted by loss_share."""
+        before = self.sum_over_shards
+        self.sequence_shards *= shards
+        self.sum_over_shards = reduce if before is None else (lambda t: reduce(before(t)))
+        self.loss_share *= loss_share
 
     def route(self, x: torch.Tensor):
         """x (N, C) -> (logits (N, E) fp32, scores (N, E) fp32, chosen (N, k), weights (N, k) fp32)."""
@@ -335,8 +346,8 @@ class MoE(nn.Module):
                 s = torch.sigmoid(self.shared_gate(flat)) * s  # (N, C)
             out = out + s
         out = self.drop(out.view(B, T, C))  # (B, T, C)
-        aux, z = self.losses(logits, scores, chosen)
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled():  # the losses and metrics only where one trains
+            aux, z = self.losses(logits, scores, chosen)
             if not _in_backward():
                 load = torch.bincount(chosen.flatten(), minlength=self.num_experts)  # (E,) before dropping
                 seen = self.load_since_update
@@ -344,7 +355,8 @@ class MoE(nn.Module):
                 self.stats.record(self.layer, load, chosen.numel() - counts.sum(), aux, z)
             total = sum(c * t for c, t in ((self.aux_coeff, aux), (self.z_coeff, z)) if t is not None)
             if torch.is_tensor(total):
-                out = AddAuxLoss.apply(out, total, self.stats)
+                out = AddAuxLoss.apply(out, total * self.loss_share if self.loss_share != 1 else total,
+                                       self.stats)
         return out  # (B, T, C)
 
     @torch.no_grad()

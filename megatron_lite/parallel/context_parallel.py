@@ -288,7 +288,7 @@ def apply_context_parallel(model, group, ranks: list[int], me: int, algorithm: s
         raise ValueError(f"context-parallel algorithm {algorithm!r}; one of {ALGORITHMS}")
     for m in model.modules():  # MoE's balancing loss counts the assignments of the whole sequences
         if isinstance(m, MoE):
-            m.sequence_shards, m.sum_over_shards = len(ranks), lambda t: comm.all_reduce(t, group)
+            m.add_token_shards(len(ranks), lambda t: comm.all_reduce(t, group))
     for block in model.blocks.values():
         if algorithm == "allgather":
             block.attn.core = lambda q, k, v, mask, causal: allgather_attention(q, k, v, mask, group)

@@ -65,8 +65,11 @@ class ExpertParallelExperts(nn.Module):
         self.grouped = experts.grouped
         # (E/ep, 2I | I, C) and (E/ep, C, I): experts [lo, lo + E/ep) of the serial stack, kept under
         # the serial names; tagged so the optimizer reduces them over the expert-data-parallel group
-        self.fc1 = mark(nn.Parameter(experts.fc1.detach()[lo:lo + self.local].clone()), expert_parallel=True)
-        self.fc2 = mark(nn.Parameter(experts.fc2.detach()[lo:lo + self.local].clone()), expert_parallel=True)
+        # (the serial parameters' marks kept: sequence-parallel MoE's sequence_parallel)
+        self.fc1 = mark(nn.Parameter(experts.fc1.detach()[lo:lo + self.local].clone()),
+                        **{**vars(experts.fc1), "expert_parallel": True})
+        self.fc2 = mark(nn.Parameter(experts.fc2.detach()[lo:lo + self.local].clone()),
+                        **{**vars(experts.fc2), "expert_parallel": True})
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         ep, n = self.ep, self.local

@@ -9,8 +9,11 @@ The plan (Megatron's):
     blocks.*.mlp.fc2     RowParallelLinear
     lm_head              VocabParallelHead: column-parallel logits + vocab-parallel cross-entropy
     norms, pos_emb       replicated
-    blocks.*.mlp (MoE)   replicated: every tp rank runs the MoE block on the whole sequence (its
-                         experts split over ep instead, parallel/expert_parallel.py)
+    blocks.*.mlp (MoE)   replicated (its experts split over ep instead, parallel/expert_parallel.py):
+                         without SP every tp rank runs the MoE block on the whole sequence; with SP
+                         each routes and computes only its sequence shard, the tokens it holds
+                         anyway (no collective around the block), and the MoE parameters' gradients
+                         are summed over tp like the norms' (Megatron's sequence-parallel MoE)
 With sequence parallelism, the residual stream between blocks is split along the sequence:
 embeddings are scattered, column-parallel layers all-gather their input, row-parallel layers
 reduce-scatter their output, and norm weights / row biases (which then see only a shard) get
@@ -151,6 +154,8 @@ def parallelize(model: GPT, group, sequence_parallel: bool = False, make_vocab_d
         if not isinstance(block.mlp, MoE):  # a MoE block stays whole on every tp rank (experts: ep)
             block.mlp.fc1 = linear(ColumnParallelLinear, f"{p}.mlp.fc1")
             block.mlp.fc2 = linear(RowParallelLinear, f"{p}.mlp.fc2")
+        elif sp:
+            shard_moe_tokens(block.mlp, group)
         if sp:
             block.attn.resid_drop = ForkedDropout(cfg.dropout, tracker)
             block.mlp.drop = ForkedDropout(cfg.dropout, tracker)
@@ -163,6 +168,19 @@ def parallelize(model: GPT, group, sequence_parallel: bool = False, make_vocab_d
     if sp and model.has_embed:
         model.drop = ScatterThenDropout(group, ForkedDropout(cfg.dropout, tracker))
     return TensorParallel(model, group, sharder, tracker, sp, serial_shapes)
+
+
+def shard_moe_tokens(moe: MoE, group) -> None:
+    """Sequence-parallel MoE: the block's input is this tp rank's sequence shard, which it routes and
+    runs through the (replicated) experts itself. Each parameter then sees 1/tp of the tokens, so its
+    gradient is summed over tp (the sequence_parallel mark, as for the norms); the balancing loss
+    counts the assignments of every shard, and its and the z-loss's gradients are weighted 1/tp so
+    that their sum over tp is the serial one."""
+    tp = comm.size(group)
+    for param in moe.parameters():
+        if param.requires_grad:
+            mark(param, sequence_parallel=True)
+    moe.add_token_shards(tp, lambda t: comm.all_reduce(t, group), loss_share=1.0 / tp)
 
 
 def set_sequence_parallel(model: nn.Module, on: bool) -> None:

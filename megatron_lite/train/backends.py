@@ -67,6 +67,8 @@ class Backend:
         # targets (loss_weights; one scalar all-reduce per step). Else each counts alike, for free.
         self.weigh_targets = False
         self.pp_group = None  # the pipeline stages, whose MoE layers' metrics router_metrics() sums
+        # the tp ranks when sequence parallelism splits the tokens the MoE layers route among them
+        self.token_group = None
         self._grad_hooks: OrderedDict[int, GradHook] = OrderedDict()  # RemovableHandle holds a weakref
 
     def forward_backward(self, batches: Batches, forward_only: bool = False) -> float:
@@ -123,15 +125,17 @@ class Backend:
         loads = torch.stack([m.load_since_update if m.load_since_update is not None
                              else torch.zeros_like(m.expert_bias, dtype=torch.long) for m in layers])
         # (layers, E): the step's tokens per expert, this rank's
-        if self.dp_group is not None:
-            comm.all_reduce(loads, self.dp_group)  # every rank moves its biases alike
+        for group in (self.dp_group, self.token_group):
+            if group is not None:
+                comm.all_reduce(loads, group)  # every rank moves its biases alike
         for m, load in zip(layers, loads, strict=True):
             m.update_bias(load)
 
     def router_metrics(self) -> dict[str, float]:
         """The MoE layers' load and loss metrics since the last call, over the data-parallel ranks
-        and the pipeline stages (every rank must call it: an all-reduce per group); {} without MoE."""
-        groups = [g for g in (self.dp_group, self.pp_group) if g is not None]
+        and the pipeline stages, and the tp ranks under sequence parallelism (every rank must call it:
+        an all-reduce per group); {} without MoE."""
+        groups = [g for g in (self.dp_group, self.pp_group, self.token_group) if g is not None]
 
         def reduce(t):
             for g in groups:
@@ -388,4 +392,5 @@ def build_backend(layout: Layout, model, groups, device: torch.device, autocast,
     backend = PipelineBackend(engine, *args) if engine is not None else LocalBackend(*args)
     backend.weigh_targets = cfg.data.mask_separator_loss
     backend.pp_group = pp_group
+    backend.token_group = tp_group if layout.sequence_parallel else None
     return backend

@@ -142,7 +142,7 @@ def candidates(world: int, model_overrides: list[str], deepspeed: bool = True, p
                ) -> tuple[list[Variant], dict[str, str]]:
     """Every combination of axis variants that is a valid Layout at this world size (e.g. DeepSpeed
     ZeRO without sequence parallelism, interleaving only with enough blocks; for an MoE model every
-    ep the rules accept, and nothing they refuse it, e.g. sequence parallelism or DeepSpeed), and for
+    ep the rules accept, and nothing they refuse it, e.g. DeepSpeed), and for
     each tp x cp x pp x dp that has none, why (the Layout's sentence)."""
     out, unfit = [], {}
     micro_batch = moe_micro_batch(world, model_overrides)

@@ -24,7 +24,8 @@ def _metrics(rank, world, data_dir, out):
     serial = _config(data_dir, f"{out}/serial{rank}", "train.grad_accum=4", *MOE)
     trainer, _ = _run(serial)
     want = trainer.backend.router_metrics()
-    for extra in (("train.grad_accum=2", "parallel.dp=2", "parallel.ep=2"), ("train.grad_accum=4", "parallel.pp=2")):
+    for extra in (("train.grad_accum=2", "parallel.dp=2", "parallel.ep=2"), ("train.grad_accum=4", "parallel.pp=2"),
+                  ("train.grad_accum=4", "parallel.tp=2", "parallel.sequence_parallel=true")):
         cfg = _config(data_dir, f"{out}/{'_'.join(extra)}", *extra, *MOE)
         trainer, _ = _run(cfg, _env(rank, world))
         got = trainer.backend.router_metrics()
@@ -62,12 +63,26 @@ def test_moe_context_parallel_with_and_without_ep_matches_serial(corpus_dir, tmp
                 "optim.zero.stage=1")], MOE)
 
 
+def test_moe_sequence_parallel_matches_serial(corpus_dir, tmp_path):
+    """tp2 with sequence parallelism: each tp rank routes and computes its half of every sequence
+    through the replicated experts (no collective around the MoE block); the MoE parameters'
+    gradients are summed over tp, the balancing loss counts both halves' assignments and its and the
+    z-loss's gradients are weighted 1/tp; the bias moves by the load summed over tp. Plain, under
+    ZeRO-1 with full recompute (the block, its count all-reduce included, again in backward), and
+    bf16-free fp32 throughout."""
+    run_ranks(_check, 2, str(corpus_dir), str(tmp_path),
+              [("parallel.dp=1", "parallel.tp=2", "parallel.sequence_parallel=true"),
+               ("parallel.dp=1", "parallel.tp=2", "parallel.sequence_parallel=true", "optim.zero.stage=1",
+                "train.recompute=full")], MOE)
+
+
 @pytest.mark.slow
 def test_moe_expert_parallel_over_four_ranks_matches_serial(corpus_dir, tmp_path):
     """dp4 with ep2 (two replicas of each half of the experts: their gradients reduced and their ZeRO
     state sharded over the expert-data-parallel pair) under ZeRO-1, -2 and -3; dp4 with ep4 (one
-    expert per rank); ep2 with tp2 (the MoE block whole on each tp rank) and with pp2 (one MoE block
-    per stage: the auxiliary losses' gradient scale and the bias update per stage); and the
+    expert per rank); ep2 with tp2 (the MoE block whole on each tp rank; with sequence parallelism
+    each tp rank's own tokens dispatched within its ep group) and with pp2 (one MoE block per stage:
+    the auxiliary losses' gradient scale and the bias update per stage), tp2 + SP with pp2; and the
     capacity-factor mode under ep2, which must drop the tokens serial drops
     (the drop is decided on the token's own rank, before the all-to-all; about 14% of the assignments
     are dropped here)."""
@@ -79,12 +94,15 @@ def test_moe_expert_parallel_over_four_ranks_matches_serial(corpus_dir, tmp_path
                ("parallel.dp=2", "parallel.cp=2", "parallel.ep=4", "optim.zero.stage=1")], MOE)
     run_ranks(_check, 4, str(corpus_dir), str(tmp_path / "composed"),
               [("parallel.dp=2", "parallel.ep=2", "parallel.tp=2", "optim.zero.stage=1"),
-               ("parallel.dp=2", "parallel.ep=2", "parallel.pp=2", "optim.zero.stage=1")], MOE)
+               ("parallel.dp=2", "parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=true",
+                "optim.zero.stage=3"),
+               ("parallel.dp=2", "parallel.ep=2", "parallel.pp=2", "optim.zero.stage=1"),
+               ("parallel.dp=1", "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2")], MOE)
     run_ranks(_check, 2, str(corpus_dir), str(tmp_path / "capacity"),
               [("parallel.dp=2", "parallel.ep=2", "optim.zero.stage=1")], MOE + ("model.moe.capacity_factor=1.0",))
 
 
-def test_moe_router_metrics_are_global_over_dp_ep_and_pp(corpus_dir, tmp_path):
+def test_moe_router_metrics_are_global_over_dp_ep_pp_and_sequence_parallel_tp(corpus_dir, tmp_path):
     run_ranks(_metrics, 2, str(corpus_dir), str(tmp_path))
 
 

@@ -159,12 +159,12 @@ def test_verify_two_ranks_packed_documents(tmp_path):
 @pytest.mark.slow
 def test_verify_two_ranks_moe_expert_parallel(tmp_path):
     """--moe: every dp, tp and pp layout of the MoE model at 2 ranks (ep2 under each native ZeRO
-    stage, tp2 without sp, each schedule) matches the serial MoE run."""
+    stage, tp2 with and without sp, each schedule) matches the serial MoE run."""
     r, report, wall = verify(tmp_path, 2, "--moe", "--layouts", "dp2", "tp2", "pp2")
     assert r.returncode == 0 and report["passed"], r.stdout[-5000:] + r.stderr[-10000:]
     assert sorted(row["layout"] for row in report["layouts"]) == sorted(
         ["dp2", "dp2:zero1", "dp2:zero2", "dp2:zero3", "dp2.ep2", "dp2:zero1.ep2", "dp2:zero2.ep2",
-         "dp2:zero3.ep2", "tp2", "pp2:gpipe", "pp2:1f1b", "pp2:interleaved"])
+         "dp2:zero3.ep2", "tp2", "tp2+sp", "pp2:gpipe", "pp2:1f1b", "pp2:interleaved"])
     assert report["model"]["moe"]["num_experts"] == 4
     assert all(row[k]["worst_ratio_to_tolerance"] < 0.2 for row in report["layouts"]
                for k in ("loss", "norm", "grad", "param")), report["layouts"]
@@ -213,8 +213,8 @@ def test_default_selection_covers_every_variant():
 
 
 def test_moe_selection_adds_expert_parallel_layouts():
-    """--moe: every ep dividing dp and the experts, composed with tp (no sp), pp and native ZeRO;
-    nothing the layout rules refuse MoE (sp, DeepSpeed; cp as they have it); a dense model has no ep
+    """--moe: every ep dividing dp and the experts, composed with tp (with and without sp), pp and
+    native ZeRO; nothing the layout rules refuse MoE (DeepSpeed; cp as they have it); a dense model has no ep
     layout; and every run, the serial one too, takes micro-batches of the same size (the balancing
     loss is per micro-batch)."""
     from megatron_lite.verify import select
@@ -224,7 +224,8 @@ def test_moe_selection_adds_expert_parallel_layouts():
     assert {"dp4.ep2", "dp4.ep4", "dp4:zero1.ep2", "dp4:zero3.ep4", "tp2.dp2.ep2", "tp2.dp2:zero3.ep2",
             "pp2:1f1b.dp2.ep2", "pp2:interleaved.dp2:zero2.ep2", "tp4", "pp4:interleaved"} <= names, names
     assert {v.ep for v in cands} == {1, 2, 4} and all(v.dp * v.cp % v.ep == 0 for v in cands)
-    assert not any(v.sp or (v.zero or "").startswith("ds-") for v in cands), names
+    assert not any((v.zero or "").startswith("ds-") for v in cands), names
+    assert {"tp4+sp", "tp2+sp.dp2:zero3.ep2", "tp2+sp.pp2:1f1b", "tp2+sp.cp2:ring.ep2"} <= names, names
     # cp as the MoE rules have it: refused, every cp shape reported with the rule's sentence; or
     # accepted (dropless), the experts then split over the dp x cp ranks
     cp = {"cp4", "tp2.cp2", "cp2.pp2", "cp2.dp2"}
@@ -232,10 +233,12 @@ def test_moe_selection_adds_expert_parallel_layouts():
         (not unfit and "cp4:ring.ep4" in names), (unfit, names)
     chosen = {v.name for v in default_selection(cands)}
     assert {"dp4", "dp4:zero1.ep2", "dp4:zero2.ep4"} <= chosen, chosen
-    assert any(n.startswith("tp2.dp2") and n.endswith(".ep2") for n in chosen), chosen
+    assert any(n.startswith(("tp2.dp2", "tp2+sp.dp2")) and n.endswith(".ep2") for n in chosen), chosen
+    assert any("+sp" in n for n in chosen), chosen
     assert any(n.startswith("pp2:") and n.endswith(".ep2") for n in chosen), chosen
     two, _ = candidates(2, MOE)
-    assert {"dp2", "dp2.ep2", "dp2:zero1.ep2", "dp2:zero3.ep2", "tp2", "pp2:gpipe"} <= {v.name for v in two}
+    assert {"dp2", "dp2.ep2", "dp2:zero1.ep2", "dp2:zero3.ep2", "tp2", "tp2+sp", "pp2:gpipe"} <= \
+        {v.name for v in two}
     # the overrides after --moe apply on top: 2 experts cannot be split 4 ways
     assert {v.ep for v in candidates(4, MOE + ["model.moe.num_experts=2"])[0]} == {1, 2}
     dense, _ = candidates(4, [])

@@ -217,7 +217,8 @@ def test_moe_config_errors_are_one_sentence(overrides, words):
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["parallel.tp=2", "parallel.sequence_parallel=true"], "parallel.sequence_parallel=true"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "model.moe.capacity_factor=1.5"],
+     "model.moe.capacity_factor=1.5 with parallel.sequence_parallel=true"),
     (["parallel.cp=2", "model.moe.capacity_factor=1.5"], "model.moe.capacity_factor=1.5 with parallel.cp=2"),
     (["optim.zero.stage=1", "optim.zero.backend=deepspeed", "parallel.dp=2"], "deepspeed"),
     (["train.compile=true"], "train.compile=true"),
