@@ -166,17 +166,17 @@ def saved_terms(mc: ModelConfig, b: int, s: int, tp: int = 1, sp: bool = False, 
         "dropout masks": 0,  # replayed from the RNG state (Dropout)
     }
     if mc.moe.is_moe(layer):  # the router and experts in place of fc1 / the activation (the norm output
-        # before them is the router's input, counted above)
+        # before them is the router's input, counted above); under SP over the rank's own tokens
         del terms["fc1 output (activation input)"], terms["activation output (fc2 input)"]
-        terms.update(moe_terms(mc, N, e))
+        terms.update(moe_terms(mc, Ns, e))
     return terms
 
 
 def moe_terms(mc: ModelConfig, N: int, e: int) -> dict[str, int]:
     """Bytes a MoE block's MLP (model/moe.py) keeps for backward over N tokens (every tp rank runs it
-    on the whole sequence; selective recompute keeps all of it: the experts' activations are not
-    recomputed). M = N x top_k routed rows (dropless; with a capacity factor at most E capacities: an
-    upper bound, the rows kept depend on the routing);
+    on the whole sequence, under SP on its shard; selective recompute keeps all of it: the experts'
+    activations are not recomputed). M = N x top_k routed rows (dropless; with a capacity factor at
+    most E capacities: an upper bound, the rows kept depend on the routing);
     under expert parallelism a rank keeps the rows its experts received instead of those it sent,
     on average the same count."""
     m = mc.moe
@@ -184,6 +184,7 @@ def moe_terms(mc: ModelConfig, N: int, e: int) -> dict[str, int]:
     M = N * k
     if m.capacity_factor is not None:
         M = min(M, E * math.ceil(m.capacity_factor * N * k / E))
+    from .moe import grouped_gemm_applies  # (moe.py imports this module)
     w = 2 if mc.activation == "swiglu" else 1
     terms = {
         # softmax / sigmoid keep their output; top-k its indices (int64), which gather shares
@@ -193,6 +194,8 @@ def moe_terms(mc: ModelConfig, N: int, e: int) -> dict[str, int]:
         # the gathered rows (or, under ep, those received), the experts' GEMM input
         "routed rows (expert fc1 inputs)": M * C * e,
         "token and sort-order indices (int64)": 2 * M * 8,
+        # torch._grouped_mm's end row per expert (int32), shared by both grouped GEMMs
+        "expert group offsets (int32)": E * 4 if grouped_gemm_applies(mc, e) else 0,
         "expert fc1 outputs": M * w * I * e,
         # SwiGLU: silu(gate) and the product (fc2's input); GELU: its output
         "expert activation outputs": M * I * e * w,

@@ -120,8 +120,9 @@ def candidate_overrides(cfg: Config, cluster: Cluster, global_batch: int, micro_
                         sps, scheds, zero, algorithms, eps):
                     if dp * c == 1 and stage > 0:  # ZeRO shards over dp x cp
                         continue
+                    # (MoE: dropless only, a capacity's first come, first served needs the whole sequence)
                     sp_allowed = seq // c % tp == 0 and not (backend == "deepspeed" and stage > 0) \
-                        and not experts  # (MoE blocks run on the whole sequence)
+                        and not (experts and cfg.model.moe.capacity_factor is not None)
                     if sequence_parallel == "auto" and tp > 1 and sp != sp_allowed:
                         continue  # SP wherever it is allowed (it is never worse), else without
                     ov = {"parallel.tp": tp, "parallel.cp": c, "parallel.pp": pp, "parallel.dp": dp,

@@ -35,6 +35,7 @@ class RankParams:
     # MoE experts (their 1/ep share): reduced and sharded over the expert-data-parallel group
     expert: tuple[bool, ...] = ()
     block: tuple[int, ...] = ()  # the block each belongs to (-1: embedding, final norm, head)
+    moe: tuple[bool, ...] = ()  # a MoE block's MLP (router, experts, shared experts): summed over tp under SP
 
     @property
     def total(self) -> int:
@@ -43,6 +44,10 @@ class RankParams:
     @property
     def experts(self) -> int:
         return sum(n for n, e in zip(self.sizes, self.expert, strict=False) if e)
+
+    @property
+    def moe_mlp(self) -> int:
+        return sum(n for n, m in zip(self.sizes, self.moe, strict=False) if m)
 
     @property
     def matrices(self) -> int:
@@ -73,7 +78,10 @@ def _stage_params(model_items: tuple, layers: tuple[int, ...], embed: bool, head
     expert = tuple(ep > 1 and split is not None and split.axis == "ep"
                    for split in (split_of(name, mc) for name, _ in named))
     block = tuple(int(name.split(".")[1]) if name.startswith("blocks.") else -1 for name, _ in named)
-    return RankParams(tuple(math.prod(s) for s in shapes), tuple(len(s) >= 2 for s in shapes), expert, block)
+    moe = tuple(i >= 0 and mc.moe.is_moe(i) and ".mlp." in name
+                for i, (name, _) in zip(block, named, strict=True))
+    return RankParams(tuple(math.prod(s) for s in shapes), tuple(len(s) >= 2 for s in shapes), expert, block,
+                      moe)
 
 
 def chunks_of(layout: Layout, stage: int) -> tuple[Chunk, ...]:

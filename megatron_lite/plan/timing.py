@@ -267,12 +267,13 @@ def compute_term(st: Step) -> tuple[float, float, float, float]:
     per-token term runs over the rank's T/cp tokens; the attention core is attention_term."""
     mc, b, n, tp = st.mc, st.b, st.local, st.layout.tp
     # projections and MLP (MoE: the blocks' mean, each MoE block its active experts); a MoE block
-    # runs whole on every tp rank (its experts are split by ep instead)
-    dense = (sum(_block_flops(mc, b, n, i, tp) for i in range(mc.num_layers)) / mc.num_layers
+    # runs whole on every tp rank (its experts are split by ep instead), under SP on its 1/tp tokens
+    sp = st.layout.sequence_parallel
+    dense = (sum(_block_flops(mc, b, n, i, tp, sp) for i in range(mc.num_layers)) / mc.num_layers
              - _core_flops(mc, b, n, n) / tp) / st.peak
     core_f, core_b = attention_term(st)
-    elem = (_elementwise_bytes(mc, tp, st.layout.sequence_parallel, b, n, st.e, st.profile, st.autocast)
-            + _routing_bytes(mc, b * n, st.e)) / st.hbm
+    elem = (_elementwise_bytes(mc, tp, sp, b, n, st.e, st.profile, st.autocast)
+            + _routing_bytes(mc, b * n // (tp if sp else 1), st.e)) / st.hbm
     fwd, bwd = dense + core_f + elem, 2 * dense + core_b + 2 * elem
     if st.recompute == "full":
         bwd += fwd
@@ -285,13 +286,13 @@ def compute_term(st: Step) -> tuple[float, float, float, float]:
     return fwd, bwd, head_gemm + ce_bytes / 3 / st.hbm, 2 * head_gemm + 2 * ce_bytes / 3 / st.hbm
 
 
-def _block_flops(mc: ModelConfig, b: int, n: int, layer: int, tp: int) -> float:
+def _block_flops(mc: ModelConfig, b: int, n: int, layer: int, tp: int, sp: bool = False) -> float:
     """Forward FLOPs of block `layer` on one tp rank: the attention and a dense MLP split over tp, a
-    MoE MLP whole on every tp rank."""
+    MoE MLP whole on every tp rank (under SP over the rank's 1/tp of the tokens)."""
     if not mc.moe.is_moe(layer):
         return layer_flops(mc, b, n, layer=layer) / tp
     moe = mlp_flops(mc, b * n, layer)
-    return (layer_flops(mc, b, n, layer=layer) - moe) / tp + moe
+    return (layer_flops(mc, b, n, layer=layer) - moe) / tp + (moe / tp if sp else moe)
 
 
 def _routing_bytes(mc: ModelConfig, N: int, e: int) -> float:
@@ -313,7 +314,7 @@ def ep_term(st: Step) -> tuple[float, float]:
     mc, layout = st.mc, st.layout
     if layout.ep == 1 or not mc.moe.num_experts:
         return 0.0, 0.0
-    rows = st.b * st.local * mc.moe.top_k
+    rows = st.b * st.local * mc.moe.top_k // (layout.tp if layout.sequence_parallel else 1)  # SP: its shard's
     ranks = st.replica_ranks()[:layout.ep]  # the first ep group: consecutive ranks of dp x cp
     one = all_to_all_time(rows * mc.hidden_size * st.e, ranks, st.cluster)
     moe_share = sum(mc.moe.is_moe(i) for i in range(mc.num_layers)) / mc.num_layers
@@ -460,6 +461,25 @@ def tied_term(st: Step) -> float:
         pp_ranks = st.ranks("pp")
         return collective_time(st.vocab * st.mc.hidden_size * 4, [pp_ranks[0], pp_ranks[-1]], st.cluster)
     return 0.0
+
+
+def sp_moe_term(st: Step) -> float:
+    """Sequence-parallel MoE (parallel/tensor_parallel.shard_moe_tokens): after the data-parallel
+    reduction, the MoE MLPs' fp32 gradients are summed over tp (sync_sequence_parallel_grads), each
+    rank's shard of them under the distributed optimizer (experts over their own replicas). Not
+    overlapped: it runs with the norms' in the optimizer's finish."""
+    layout = st.layout
+    if not (layout.sequence_parallel and st.mc.moe.num_experts):
+        return 0.0
+    dp, zero = layout.dp * layout.cp, layout.config.optim.zero.stage
+    worst = 0.0
+    for s in range(layout.pp):
+        rp = rank_params(layout, s)
+        moe, experts = rp.moe_mlp, rp.experts
+        if zero >= 1:  # the shards: dense MoE parameters over dp x cp, the experts over their replicas
+            moe = (moe - experts) / dp + experts * layout.ep / dp
+        worst = max(worst, moe)
+    return collective_time(4 * worst, st.ranks("tp"), st.cluster)
 
 
 def optimizer_term(st: Step, n_rank: int) -> float:
@@ -634,9 +654,10 @@ def step_time(layout: Layout, cluster: Cluster, profile: Profile = OURS,
     rest = dp_term(st, n_rank, grads=not ov.overlapped or not layout.config.parallel.overlap_grad_reduce,
                    params=not (ov.overlapped and layout.config.parallel.overlap_param_gather and zero >= 1))
     tied = tied_term(st)
+    sp_moe = sp_moe_term(st)
     pipe = pp_term(st, f_chunk + ov.f_add, b_chunk + ov.b_add)
     comm = (tp_f + tp_b) * chunk_layers + head_comm / v + 2 * pipe.p2p
-    after = rest + ov.after + tied
+    after = rest + ov.after + tied + sp_moe
     opt = optimizer_term(st, n_rank)
     step = pipe.time + after + opt
     tokens = layout.global_batch_size * st.s
@@ -650,6 +671,8 @@ def step_time(layout: Layout, cluster: Cluster, profile: Profile = OURS,
                "pp_p2p": 2 * pipe.p2p * pipe.chunks, "dp": dp_exposed, "tied_embedding": tied}
     if st.mc.moe.num_experts:
         exposed["ep_all_to_all"] = (ep_f + ep_b) * chunk_layers * pipe.chunks
+    if sp_moe:
+        exposed["sp_moe_grads"] = sp_moe
     overlapped = ov.overlapped + (("ring K/V passes (behind attention)",) if ctx.hidden else ())
     return Timing(step, compute, sum(exposed.values()), pipe.bubble, opt, tokens / step,
                   hw / step / world / 1e12, mf / step / world / (cluster.peak_tflops * 1e12),

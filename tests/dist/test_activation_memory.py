@@ -60,6 +60,16 @@ def test_tp2_sequence_parallel_block_keeps_a_shard_of_everything():
     check(mc, 2, True, measure(mc, B, S, 2, True))
 
 
+def test_tp2_sequence_parallel_moe_block_keeps_its_shards_routing():
+    """Sequence-parallel MoE: the router, the routed rows and the experts' activations over the
+    rank's own 1/tp of the tokens (saved_terms' moe_terms at the shard's token count)."""
+    mc = gpt(**LLAMA, moe=dict(num_experts=4, top_k=2, intermediate_size=32, num_shared_experts=1,
+                               aux_loss_coeff=0.01, z_loss_coeff=0.001))
+    measured = measure(mc, B, S, 2, True)
+    check(mc, 2, True, measured, bound=False)
+    assert measured["none"] < measure(mc, B, S, 2, False)["none"]  # without SP: the whole sequence
+
+
 # ---- model.norm_saves_output: each norm keeps its output, the storage the next GEMM keeps ----------
 def drop_is_the_norm_inputs(kw, tp, sp):
     """With the option the block keeps exactly the norm-input terms less without recompute (the saved

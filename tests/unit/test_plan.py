@@ -898,14 +898,19 @@ def test_moe_block_terms_equal_what_autograd_saves(moe, activation):
 def test_plan_a_mixtral_8x7b_shape_ranks_expert_parallel_layouts(capsys):
     """plan on configs/mixtral-8x7b.yaml (46.7B parameters, 12.9B active) on 4 nodes of 8 H100: the
     experts split over ep ranks carved from dp (every ep dividing dp and 8), MFU on active FLOPs, the
-    all-to-all exposed; --ep pins it; sequence parallelism is never proposed for MoE. (Under tp every
-    tp rank runs the MoE block on the whole sequence: the experts' FLOPs are repeated tp times, which
-    the MFU shows.)"""
+    all-to-all exposed; --ep pins it. Under tp sequence parallelism is proposed (it is never worse):
+    each tp rank routes only its shard, where without SP the experts' FLOPs repeat tp times; SP's
+    summed MoE gradients are an exposed term of their own, and the MFU shows the difference."""
     from megatron_lite.cli import main
     cfg = Config.from_yaml("configs/mixtral-8x7b.yaml")
     result = plan.plan(cfg, plan.Cluster.preset("h100", nodes=4), 128, recompute=("full",), tp_values=[2],
                        micro_batch_sizes=(1,))
-    assert result.ranked and not any(c.layout.sequence_parallel for c in result.ranked + result.too_big)
+    assert result.ranked and all(c.layout.sequence_parallel for c in result.ranked + result.too_big)
+    assert result.ranked[0].timing.exposed["sp_moe_grads"] > 0
+    no_sp = plan.plan(cfg, plan.Cluster.preset("h100", nodes=4), 128, recompute=("full",), tp_values=[2],
+                      micro_batch_sizes=(1,), sequence_parallel="off")
+    assert not any(c.layout.sequence_parallel for c in no_sp.ranked)
+    assert result.ranked[0].timing.mfu > 1.3 * no_sp.ranked[0].timing.mfu
     assert {c.layout.ep for c in result.ranked + result.too_big} == {1, 2, 4, 8}
     best = result.ranked[0]
     assert best.layout.ep > 1 and best.timing.exposed["ep_all_to_all"] > 0
