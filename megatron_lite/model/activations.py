@@ -172,6 +172,15 @@ def saved_terms(mc: ModelConfig, b: int, s: int, tp: int = 1, sp: bool = False, 
     return terms
 
 
+def grouped_gemm_applies(mc: ModelConfig, e: int) -> bool:
+    """Whether the experts of model config mc, in a dtype of e bytes, take the grouped GEMM path by
+    their shapes (model.moe.grouped_gemm on, torch having it, every width a 16-byte multiple); the
+    device's own support is probed at run time."""
+    m = mc.moe
+    widths = (mc.hidden_size, m.intermediate_size or mc.intermediate_size)
+    return m.grouped_gemm and hasattr(torch, "_grouped_mm") and all(w * e % 16 == 0 for w in widths)
+
+
 def moe_terms(mc: ModelConfig, N: int, e: int) -> dict[str, int]:
     """Bytes a MoE block's MLP (model/moe.py) keeps for backward over N tokens (every tp rank runs it
     on the whole sequence, under SP on its shard; selective recompute keeps all of it: the experts'
@@ -184,7 +193,6 @@ def moe_terms(mc: ModelConfig, N: int, e: int) -> dict[str, int]:
     M = N * k
     if m.capacity_factor is not None:
         M = min(M, E * math.ceil(m.capacity_factor * N * k / E))
-    from .moe import grouped_gemm_applies  # (moe.py imports this module)
     w = 2 if mc.activation == "swiglu" else 1
     terms = {
         # softmax / sigmoid keep their output; top-k its indices (int64), which gather shares

@@ -157,15 +157,6 @@ def _grouped_mm_usable(*tensors: torch.Tensor) -> bool:
 _PROBED: dict[tuple[str, torch.dtype], bool] = {}  # (device type, dtype) -> torch._grouped_mm works
 
 
-def grouped_gemm_applies(mc: ModelConfig, e: int) -> bool:
-    """Whether the experts of model config mc, in a dtype of e bytes, take the grouped GEMM path by
-    their shapes (model.moe.grouped_gemm on, torch having it, every width a 16-byte multiple); the
-    device's own support is probed at run time."""
-    m = mc.moe
-    widths = (mc.hidden_size, m.intermediate_size or mc.intermediate_size)
-    return m.grouped_gemm and hasattr(torch, "_grouped_mm") and all(w * e % 16 == 0 for w in widths)
-
-
 class GroupedLinear(torch.autograd.Function):
     """x (M, K) rows grouped by expert, w (E, N, K) stacked nn.Linear weights, offs (E,) int32 end
     row of each group -> (M, N): row block e times w[e]^T, all groups in one torch._grouped_mm; the
