@@ -24,7 +24,12 @@ Random ops traced into a graph (SDPA's attention dropout) would draw from induct
 neither the stream nor the masks of an uncompiled run, so fallback_random keeps aten's random ops:
 with compile on or off, a seed gives the same masks, and a resume replays them exactly.
 
-Two paths stay eager:
+Three paths stay eager:
+  - a mixture-of-experts MLP (model/moe.py): its token counts per expert and, with a capacity, its
+    kept assignments are data-dependent shapes, and it records its load and losses on Python objects
+    (RouterStats) whose mutation a compiled graph would not replay on every call. It runs as a
+    graph break, the attention and the norms around it compiled; its experts are one grouped GEMM
+    each where torch has it, which compile would not fuse further.
   - decoding (a KV cache): one new shape per token and a cache updated in place; the decoding
     forward is cheap and runs once per sample, so it is not worth a recompile per length.
   - the attention under selective recompute where it checkpoints its core (attention dropout off
@@ -37,6 +42,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from ..model.moe import MoE
 
 # Dynamo inlines nn modules by default from 2.5 (inline_inbuilt_nn_modules): before it, each block
 # is guarded by identity and compiled on its own, so num_layers blocks exhaust the recompile limit
@@ -66,6 +73,8 @@ def compile_blocks(model: nn.Module, device: torch.device) -> int:
         if attn.recompute_core and attn.dropout > 0 and torch.device(device).type != "cuda":
             # checkpoint(core, context_fn=...) inside the attention: not traceable (module docstring)
             attn.forward = torch._dynamo.disable(attn.forward)
+        if isinstance(block.mlp, MoE):  # (module docstring)
+            block.mlp.forward = torch._dynamo.disable(block.mlp.forward)
         block.forward = _compiled_forward(block.forward)
     return len(model.blocks)
 

@@ -221,7 +221,6 @@ def test_moe_config_errors_are_one_sentence(overrides, words):
      "model.moe.capacity_factor=1.5 with parallel.sequence_parallel=true"),
     (["parallel.cp=2", "model.moe.capacity_factor=1.5"], "model.moe.capacity_factor=1.5 with parallel.cp=2"),
     (["optim.zero.stage=1", "optim.zero.backend=deepspeed", "parallel.dp=2"], "deepspeed"),
-    (["train.compile=true"], "train.compile=true"),
     (["parallel.dp=2", "parallel.ep=4"], "parallel.ep=4 must divide parallel.dp=2"),
     (["parallel.dp=6", "parallel.ep=3"], "parallel.ep=3 must divide model.moe.num_experts=4"),
 ])
