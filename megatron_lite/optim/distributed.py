@@ -52,6 +52,18 @@ both on by default; off, every collective runs where the step needs its result):
     blocks' full weights are held at a time.
 Every rank runs the same backward, so every rank starts the same collectives in the same order.
 
+The token embedding's lookup gradient travels sparse (dp > 1). Its backward is the last of all, so
+in the buffer its (V, C) gradient would be the step's last reduction, exposed after the backward
+(for a tied embedding, the largest one). Instead the lookup's gradient never enters autograd
+(DeferredLookup: the optimizer installs it as the embedding's lookup): on a backward whose
+gradients are reduced (the step's last for stages 0-1, every one for 2-3) the ids and the output's
+gradient rows, N x C for N tokens against V x C, are all-gathered over the group and, once the
+buffer's reduction is complete, every rank's rows are summed into their ids' rows of the reduced
+(shard of the) gradient, in rank order, as embedding_dense_backward does; on the other backwards
+they are added into the main gradient at once. A tied weight's bucket then holds only the head's
+part, which is complete early in the backward and reduced behind it. The sums are those of the
+dense path in another order, the same with and without overlap.
+
 Finishing the gradients (the same sums GradSync does for the plain path, applied to this rank's
 shard: they are all linear, so they commute with the data-parallel reduction):
   1. mean over the data-parallel group (all-reduce, or reduce-scatter),
@@ -252,6 +264,9 @@ class DistributedOptimizer:
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         self._tied = tied
         self._sp = [f for f in self.fragments if getattr(f.param, "sequence_parallel", False)]
+        # the embedding lookup's deferred gradient: lookups this step, gathers in flight
+        self._lookups, self._gathered, self._lookup_only, self._deferred = 0, [], False, None
+        self._defer_lookups(model)
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad)
                        for b in self.buckets for p in b.params]
         if self.stage == 3:  # gather each bucket just in time (module docstring)
@@ -291,9 +306,15 @@ class DistributedOptimizer:
         b, o = self.bucket_of[id(p)]
         g = p.grad.reshape(-1)  # (n,) in the weights' dtype
         p.grad = None
+        self._arrive(b, o, g)
+
+    def _arrive(self, b: Bucket, o: int, g: torch.Tensor | None) -> None:
+        """One parameter of b is done with one backward: its gradient g (flat, at offset o; None:
+        nothing to add, a deferred lookup's) added in, and b reduced once all of them are."""
         b.arrived += 1
         if b.grad is not None:
-            b.grad[o:o + g.numel()].add_(g)
+            if g is not None:
+                b.grad[o:o + g.numel()].add_(g)
             # A parameter that got no gradient only delays the reduction to finish(): sums are linear.
             if self.overlap_grad and self._backwards and b.arrived == len(b.params) * self._backwards:
                 self._start_reduction(b)
@@ -301,10 +322,73 @@ class DistributedOptimizer:
         if b.staging is None:
             while len(self._inflight) >= MAX_STAGING_BUCKETS:  # bounded memory: the oldest first
                 self._complete(*self._inflight.pop(0))
-            b.staging = torch.zeros(b.numel, dtype=torch.float32, device=g.device)  # (numel,)
-        b.staging[o:o + g.numel()].add_(g)
+            b.staging = torch.zeros(b.numel, dtype=torch.float32, device=b.grad_shard.device)  # (numel,)
+        if g is not None:
+            b.staging[o:o + g.numel()].add_(g)
         if b.arrived == len(b.params):
             self._reduce_staging(b)
+
+    # ---- the embedding lookup's gradient, gathered sparse ---------------------------------------
+    def _defer_lookups(self, model: torch.nn.Module) -> None:
+        """Route the token embedding's lookup gradient around autograd (DeferredLookup): the rows
+        the batch touched travel instead of a (V, C) gradient (module docstring)."""
+        emb = getattr(model, "tok_emb", None)
+        if emb is None or self.dp == 1 or id(getattr(emb, "weight", None)) not in self.bucket_of:
+            return
+        p = emb.weight
+        # tied on this stage: the head's use of the weight still reaches it through autograd, which
+        # counts its arrival; else the lookup is its only use, and the lookup's gradient arrives
+        others = [name for name, q in model.named_parameters(remove_duplicate=False)
+                  if q is p and not name.startswith("tok_emb.")]
+        self._lookup_only = not others
+        sink = functools.partial(self._lookup_grad, p)
+        # the graph's handle on the lookup: were the weight its input, autograd would accumulate the
+        # head's gradient into a tied weight only after the lookup's backward, the last of all
+        anchor = torch.zeros(0, device=p.device, requires_grad=True)
+
+        def lookup(ids, weight):
+            return DeferredLookup.apply(anchor, weight.detach(), ids, sink)
+        if hasattr(emb, "lookup"):  # the vocab-parallel embedding: its local lookup
+            emb.lookup = lookup
+        else:  # torch's nn.Embedding (no padding_idx, max_norm: the model's)
+            emb.forward = lambda ids: lookup(ids, emb.weight)
+        self._deferred = emb
+
+    def _lookup_grad(self, p: torch.nn.Parameter, ids: torch.Tensor, grad: torch.Tensor) -> None:
+        """DeferredLookup's backward: ids (...), grad (..., C) the lookup output's gradient."""
+        b, o = self.bucket_of[id(p)]
+        rows = grad.reshape(-1, p.shape[1])  # (N, C)
+        ids = ids.reshape(-1)  # (N,)
+        self._lookups += 1
+        if self.stage >= 2 or (self._backwards and self._lookups == self._backwards):
+            # this backward's gradient is reduced: gather the rows, add them to the reduced sum
+            d, n = comm.size(b.group), ids.numel()
+            all_ids = torch.empty(d * n, dtype=ids.dtype, device=ids.device)  # (d N,)
+            all_rows = torch.empty(d * n * rows.shape[1], dtype=rows.dtype, device=rows.device)  # (d N C,)
+            pending = (comm.all_gather_into_async(all_ids, ids, b.group),
+                       comm.all_gather_into_async(all_rows, rows.contiguous(), b.group))
+            self._gathered.append((b, o, p, pending, all_ids, all_rows))
+            if self.stage >= 2 and not self._drain_queued:  # into the shard at the end of this
+                # backward, after its reduce-scatters (with or without overlap: the same sums in order)
+                self._drain_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        else:  # accumulating: into the main gradient, reduced with the rest
+            b.grad[o:o + p.numel()].add_(_lookup_dense(rows, ids, p.shape[0]).reshape(-1))
+        if self._lookup_only:
+            self._arrive(b, o, None)
+
+    def _add_lookups(self) -> None:
+        """Wait for the gathered lookup gradients and add every rank's into the reduced (shard of
+        the) gradient; stages 0-1 call it once the buckets' reductions are complete."""
+        for b, o, p, pending, all_ids, all_rows in self._gathered:
+            for work in pending:
+                work.wait()
+            rows = all_rows.view(all_ids.numel(), -1)  # (d N, C) every rank's, in rank order
+            dense = _lookup_dense(rows, all_ids, p.shape[0]).reshape(-1)  # (V C,)
+            lo, hi = max(o, b.lo), min(o + p.numel(), b.lo + b.shard_size)  # its part in this rank's shard
+            if lo < hi:
+                b.grad_shard[lo - b.lo:hi - b.lo].add_(dense[lo - o:hi - o])
+        self._gathered.clear()
 
     def _start_reduction(self, b: Bucket) -> None:
         """Stages 0-1: the step's reduction of b's main gradients, started (finish() waits)."""
@@ -331,6 +415,7 @@ class DistributedOptimizer:
         self._drain_queued = False
         while self._inflight:
             self._complete(*self._inflight.pop(0))
+        self._add_lookups()  # stages 2-3: into the shard, as the reduce-scatters' results
 
     def _complete(self, pending: comm.Pending, into) -> None:
         """Wait for a started reduction and put its result where it belongs."""
@@ -377,6 +462,11 @@ class DistributedOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         while self._inflight:  # (a step abandoned mid-backward: let its collectives finish first)
             self._complete(*self._inflight.pop(0))
+        for *_, pending, _ids, _rows in self._gathered:
+            for work in pending:
+                work.wait()
+        self._gathered.clear()
+        self._lookups = 0
         for b in self.buckets:
             (b.grad if b.grad is not None else b.grad_shard).zero_()
             b.staging, b.arrived, b.launched = None, 0, False
@@ -396,7 +486,8 @@ class DistributedOptimizer:
                 self._start_reduction(b)
         while self._inflight:
             self._complete(*self._inflight.pop(0))
-        self._backwards = None
+        self._add_lookups()  # after the reductions: stages 0-1 reduce the buffer they add to
+        self._backwards, self._lookups = None, 0
         for b in self.buckets:
             b.launched, b.arrived = False, 0
             if self.dp > 1:
@@ -527,6 +618,32 @@ class DistributedOptimizer:
         moments = sum(t.numel() * t.element_size() for st in self.adamw.state.values()
                       for k, t in st.items() if k != "step")
         return {"weights": weights, "grads": grads, "master": master, "moments": moments}
+
+
+class DeferredLookup(torch.autograd.Function):
+    """F.embedding(ids, weight) whose weight gradient autograd never forms: the backward hands the
+    output's gradient (the rows the batch touched) and the ids to `sink` (the optimizer), which
+    either adds them in at once or gathers them over the data-parallel group (module docstring).
+    The weight comes detached; `anchor` (an empty leaf that requires grad) keeps the lookup in the
+    graph."""
+
+    @staticmethod
+    def forward(ctx, anchor, weight, ids, sink):
+        ctx.save_for_backward(ids)
+        ctx.sink = sink
+        return torch.nn.functional.embedding(ids, weight)  # (..., C)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        ctx.sink(ids, grad)
+        return None, None, None, None
+
+
+def _lookup_dense(rows: torch.Tensor, ids: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """(num_rows, C) fp32: the rows (N, C) summed into their ids' rows, as the embedding's backward
+    (deterministic on every device, unlike index_add_ on CUDA)."""
+    return torch.ops.aten.embedding_dense_backward(rows.float(), ids, num_rows, -1, False)
 
 
 def _units(model: torch.nn.Module, params: list[torch.nn.Parameter], tied):

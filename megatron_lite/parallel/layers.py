@@ -151,11 +151,12 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_end = vocab_start + weight.shape[0]
         self.weight = nn.Parameter(weight)  # (padded_vocab / tp, C)
         mark(self.weight, tensor_parallel=True)
+        self.lookup = F.embedding  # (ids, weight) -> rows; the distributed optimizer may defer its gradient
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
-        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, T, C)
+        out = self.lookup(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, T, C)
         return reduce_from_tp(out, self.group)
 
 

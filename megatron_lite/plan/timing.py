@@ -519,6 +519,26 @@ def _stage_buckets(st: Step, stage: int) -> list[int]:
     return zero3_buckets(st.layout, stage)[0][::-1] if z == 3 else buckets(st.layout, stage)
 
 
+def lookup_term(st: Step, stage: int) -> float:
+    """Seconds of one gathered embedding-lookup gradient on a rank of `stage` (optim/distributed.py's
+    DeferredLookup): the ids (int64) and the output-gradient rows of the micro-batch's b x s/cp
+    tokens, all-gathered over dp x cp; 0 without data parallelism, DeepSpeed, or the embedding."""
+    layout = st.layout
+    if layout.dp * layout.cp == 1 or layout.backend == "deepspeed" or st.profile is MEGATRON_2021:
+        return 0.0
+    if not any(c.first for c in chunks_of(layout, stage)):
+        return 0.0
+    tokens = st.b * st.local
+    return collective_time(tokens * (8 + st.mc.hidden_size * st.e), st.replica_ranks(), st.cluster, "gather")
+
+
+def _tied_here(st: Step, stage: int) -> bool:
+    """The stage holds the embedding and a head tied to it: the bucket of the weight then holds only
+    the head's gradient, complete at the start of the backward (the lookup's travels apart)."""
+    chunks = chunks_of(st.layout, stage)
+    return st.mc.tie_embeddings and any(c.first for c in chunks) and any(c.last for c in chunks)
+
+
 def dp_overlap(st: Step, stage: int, f_block: float, b_block: float, f_chunk: float,
                b_chunk: float) -> Overlap:
     """The native backends' data-parallel traffic with parallel.overlap_grad_reduce /
@@ -537,6 +557,10 @@ def dp_overlap(st: Step, stage: int, f_block: float, b_block: float, f_chunk: fl
                        backward (each pipeline B action) waits for all of them, as FSDP does: per
                        action at least its last bucket's reduce-scatter is exposed, more where the
                        link is slower than the backward (backward_with_reductions)
+      lookup           the embedding lookup's gradient rows of a reduced backward (lookup_term),
+                       gathered at the backward's end: after the stage's last backward (ZeRO-0/1),
+                       after each (ZeRO-2/3). A tied weight's bucket, when it holds that weight alone,
+                       is complete once the head's backward is and leads the FIFO (ZeRO-0/1)
       params, ZeRO-1/2 after the step each bucket's all-gather starts in forward order and is waited
                        for just before its first use: exposed is how far the gathers run ahead of the
                        first micro-batch's forward through the stage's chunks (at least the first)
@@ -554,9 +578,16 @@ def dp_overlap(st: Step, stage: int, f_block: float, b_block: float, f_chunk: fl
     per_chunk = max(1, len(sizes) // v)  # buckets filled by one chunk action (chunks hold equal loads)
     f_add = b_add = after = hidden = 0.0
     overlapped = []
+    lookup = lookup_term(st, stage)
     if cfg.parallel.overlap_grad_reduce:
         kind = "all_reduce" if zero == 0 else "gather"
-        costs = [collective_time(4 * n, ranks, c, kind) for n in sizes]  # fp32 main gradients
+        order = list(sizes)
+        emb = padded_vocab(st.mc.vocab_size, layout.tp, cfg.parallel.make_vocab_divisible_by) // layout.tp \
+            * st.mc.hidden_size
+        head_first = zero <= 1 and lookup and _tied_here(st, stage) and order and order[-1] == emb
+        if head_first:
+            order = [order[-1]] + order[:-1]  # the head's part, ready as the backward starts
+        costs = [collective_time(4 * n, ranks, c, kind) for n in order]  # fp32 main gradients
         total = sum(costs)
         if zero <= 1:
             # chunk k (k = 0: the first whose last backward runs) ends (v-1-k) gaps before the stage
@@ -564,12 +595,13 @@ def dp_overlap(st: Step, stage: int, f_block: float, b_block: float, f_chunk: fl
             end, done = 0.0, -math.inf
             for k in range(v):
                 start = -(v - 1 - k) * gap - b_chunk
-                first_ready = start + b_chunk / per_chunk  # the chunk's first bucket is full
+                # the chunk's first bucket is full (the tied head's at once: pp = 1, one chunk)
+                first_ready = start + (0.0 if head_first else b_chunk / per_chunk)
                 mine = costs[k * per_chunk:(k + 1) * per_chunk if k < v - 1 else None]
                 done = max(done, first_ready) + sum(mine)
                 done = max(done, start + b_chunk + mine[-1]) if mine else done
             tail = max(done - end, costs[-1])
-            after += tail
+            after += tail + lookup
             hidden += total - tail
             overlapped.append("all-reduce" if zero == 0 else "reduce-scatter")
         else:
@@ -577,7 +609,7 @@ def dp_overlap(st: Step, stage: int, f_block: float, b_block: float, f_chunk: fl
             held = max(backward_with_reductions(b_chunk, costs[k * per_chunk:(k + 1) * per_chunk
                                                                 if k < v - 1 else None]) - b_chunk
                        for k in range(v))
-            b_add += held
+            b_add += held + lookup / v  # (the first chunk's backward gathers it; spread over the chunks)
             hidden += m * total - m * v * held
             overlapped.append("reduce-scatter (every micro-batch)")
     if cfg.parallel.overlap_param_gather and zero >= 1:
@@ -651,8 +683,11 @@ def step_time(layout: Layout, cluster: Cluster, profile: Profile = OURS,
     if profile.dp_overlap and native and layout.dp * layout.cp > 1:
         ov = dp_overlap(st, totals.index(n_rank), f + tp_f, b + tp_b, f_chunk, b_chunk)
     # what the overlap model does not cover stays after the backward, as dp_term counts it
-    rest = dp_term(st, n_rank, grads=not ov.overlapped or not layout.config.parallel.overlap_grad_reduce,
+    grads_after = not ov.overlapped or not layout.config.parallel.overlap_grad_reduce
+    rest = dp_term(st, n_rank, grads=grads_after,
                    params=not (ov.overlapped and layout.config.parallel.overlap_param_gather and zero >= 1))
+    if grads_after:  # the lookup gradients' gathers, each waited for (every backward's under ZeRO-2/3)
+        rest += lookup_term(st, totals.index(n_rank)) * (layout.micro_batches if zero >= 2 else 1)
     tied = tied_term(st)
     sp_moe = sp_moe_term(st)
     pipe = pp_term(st, f_chunk + ov.f_add, b_chunk + ov.b_add)

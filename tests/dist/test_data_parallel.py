@@ -212,9 +212,57 @@ def _overlap(rank, world, data_dir, out):
             assert torch.equal(a, b), stage
         if stage < 2:  # every bucket's reduction started during the last backward
             assert all(s == len(opt.buckets) for s in s_on) and all(s == 0 for s in s_off), (stage, s_on)
-        else:  # still in flight when each backward ended (without overlap: each waited at once)
-            assert len(s_on) == 2 * STEPS and all(s > 0 for s in s_on) and not s_off, (stage, s_on)
+        else:  # still in flight when each backward ended (without overlap: each waited at once, and
+            # the end of the backward only adds the embedding lookup's gathered rows)
+            assert len(s_on) == 2 * STEPS and all(s > 0 for s in s_on) and all(s == 0 for s in s_off), \
+                (stage, s_on, s_off)
 
 
 def test_overlapped_communication_is_bit_identical_and_starts_early(corpus_dir, tmp_path):
     run_ranks(_overlap, 2, str(corpus_dir), str(tmp_path))
+
+
+def _lookup(rank, world, data_dir, out):
+    """The token embedding's lookup gradient under dp2 (stages 0-3, tied and untied; tp and pp are in
+    the parity tests): the rows the batch touched travel (an all-gather of ids and rows on the
+    backward whose gradient is reduced: the last of a step for stages 0-1, every one for 2-3) instead of
+    a (V, C) gradient in the reduction; for a tied weight the head's part is reduced during the backward,
+    its bucket launched before the lookup's backward runs. The sums themselves are the parity tests'."""
+    from megatron_lite.distributed import comm
+    from megatron_lite.optim.distributed import DistributedOptimizer
+    real = DistributedOptimizer._lookup_grad
+    seen = []
+
+    def lookup_grad(self, p, ids, grad):
+        b, _ = self.bucket_of[id(p)]
+        seen.append((self._lookups + 1, b.launched, ids.numel(), grad.shape[-1]))
+        real(self, p, ids, grad)
+    DistributedOptimizer._lookup_grad = lookup_grad
+    for extra in (("optim.zero.stage=0",), ("optim.zero.stage=1",), ("optim.zero.stage=2",),
+                  ("optim.zero.stage=3",), ("optim.zero.stage=1", "model.tie_embeddings=false")):
+        seen.clear()
+        cfg = _config(data_dir, f"{out}/{'_'.join(extra)}", "parallel.dp=2", "train.grad_accum=2",
+                      "optim.zero.bucket_elements=2000", *extra)
+        from megatron_lite.train import Trainer
+        trainer = Trainer(cfg, _env(rank, world))
+        opt = trainer.backend.optimizer
+        assert opt._deferred is trainer.model.tok_emb and opt._lookup_only == ("model.tie_embeddings=false" in extra)
+        stats = comm.CommStats()
+        with stats.recording():
+            trainer.train_step()
+        N, C = 2 * 32, 32  # tokens of a micro-batch, width
+        assert [(k, n, c) for k, _, n, c in seen] == [(1, N, C), (2, N, C)], (extra, seen)
+        stage = cfg.optim.zero.stage
+        gathered = 2 * N * (8 + 4 * C)  # ids (int64) and fp32 rows of both ranks, per gathered backward
+        weights = sum(b.numel * 4 for b in opt.buckets) if stage in (1, 2) else 0  # the step's all-gather
+        zero3 = stats.bytes["all_gather"] - gathered * 2 if stage == 3 else 0  # ZeRO-3's weight gathers
+        assert stats.bytes["all_gather"] == gathered * (2 if stage >= 2 else 1) + weights + zero3, \
+            (extra, dict(stats.bytes))
+        if stage < 2 and "model.tie_embeddings=false" not in extra:  # the head's part already on its way
+            assert seen[-1][1], extra
+        trainer.backend.settle()
+        trainer.close()
+
+
+def test_embedding_lookup_gradient_travels_as_rows(corpus_dir, tmp_path):
+    run_ranks(_lookup, 2, str(corpus_dir), str(tmp_path))

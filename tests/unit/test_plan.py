@@ -685,16 +685,19 @@ def test_overlap_hides_dp_collectives_but_never_the_last_bucket(stage):
     """ours: the native dp collectives overlap as the code runs them (plan/timing.dp_overlap) — less
     exposed than all of them after the backward (dp_term, what overlap_*=false and the Megatron-2021
     profile get), never less than the last bucket's reduction (ZeRO-0/1: the first layers and the
-    embedding have nothing left to hide behind), and the terms overlapped are named."""
+    embedding have nothing left to hide behind), and the terms overlapped are named. Both count the
+    embedding lookup's gathered gradient rows (lookup_term) after each reduced backward."""
     from megatron_lite.plan.cluster import MEGATRON_2021, collective_time
-    from megatron_lite.plan.timing import GEMM_EFFICIENCY, Step, _stage_buckets, dp_term
+    from megatron_lite.plan.timing import GEMM_EFFICIENCY, Step, _stage_buckets, dp_term, lookup_term
     cluster = plan.Cluster.preset("h100", nodes=2)
     layout = _layout({"parallel": {"dp": 4, "tp": 4}, "train": {"precision": "bf16"},
                       "optim": {"zero": {"stage": stage, "bucket_elements": 20_000}}})
     st = Step.of(layout, cluster, plan.OURS, GEMM_EFFICIENCY)
     n = plan.rank_params(layout, 0).total
+    lookups = lookup_term(st, 0) * (layout.micro_batches if stage >= 2 else 1)
+    assert lookups > 0
     on = plan.step_time(layout, cluster)
-    assert on.exposed["dp"] < dp_term(st, n) and on.dp_hidden_s > 0
+    assert on.exposed["dp"] < dp_term(st, n) + lookups and on.dp_hidden_s > 0
     names = {0: "all-reduce", 1: "reduce-scatter"}
     assert on.overlapped[0] == names.get(stage, "reduce-scatter (every micro-batch)")
     if stage <= 1:
@@ -707,7 +710,7 @@ def test_overlap_hides_dp_collectives_but_never_the_last_bucket(stage):
     for timing in (plan.step_time(off_layout, cluster), plan.step_time(layout, cluster, MEGATRON_2021)):
         assert timing.overlapped == () and timing.dp_hidden_s == 0
     off = plan.step_time(off_layout, cluster)
-    assert off.exposed["dp"] == pytest.approx(dp_term(st, n), rel=1e-12)
+    assert off.exposed["dp"] == pytest.approx(dp_term(st, n) + lookups, rel=1e-12)
     assert off.step_s > on.step_s
 
 
@@ -924,3 +927,26 @@ def test_plan_a_mixtral_8x7b_shape_ranks_expert_parallel_layouts(capsys):
                  "--global-batch", "128", "--tp", "2", "--ep", "4", "--micro-batch", "1", "--recompute",
                  "full", "--top", "1"]) == 0
     assert "(ep 4)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_tied_embeddings_bucket_reduces_with_the_head_not_after_the_backward(stage, monkeypatch):
+    """A tied weight in a bucket of its own (ZeRO-0/1): its bucket holds only the head's gradient
+    (the lookup's rows travel apart, lookup_term), ready as the backward starts, so its reduction
+    leads the link's FIFO instead of being its exposed tail (modelled as the old order: at least its
+    whole reduction exposed)."""
+    from megatron_lite.plan import timing
+    from megatron_lite.plan.cluster import collective_time
+    cluster = plan.Cluster.preset("h100", nodes=2)
+    layout = _layout({"model": {"vocab_size": 32768, "hidden_size": 512, "num_layers": 8,
+                                "num_attention_heads": 8, "max_sequence_length": 2048},
+                      "data": {"micro_batch_size": 4}, "parallel": {"dp": 16}, "train": {"precision": "bf16"},
+                      "optim": {"zero": {"stage": stage, "bucket_elements": 1_000_000}}})
+    st = timing.Step.of(layout, cluster, plan.OURS, timing.GEMM_EFFICIENCY)
+    emb = timing._stage_buckets(st, 0)[-1]
+    assert emb == 32768 * 512 and timing._tied_here(st, 0)  # alone in the last bucket, tied
+    first = plan.step_time(layout, cluster).exposed["dp"]
+    monkeypatch.setattr(timing, "_tied_here", lambda st, stage: False)  # as if it were reduced last
+    last = plan.step_time(layout, cluster).exposed["dp"]
+    cost = collective_time(4 * emb, st.replica_ranks(), cluster, "all_reduce" if stage == 0 else "gather")
+    assert first < cost <= last, (first, last, cost)
