@@ -22,16 +22,18 @@ the weight buffer's shard itself (no copy).
 
 ZeRO-3 (parameters sharded too, composing with tp, sp and pp like the other stages): one bucket per
 transformer block, one for the rest of the stage's parameters (embeddings, final norm, head) and one
-for a pipeline stage's copy of a tied embedding. The full weight buffer keeps its place, and the
-parameters stay views of it, but its storage is released (resized to nothing) whenever no forward
-or backward needs it. A forward pre-hook on the bucket's module (the block; the embedding, norm
-and head modules for the rest) all-gathers the shards into the storage, the forward hook frees it
-again and hooks the module's outputs, so that the gradient reaching them gathers it once more for
-the backward, which keeps it until the bucket's last gradient has arrived and been reduce-scattered.
-Autograd's saved weights are those views: they read the re-gathered storage, and since the storage
-is refilled through the buffer, never through the parameter, the parameters' version counters (and
-autograd's checks) never see a write. Full and selective recompute work unchanged: a recomputation
-happens inside the backward, while the bucket is held.
+for a pipeline stage's copy of a tied embedding. A rest bucket holding both the embedding and the
+head (one stage with both) stays gathered from the embedding's forward through the backward that
+reduces it (as FSDP2 keeps its root), rather than gathered again for the head. The full weight
+buffer keeps its place, and the parameters stay views of it, but its storage is released (resized to
+nothing) whenever no forward or backward needs it. A forward pre-hook on the bucket's module (the
+block; the embedding, norm and head modules for the rest) all-gathers the shards into the storage,
+the forward hook frees it again and hooks the module's outputs, so that the gradient reaching them
+gathers it once more for the backward, which keeps it until the bucket's last gradient has arrived
+and been reduce-scattered. Autograd's saved weights are those views: they read the re-gathered
+storage, and since the storage is refilled through the buffer, never through the parameter, the
+parameters' version counters (and autograd's checks) never see a write. Full and selective recompute
+work unchanged: a recomputation happens inside the backward, while the bucket is held.
 
 Communication overlapped with computation (parallel.overlap_grad_reduce / overlap_param_gather,
 both on by default; off, every collective runs where the step needs its result):
@@ -92,6 +94,7 @@ import torch
 
 from ..distributed import comm
 from ..parallel.grads import global_norm, tied_embedding_copy
+from ..parallel.layers import VocabParallelEmbedding
 
 # Like Megatron-LM's default DDP bucket (40M elements): few collectives, bounded extra memory.
 BUCKET_ELEMENTS = 40_000_000
@@ -149,6 +152,9 @@ class Bucket:
         self.sharded_weights = sharded_weights
         self.gathered = not sharded_weights  # the full weights are in self.weights' storage
         self.pending = False  # ZeRO-3: a backward needs the weights until the last gradient arrives
+        # ZeRO-3: used at the start and at the end of the forward (the embedding and the head of one
+        # stage): held from the first use through the backward instead of gathered twice per forward
+        self.hold_forward = False
         self.gathering: comm.Pending | None = None  # an all-gather into self.weights in flight
         if sharded_weights:
             self.release()
@@ -271,9 +277,12 @@ class DistributedOptimizer:
                        for b in self.buckets for p in b.params]
         if self.stage == 3:  # gather each bucket just in time (module docstring)
             self._neighbours = _block_neighbours(model, self.buckets, users) if self.overlap_param else {}
+            starts = {id(getattr(model, n, None)) for n in ("tok_emb", "pos_emb")} - {id(None)}
+            ends = {id(getattr(model, n, None)) for n in ("ln_f", "lm_head")} - {id(None)}
             for b, modules in zip(self.buckets, users, strict=True):
                 if not b.sharded_weights:  # (experts held whole by one rank of their group)
                     continue
+                b.hold_forward = any(id(m) in starts for m in modules) and any(id(m) in ends for m in modules)
                 for m in modules:
                     self._hooks += [m.register_forward_pre_hook(functools.partial(self._before_forward, b)),
                                     m.register_forward_hook(functools.partial(self._after_forward, b))]
@@ -433,12 +442,15 @@ class DistributedOptimizer:
                 nxt.start_gather(nxt.group)  # arrives while this block computes
 
     def _after_forward(self, b: Bucket, module, args, output) -> None:
-        if torch.is_grad_enabled():
+        # an embedding's backward never reads its weight (and the lookup's is deferred): gathering
+        # the bucket again for it, at the very end of the backward, would only wait on the link
+        if torch.is_grad_enabled() and not isinstance(module, (torch.nn.Embedding, VocabParallelEmbedding)):
             for t in _tensors(output):
                 if t.requires_grad:  # its gradient arrives just before this module's backward
                     t.register_hook(functools.partial(self._before_backward, b))
-        if not b.pending:  # (a recomputation inside the backward leaves them held)
-            b.release()
+        if not b.pending and not (b.hold_forward and torch.is_grad_enabled()):
+            b.release()  # (a recomputation inside the backward leaves them held; so does a training
+            # forward the embedding-and-head bucket, until its gradients are reduced, as FSDP's root)
 
     def _before_backward(self, b: Bucket, grad: torch.Tensor) -> None:
         b.pending = True

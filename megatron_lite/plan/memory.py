@@ -392,7 +392,8 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
         # parallel.overlap_param_gather prefetches one block ahead: the block in use and the next
         # one's gathered weights are alive together, in a forward and in a backward
         ahead = block_p if cfg.parallel.overlap_param_gather else 0
-        fwd_gather = e * (biggest + ahead)
+        # (the rest, embedding and head both here, is held from the embedding's forward on)
+        fwd_gather = e * max(biggest + ahead, block_p + ahead + whole)
         bwd_gather = e * (block_p + ahead + whole)
         # the bucket filling (a block's, or the rest's when it is not held across the blocks) and,
         # overlapped, the block before it still reducing; the rest's own staging beside them

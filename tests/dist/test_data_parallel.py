@@ -229,9 +229,15 @@ def _lookup(rank, world, data_dir, out):
     a (V, C) gradient in the reduction; for a tied weight the head's part is reduced during the backward,
     its bucket launched before the lookup's backward runs. The sums themselves are the parity tests'."""
     from megatron_lite.distributed import comm
-    from megatron_lite.optim.distributed import DistributedOptimizer
-    real = DistributedOptimizer._lookup_grad
-    seen = []
+    from megatron_lite.optim.distributed import Bucket, DistributedOptimizer
+    real, real_gather = DistributedOptimizer._lookup_grad, Bucket.start_gather
+    seen, gathers = [], []
+
+    def start_gather(self, group):  # ZeRO-3: which buckets are gathered (not already held)
+        if not self.gathered:
+            gathers.append(id(self))
+        real_gather(self, group)
+    Bucket.start_gather = start_gather
 
     def lookup_grad(self, p, ids, grad):
         b, _ = self.bucket_of[id(p)]
@@ -248,9 +254,13 @@ def _lookup(rank, world, data_dir, out):
         opt = trainer.backend.optimizer
         assert opt._deferred is trainer.model.tok_emb and opt._lookup_only == ("model.tie_embeddings=false" in extra)
         stats = comm.CommStats()
+        gathers.clear()
         with stats.recording():
             trainer.train_step()
         N, C = 2 * 32, 32  # tokens of a micro-batch, width
+        if "optim.zero.stage=3" in extra:  # the embedding-and-head bucket: gathered once per micro-batch
+            rest, _ = opt.bucket_of[id(trainer.model.tok_emb.weight)]
+            assert rest.hold_forward and gathers.count(id(rest)) == 2, (gathers.count(id(rest)), len(gathers))
         assert [(k, n, c) for k, _, n, c in seen] == [(1, N, C), (2, N, C)], (extra, seen)
         stage = cfg.optim.zero.stage
         gathered = 2 * N * (8 + 4 * C)  # ids (int64) and fp32 rows of both ranks, per gathered backward
