@@ -63,6 +63,20 @@ def test_compile_is_refused_on_a_torch_without_module_inlining(tiny_config, monk
     Layout.build(tiny_config("train.compile=false"))  # without compile, torch 2.4 is fine
 
 
+def _assert_compiled_resume_is_exact(tiny_config, common, out, stop: int, straight, losses) -> None:
+    """A compiled run stopped after `stop` steps and resumed in a new Trainer: the same train losses
+    (exact float equality) and weights as `straight`, the uninterrupted compiled run."""
+    first = Trainer(tiny_config(*common, "train.compile=true", f"train.out_dir={out}",
+                                f"train.exit_interval={stop}"))
+    part1 = first.fit()["train_loss"]
+    second = Trainer(tiny_config(*common, "train.compile=true", f"train.out_dir={out}"))
+    assert second.resumed_from is not None and second.state.step == stop
+    part2 = second.fit()["train_loss"]
+    assert part1 + part2 == losses  # exact float equality
+    for a, b in zip(straight.model.parameters(), second.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.slow
 def test_compiled_serial_matches_uncompiled_and_resumes_bit_exact(tiny_config, tmp_path, inductor, caplog):
     # selective recompute: the norms and the activation rerun (Recomputed), and the attention, which
@@ -102,15 +116,7 @@ def test_compiled_serial_matches_uncompiled_and_resumes_bit_exact(tiny_config, t
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda e, name=name: f"{name} {e}")
 
     # Resume: 3 steps, stop, 3 more == 6 straight, bit for bit (dropout RNG and cursor restored)
-    first = Trainer(tiny_config(*common, "train.compile=true", f"train.out_dir={tmp_path / 'b'}",
-                                "train.exit_interval=3"))
-    part1 = first.fit()["train_loss"]
-    second = Trainer(tiny_config(*common, "train.compile=true", f"train.out_dir={tmp_path / 'b'}"))
-    assert second.resumed_from is not None and second.state.step == 3
-    part2 = second.fit()["train_loss"]
-    assert part1 + part2 == got["train_loss"]  # exact float equality
-    for a, b in zip(straight.model.parameters(), second.model.parameters(), strict=True):
-        assert torch.equal(a, b)
+    _assert_compiled_resume_is_exact(tiny_config, common, tmp_path / "b", 3, straight, got["train_loss"])
 
 
 MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.intermediate_size=32",
@@ -140,16 +146,9 @@ def test_compiled_moe_matches_uncompiled_and_resumes_bit_exact(tiny_config, tmp_
     for (name, a), b in zip(eager.model.named_parameters(), compiled.model.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda e, name=name: f"{name} {e}")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled, not silently eager
-    first = Trainer(tiny_config(*common, "train.compile=true", f"train.out_dir={tmp_path / 'b'}",
-                                "train.exit_interval=2"))
-    part1 = first.fit()["train_loss"]
-    second = Trainer(tiny_config(*common, "train.compile=true", f"train.out_dir={tmp_path / 'b'}"))
-    assert second.resumed_from is not None and second.state.step == 2
-    part2 = second.fit()["train_loss"]
     straight = Trainer(tiny_config(*common, "train.compile=true", f"train.out_dir={tmp_path / 'a'}"))
-    assert part1 + part2 == straight.fit()["train_loss"]  # exact float equality
-    for a, b in zip(straight.model.parameters(), second.model.parameters(), strict=True):
-        assert torch.equal(a, b)
+    _assert_compiled_resume_is_exact(tiny_config, common, tmp_path / "b", 2, straight,
+                                     straight.fit()["train_loss"])
 
 
 STEPS = 3
