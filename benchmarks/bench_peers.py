@@ -1,9 +1,9 @@
 """Our training against torch's own implementations, side by side in one run (issue 20, item 4).
 
-Pairs, each at the same GPT shape, the same global batch and AdamW (torch's, both sides), with the
-same gradient-norm clipping (ours always computes the norm for its non-finite policy; the peers
-clip at the same max norm), runs alternated ours / peer / ours / peer so machine drift hits both;
-ratio = median ours tokens/s / median peer tokens/s:
+Pairs, each at the same GPT shape, the same global batch and AdamW (torch's, fused where torch has
+the kernel, both sides), with the same gradient-norm clipping (ours always computes the norm for
+its non-finite policy; the peers clip at the same max norm), runs alternated ours / peer / ours /
+peer so machine drift hits both; ratio = median ours tokens/s / median peer tokens/s:
 
   dp    our dp=2 (native backend: build_backend -> LocalBackend) vs torch DistributedDataParallel
         over our serial GPT; ours twice, with parallel.overlap_grad_reduce on (the default) and off
@@ -123,6 +123,13 @@ class Ours:
         self.backend.step(self.lr, loss)
 
 
+def _adamw(groups, cfg):
+    """The peers' AdamW: torch's, built as ours is (optim/adamw.py: fused where torch has the kernel),
+    so the pairs differ in their parallel code only."""
+    from megatron_lite.optim.adamw import make_adamw
+    return make_adamw(groups, cfg.optim)
+
+
 def _groups(model, weight_decay: float):
     """AdamW groups as ours makes them (optim.param_groups): decay matrices, not norms or biases."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -136,8 +143,7 @@ class DDPPeer:
 
         from megatron_lite.model import GPT
         self.model = DistributedDataParallel(GPT(cfg.model, seed=cfg.train.seed))
-        self.opt = torch.optim.AdamW(_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                     betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+        self.opt = _adamw(_groups(self.model, cfg.optim.weight_decay), cfg)
 
     def step(self, batches) -> None:
         (x, y), = batches
@@ -156,8 +162,7 @@ class FSDPPeer:
         for block in model.blocks.values():  # one all-gather / reduce-scatter unit per block
             fully_shard(block)
         self.model = fully_shard(model)  # the root: embeddings, final norm, head
-        self.opt = torch.optim.AdamW(_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                     betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+        self.opt = _adamw(_groups(model, cfg.optim.weight_decay), cfg)
 
     def step(self, batches) -> None:
         (x, y), = batches
@@ -210,8 +215,7 @@ class PipePeer:
 
         # every rank passes loss_fn: it is how the schedule knows it runs a backward at all
         self.schedule = Schedule1F1B(self.stage, a.pp_micro, loss_fn=loss_fn)
-        self.opt = torch.optim.AdamW(_groups(self.module, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                     betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+        self.opt = _adamw(_groups(self.module, cfg.optim.weight_decay), cfg)
 
     def step(self, batches) -> None:
         import torch.distributed as dist
@@ -420,8 +424,9 @@ def run_two_nodes(a) -> dict:
 
 def single(a, vocab: int) -> dict:
     from benchmarks import nanogpt_model as nano
-    from megatron_lite.config import ModelConfig
+    from megatron_lite.config import ModelConfig, OptimConfig
     from megatron_lite.model import GPT
+    from megatron_lite.optim.adamw import make_adamw
     cfg = ModelConfig(vocab_size=vocab, hidden_size=a.hidden, num_layers=a.layers,
                       num_attention_heads=a.heads, max_sequence_length=a.seq,
                       activation="gelu_exact")  # nanoGPT's nn.GELU() is erf
@@ -436,7 +441,8 @@ def single(a, vocab: int) -> dict:
     steps = {}
     for name, m in models.items():
         m.train()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)  # the same AdamW, default settings, both
+        # the same AdamW on both sides, built as our trainer builds it (fused where torch has it)
+        opt = make_adamw([{"params": list(m.parameters())}], OptimConfig(lr=1e-4))
 
         def step(m=m, opt=opt):
             loss = m(x, y)[1]
@@ -480,8 +486,9 @@ def report(a, result: dict) -> str:
              f". torch {result['torch']}, {result['platform']}, CPU only, gloo.", ""]
     if "single" in result:
         lines += [f"**Single process** ({a.threads} threads): {a.layers} layers x {a.hidden} wide, "
-                  f"{a.heads} heads, seq {a.seq}, batch {a.batch}, fp32, torch AdamW; median of {a.rounds} "
-                  f"alternating runs x {a.steps} steps after {a.warmup} warm-up steps each.", "",
+                  f"{a.heads} heads, seq {a.seq}, batch {a.batch}, fp32, torch AdamW (fused, both); "
+                  f"median of {a.rounds} alternating runs x {a.steps} steps after {a.warmup} warm-up steps "
+                  "each.", "",
                   "| vocab | params | ours tokens/s | nanoGPT tokens/s | **ours / nanoGPT** |",
                   "|---|---|---|---|---|"]
         for s in result["single"]:

@@ -11,6 +11,7 @@ import math
 import torch
 
 from ..config import OptimConfig
+from .adamw import make_adamw
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -25,8 +26,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """torch's AdamW over the whole model (decay groups as above)."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps)
+    return make_adamw(param_groups(model, cfg.weight_decay), cfg)
 
 
 class PlainAdamW:
@@ -73,12 +73,13 @@ class PlainAdamW:
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, precision: str, sync, dp_group=None,
                    overlap_grad_reduce: bool = True, overlap_param_gather: bool = True,
-                   expert_groups=(None, None)):
+                   expert_groups=(None, None), lookup_tokens: int | None = None):
     """The optimizer of the native backends: PlainAdamW for fp32 with one replica (exactly the
     serial reference), else the distributed optimizer: bf16 weights with fp32 main gradients and
     masters, and/or data parallelism over dp_group — its buckets reduce during the backward
     (overlap_grad_reduce), ZeRO-1-3 shard over it. `sync` is the layout's GradSync (tp, pp groups);
-    expert_groups: (expert-data-parallel, expert-parallel) groups under parallel.ep > 1."""
+    expert_groups: (expert-data-parallel, expert-parallel) groups under parallel.ep > 1; lookup_tokens:
+    the tokens of a micro-batch on this rank (whether the lookup's gradient travels as rows)."""
     if precision == "fp32" and dp_group is None:
         return PlainAdamW(model, cfg, sync)
     from .distributed import DistributedOptimizer
@@ -88,7 +89,8 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, precision: str, syn
                                 stage=cfg.zero.stage, bucket_elements=cfg.zero.bucket_elements,
                                 overlap_grad_reduce=overlap_grad_reduce,
                                 overlap_param_gather=overlap_param_gather,
-                                expert_dp_group=expert_groups[0], ep_group=expert_groups[1])
+                                expert_dp_group=expert_groups[0], ep_group=expert_groups[1],
+                                lookup_tokens=lookup_tokens)
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -54,17 +54,20 @@ both on by default; off, every collective runs where the step needs its result):
     blocks' full weights are held at a time.
 Every rank runs the same backward, so every rank starts the same collectives in the same order.
 
-The token embedding's lookup gradient travels sparse (dp > 1). Its backward is the last of all, so
-in the buffer its (V, C) gradient would be the step's last reduction, exposed after the backward
-(for a tied embedding, the largest one). Instead the lookup's gradient never enters autograd
-(DeferredLookup: the optimizer installs it as the embedding's lookup): on a backward whose
+The token embedding's lookup gradient travels sparse (dp > 1) where that is the smaller transfer
+(lookup_rows_travel: every rank's rows of a micro-batch together fewer than the table's rows; at
+scale, e.g. dp 128 x 8192 tokens against 16K rows of a tp shard of a 128K vocabulary, the table is
+smaller and the gradient stays dense, reduced with its bucket after the lookup). Its backward is the
+last of all, so in the buffer its (V, C) gradient would be the step's last reduction, exposed after
+the backward (for a tied embedding, the largest one). Instead the lookup's gradient never enters
+autograd (DeferredLookup: the optimizer installs it as the embedding's lookup): on a backward whose
 gradients are reduced (the step's last for stages 0-1, every one for 2-3) the ids and the output's
 gradient rows, N x C for N tokens against V x C, are all-gathered over the group and, once the
 buffer's reduction is complete, every rank's rows are summed into their ids' rows of the reduced
 (shard of the) gradient, in rank order, as embedding_dense_backward does; on the other backwards
 they are added into the main gradient at once. A tied weight's bucket then holds only the head's
-part, which is complete early in the backward and reduced behind it. The sums are those of the
-dense path in another order, the same with and without overlap.
+part, which is complete early in the backward and reduced behind it. The sums are those of the dense
+path in another order, the same with and without overlap.
 
 Finishing the gradients (the same sums GradSync does for the plain path, applied to this rank's
 shard: they are all linear, so they commute with the data-parallel reduction):
@@ -93,8 +96,9 @@ from dataclasses import dataclass
 import torch
 
 from ..distributed import comm
-from ..parallel.grads import global_norm, tied_embedding_copy
+from ..parallel.grads import GradRun, global_norm, tied_embedding_copy
 from ..parallel.layers import VocabParallelEmbedding
+from .adamw import make_adamw
 
 # Like Megatron-LM's default DDP bucket (40M elements): few collectives, bounded extra memory.
 BUCKET_ELEMENTS = 40_000_000
@@ -202,9 +206,12 @@ class DistributedOptimizer:
     def __init__(self, model: torch.nn.Module, cfg, dp_group=None, tp_group=None, pp_group=None,
                  embed_group=None, dtype: torch.dtype = torch.bfloat16, stage: int = 1,
                  bucket_elements: int = BUCKET_ELEMENTS, overlap_grad_reduce: bool = True,
-                 overlap_param_gather: bool = True, expert_dp_group=None, ep_group=None):
+                 overlap_param_gather: bool = True, expert_dp_group=None, ep_group=None,
+                 lookup_tokens: int | None = None):
         """expert_dp_group, ep_group: under expert parallelism, the groups of the parameters tagged
-        expert_parallel (module docstring); None: every parameter is reduced over dp_group."""
+        expert_parallel (module docstring); None: every parameter is reduced over dp_group.
+        lookup_tokens: the tokens of a micro-batch on this rank, which decide whether the embedding
+        lookup's gradient travels as rows (lookup_rows_travel); None: it stays dense."""
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"stage {stage}")
         self.model = model
@@ -265,14 +272,19 @@ class DistributedOptimizer:
             self.by_param.setdefault(id(f.param), []).append(f)
         decay = [f.master for f in self.fragments if f.param.dim() >= 2]  # as optim.param_groups decides
         no_decay = [f.master for f in self.fragments if f.param.dim() < 2]
-        self.adamw = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        self.adamw = make_adamw([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], cfg)
         self._tied = tied
         self._sp = [f for f in self.fragments if getattr(f.param, "sequence_parallel", False)]
+        # what the global norm reads: the last stage's copy of a tied embedding left out (the first
+        # stage's counts it), expert parameters apart under expert parallelism
+        counted = [f for f in self.fragments if not (f.param is tied and not model.has_embed)]
+        self._norm_runs = (grad_runs([f for f in counted if ep_group is None or not _is_expert(f.param)]),
+                           grad_runs([f for f in counted if _is_expert(f.param)]) if ep_group is not None
+                           else None)
         # the embedding lookup's deferred gradient: lookups this step, gathers in flight
         self._lookups, self._gathered, self._lookup_only, self._deferred = 0, [], False, None
-        self._defer_lookups(model)
+        self._defer_lookups(model, lookup_tokens)
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad)
                        for b in self.buckets for p in b.params]
         if self.stage == 3:  # gather each bucket just in time (module docstring)
@@ -338,13 +350,16 @@ class DistributedOptimizer:
             self._reduce_staging(b)
 
     # ---- the embedding lookup's gradient, gathered sparse ---------------------------------------
-    def _defer_lookups(self, model: torch.nn.Module) -> None:
+    def _defer_lookups(self, model: torch.nn.Module, tokens: int | None) -> None:
         """Route the token embedding's lookup gradient around autograd (DeferredLookup): the rows
         the batch touched travel instead of a (V, C) gradient (module docstring)."""
         emb = getattr(model, "tok_emb", None)
         if emb is None or self.dp == 1 or id(getattr(emb, "weight", None)) not in self.bucket_of:
             return
         p = emb.weight
+        if tokens is None or not lookup_rows_travel(comm.size(self.bucket_of[id(p)][0].group), tokens,
+                                                    p.shape[0]):
+            return
         # tied on this stage: the head's use of the weight still reaches it through autograd, which
         # counts its arrival; else the lookup is its only use, and the lookup's gradient arrives
         others = [name for name, q in model.named_parameters(remove_duplicate=False)
@@ -512,15 +527,11 @@ class DistributedOptimizer:
     def clip(self, max_norm: float) -> float:
         """Scale the finished gradients so the global norm is at most max_norm (0: no clipping);
         returns the norm before clipping; a non-finite norm leaves them unscaled."""
-        copies = tuple(f.master for f in self.by_param.get(id(self._tied), [])) \
-            if self._tied is not None and not self.model.has_embed else ()
         sharded = self.stage >= 1
-        experts = None
-        if self.ep_group is not None:  # shards over the expert-data-parallel group, experts over ep
-            experts = ([f.master for f in self.fragments if _is_expert(f.param)],
-                       self.edp_group if sharded else None, self.ep_group)
-        masters = [f.master for f in self.fragments if experts is None or not _is_expert(f.param)]
-        norm = global_norm(masters, self.tp_group, self.pp_group, copies,
+        dense, experts = self._norm_runs
+        if experts is not None:  # shards over the expert-data-parallel group, experts over ep
+            experts = (experts, self.edp_group if sharded else None, self.ep_group)
+        norm = global_norm(dense, self.tp_group, self.pp_group,
                            shard_group=self.dp_group if sharded else None, experts=experts)
         if max_norm > 0 and math.isfinite(norm):
             coef = max_norm / (norm + 1e-6)
@@ -677,6 +688,30 @@ def _units(model: torch.nn.Module, params: list[torch.nn.Parameter], tied):
             users.append([m for m in model.modules()
                           if any(id(q) in ids for q in m.parameters(recurse=False))])
     return runs, users
+
+
+def lookup_rows_travel(group_size: int, tokens: int, table_rows: int) -> bool:
+    """Whether the embedding lookup's gradient travels as rows (DeferredLookup): when the rows every
+    rank of the group gathers, group_size x the tokens of its micro-batch, are fewer than the rows of
+    the (local shard of the) table, whose dense gradient would be reduced instead. Every rank decides
+    alike: the micro-batches of one step have one shape on every rank."""
+    return group_size * tokens < table_rows
+
+
+def grad_runs(fragments: list[Fragment]) -> list[GradRun]:
+    """Adjacent fragments of one bucket with the same tensor-parallel tag as one view of the bucket's
+    gradient shard: the global norm then takes a few long reductions per bucket instead of one
+    (and a Python round trip) per parameter."""
+    runs: list[tuple[Fragment, int]] = []  # (first fragment, end in its bucket's shard)
+    for f in fragments:
+        tp = getattr(f.param, "tensor_parallel", False)
+        if runs and runs[-1][0].bucket is f.bucket and runs[-1][1] == f.shard_lo and \
+                getattr(runs[-1][0].param, "tensor_parallel", False) == tp:
+            runs[-1] = (runs[-1][0], f.shard_hi)
+        else:
+            runs.append((f, f.shard_hi))
+    return [GradRun(f.bucket.grad_shard[f.shard_lo:end], getattr(f.param, "tensor_parallel", False))
+            for f, end in runs]
 
 
 def _is_expert(p: torch.nn.Parameter) -> bool:

@@ -67,14 +67,21 @@ class GradSync:
         return norm
 
 
+@dataclass(frozen=True)
+class GradRun:
+    """Gradients global_norm reads without a parameter: a flat run of them (one tag for all)."""
+    grad: torch.Tensor
+    tensor_parallel: bool = False
+
+
 def global_norm(params: list[torch.Tensor], tp_group, pp_group=None,
                 duplicates: tuple[torch.Tensor, ...] = (), shard_group=None, experts=None) -> float:
-    """L2 norm of the grads of `params`: tp-sharded ones (tagged tensor_parallel) summed over tp,
-    replicated ones counted once, every pipeline stage's share summed over pp; `duplicates` (e.g.
-    the last stage's copy of a tied embedding) not counted. shard_group: the params are disjoint
-    shards over this group (the distributed optimizer's data-parallel shards): summed over it.
-    experts: (params, shard_group, ep_group) of expert-parallel parameters, kept apart: their
-    shards summed over their own group, then the disjoint experts over ep_group."""
+    """L2 norm of the grads of `params` (parameters, or GradRuns): tp-sharded ones (tagged
+    tensor_parallel) summed over tp, replicated ones counted once, every pipeline stage's share summed
+    over pp; `duplicates` (e.g. the last stage's copy of a tied embedding) not counted. shard_group:
+    the params are disjoint shards over this group (the distributed optimizer's data-parallel
+    shards): summed over it. experts: (params, shard_group, ep_group) of expert-parallel parameters,
+    kept apart: their shards summed over their own group, then the disjoint experts over ep_group."""
     total = _squares(params, tp_group, duplicates, shard_group)
     if experts is not None:
         expert_params, expert_shards, ep_group = experts

@@ -49,7 +49,7 @@ of a step, or after it: gradients exist), and the optimizer step.
               gathered buckets (the largest in a forward; a block's and the next one's, with their
               fp32 staging, in a backward, plus the embedding + head bucket when one stage holds
               both), the optimizer step's temporaries (the reduce-scatter's shard-sized outputs on
-              NCCL, where gloo reduces in place; AdamW's per-tensor temporaries; the flat output
+              NCCL, where gloo reduces in place; AdamW's temporaries, none when fused; the flat output
               gloo's all_gather allocates inside, where NCCL gathers straight into the weights), ring
               attention's fp32 score-sized temporaries (context_transients), the bool temporaries
               of building a chunk-forward's document mask (mask_build_transient), or
@@ -66,6 +66,7 @@ from ..config import Config, ModelConfig
 from ..layout import Layout
 from ..model.activations import saved_terms
 from ..model.loss import HEAD_PAD
+from ..optim.adamw import fused_adamw
 from ..slicing import padded_vocab
 from .stage import MAX_STAGING_BUCKETS, chunks_of, rank_params, schedule_facts, stage_params
 
@@ -351,8 +352,11 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
             bucket = min(5e8, n) * 4 if z.stage == 2 else 0  # reduce bucket (DeepSpeed default)
             grads, staging = (2 if z.stage == 3 else 1) * 4 * n / dp + bucket, 0.0
         return State(weights, grads, optimizer, staging, 0.0, 4 * max(params.sizes), 0.0)
-    if not bf16 and dp == 1:  # PlainAdamW (make_optimizer): param.grad, torch's AdamW (foreach off CPU)
-        step = 2 * max(params.sizes) * 4 if cpu else 4 * n
+    # AdamW's temporaries: none fused (optim/adamw.py); else per tensor (CPU: single-tensor) or
+    # over all of them (foreach, torch's default on CUDA)
+    fused = fused_adamw(device)
+    if not bf16 and dp == 1:  # PlainAdamW (make_optimizer): param.grad, torch's AdamW
+        step = 0.0 if fused else 2 * max(params.sizes) * 4 if cpu else 4 * n
         return State(4 * n, 4 * n, 8 * n, 0.0, 0.0, step, 0.0)
     # optim/distributed.py: flat buckets of the compute dtype, fp32 main grads, fp32 masters + moments
     e = 2 if bf16 else 4
@@ -404,11 +408,11 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
     reduce = staging * (1 if cpu else 1 + 1 / shards)
     # finish (ZeRO-1): the main-gradient buffer reduce-scattered in place on gloo; NCCL's shard-sized
     # outputs, all of the step's alive until finish() copies them in when overlapped (one otherwise);
-    # step: AdamW's temporaries per fragment (CPU, single-tensor) or over all of them (foreach),
-    # then the all-gather of the updated shards, in place into the weights on NCCL; gloo's
-    # all_gather (a list of outputs) gathers into a flat buffer of its own and copies out of it
+    # step: AdamW's temporaries (above), then the all-gather of the updated shards, in place into
+    # the weights on NCCL; gloo's all_gather (a list of outputs) gathers into a flat buffer of its
+    # own and copies out of it
     scatter = 0.0 if stage_z != 1 or cpu else 4 * (sum(padded) if overlap else biggest) / shards
-    adam = 2 * 4 * min(max(params.sizes), max(owned)) if cpu else 4 * sum(owned)
+    adam = 0.0 if fused else 2 * 4 * min(max(params.sizes), max(owned)) if cpu else 4 * sum(owned)
     gather = e * biggest if stage_z in (1, 2) and cpu else 0.0  # (ZeRO-3 gathers on use)
     # construction: a bucket's fp32 values and its compute-dtype buffer beside the module's fp32
     # parameters (dropped as each bucket takes them over)

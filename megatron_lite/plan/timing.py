@@ -56,6 +56,7 @@ from ..config import ModelConfig
 from ..distributed.topology import Topology
 from ..layout import Layout
 from ..model.counts import layer_flops, mlp_flops, model_flops
+from ..optim.distributed import lookup_rows_travel
 from ..slicing import padded_vocab
 from .cluster import GB, MEGATRON_2021, OURS, Cluster, Profile, all_to_all_time, collective_time, p2p_time
 from .stage import MAX_STAGING_BUCKETS, chunks_of, rank_params, schedule_time
@@ -522,13 +523,18 @@ def _stage_buckets(st: Step, stage: int) -> list[int]:
 def lookup_term(st: Step, stage: int) -> float:
     """Seconds of one gathered embedding-lookup gradient on a rank of `stage` (optim/distributed.py's
     DeferredLookup): the ids (int64) and the output-gradient rows of the micro-batch's b x s/cp
-    tokens, all-gathered over dp x cp; 0 without data parallelism, DeepSpeed, or the embedding."""
+    tokens, all-gathered over dp x cp; 0 without data parallelism, DeepSpeed, or the embedding, and
+    where the table is the smaller transfer (lookup_rows_travel: then reduced with its bucket)."""
     layout = st.layout
     if layout.dp * layout.cp == 1 or layout.backend == "deepspeed" or st.profile is MEGATRON_2021:
         return 0.0
     if not any(c.first for c in chunks_of(layout, stage)):
         return 0.0
     tokens = st.b * st.local
+    rows = padded_vocab(st.mc.vocab_size, layout.tp,
+                        layout.config.parallel.make_vocab_divisible_by) // layout.tp  # this rank's table
+    if not lookup_rows_travel(layout.dp * layout.cp, tokens, rows):  # dense: reduced with its bucket
+        return 0.0
     return collective_time(tokens * (8 + st.mc.hidden_size * st.e), st.replica_ranks(), st.cluster, "gather")
 
 

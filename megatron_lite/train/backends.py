@@ -387,7 +387,8 @@ def build_backend(layout: Layout, model, groups, device: torch.device, autocast,
     optimizer = make_optimizer(model, cfg.optim, cfg.train.precision, sync, dp_group,
                                overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
                                overlap_param_gather=cfg.parallel.overlap_param_gather,
-                               expert_groups=(groups.edp, groups.ep) if layout.ep > 1 else (None, None))
+                               expert_groups=(groups.edp, groups.ep) if layout.ep > 1 else (None, None),
+                               lookup_tokens=cfg.data.micro_batch_size * cfg.seq_length // layout.cp)
     args = (model, optimizer, cfg.optim.grad_clip, dp_group, autocast, rng_tracker)
     backend = PipelineBackend(engine, *args) if engine is not None else LocalBackend(*args)
     backend.weigh_targets = cfg.data.mask_separator_loss

@@ -230,6 +230,7 @@ def _lookup(rank, world, data_dir, out):
     its bucket launched before the lookup's backward runs. The sums themselves are the parity tests'."""
     from megatron_lite.distributed import comm
     from megatron_lite.optim.distributed import Bucket, DistributedOptimizer
+    from megatron_lite.optim.distributed import lookup_rows_travel as real_rule
     real, real_gather = DistributedOptimizer._lookup_grad, Bucket.start_gather
     seen, gathers = [], []
 
@@ -272,6 +273,33 @@ def _lookup(rank, world, data_dir, out):
             assert seen[-1][1], extra
         trainer.backend.settle()
         trainer.close()
+    # Where the group's rows (2 x 256 tokens) are as many as the table's (512), the gradient stays
+    # dense, reduced with its bucket (lookup_rows_travel); the weights after a step equal those of the
+    # same step with the rows forced to travel (the same sums in another order).
+    from megatron_lite.optim import distributed
+    weights = {}
+    for forced in (False, True):
+        seen.clear()
+        if forced:
+            distributed.lookup_rows_travel = lambda *args: True
+        cfg = _config(data_dir, f"{out}/dense_{forced}", "parallel.dp=2", "train.grad_accum=2",
+                      "data.micro_batch_size=8", "optim.zero.stage=1")
+        from megatron_lite.train import Trainer
+        trainer = Trainer(cfg, _env(rank, world))
+        opt = trainer.backend.optimizer
+        assert (opt._deferred is None) != forced
+        stats = comm.CommStats()
+        with stats.recording():
+            trainer.train_step()
+        rows = 2 * 256 * (8 + 4 * 32)
+        assert stats.bytes["all_gather"] == sum(b.numel * 4 for b in opt.buckets) + rows * forced
+        assert len(seen) == 2 * forced
+        trainer.backend.settle()
+        weights[forced] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.close()
+    distributed.lookup_rows_travel = real_rule
+    for n, w in weights[False].items():
+        torch.testing.assert_close(w, weights[True][n], rtol=0, atol=1e-6, msg=n)
 
 
 def test_embedding_lookup_gradient_travels_as_rows(corpus_dir, tmp_path):

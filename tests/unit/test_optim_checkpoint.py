@@ -31,6 +31,36 @@ def test_no_weight_decay_on_norms_and_biases():
     assert len(decay) + len(no_decay) == len(names)  # tied lm_head counted once
 
 
+def test_adamw_is_fused_where_torch_has_the_kernel_and_a_checkpoint_keeps_that_choice():
+    """optim/adamw.py: fused AdamW on this CPU (torch >= 2.4), the same update as torch's default
+    loop to fp32 rounding; a checkpoint saved by the default implementation (an older run) loads into
+    a fused optimizer that stays fused, and a fused run's into one without a kernel stays unfused."""
+    from megatron_lite.optim.adamw import fused_adamw, make_adamw
+    assert fused_adamw("cpu") and fused_adamw("cuda")
+    weights = [torch.nn.Parameter(torch.randn(64, 32, generator=torch.Generator().manual_seed(i)))
+               for i in range(2)]
+    ours = make_adamw([{"params": [weights[0]]}], OptimConfig())
+    default = torch.optim.AdamW([weights[1]], lr=OptimConfig().lr, betas=(0.9, 0.95), eps=1e-8)
+    assert ours.param_groups[0]["fused"] and not default.param_groups[0]["fused"]
+    with torch.no_grad():
+        weights[1].copy_(weights[0])
+    for step in range(3):
+        g = torch.randn(64, 32, generator=torch.Generator().manual_seed(10 + step))
+        weights[0].grad, weights[1].grad = g.clone(), g.clone()
+        ours.step()
+        default.step()
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-6, atol=1e-7)
+    ours.load_state_dict(default.state_dict())  # saved with fused None
+    assert ours.param_groups[0]["fused"] is True
+    ours.step()
+    # a device without the kernel (meta stands in): unfused, and a fused run's state keeps it so
+    meta = torch.nn.Parameter(torch.empty(64, 32, device="meta"))
+    unfused = make_adamw([{"params": [meta]}], OptimConfig())
+    assert unfused.param_groups[0]["fused"] is None
+    unfused.load_state_dict(ours.state_dict())
+    assert unfused.param_groups[0]["fused"] is None
+
+
 def _setup(seed=0):
     model = GPT(ModelConfig(vocab_size=50, hidden_size=16, num_layers=1, num_attention_heads=2,
                             max_sequence_length=8), seed=seed)

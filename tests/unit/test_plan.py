@@ -690,8 +690,10 @@ def test_overlap_hides_dp_collectives_but_never_the_last_bucket(stage):
     from megatron_lite.plan.cluster import MEGATRON_2021, collective_time
     from megatron_lite.plan.timing import GEMM_EFFICIENCY, Step, _stage_buckets, dp_term, lookup_term
     cluster = plan.Cluster.preset("h100", nodes=2)
-    layout = _layout({"parallel": {"dp": 4, "tp": 4}, "train": {"precision": "bf16"},
-                      "optim": {"zero": {"stage": stage, "bucket_elements": 20_000}}})
+    # a vocabulary whose tp shard (1024 rows) outnumbers the dp group's lookup rows (4 x 64 tokens)
+    zero = {"zero": {"stage": stage, "bucket_elements": 20_000}}
+    layout = _layout({"model": {"vocab_size": 4096}, "parallel": {"dp": 4, "tp": 4},
+                      "train": {"precision": "bf16"}, "optim": zero})
     st = Step.of(layout, cluster, plan.OURS, GEMM_EFFICIENCY)
     n = plan.rank_params(layout, 0).total
     lookups = lookup_term(st, 0) * (layout.micro_batches if stage >= 2 else 1)
@@ -705,8 +707,8 @@ def test_overlap_hides_dp_collectives_but_never_the_last_bucket(stage):
         kind = "all_reduce" if stage == 0 else "gather"
         assert on.exposed["dp"] >= collective_time(4 * last, st.ranks("dp"), cluster, kind)
     flags = {"overlap_grad_reduce": False, "overlap_param_gather": False}
-    off_layout = _layout({"parallel": {"dp": 4, "tp": 4, **flags}, "train": {"precision": "bf16"},
-                          "optim": {"zero": {"stage": stage, "bucket_elements": 20_000}}})
+    off_layout = _layout({"model": {"vocab_size": 4096}, "parallel": {"dp": 4, "tp": 4, **flags},
+                          "train": {"precision": "bf16"}, "optim": zero})
     for timing in (plan.step_time(off_layout, cluster), plan.step_time(layout, cluster, MEGATRON_2021)):
         assert timing.overlapped == () and timing.dp_hidden_s == 0
     off = plan.step_time(off_layout, cluster)
@@ -938,9 +940,10 @@ def test_a_tied_embeddings_bucket_reduces_with_the_head_not_after_the_backward(s
     from megatron_lite.plan import timing
     from megatron_lite.plan.cluster import collective_time
     cluster = plan.Cluster.preset("h100", nodes=2)
+    # 4 x 4096 rows gathered against a table of 32768 (optim/distributed.lookup_rows_travel)
     layout = _layout({"model": {"vocab_size": 32768, "hidden_size": 512, "num_layers": 8,
                                 "num_attention_heads": 8, "max_sequence_length": 2048},
-                      "data": {"micro_batch_size": 4}, "parallel": {"dp": 16}, "train": {"precision": "bf16"},
+                      "data": {"micro_batch_size": 2}, "parallel": {"dp": 4}, "train": {"precision": "bf16"},
                       "optim": {"zero": {"stage": stage, "bucket_elements": 1_000_000}}})
     st = timing.Step.of(layout, cluster, plan.OURS, timing.GEMM_EFFICIENCY)
     emb = timing._stage_buckets(st, 0)[-1]
@@ -950,3 +953,27 @@ def test_a_tied_embeddings_bucket_reduces_with_the_head_not_after_the_backward(s
     last = plan.step_time(layout, cluster).exposed["dp"]
     cost = collective_time(4 * emb, st.replica_ranks(), cluster, "all_reduce" if stage == 0 else "gather")
     assert first < cost <= last, (first, last, cost)
+
+
+def test_the_lookup_gradient_stays_dense_where_the_table_is_the_smaller_transfer():
+    """The embedding lookup's gradient rows travel only while the dp x cp group's rows of a
+    micro-batch are fewer than the rows of this rank's table (lookup_rows_travel, the code's rule):
+    at Llama 3 405B's layout (dp 128 x 8192 tokens against 16K rows of a tp8 shard) gathering them
+    would move ~64x the table, so it stays dense, reduced with its bucket (no lookup term, no head
+    first), and the step predicts what it did before the rows existed."""
+    from megatron_lite.optim.distributed import lookup_rows_travel
+    from megatron_lite.plan import timing
+    assert lookup_rows_travel(2, 512, 8192) and not lookup_rows_travel(16, 1024, 16384)
+    assert not lookup_rows_travel(4, 64, 256)  # equal: the table (one reduction, no extra pass)
+    cluster = plan.Cluster.preset("h100", nodes=2048)
+    layout = _llama3_405b(zero=1)
+    st = timing.Step.of(layout, cluster, plan.OURS, timing.GEMM_EFFICIENCY)
+    assert layout.dp == 128 and timing.lookup_term(st, 0) == 0.0
+    small = _layout({"model": {"vocab_size": 4096}, "parallel": {"dp": 4}, "train": {"precision": "bf16"}})
+    big_batch = _layout({"model": {"vocab_size": 4096}, "parallel": {"dp": 4}, "train": {"precision": "bf16"},
+                         "data": {"micro_batch_size": 16}})  # 4 x 512 rows against 4096: still rows
+    bigger = _layout({"model": {"vocab_size": 4096}, "parallel": {"dp": 4}, "train": {"precision": "bf16"},
+                      "data": {"micro_batch_size": 32}})  # 4 x 1024: the table
+    terms = [timing.lookup_term(timing.Step.of(lay, cluster, plan.OURS, timing.GEMM_EFFICIENCY), 0)
+             for lay in (small, big_batch, bigger)]
+    assert terms[0] > 0 and terms[1] > terms[0] and terms[2] == 0.0, terms
