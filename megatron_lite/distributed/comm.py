@@ -1,7 +1,8 @@
 """The only module that calls torch.distributed collectives.
 
-Device-agnostic (gloo on CPU, NCCL on GPU), absorbs torch API differences (gloo has no
-reduce-scatter; older torch spells the tensor collectives differently), and counts the bytes each
+Device-agnostic (gloo on CPU, NCCL on GPU), absorbs torch API differences (gloo's reduce-scatter is
+an all-reduce, so here it is built from point-to-point transfers; older torch spells the tensor
+collectives differently), and counts the bytes each
 logical operation moves, per kind, into a CommStats the caller holds:
 
     stats = CommStats()
@@ -85,7 +86,7 @@ class Pending:
             _wait(work, self.kind, self.launched)
             if self.then is not None:
                 self.result = self.then()
-            self.operand = None
+            self.operand = self.then = None  # (then's closure may hold receive buffers)
         return self.result
 
 
@@ -321,32 +322,73 @@ def reduce_scatter(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = size(group)
     if n == 1:
         return t
-    src = t.movedim(dim, 0)
-    # the async form reduces in place under gloo: give it a copy, so t is left as it was
-    src = src.clone(memory_format=torch.contiguous_format) \
-        if dist.get_backend(group) == "gloo" or not src.is_contiguous() else src
-    out = reduce_scatter_async(src, group).wait()
+    src = t.movedim(dim, 0).contiguous()
+    if dist.get_backend(group) == "gloo":  # into a new chunk: t is left as it was
+        _count("reduce_scatter", src)
+        out = _exchange_chunks(src, group, src.chunk(n)[rank(group)].clone()).wait()
+    else:
+        out = reduce_scatter_async(src, group).wait()
     return out.movedim(0, dim).contiguous() if dim != 0 else out
 
 
 def reduce_scatter_async(t: torch.Tensor, group) -> Pending:
     """Sum t (contiguous, first dim divisible by the group size) over ranks and keep this rank's
-    chunk of the first dim, started: t must not be touched until the Pending is waited for (gloo
-    has no reduce-scatter: there it is an all-reduce of t in place, and t holds the full sum after)."""
+    chunk of the first dim, started: t must not be touched until the Pending is waited for (on
+    gloo the sum lands in t's own chunk, which is then the result: _exchange_chunks)."""
     n = size(group)
     if n == 1:
         return Pending("reduce_scatter", None, t)
     _count("reduce_scatter", t)
     if dist.get_backend(group) == "gloo":
-        r = rank(group)
-        return Pending("reduce_scatter", dist.all_reduce(t, group=group, async_op=True), t,
-                       lambda: t.chunk(n)[r])
+        return _exchange_chunks(t, group, t.chunk(n)[rank(group)])
     out = torch.empty((t.shape[0] // n,) + t.shape[1:], dtype=t.dtype, device=t.device)
     if hasattr(dist, "reduce_scatter_tensor"):
         work = dist.reduce_scatter_tensor(out, t, group=group, async_op=True)
     else:
         work = dist.reduce_scatter(out, list(t.chunk(n)), group=group, async_op=True)
     return Pending("reduce_scatter", work, out, operand=t)
+
+
+# The tag of _exchange_chunks's transfers: the group's pipeline and ring-attention transfers use
+# others (pipeline/engine.py, parallel/context_parallel.py), and its own exchanges follow one another
+# in the same order on every rank, as transfers of one tag between two ranks are matched
+_EXCHANGE_TAG = 0x5C
+
+
+class _Transfers:
+    """Several started transfers waited for as one work."""
+
+    def __init__(self, works: list):
+        self.works = works
+
+    def wait(self) -> bool:
+        for w in self.works:
+            w.wait()
+        return True
+
+
+def _exchange_chunks(t: torch.Tensor, group, out: torch.Tensor) -> Pending:
+    """Reduce-scatter on gloo, started: gloo's own reduce_scatter_tensor all-reduces (torch PRs
+    118911, 149869), twice a reduce-scatter's bytes on the wire. Instead every rank sends chunk j of
+    t (contiguous, first dim divisible by the group size) to rank j and receives every other rank's
+    chunk of its own: (n-1)/n of t each way, a ring's volume, into n-1 chunk-sized buffers. `out`
+    (this rank's chunk of t, or a copy of it) adds them in rank order and is the result."""
+    n, r = size(group), rank(group)
+    chunks = t.chunk(n)
+    received = {j: torch.empty_like(chunks[r]) for j in range(n) if j != r}
+    works = []
+    for k in range(1, n):  # rank r + k gets its chunk while rank r - k's comes in: no pair waits
+        dst, src = (r + k) % n, (r - k) % n
+        to, of = dist.get_global_rank(group, dst), dist.get_global_rank(group, src)
+        works.append(dist.isend(chunks[dst], to, group=group, tag=_EXCHANGE_TAG))
+        works.append(dist.irecv(received[src], of, group=group, tag=_EXCHANGE_TAG))
+
+    def total() -> torch.Tensor:
+        for j in sorted(received):
+            out.add_(received[j])
+        return out
+
+    return Pending("reduce_scatter", _Transfers(works), out, total, operand=t)
 
 
 def all_to_all(t: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:

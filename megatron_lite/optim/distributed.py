@@ -419,7 +419,7 @@ class DistributedOptimizer:
         b.launched = True
         if self.stage == 0:
             self._inflight.append((comm.all_reduce_async(b.grad, b.group), None))
-        else:  # gloo reduces b.grad in place, and its result is then b.grad_shard itself
+        else:  # gloo sums into b.grad's own chunk, and its result is then b.grad_shard itself
             self._inflight.append((comm.reduce_scatter_async(b.grad, b.group), b.grad_shard))
 
     def _reduce_staging(self, b: Bucket, in_backward: bool = True) -> None:

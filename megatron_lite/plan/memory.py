@@ -48,9 +48,10 @@ of a step, or after it: gradients exist), and the optimizer step.
               parallel.overlap_grad_reduce, the one still reducing; none past its end), ZeRO-3's
               gathered buckets (the largest in a forward; a block's and the next one's, with their
               fp32 staging, in a backward, plus the embedding + head bucket when one stage holds
-              both), the optimizer step's temporaries (the reduce-scatter's shard-sized outputs on
-              NCCL, where gloo reduces in place; AdamW's temporaries, none when fused; the flat output
-              gloo's all_gather allocates inside, where NCCL gathers straight into the weights), ring
+              both), the optimizer step's temporaries (the reduce-scatter's buffers: NCCL's
+              shard-sized outputs, gloo's chunks received from each other rank; AdamW's
+              temporaries, none when fused; the flat output gloo's all_gather allocates inside,
+              where NCCL gathers straight into the weights), ring
               attention's fp32 score-sized temporaries (context_transients), the bool temporaries
               of building a chunk-forward's document mask (mask_build_transient), or
               what building the model holds (the stage's fp32 shards, built on the meta device and
@@ -403,15 +404,15 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
         # overlapped, the block before it still reducing; the rest's own staging beside them
         staging = 4 * (max(block_p, biggest if not whole else 0)
                        + (MAX_STAGING_BUCKETS - 1) * block_p * overlap + whole)
-    # reducing them: gloo has no reduce-scatter, comm.reduce_scatter_async all-reduces the staging
-    # bucket in place (its result a view of it); NCCL's reduce_scatter_tensor writes a new shard
-    reduce = staging * (1 if cpu else 1 + 1 / shards)
-    # finish (ZeRO-1): the main-gradient buffer reduce-scattered in place on gloo; NCCL's shard-sized
-    # outputs, all of the step's alive until finish() copies them in when overlapped (one otherwise);
+    # reducing them: what the reduce-scatter allocates beside the staging bucket (scatter_share)
+    reduce = staging * (1 + scatter_share(shards, cpu))
+    # finish (ZeRO-1): what reducing the main-gradient buffer allocates, all of the step's buckets'
+    # alive together when overlapped (NCCL's outputs until finish() copies them in; gloo's receive
+    # buffers until each is waited for, after the backward), one bucket's otherwise;
     # step: AdamW's temporaries (above), then the all-gather of the updated shards, in place into
     # the weights on NCCL; gloo's all_gather (a list of outputs) gathers into a flat buffer of its
     # own and copies out of it
-    scatter = 0.0 if stage_z != 1 or cpu else 4 * (sum(padded) if overlap else biggest) / shards
+    scatter = 0.0 if stage_z != 1 else 4 * (sum(padded) if overlap else biggest) * scatter_share(shards, cpu)
     adam = 0.0 if fused else 2 * 4 * min(max(params.sizes), max(owned)) if cpu else 4 * sum(owned)
     gather = e * biggest if stage_z in (1, 2) and cpu else 0.0  # (ZeRO-3 gathers on use)
     # construction: a bucket's fp32 values and its compute-dtype buffer beside the module's fp32
@@ -419,6 +420,13 @@ def model_state(layout: Layout, stage: int, dp_rank: int = 0, device: str = "cud
     build = (4 + (e if bf16 else 0)) * biggest
     return State(weights, grads, optimizer, staging, reduce, max(scatter, adam, gather), build,
                  grads_kept=True, gathered_forward=fwd_gather, gathered_backward=bwd_gather)
+
+
+def scatter_share(shards: int, cpu: bool) -> float:
+    """What reduce-scattering a bucket over `shards` ranks allocates, as a share of the bucket: NCCL's
+    output shard (1/n); on gloo the chunks received from every other rank (comm._exchange_chunks,
+    (n-1)/n: at dp = 2 the same half)."""
+    return (shards - 1) / shards if cpu else 1 / shards
 
 
 def build_peak(layout: Layout, stage: int, state: State, device: str = "cuda") -> float:

@@ -71,6 +71,49 @@ def test_mappings_forward_and_backward_equal_their_definitions(world):
     run_ranks(_mappings, world)
 
 
+def _reduce_scatter_async(rank, world):
+    """Several reduce-scatters in flight on the world and on subgroups (ranks 0, 2 | 1, 3): each
+    rank's chunk of the sum, in place in its own chunk of the input. On gloo they are built from
+    point-to-point transfers: no all-reduce, and each rank sends (n-1)/n of the input, a ring's volume
+    (gloo's own reduce_scatter_tensor all-reduces, twice that)."""
+    import torch.distributed as dist
+
+    from megatron_lite.distributed import comm
+    pairs = [dist.new_group([0, 2]), dist.new_group([1, 3])]  # every rank creates every group
+    sent = []
+    real_isend, real_all_reduce = dist.isend, dist.all_reduce
+
+    def isend(t, *a, **k):
+        sent.append(t.numel())
+        return real_isend(t, *a, **k)
+
+    def no_all_reduce(*a, **k):
+        raise AssertionError("reduce-scatter fell back to an all-reduce")
+
+    dist.isend, dist.all_reduce = isend, no_all_reduce
+    try:
+        pair = (pairs[rank % 2], [rank % 2, rank % 2 + 2])
+        for group, members in ((dist.group.WORLD, list(range(world))), pair):
+            n, me = len(members), members.index(rank)
+            inputs = [torch.randn(world, 6 * n, generator=torch.Generator().manual_seed(10 * i + r),
+                                  dtype=torch.float64)[r].clone() for i in range(3) for r in members]
+            mine = inputs[me::n]  # (3 tensors of this rank)
+            sums = [sum(inputs[i * n:(i + 1) * n]) for i in range(3)]
+            sent.clear()
+            pending = [comm.reduce_scatter_async(t, group) for t in mine]
+            for p, t, total in zip(pending, mine, sums, strict=True):
+                out = p.wait()
+                torch.testing.assert_close(out, total.chunk(n)[me], **TOL)
+                assert out.data_ptr() == t.chunk(n)[me].data_ptr()  # in place, as the optimizer expects
+            assert sum(sent) == 3 * (n - 1) * 6  # (n-1) chunks of 6 elements per tensor
+    finally:
+        dist.isend, dist.all_reduce = real_isend, real_all_reduce
+
+
+def test_reduce_scatter_async_on_gloo_sends_a_rings_volume():
+    run_ranks(_reduce_scatter_async, 4)
+
+
 def _layers(rank, world):
     import torch.distributed as dist
 
