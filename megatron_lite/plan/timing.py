@@ -36,7 +36,10 @@ InfiniBand), as the sum of four terms, each its own function:
               as the code does (dp_overlap: the reduction behind the rest of the backward, the
               gathers behind the next forward, ZeRO-3 one block ahead): only what does not fit is
               exposed; overlap_*=false, DeepSpeed and MEGATRON_2021 (whose 2021 code all-reduced
-              after the backward) run them all after the backward (dp_term). Then the tied
+              after the backward) run them all after the backward (dp_term). Every stage's over
+              its own parameters (dp_stages): what a stage runs at the step's boundary is exposed
+              only past the pipeline's stagger (stage s ends its backward s actions before stage
+              0 and starts its forward s actions after it). Then the tied
               embedding's sync between first and last stage and the AdamW step (and the
               main-gradient accumulation) as memory traffic
 
@@ -507,8 +510,8 @@ class Overlap:
     they add to each chunk action, what is left after the pipeline, what ran behind compute."""
     f_add: float = 0.0  # seconds added to each forward chunk action (ZeRO-3 gathers not hidden)
     b_add: float = 0.0  # ... to each backward chunk action (gathers, reductions the link holds back)
-    after: float = 0.0  # exposed after the last backward (the reduction's tail) and before the
-    # next step's forward (the first parameter buckets' all-gather)
+    tail: float = 0.0  # exposed after the stage's last backward: the reduction's tail, the lookup
+    lead: float = 0.0  # exposed before its next forward: the first parameter buckets' all-gather
     hidden: float = 0.0  # collective seconds that ran behind compute
     overlapped: tuple[str, ...] = ()  # which terms were overlapped (plan's output names them)
 
@@ -582,7 +585,7 @@ def dp_overlap(st: Step, stage: int, f_block: float, b_block: float, f_chunk: fl
     ranks = st.replica_ranks()  # dp x cp
     sizes = _stage_buckets(st, stage)
     per_chunk = max(1, len(sizes) // v)  # buckets filled by one chunk action (chunks hold equal loads)
-    f_add = b_add = after = hidden = 0.0
+    f_add = b_add = tail = lead = hidden = 0.0
     overlapped = []
     lookup = lookup_term(st, stage)
     if cfg.parallel.overlap_grad_reduce:
@@ -606,15 +609,17 @@ def dp_overlap(st: Step, stage: int, f_block: float, b_block: float, f_chunk: fl
                 mine = costs[k * per_chunk:(k + 1) * per_chunk if k < v - 1 else None]
                 done = max(done, first_ready) + sum(mine)
                 done = max(done, start + b_chunk + mine[-1]) if mine else done
-            tail = max(done - end, costs[-1])
-            after += tail + lookup
-            hidden += total - tail
+            left = max(done - end, costs[-1])
+            tail += left + lookup
+            hidden += total - left
             overlapped.append("all-reduce" if zero == 0 else "reduce-scatter")
         else:
-            # every action: the chunk's buckets as its backward fills them (the slowest chunk decides)
-            held = max(backward_with_reductions(b_chunk, costs[k * per_chunk:(k + 1) * per_chunk
+            # every action: the chunk's buckets as its backward fills them; the chunks' mean (what
+            # they add to the stage's busy time, spread over its actions: one chunk may hold a
+            # bucket far larger than a block's, the embedding's)
+            held = sum(backward_with_reductions(b_chunk, costs[k * per_chunk:(k + 1) * per_chunk
                                                                 if k < v - 1 else None]) - b_chunk
-                       for k in range(v))
+                       for k in range(v)) / v
             b_add += held + lookup / v  # (the first chunk's backward gathers it; spread over the chunks)
             hidden += m * total - m * v * held
             overlapped.append("reduce-scatter (every micro-batch)")
@@ -629,7 +634,7 @@ def dp_overlap(st: Step, stage: int, f_block: float, b_block: float, f_chunk: fl
                 done += sum(mine)
                 needed = j * pp * f_chunk + f_chunk - (mine[-1] if mine else 0.0)
                 ahead = max(ahead, done - needed)
-            after += ahead
+            lead += ahead
             hidden += sum(gathers) - ahead
             overlapped.append("all-gather (next forward)")
         else:
@@ -643,7 +648,7 @@ def dp_overlap(st: Step, stage: int, f_block: float, b_block: float, f_chunk: fl
             b_add += b_g
             hidden += m * v * (passes * blocks * g - f_g - b_g)
             overlapped.append("all-gather (one block ahead)")
-    return Overlap(f_add, b_add, after, max(0.0, hidden), tuple(overlapped))
+    return Overlap(f_add, b_add, tail, lead, max(0.0, hidden), tuple(overlapped))
 
 
 def backward_with_reductions(b_chunk: float, costs: list[float]) -> float:
@@ -661,6 +666,62 @@ def backward_with_reductions(b_chunk: float, costs: list[float]) -> float:
         computed = max(computed, done[-MAX_STAGING_BUCKETS]) + c
         done.append(max(computed, done[-1]) + cost)
     return max(computed, done[-1])
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """The step's data-parallel / ZeRO collectives over every pipeline stage (dp_stages)."""
+    f_add: float  # added to each forward chunk action (the slowest stage's)
+    b_add: float  # ... to each backward chunk action
+    after: float  # exposed outside the pipeline's actions, around the step's boundary
+    hidden: float  # collective seconds that ran behind compute (the stage hiding the most)
+    overlapped: tuple[str, ...]
+
+
+def dp_stages(st: Step, totals: list[int], f_block: float, b_block: float, f_chunk: float,
+              b_chunk: float) -> DataParallel:
+    """Every stage's data-parallel collectives, each over its own parameters (`totals`, per stage):
+    dp_overlap's where the code overlaps them, dp_term's (and the lookup's) where it runs them after
+    the backward. The pipeline staggers the stages: stage s's last backward ends about s backward
+    actions before stage 0's (the flush runs from the last stage down), and its next forward starts
+    about s forward actions after stage 0's, so what a stage runs at the step's boundary (ZeRO-0/1's
+    reduction after its last backward, ZeRO-1/2's all-gather before its first forward) is exposed
+    only past that slack: a stage with more parameters than stage 0 may still hide them, and stage
+    0's own (the embedding's bucket, the lookup's rows) is never missed. What runs in every
+    micro-batch (ZeRO-2/3) and the chunk actions' additions are the slowest stage's. DeepSpeed's
+    (no pipeline overlap modelled): the largest stage's dp_term, after the pipeline."""
+    layout = st.layout
+    par, zero, m = layout.config.parallel, layout.config.optim.zero.stage, layout.micro_batches
+    if layout.backend == "deepspeed":
+        return DataParallel(0.0, 0.0, dp_term(st, max(totals)), 0.0, ())
+    overlap = st.profile.dp_overlap and layout.dp * layout.cp > 1
+    grads = params = inside = 0.0  # at the step's end, at its start, within it (the worst stage's)
+    f_add = b_add = hidden = 0.0
+    named: tuple[str, ...] = ()
+    seen: dict[tuple, tuple[float, ...]] = {}
+    for s, n in enumerate(totals):
+        chunks = chunks_of(layout, s)
+        key = (n, any(c.first for c in chunks), any(c.last for c in chunks))  # equal stages: one pass
+        if key not in seen:
+            ov = dp_overlap(st, s, f_block, b_block, f_chunk, b_chunk) if overlap else Overlap()
+            # what the overlap model does not cover runs after the backward, as dp_term counts it
+            after_grads = not ov.overlapped or not par.overlap_grad_reduce
+            after_params = not (ov.overlapped and par.overlap_param_gather and zero >= 1)
+            g = dp_term(st, n, grads=after_grads, params=False)
+            p = dp_term(st, n, grads=False, params=after_params)
+            lookup = lookup_term(st, s) if after_grads else 0.0  # each waited for
+            if zero <= 1:
+                end, within = ov.tail + g + lookup, 0.0
+            else:  # every backward's reduce-scatter (and lookup gather)
+                end, within = ov.tail, g + m * lookup
+            start, within = (ov.lead + p, within) if zero in (1, 2) else (ov.lead, within + p)
+            seen[key] = (end, start, within, ov.f_add, ov.b_add, ov.hidden)
+            named = named or ov.overlapped
+        end, start, within, fa, ba, hid = seen[key]
+        grads = max(grads, end - s * b_chunk)
+        params = max(params, start - s * f_chunk)
+        inside, f_add, b_add, hidden = max(inside, within), max(f_add, fa), max(b_add, ba), max(hidden, hid)
+    return DataParallel(f_add, b_add, grads + params + inside, hidden, named)
 
 
 def step_time(layout: Layout, cluster: Cluster, profile: Profile = OURS,
@@ -683,22 +744,12 @@ def step_time(layout: Layout, cluster: Cluster, profile: Profile = OURS,
     b_chunk = chunk_layers * (b + tp_b) + (head_b + head_comm / 2) / v
     totals = [rank_params(layout, s).total for s in range(layout.pp)]
     n_rank = max(totals)
-    zero = layout.config.optim.zero.stage
-    native = layout.backend != "deepspeed"
-    ov = Overlap()
-    if profile.dp_overlap and native and layout.dp * layout.cp > 1:
-        ov = dp_overlap(st, totals.index(n_rank), f + tp_f, b + tp_b, f_chunk, b_chunk)
-    # what the overlap model does not cover stays after the backward, as dp_term counts it
-    grads_after = not ov.overlapped or not layout.config.parallel.overlap_grad_reduce
-    rest = dp_term(st, n_rank, grads=grads_after,
-                   params=not (ov.overlapped and layout.config.parallel.overlap_param_gather and zero >= 1))
-    if grads_after:  # the lookup gradients' gathers, each waited for (every backward's under ZeRO-2/3)
-        rest += lookup_term(st, totals.index(n_rank)) * (layout.micro_batches if zero >= 2 else 1)
+    dp = dp_stages(st, totals, f + tp_f, b + tp_b, f_chunk, b_chunk)
     tied = tied_term(st)
     sp_moe = sp_moe_term(st)
-    pipe = pp_term(st, f_chunk + ov.f_add, b_chunk + ov.b_add)
+    pipe = pp_term(st, f_chunk + dp.f_add, b_chunk + dp.b_add)
     comm = (tp_f + tp_b) * chunk_layers + head_comm / v + 2 * pipe.p2p
-    after = rest + ov.after + tied + sp_moe
+    after = dp.after + tied + sp_moe
     opt = optimizer_term(st, n_rank)
     step = pipe.time + after + opt
     tokens = layout.global_batch_size * st.s
@@ -706,7 +757,7 @@ def step_time(layout: Layout, cluster: Cluster, profile: Profile = OURS,
     hw = model_flops(st.mc, layout.global_batch_size, st.s, recompute=st.recompute == "full")
     mf = model_flops(st.mc, layout.global_batch_size, st.s)
     compute = pipe.chunks * (f_chunk + b_chunk + 2 * pipe.p2p) - comm * pipe.chunks
-    dp_exposed = rest + ov.after + pipe.chunks * (ov.f_add + ov.b_add)
+    dp_exposed = dp.after + pipe.chunks * (dp.f_add + dp.b_add)
     exposed = {"tp": (tp_only * chunk_layers + head_comm / v) * pipe.chunks,
                "cp": (ctx.fwd + ctx.bwd) * chunk_layers * pipe.chunks,
                "pp_p2p": 2 * pipe.p2p * pipe.chunks, "dp": dp_exposed, "tied_embedding": tied}
@@ -714,7 +765,7 @@ def step_time(layout: Layout, cluster: Cluster, profile: Profile = OURS,
         exposed["ep_all_to_all"] = (ep_f + ep_b) * chunk_layers * pipe.chunks
     if sp_moe:
         exposed["sp_moe_grads"] = sp_moe
-    overlapped = ov.overlapped + (("ring K/V passes (behind attention)",) if ctx.hidden else ())
+    overlapped = dp.overlapped + (("ring K/V passes (behind attention)",) if ctx.hidden else ())
     return Timing(step, compute, sum(exposed.values()), pipe.bubble, opt, tokens / step,
                   hw / step / world / 1e12, mf / step / world / (cluster.peak_tflops * 1e12),
-                  profile.name, exposed, ov.hidden, overlapped, ctx.hidden * chunk_layers * pipe.chunks)
+                  profile.name, exposed, dp.hidden, overlapped, ctx.hidden * chunk_layers * pipe.chunks)

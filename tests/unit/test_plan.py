@@ -955,6 +955,34 @@ def test_a_tied_embeddings_bucket_reduces_with_the_head_not_after_the_backward(s
     assert first < cost <= last, (first, last, cost)
 
 
+def test_every_pipeline_stage_reduces_its_own_buckets_with_the_pipelines_stagger():
+    """plan times every stage's data-parallel traffic (timing.dp_stages), not only the stage with
+    the most parameters: here the middle stages hold more (three blocks each) but stage 0 holds the
+    untied embedding, whose bucket is its backward's last (the reduction's exposed tail). Stage s's
+    last backward ends s actions before stage 0's, so with long actions every other stage's tail is
+    hidden in that slack and what stays exposed is exactly stage 0's."""
+    from megatron_lite.plan import timing
+    cluster = plan.Cluster.preset("h100", nodes=2)
+    layout = _layout({"model": {"vocab_size": 4096, "hidden_size": 512, "num_layers": 8,
+                                "num_attention_heads": 8, "tie_embeddings": False},
+                      "parallel": {"dp": 4, "pp": 4, "pp_layers": [1, 3, 3, 1]},
+                      "train": {"precision": "bf16", "grad_accum": 4},
+                      "optim": {"zero": {"stage": 1, "bucket_elements": 1_000_000}}})
+    st = timing.Step.of(layout, cluster, plan.OURS, timing.GEMM_EFFICIENCY)
+    totals = [plan.rank_params(layout, s).total for s in range(layout.pp)]
+    assert totals.index(max(totals)) not in (0, layout.pp - 1)  # the old choice: a middle stage
+    f_block, b_block, f_chunk, b_chunk = 0.01, 0.02, 10.0, 20.0  # actions far longer than any tail
+    stages = [timing.dp_overlap(st, s, f_block, b_block, f_chunk, b_chunk) for s in range(layout.pp)]
+    middle = totals.index(max(totals))
+    assert stages[0].tail > stages[middle].tail > 0  # the embedding's bucket outlasts a block's
+    both = timing.dp_stages(st, totals, f_block, b_block, f_chunk, b_chunk)
+    assert both.after == pytest.approx(stages[0].tail + stages[0].lead, rel=1e-12)
+    # with no slack (instant actions) the worst stage's own tail and lead decide
+    tight = timing.dp_stages(st, totals, 0.0, 0.0, 0.0, 0.0)
+    ovs = [timing.dp_overlap(st, s, 0.0, 0.0, 0.0, 0.0) for s in range(layout.pp)]
+    assert tight.after == pytest.approx(max(o.tail for o in ovs) + max(o.lead for o in ovs), rel=1e-12)
+
+
 def test_the_lookup_gradient_stays_dense_where_the_table_is_the_smaller_transfer():
     """The embedding lookup's gradient rows travel only while the dp x cp group's rows of a
     micro-batch are fewer than the rows of this rank's table (lookup_rows_travel, the code's rule):
