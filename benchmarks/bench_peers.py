@@ -56,7 +56,11 @@ PARTS = ("single", "one_node", "two_nodes")  # what --only selects
 # The variants each pair times, ours first; the ratio is each "ours*" over the peer.
 # ours_small_buckets: the default bucket (40M elements, Megatron's) holds this whole model, so its one
 # reduction can only start once the backward is done; smaller buckets let the overlap show
-VARIANTS = {"dp": ("ours", "ours_small_buckets", "ours_no_overlap", "ddp"), "zero3": ("ours", "fsdp2"),
+# ours_zero1: the distributed optimizer (Megatron's --use-distributed-optimizer) at the small buckets:
+# a reduce-scatter (half an all-reduce's bytes at dp=2) in the backward, and the updated weights'
+# all-gather overlapped with the next forward
+VARIANTS = {"dp": ("ours", "ours_small_buckets", "ours_zero1", "ours_no_overlap", "ddp"),
+            "zero3": ("ours", "fsdp2"),
             "pp": ("ours", "pipelining")}
 GRAD_CLIP = 1.0
 
@@ -77,7 +81,7 @@ def alternate(names, rounds: int):
 # multi-process: one torchrun worker per rank
 
 
-def our_config(a, pair: str, overlap: bool = True, bucket: int | None = None):
+def our_config(a, pair: str, overlap: bool = True, bucket: int | None = None, zero: int = 0):
     from megatron_lite.config import Config
     over = [f"model.vocab_size={a.mp_vocab}", f"model.hidden_size={a.mp_hidden}",
             f"model.num_layers={a.mp_layers}", f"model.num_attention_heads={a.mp_heads}",
@@ -92,19 +96,20 @@ def our_config(a, pair: str, overlap: bool = True, bucket: int | None = None):
                  f"data.micro_batch_size={a.mp_batch // a.pp_micro}", "model.tie_embeddings=false"]
     else:
         over += ["parallel.dp=2", f"data.micro_batch_size={a.mp_batch // 2}",
-                 f"optim.zero.stage={3 if pair == 'zero3' else 0}"]
+                 f"optim.zero.stage={3 if pair == 'zero3' else zero}"]
     return Config.from_yaml(None, over)
 
 
 class Ours:
     """Our backend for this rank, built the way the trainer builds it."""
 
-    def __init__(self, a, pair: str, groups_cache: dict, overlap: bool = True, bucket: int | None = None):
+    def __init__(self, a, pair: str, groups_cache: dict, overlap: bool = True, bucket: int | None = None,
+                 zero: int = 0):
         from megatron_lite.distributed import comm
         from megatron_lite.layout import Layout
         from megatron_lite.parallel.tensor_parallel import build_stage
         from megatron_lite.train.backends import build_backend
-        cfg = our_config(a, pair, overlap, bucket)
+        cfg = our_config(a, pair, overlap, bucket, zero)
         layout = Layout.build(cfg, 2)
         rank = comm.rank(comm.world())
         key = (layout.dp, layout.pp)
@@ -264,7 +269,8 @@ def worker(a) -> None:
         for name in VARIANTS[pair]:
             if name.startswith("ours"):
                 models[name] = Ours(a, pair, groups_cache, overlap=name != "ours_no_overlap",
-                                    bucket=a.small_bucket if name == "ours_small_buckets" else None)
+                                    bucket=a.small_bucket if name in ("ours_small_buckets", "ours_zero1")
+                                    else None, zero=1 if name == "ours_zero1" else 0)
             else:
                 models[name] = {"ddp": DDPPeer, "fsdp2": FSDPPeer, "pipelining": PipePeer}[name](a, cfg)
         batches = _batches(a, pair, rank)
@@ -507,6 +513,8 @@ def report(a, result: dict) -> str:
     names = {("dp", "ours"): "dp=2, overlap_grad_reduce=true",
              ("dp", "ours_small_buckets"): f"dp=2, overlap_grad_reduce=true, buckets of "
                                            f"{a.small_bucket / 1e6:g}M elements",
+             ("dp", "ours_zero1"): f"dp=2, distributed optimizer (ZeRO-1), overlap_grad_reduce and "
+                                   f"overlap_param_gather, buckets of {a.small_bucket / 1e6:g}M elements",
              ("dp", "ours_no_overlap"):
              "dp=2, overlap_grad_reduce=false", ("zero3", "ours"): "native ZeRO-3 dp=2",
              ("pp", "ours"): "pp=2 1F1B"}
