@@ -326,8 +326,8 @@ def worker(a) -> None:
 
 def _worker_argv(a, out_json: str) -> list[str]:
     keep = ["small_bucket", "mp_layers", "mp_hidden", "mp_heads", "mp_seq", "mp_batch", "mp_vocab",
-            "pp_micro", "rounds", "steps", "warmup"]
-    return [__file__, "--worker", "--out-json", out_json,
+            "pp_micro", "steps", "warmup"]
+    return [__file__, "--worker", "--out-json", out_json, "--rounds", str(a.mp_rounds),
             *sum(([f"--{k.replace('_', '-')}", str(getattr(a, k))] for k in keep), [])]
 
 
@@ -505,7 +505,7 @@ def report(a, result: dict) -> str:
               f"heads, seq {a.mp_seq}, vocab {a.mp_vocab}, global batch {a.mp_batch} "
               f"(dp: {a.mp_batch // 2} per rank; "
               f"pp: {a.pp_micro} micro-batches of {a.mp_batch // a.pp_micro}), fp32, grad clip {GRAD_CLIP}; "
-              f"median of {a.rounds} alternating runs x {a.steps} steps after {a.warmup} warm-up steps. "
+              f"median of {a.mp_rounds} alternating runs x {a.steps} steps after {a.warmup} warm-up steps. "
               f"Step time = the slower rank's. Exposed comm = seconds our rank sat blocked waiting for "
               f"communication (CommStats.exposed_seconds) / step, mean over ranks.", "",
               "| pair | ours | peer | network | ours tokens/s | peer tokens/s | **ours / peer** | "
@@ -566,7 +566,9 @@ def main() -> None:
     # gave ~55%, loopback ~14%)
     p.add_argument("--rate", default="1gbit", help="netem rate of the two-node link")
     p.add_argument("--delay", default="1ms", help="netem delay of the two-node link (each way)")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the single-process pair")
+    p.add_argument("--mp-rounds", type=int, default=10,
+                   help="alternating rounds of the two-rank pairs (one-node rounds move by +-10%% here)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per timed run")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=3600)
@@ -580,7 +582,7 @@ def main() -> None:
     if a.quick:
         a.layers, a.hidden, a.heads, a.seq, a.batch = 2, 128, 4, 64, 4
         a.mp_layers, a.mp_hidden, a.mp_seq = 2, 64, 32
-        a.rounds, a.steps, a.warmup = 2, 1, 1
+        a.rounds, a.mp_rounds, a.steps, a.warmup = 2, 2, 1, 1
     stamp = {"command": " ".join(["python", "benchmarks/bench_peers.py", *sys.argv[1:]]),
              "commit": commit()}
     previous = {}
